@@ -1,0 +1,60 @@
+"""The small interface every backend implements: scalars and histograms, already on the
+host, written in batches at each flush."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+__all__ = ["Backend", "HistogramRecord", "ScalarRecord"]
+
+
+@dataclass(frozen=True)
+class ScalarRecord:
+    topic: str
+    key: str | None
+    tag: str
+    step: int
+    value: float
+
+
+@dataclass(frozen=True)
+class HistogramRecord:
+    topic: str
+    key: str | None
+    tag: str
+    step: int
+    counts: np.ndarray
+    edges: np.ndarray
+    min: float
+    max: float
+    num: float
+    sum: float
+    sum_squares: float
+    nonfinite: float
+
+
+class Backend(ABC):
+    """Receives batches of host-side records. ``name`` is what the configuration calls it."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        self.log_dir = Path(log_dir)
+
+    @abstractmethod
+    def write_scalars(self, records: Sequence[ScalarRecord]) -> None: ...
+
+    @abstractmethod
+    def write_histograms(self, records: Sequence[HistogramRecord]) -> None: ...
+
+    def flush(self) -> None:  # noqa: B027 - optional for backends that buffer nothing
+        """Make what was written so far durable."""
+
+    def close(self) -> None:  # noqa: B027
+        """Write everything and release resources."""

@@ -1,0 +1,352 @@
+"""The MessageBus: routes typed messages from the Exporter (and from subscribers that publish
+derived metrics) to subscriptions, and metric results to the backends."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .messages import (
+    MODULE_TOPICS,
+    NETWORK_TOPICS,
+    HistogramMessage,
+    MessageBundle,
+    ModuleMessage,
+    NetworkMessage,
+    ScalarMessage,
+    TopicSpec,
+)
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+    from .exporter import Exporter
+    from .subscriber import Subscriber
+
+__all__ = ["MessageBus", "Subscription", "SynchronizedSubscription", "UnknownTopicError"]
+
+log = logging.getLogger(__name__)
+
+AnyMessage = ModuleMessage | NetworkMessage | ScalarMessage | HistogramMessage
+
+_DEFAULT_DOCS = {
+    "weights": "the module's weight parameters after the step's optimizer update",
+    "biases": "the module's bias parameters after the step's optimizer update",
+    "weight_gradients": "gradient of the loss w.r.t. the weights, after backward",
+    "bias_gradients": "gradient of the loss w.r.t. the biases, after backward",
+    "weight_updates": "change of the weights across the step's optimizer.step()",
+    "bias_updates": "change of the biases across the step's optimizer.step()",
+    "activations": "the module's output (first tensor of a tuple output)",
+    "layer_gradients": "gradient of the loss w.r.t. the module's output",
+    "batch_started": "a training step begins (no payload)",
+    "batch_finished": "a training step ends (no payload)",
+    "epoch_started": "an epoch begins (no payload)",
+    "epoch_finished": "an epoch ends (no payload)",
+    "input_data": "the first tensor argument of the model's forward",
+    "input_labels": "the target passed to the loss",
+    "network_output": "the model output passed to the loss",
+    "loss": "the loss value (0-d tensor)",
+}
+
+
+def default_topics() -> list[TopicSpec]:
+    """The topics the Exporter publishes."""
+    return [TopicSpec(name=t, kind="module", doc=_DEFAULT_DOCS[t]) for t in MODULE_TOPICS] + [
+        TopicSpec(name=t, kind="network", doc=_DEFAULT_DOCS[t]) for t in NETWORK_TOPICS
+    ]
+
+
+class UnknownTopicError(ValueError):
+    """A subscription named a topic that no one publishes."""
+
+
+class Subscription:
+    """Delivers each message of one topic to a subscriber as a one-topic bundle."""
+
+    def __init__(self, subscriber: Subscriber, topics: Iterable[str], subsample: int = 1) -> None:
+        self.subscriber = subscriber
+        self.topics: tuple[str, ...] = tuple(topics)
+        self.subsample = int(subsample)
+        if self.subsample < 1:
+            raise ValueError(f"subsample must be >= 1, got {subsample}")
+
+    def wants(self, step: int) -> bool:
+        return step % self.subsample == 0
+
+    def handle(self, message: AnyMessage) -> None:
+        self._deliver(message.key, message.global_step, {message.topic: message}, message)
+
+    def step_finished(self, step: int) -> None:
+        """Called after every step; single-topic subscriptions hold nothing."""
+
+    def _deliver(self, key: str | None, step: int, messages: dict[str, Any], any_msg: Any) -> None:
+        module = any_msg.module if isinstance(any_msg, ModuleMessage) else None
+        bundle = MessageBundle(
+            key=key,
+            module=module,
+            global_step=step,
+            epoch=any_msg.epoch,
+            batch_index=any_msg.batch_index,
+            messages=messages,
+        )
+        self.subscriber._receive(bundle)
+
+
+class SynchronizedSubscription(Subscription):
+    """Collects one message per topic for each (module, step) and delivers the bundle once
+    all topics are present. Incomplete bundles are dropped when their step ends, so they never
+    leak into the next step. Payloads that wait are cloned, since training may change the
+    tensor in place (an in-place ReLU after a conv, gradient clipping) before the bundle is
+    complete."""
+
+    def __init__(self, subscriber: Subscriber, topics: Iterable[str], subsample: int = 1) -> None:
+        super().__init__(subscriber, topics, subsample)
+        if len(set(self.topics)) != len(self.topics):
+            raise ValueError(f"duplicate topics in a synchronized subscription: {self.topics}")
+        self._pending: dict[tuple[str | None, int], dict[str, AnyMessage]] = {}
+
+    def handle(self, message: AnyMessage) -> None:
+        ident = (message.key, message.global_step)
+        got = self._pending.get(ident)
+        if got is None:
+            got = self._pending[ident] = {}
+        got[message.topic] = message
+        if len(got) == len(self.topics):
+            del self._pending[ident]
+            ordered = {t: got[t] for t in self.topics}
+            any_msg = next((m for m in ordered.values() if isinstance(m, ModuleMessage)), message)
+            self._deliver(message.key, message.global_step, ordered, any_msg)
+        elif isinstance(message.data, torch.Tensor):
+            got[message.topic] = message.model_copy(update={"data": message.data.clone()})
+
+    def step_finished(self, step: int) -> None:
+        if self._pending:
+            stale = [k for k in self._pending if k[1] <= step]
+            for k in stale:
+                del self._pending[k]
+
+    @property
+    def pending(self) -> int:
+        """Number of incomplete bundles waiting (for tests and diagnostics)."""
+        return len(self._pending)
+
+
+class MessageBus:
+    """Routes messages by topic to subscriptions and metric results to backends.
+
+    Each bus has its own topic table, so registering a topic on one bus never changes another.
+    """
+
+    def __init__(self, *, on_error: str = "warn", flush_every: int = 1) -> None:
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
+        if flush_every < 1:
+            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        self.on_error = on_error
+        self.flush_every = flush_every
+        self._topics: dict[str, TopicSpec] = {t.name: t for t in default_topics()}
+        self._routes: dict[str, list[Subscription]] = {}
+        self.subscriptions: list[Subscription] = []
+        self.subscribers: list[Subscriber] = []
+        self.backends: list[Backend] = []
+        self.exporter: Exporter | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._pending_scalars: list[ScalarMessage] = []
+        self._pending_histograms: list[HistogramMessage] = []
+        self._wanted_cache: dict[int, frozenset[str]] = {}
+
+    # ---------------------------------------------------------------- topics
+    @property
+    def topics(self) -> dict[str, TopicSpec]:
+        """All topics this bus knows, by name."""
+        return dict(self._topics)
+
+    def register_topic(self, name: str, kind: str = "module", doc: str = "") -> TopicSpec:
+        """Make a topic known (plugins' extra topics, subscribers' derived metrics)."""
+        spec = self._topics.get(name)
+        if spec is not None:
+            if spec.kind != kind:
+                raise ValueError(f"topic {name!r} is already registered as a {spec.kind} topic")
+            return spec
+        spec = self._topics[name] = TopicSpec(name=name, kind=kind, doc=doc)  # type: ignore[arg-type]
+        return spec
+
+    def check_topic(self, name: str) -> TopicSpec:
+        try:
+            return self._topics[name]
+        except KeyError:
+            raise UnknownTopicError(
+                f"unknown topic {name!r}; known topics: {', '.join(sorted(self._topics))}"
+            ) from None
+
+    # ----------------------------------------------------------- subscribers
+    def register_subscriber(self, subscriber: Subscriber) -> Subscriber:
+        """Subscribe ``subscriber`` to its topics and register the topics it publishes."""
+        topics = list(subscriber.options.topics)
+        if not topics:
+            raise ValueError(f"subscriber {subscriber.name!r} has no topics to subscribe to")
+        kinds = {self.check_topic(t).kind for t in topics}
+        subsample = subscriber.options.subsample
+        if subscriber.synchronized:
+            subs: list[Subscription] = [SynchronizedSubscription(subscriber, topics, subsample)]
+        else:
+            subs = [Subscription(subscriber, [t], subsample) for t in topics]
+        subscriber._bind(self)
+        out_kind = "module" if "module" in kinds else "network"
+        for out in subscriber.output_topics():
+            self.register_topic(out, out_kind, doc=f"published by subscriber {subscriber.name!r}")
+        for sub in subs:
+            self.subscriptions.append(sub)
+            for t in sub.topics:
+                self._routes.setdefault(t, []).append(sub)
+        self.subscribers.append(subscriber)
+        self._changed()
+        return subscriber
+
+    def unregister_subscriber(self, subscriber: Subscriber) -> None:
+        self.subscriptions = [s for s in self.subscriptions if s.subscriber is not subscriber]
+        self._routes = {
+            t: [s for s in subs if s.subscriber is not subscriber]
+            for t, subs in self._routes.items()
+        }
+        self.subscribers = [s for s in self.subscribers if s is not subscriber]
+        self._changed()
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever the set of subscriptions changes (the Exporter uses
+        this to install exactly the hooks that subscribed topics need)."""
+        self._listeners.append(callback)
+
+    def _changed(self) -> None:
+        self._wanted_cache.clear()
+        for cb in self._listeners:
+            cb()
+
+    def subscribed_topics(self) -> frozenset[str]:
+        """Topics at least one subscription listens to."""
+        return frozenset(t for t, subs in self._routes.items() if subs)
+
+    def wanted_topics(self, step: int) -> frozenset[str]:
+        """Topics some subscription wants at ``step`` (after subsampling)."""
+        subs = self.subscriptions
+        period = 1
+        for s in subs:
+            period = period * s.subsample // _gcd(period, s.subsample)
+        phase = step % period if period <= 10_000 else step
+        cached = self._wanted_cache.get(phase)
+        if cached is None:
+            cached = frozenset(t for s in subs if s.wants(step) for t in s.topics)
+            if period <= 10_000:
+                self._wanted_cache[phase] = cached
+        return cached
+
+    # -------------------------------------------------------------- messages
+    def publish(self, message: AnyMessage) -> None:
+        """Hand ``message`` to every subscription of its topic that wants its step."""
+        subs = self._routes.get(message.topic)
+        if not subs:
+            return
+        step = message.global_step
+        for sub in subs:
+            if step % sub.subsample == 0 and sub.subscriber.enabled:
+                sub.handle(message)
+
+    def publish_result(self, message: ScalarMessage | HistogramMessage) -> None:
+        """A subscriber's result: queued for the backends, and published as a topic."""
+        if isinstance(message, ScalarMessage):
+            self._pending_scalars.append(message)
+        else:
+            self._pending_histograms.append(message)
+        self.publish(message)
+
+    def subscriber_failed(self, subscriber: Subscriber, exc: BaseException) -> None:
+        if self.on_error == "raise":
+            raise exc
+        subscriber.enabled = False
+        warnings.warn(
+            f"ikkuna: subscriber {subscriber.name!r} raised {type(exc).__name__}: {exc}; "
+            "it is disabled for the rest of the run (set on_error='raise' to stop instead)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def step_finished(self, step: int) -> None:
+        """End of a training step: drop incomplete bundles, flush backends periodically."""
+        for sub in self.subscriptions:
+            sub.step_finished(step)
+        if (step + 1) % self.flush_every == 0:
+            self.flush()
+
+    # -------------------------------------------------------------- backends
+    def add_backend(self, backend: Backend) -> Backend:
+        self.backends.append(backend)
+        return backend
+
+    def flush(self) -> None:
+        """Move pending metric values to the host in one transfer per device and write them
+        to every backend."""
+        scalars, self._pending_scalars = self._pending_scalars, []
+        histograms, self._pending_histograms = self._pending_histograms, []
+        if not self.backends or (not scalars and not histograms):
+            return
+        from .backends.base import HistogramRecord, ScalarRecord
+
+        values = _to_host([m.data for m in scalars])
+        scalar_records = [
+            ScalarRecord(topic=m.topic, key=m.key, tag=m.tag, step=m.global_step, value=float(v))
+            for m, v in zip(scalars, values, strict=True)
+        ]
+        hist_records = []
+        for m in histograms:
+            hist_records.append(
+                HistogramRecord(
+                    topic=m.topic,
+                    key=m.key,
+                    tag=m.tag,
+                    step=m.global_step,
+                    counts=m.data.detach().to("cpu", torch.float64).numpy(),
+                    edges=m.edges.detach().to("cpu", torch.float64).numpy(),
+                    min=float(m.min),
+                    max=float(m.max),
+                    num=float(m.num),
+                    sum=float(m.sum),
+                    sum_squares=float(m.sum_squares),
+                    nonfinite=float(m.nonfinite),
+                )
+            )
+        for backend in self.backends:
+            if scalar_records:
+                backend.write_scalars(scalar_records)
+            if hist_records:
+                backend.write_histograms(hist_records)
+            backend.flush()
+
+    def close(self) -> None:
+        """Flush what is pending and close every backend."""
+        self.flush()
+        for backend in self.backends:
+            backend.close()
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[float]:
+    """All scalar tensors to Python floats with one device-to-host copy per device."""
+    if not tensors:
+        return []
+    out: list[float] = [0.0] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        stacked = torch.stack([tensors[i].detach().reshape(()).to(torch.float64) for i in idx])
+        for i, v in zip(idx, stacked.cpu().tolist(), strict=True):
+            out[i] = v
+    return out

@@ -1,0 +1,235 @@
+"""Plugin discovery through the ``ikkuna`` entry-point group, and enabling plugins by name.
+
+Each entry point is loaded on its own, only when it is enabled, so a plugin that is not
+enabled can never break a run, and one that fails is named with its cause. The environment
+variable ``IKKUNA_PLUGINS`` (comma-separated entry-point names) narrows which plugins load;
+``IKKUNA_PLUGINS=""`` loads none — the escape hatch when a plugin breaks start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import pluggy
+
+from . import builtin, hookspecs
+from .backends.base import Backend
+from .messages import TopicSpec
+from .subscriber import Subscriber
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ENV_VAR",
+    "PluginError",
+    "PluginInfo",
+    "PluginRegistry",
+    "installed_entry_points",
+    "load_plugins",
+]
+
+ENTRY_POINT_GROUP = "ikkuna"
+ENV_VAR = "IKKUNA_PLUGINS"
+BUILTIN_NAME = "builtin"
+
+
+class PluginError(RuntimeError):
+    """A plugin could not be loaded or conflicts with another, or a name is unknown."""
+
+
+@dataclass
+class PluginInfo:
+    """What ``ikkuna plugins`` reports about one installed plugin."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    value: str
+    enabled: bool = False
+    loaded: bool = False
+    error: str | None = None
+    hooks: list[str] = field(default_factory=list)
+    subscribers: list[str] = field(default_factory=list)
+    backends: list[str] = field(default_factory=list)
+    topics: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def installed_entry_points() -> list[EntryPoint]:
+    """Every entry point of the ``ikkuna`` group, sorted by name (nothing is imported)."""
+    return sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+
+
+def _env_selection() -> set[str] | None:
+    raw = os.environ.get(ENV_VAR)
+    if raw is None:
+        return None
+    return {n.strip() for n in raw.split(",") if n.strip()}
+
+
+def _describe(ep: EntryPoint) -> PluginInfo:
+    dist = ep.dist
+    return PluginInfo(
+        name=ep.name,
+        distribution=dist.metadata["Name"] if dist is not None else None,
+        version=dist.version if dist is not None else None,
+        value=ep.value,
+    )
+
+
+class PluginRegistry:
+    """The loaded plugins: subscriber and backend classes by name, extra topics, and the
+    pluggy manager for the rare run-level hooks."""
+
+    def __init__(self) -> None:
+        self.manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.manager.add_hookspecs(hookspecs)
+        self.plugins: dict[str, PluginInfo] = {}
+        self.subscribers: dict[str, tuple[type[Subscriber], str]] = {}
+        self.backends: dict[str, tuple[type[Backend], str]] = {}
+        self.topics: list[TopicSpec] = []
+
+    @property
+    def hook(self) -> Any:
+        return self.manager.hook
+
+    def register(self, plugin: object, info: PluginInfo) -> None:
+        """Register a plugin object (usually a module) and collect what it provides."""
+        name = info.name
+        try:
+            self.manager.register(plugin, name=name)
+            self.manager.check_pending()
+        except Exception as exc:  # pluggy's PluginValidationError and friends
+            if self.manager.is_registered(plugin):
+                self.manager.unregister(plugin)
+            raise PluginError(f"plugin {name!r} is not a valid ikkuna plugin: {exc}") from exc
+        info.hooks = sorted(
+            h.name for h in self.manager.get_hookcallers(plugin) or () if h.name.startswith("ikkuna_")
+        )
+        for subscriber in self._call(plugin, name, "ikkuna_subscribers"):
+            self._add(self.subscribers, subscriber, name, "subscriber", Subscriber)
+            info.subscribers.append(subscriber.name)
+        for backend in self._call(plugin, name, "ikkuna_backends"):
+            self._add(self.backends, backend, name, "backend", Backend)
+            info.backends.append(backend.name)
+        for topic in self._call(plugin, name, "ikkuna_topics"):
+            if not isinstance(topic, TopicSpec):
+                raise PluginError(f"plugin {name!r}: ikkuna_topics must return TopicSpec objects")
+            self.topics.append(topic)
+            info.topics.append(topic.name)
+        info.loaded = True
+        self.plugins[name] = info
+
+    def _call(self, plugin: object, name: str, hook: str) -> list[Any]:
+        impl = getattr(plugin, hook, None)
+        if impl is None or hook not in info_hooks(self.manager, plugin):
+            return []
+        try:
+            return list(impl() or [])
+        except Exception as exc:
+            raise PluginError(f"plugin {name!r}: {hook}() raised {type(exc).__name__}: {exc}") from exc
+
+    def _add(
+        self,
+        table: dict[str, Any],
+        cls: Any,
+        plugin: str,
+        what: str,
+        base: type,
+    ) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise PluginError(f"plugin {plugin!r} returned {cls!r}, not a {base.__name__} class")
+        if not cls.name:
+            raise PluginError(f"plugin {plugin!r}: {cls.__name__} has no 'name'")
+        if cls.name in table and table[cls.name][0] is not cls:
+            other = table[cls.name][1]
+            raise PluginError(
+                f"two {what}s claim the name {cls.name!r}: {cls.__qualname__} from plugin "
+                f"{plugin!r} and {table[cls.name][0].__qualname__} from plugin {other!r}"
+            )
+        table[cls.name] = (cls, plugin)
+
+    def subscriber(self, name: str) -> type[Subscriber]:
+        """The subscriber class called ``name``; unknown names list the available ones."""
+        try:
+            return self.subscribers[name][0]
+        except KeyError:
+            raise PluginError(
+                f"unknown subscriber {name!r}; available: "
+                f"{', '.join(sorted(self.subscribers)) or '(none: is its plugin enabled?)'}"
+            ) from None
+
+    def backend(self, name: str) -> type[Backend]:
+        """The backend class called ``name``; unknown names list the available ones."""
+        try:
+            return self.backends[name][0]
+        except KeyError:
+            raise PluginError(
+                f"unknown backend {name!r}; available: {', '.join(sorted(self.backends))}"
+            ) from None
+
+
+def info_hooks(manager: pluggy.PluginManager, plugin: object) -> set[str]:
+    return {h.name for h in manager.get_hookcallers(plugin) or ()}
+
+
+def load_plugins(names: Iterable[str] | None = None, *, strict: bool = True) -> PluginRegistry:
+    """Load the built-in plugin and the enabled installed ones.
+
+    ``names`` are entry-point names; ``None`` enables every installed plugin. The
+    ``IKKUNA_PLUGINS`` environment variable narrows the selection further. With
+    ``strict=False`` a plugin that fails is recorded in ``registry.plugins`` (with its error)
+    instead of raising, which is what ``ikkuna plugins`` shows.
+    """
+    registry = PluginRegistry()
+    registry.register(builtin, PluginInfo(BUILTIN_NAME, "ikkuna-core", _core_version(), "ikkuna_core.builtin", enabled=True))
+    eps = installed_entry_points()
+    available = {ep.name for ep in eps}
+    requested = None if names is None else list(names)
+    if requested is not None:
+        unknown = [n for n in requested if n not in available]
+        if unknown:
+            raise PluginError(
+                f"unknown plugin(s) {', '.join(map(repr, unknown))}; installed plugins: "
+                f"{', '.join(sorted(available)) or '(none)'} — install one with "
+                "pip install ikkuna-<name>"
+            )
+    env = _env_selection()
+    for ep in eps:
+        info = _describe(ep)
+        enabled = (requested is None or ep.name in requested) and (env is None or ep.name in env)
+        info.enabled = enabled
+        if not enabled:
+            registry.plugins.setdefault(ep.name, info)
+            continue
+        if ep.name in registry.plugins and registry.plugins[ep.name].loaded:
+            raise PluginError(f"two installed distributions register the plugin name {ep.name!r}")
+        try:
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {ep.name!r} (distribution {info.distribution} {info.version}, "
+                    f"{ep.value}) failed to import: {type(exc).__name__}: {exc}"
+                ) from exc
+            registry.register(plugin, info)
+        except PluginError as exc:
+            if strict:
+                raise
+            info.error = str(exc)
+            registry.plugins[ep.name] = info
+    return registry
+
+
+def _core_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ikkuna-core")
+    except PackageNotFoundError:
+        return None

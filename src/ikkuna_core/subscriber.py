@@ -1,0 +1,208 @@
+"""Subscriber: the base class a metric plugin subclasses.
+
+A subscriber has a ``name`` (used in the run configuration), declares its options as a
+pydantic model (``Options``; every subscriber accepts ``topics`` and ``subsample``),
+implements :meth:`Subscriber.compute` and reports with :meth:`Subscriber.publish_scalar` and
+:meth:`Subscriber.publish_histogram`. Results are queued for the backends and published on
+the bus as new topics that other subscribers can consume.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .messages import HistogramMessage, MessageBundle, ScalarMessage
+
+if TYPE_CHECKING:
+    from .bus import MessageBus
+    from .exporter import Exporter
+
+__all__ = ["Subscriber", "SubscriberOptions", "histogram_on_device"]
+
+
+class SubscriberOptions(BaseModel):
+    """Options every subscriber accepts. Subclass it to add your own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    topics: list[str] = Field(default_factory=list, description="topics to subscribe to")
+    subsample: int = Field(default=1, ge=1, description="only every n-th training step")
+    publish_as: str | None = Field(
+        default=None, description="name of the topic the results are published under"
+    )
+
+
+class Subscriber:
+    """Base class for metric subscribers.
+
+    Subclasses set ``name`` and optionally ``Options``, ``default_topics`` and
+    ``synchronized`` (True: one bundle holding all topics per module and step; False: each
+    topic is delivered on its own).
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[SubscriberOptions]] = SubscriberOptions
+    default_topics: ClassVar[tuple[str, ...]] = ()
+    synchronized: ClassVar[bool] = False
+
+    def __init__(self, **options: object) -> None:
+        if not self.name:
+            raise TypeError(f"{type(self).__name__} must set the class attribute 'name'")
+        if not options.get("topics"):
+            options["topics"] = list(self.default_topics)
+        try:
+            self.options = self.Options(**options)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            raise ValueError(f"invalid options for subscriber {self.name!r}:\n{exc}") from None
+        self.enabled = True
+        self._bus: MessageBus | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r})"
+
+    # ----------------------------------------------------------- for authors
+    def compute(self, bundle: MessageBundle) -> None:
+        """Turn one bundle into metrics; call ``publish_scalar``/``publish_histogram``."""
+        raise NotImplementedError
+
+    def output_topic(self, suffix: str | None = None) -> str:
+        """The topic results are published under: ``publish_as`` if given, otherwise the
+        subscriber's name followed by its input topics (``norm/weight_gradients``)."""
+        base = self.options.publish_as or "/".join([self.name, *self.options.topics])
+        return f"{base}/{suffix}" if suffix else base
+
+    def output_topics(self) -> list[str]:
+        """Every topic this subscriber may publish; override if you publish suffixes."""
+        if self.synchronized or len(self.options.topics) <= 1 or self.options.publish_as:
+            return [self.output_topic()]
+        return [self._topic_for(t) for t in self.options.topics]
+
+    def _topic_for(self, input_topic: str, suffix: str | None = None) -> str:
+        if self.synchronized or self.options.publish_as or len(self.options.topics) <= 1:
+            return self.output_topic(suffix)
+        base = f"{self.name}/{input_topic}"
+        return f"{base}/{suffix}" if suffix else base
+
+    @property
+    def bus(self) -> MessageBus:
+        if self._bus is None:
+            raise RuntimeError(f"subscriber {self.name!r} is not registered on a bus")
+        return self._bus
+
+    @property
+    def exporter(self) -> Exporter:
+        """The Exporter feeding this subscriber's bus (for silent evaluation forwards)."""
+        exporter = self.bus.exporter
+        if exporter is None:
+            raise RuntimeError("this subscriber's bus has no exporter attached")
+        return exporter
+
+    def publish_scalar(
+        self, bundle: MessageBundle, value: torch.Tensor | float, suffix: str | None = None
+    ) -> ScalarMessage:
+        """Report a scalar for the bundle's module (or network) and step. Keep ``value`` a
+        tensor: it stays on its device until the backends flush."""
+        topic = self._topic_for(bundle.topics[0], suffix)
+        if not isinstance(value, torch.Tensor):
+            value = torch.tensor(float(value))
+        msg = ScalarMessage(
+            topic=topic,
+            global_step=bundle.global_step,
+            epoch=bundle.epoch,
+            batch_index=bundle.batch_index,
+            key=bundle.key,
+            tag=topic if bundle.key is None else f"{topic}/{bundle.key}",
+            data=value.detach(),
+        )
+        self.bus.publish_result(msg)
+        return msg
+
+    def publish_histogram(
+        self,
+        bundle: MessageBundle,
+        values: torch.Tensor,
+        bins: int = 64,
+        range: tuple[float, float] | None = None,  # noqa: A002 - mirrors numpy/torch naming
+        suffix: str | None = None,
+    ) -> HistogramMessage:
+        """Report a histogram of ``values``; the bins are computed on the tensor's device."""
+        topic = self._topic_for(bundle.topics[0], suffix)
+        stats = histogram_on_device(values, bins=bins, range=range)
+        msg = HistogramMessage(
+            topic=topic,
+            global_step=bundle.global_step,
+            epoch=bundle.epoch,
+            batch_index=bundle.batch_index,
+            key=bundle.key,
+            tag=topic if bundle.key is None else f"{topic}/{bundle.key}",
+            **stats,
+        )
+        self.bus.publish_result(msg)
+        return msg
+
+    # -------------------------------------------------------------- plumbing
+    def _bind(self, bus: MessageBus) -> None:
+        if self._bus is not None and self._bus is not bus:
+            raise RuntimeError(f"subscriber {self.name!r} is already registered on another bus")
+        self._bus = bus
+
+    def _receive(self, bundle: MessageBundle) -> None:
+        try:
+            self.compute(bundle)
+        except Exception as exc:  # noqa: BLE001 - the bus applies the error policy
+            self.bus.subscriber_failed(self, exc)
+
+
+def histogram_on_device(
+    values: torch.Tensor,
+    bins: int = 64,
+    range: tuple[float, float] | None = None,  # noqa: A002
+) -> dict[str, torch.Tensor]:
+    """Histogram of the finite entries of ``values`` plus the statistics TensorBoard wants,
+    all as tensors on ``values``' device (no host synchronisation). Non-finite entries are
+    counted in ``nonfinite``, not binned. With no ``range``, the bins span the finite
+    min..max."""
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    x = values.detach().reshape(-1)
+    if not x.is_floating_point():
+        x = x.float()
+    finite = torch.isfinite(x)
+    nonfinite = (~finite).sum()
+    xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    nfin = finite.sum()
+    big = torch.finfo(x.dtype).max
+    lo_all = torch.where(finite, x, torch.full((), big, dtype=x.dtype, device=x.device)).min()
+    hi_all = torch.where(finite, x, torch.full((), -big, dtype=x.dtype, device=x.device)).max()
+    empty = nfin == 0
+    lo_all = torch.where(empty, torch.zeros_like(lo_all), lo_all)
+    hi_all = torch.where(empty, torch.zeros_like(hi_all), hi_all)
+    if range is not None:
+        if not range[0] < range[1]:
+            raise ValueError(f"histogram range must be (low, high) with low < high, got {range}")
+        lo = torch.tensor(float(range[0]), dtype=torch.float64, device=x.device)
+        hi = torch.tensor(float(range[1]), dtype=torch.float64, device=x.device)
+    else:
+        lo = lo_all.to(torch.float64)
+        hi = hi_all.to(torch.float64)
+        hi = torch.where(hi > lo, hi, lo + 1e-12 + lo.abs() * 1e-6)
+    width = (hi - lo) / bins
+    x64 = xf.to(torch.float64)
+    idx = ((x64 - lo) / width).floor().clamp_(0, bins - 1).long()
+    inside = finite & (x64 >= lo) & (x64 <= hi)
+    counts = torch.zeros(bins, dtype=torch.float64, device=x.device)
+    counts.scatter_add_(0, idx, inside.to(torch.float64))
+    edges = lo + width * torch.arange(bins + 1, dtype=torch.float64, device=x.device)
+    return {
+        "data": counts,
+        "edges": edges,
+        "min": lo_all,
+        "max": hi_all,
+        "num": nfin,
+        "sum": xf.sum(),
+        "sum_squares": (xf * xf).sum(),
+        "nonfinite": nonfinite,
+    }

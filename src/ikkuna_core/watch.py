@@ -1,0 +1,80 @@
+"""``watch``: everything a run configuration describes, attached in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bus import MessageBus, UnknownTopicError
+from .config import ConfigError, IkkunaConfig, load_config
+from .exporter import Exporter, modules_of
+from .plugins import PluginError, PluginRegistry, load_plugins
+
+__all__ = ["watch"]
+
+
+def watch(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    config: str | Path | Mapping[str, Any] | IkkunaConfig | None = None,
+    *,
+    registry: PluginRegistry | None = None,
+) -> Exporter:
+    """Attach an Exporter to ``model`` with the plugins, subscribers and backends of
+    ``config`` (a TOML path, a dict with the keys of the ``[ikkuna]`` table, or an
+    :class:`IkkunaConfig`). Use ``exporter.loss_fn`` as the loss when ``loss_fn`` is a plain
+    function; an ``nn.Module`` loss is watched in place.
+
+    Everything is validated before anything is written, so a bad configuration leaves no
+    half-made run behind.
+    """
+    source = str(config) if isinstance(config, (str, Path)) else "the configuration"
+    cfg = load_config(config)
+    if registry is None:
+        registry = load_plugins(cfg.plugins)
+    registry.hook.ikkuna_configure(config=cfg)
+
+    bus = MessageBus(on_error=cfg.on_error, flush_every=cfg.flush_every)
+    for topic in registry.topics:
+        bus.register_topic(topic.name, topic.kind, topic.doc)
+    try:
+        include = modules_of(cfg.include) if cfg.include else None
+    except ValueError as exc:
+        raise ConfigError(f"{source}: ikkuna.{exc}") from None
+    exporter = Exporter(cfg.depth, include, bus=bus, publish_in_eval=cfg.publish_in_eval)
+
+    for i, entry in enumerate(cfg.subscribers):
+        where = f"{source}: ikkuna.subscribers[{i}]"
+        try:
+            cls = registry.subscriber(entry.name)
+        except PluginError as exc:
+            raise ConfigError(f"{where}.name: {exc}") from None
+        try:
+            subscriber = cls(**entry.options)
+        except ValueError as exc:
+            raise ConfigError(f"{where} ({entry.name!r}): {exc}") from None
+        try:
+            bus.register_subscriber(subscriber)
+        except UnknownTopicError as exc:
+            raise ConfigError(f"{where}.topics: {exc}") from None
+    backend_classes = []
+    for i, name in enumerate(cfg.backends):
+        try:
+            backend_classes.append(registry.backend(name))
+        except PluginError as exc:
+            raise ConfigError(f"{source}: ikkuna.backends[{i}]: {exc}") from None
+
+    exporter.set_model(model)
+    if loss_fn is not None:
+        exporter.set_loss(loss_fn)
+    for cls in backend_classes:
+        bus.add_backend(cls(log_dir=cfg.log_dir))
+    exporter.config = cfg
+    exporter.registry = registry
+    exporter._on_close.append(lambda: registry.hook.ikkuna_run_finished(exporter=exporter))
+    registry.hook.ikkuna_run_started(exporter=exporter)
+    return exporter
