@@ -1,0 +1,40 @@
+"""Shared fixtures: a subscriber that records clones of every payload it receives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ikkuna_core as ik
+
+
+class Recorder(ik.Subscriber):
+    """Keeps a clone of each payload, by (topic, key, step)."""
+
+    name = "recorder"
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        self.seen: dict[tuple[str, str | None, int], torch.Tensor | None] = {}
+        self.order: list[tuple[str, str | None, int]] = []
+
+    def compute(self, bundle: ik.MessageBundle) -> None:
+        for topic in bundle.topics:
+            data = bundle[topic]
+            ident = (topic, bundle.key, bundle.global_step)
+            self.seen[ident] = None if data is None else data.detach().clone()
+            self.order.append(ident)
+
+    def topic_count(self, topic: str) -> int:
+        return sum(1 for t, _, _ in self.order if t == topic)
+
+
+@pytest.fixture(autouse=True)
+def _no_installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Core tests see no installed plugin unless a test asks for one (like datasette)."""
+    monkeypatch.setenv("IKKUNA_PLUGINS", "")
+
+
+@pytest.fixture
+def recorder_cls() -> type[Recorder]:
+    return Recorder
