@@ -99,60 +99,69 @@ class PluginRegistry:
         return self.manager.hook
 
     def register(self, plugin: object, info: PluginInfo) -> None:
-        """Register a plugin object (usually a module) and collect what it provides."""
+        """Register a plugin object (usually a module) and collect what it provides. Either
+        all of it is registered or, on any error, none of it."""
         name = info.name
         try:
             self.manager.register(plugin, name=name)
-            self.manager.check_pending()
         except Exception as exc:  # pluggy's PluginValidationError and friends
-            if self.manager.is_registered(plugin):
-                self.manager.unregister(plugin)
             raise PluginError(f"plugin {name!r} is not a valid ikkuna plugin: {exc}") from exc
-        info.hooks = sorted(
-            h.name for h in self.manager.get_hookcallers(plugin) or () if h.name.startswith("ikkuna_")
-        )
-        for subscriber in self._call(plugin, name, "ikkuna_subscribers"):
-            self._add(self.subscribers, subscriber, name, "subscriber", Subscriber)
-            info.subscribers.append(subscriber.name)
-        for backend in self._call(plugin, name, "ikkuna_backends"):
-            self._add(self.backends, backend, name, "backend", Backend)
-            info.backends.append(backend.name)
-        for topic in self._call(plugin, name, "ikkuna_topics"):
-            if not isinstance(topic, TopicSpec):
+        try:
+            try:
+                self.manager.check_pending()
+            except Exception as exc:
+                raise PluginError(f"plugin {name!r} is not a valid ikkuna plugin: {exc}") from exc
+            hooks = {h.name for h in self.manager.get_hookcallers(plugin) or ()}
+            subscribers = self._collect(plugin, name, hooks, "ikkuna_subscribers")
+            backends = self._collect(plugin, name, hooks, "ikkuna_backends")
+            topics = self._collect(plugin, name, hooks, "ikkuna_topics")
+            new_subscribers = self._check_names(self.subscribers, subscribers, name, Subscriber)
+            new_backends = self._check_names(self.backends, backends, name, Backend)
+            if not all(isinstance(t, TopicSpec) for t in topics):
                 raise PluginError(f"plugin {name!r}: ikkuna_topics must return TopicSpec objects")
-            self.topics.append(topic)
-            info.topics.append(topic.name)
+        except PluginError:
+            self.manager.unregister(plugin)
+            raise
+        self.subscribers.update(new_subscribers)
+        self.backends.update(new_backends)
+        self.topics.extend(topics)
+        info.hooks = sorted(h for h in hooks if h.startswith("ikkuna_"))
+        info.subscribers = sorted(new_subscribers)
+        info.backends = sorted(new_backends)
+        info.topics = [t.name for t in topics]
         info.loaded = True
         self.plugins[name] = info
 
-    def _call(self, plugin: object, name: str, hook: str) -> list[Any]:
-        impl = getattr(plugin, hook, None)
-        if impl is None or hook not in info_hooks(self.manager, plugin):
+    @staticmethod
+    def _collect(plugin: object, name: str, hooks: set[str], hook: str) -> list[Any]:
+        if hook not in hooks:
             return []
         try:
-            return list(impl() or [])
+            return list(getattr(plugin, hook)() or [])
         except Exception as exc:
-            raise PluginError(f"plugin {name!r}: {hook}() raised {type(exc).__name__}: {exc}") from exc
-
-    def _add(
-        self,
-        table: dict[str, Any],
-        cls: Any,
-        plugin: str,
-        what: str,
-        base: type,
-    ) -> None:
-        if not (isinstance(cls, type) and issubclass(cls, base)):
-            raise PluginError(f"plugin {plugin!r} returned {cls!r}, not a {base.__name__} class")
-        if not cls.name:
-            raise PluginError(f"plugin {plugin!r}: {cls.__name__} has no 'name'")
-        if cls.name in table and table[cls.name][0] is not cls:
-            other = table[cls.name][1]
             raise PluginError(
-                f"two {what}s claim the name {cls.name!r}: {cls.__qualname__} from plugin "
-                f"{plugin!r} and {table[cls.name][0].__qualname__} from plugin {other!r}"
-            )
-        table[cls.name] = (cls, plugin)
+                f"plugin {name!r}: {hook}() raised {type(exc).__name__}: {exc}"
+            ) from exc
+
+    @staticmethod
+    def _check_names(
+        table: dict[str, Any], classes: list[Any], plugin: str, base: type
+    ) -> dict[str, Any]:
+        what = base.__name__.lower()
+        new: dict[str, Any] = {}
+        for cls in classes:
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise PluginError(f"plugin {plugin!r} returned {cls!r}, not a {base.__name__} class")
+            if not cls.name:
+                raise PluginError(f"plugin {plugin!r}: {cls.__name__} has no 'name'")
+            taken = table.get(cls.name) or new.get(cls.name)
+            if taken is not None and taken[0] is not cls:
+                raise PluginError(
+                    f"two {what}s claim the name {cls.name!r}: {cls.__qualname__} from plugin "
+                    f"{plugin!r} and {taken[0].__qualname__} from plugin {taken[1]!r}"
+                )
+            new[cls.name] = (cls, plugin)
+        return new
 
     def subscriber(self, name: str) -> type[Subscriber]:
         """The subscriber class called ``name``; unknown names list the available ones."""
@@ -174,10 +183,6 @@ class PluginRegistry:
             ) from None
 
 
-def info_hooks(manager: pluggy.PluginManager, plugin: object) -> set[str]:
-    return {h.name for h in manager.get_hookcallers(plugin) or ()}
-
-
 def load_plugins(names: Iterable[str] | None = None, *, strict: bool = True) -> PluginRegistry:
     """Load the built-in plugin and the enabled installed ones.
 
@@ -187,7 +192,9 @@ def load_plugins(names: Iterable[str] | None = None, *, strict: bool = True) -> 
     instead of raising, which is what ``ikkuna plugins`` shows.
     """
     registry = PluginRegistry()
-    registry.register(builtin, PluginInfo(BUILTIN_NAME, "ikkuna-core", _core_version(), "ikkuna_core.builtin", enabled=True))
+    core = PluginInfo(BUILTIN_NAME, "ikkuna-core", _core_version(), "ikkuna_core.builtin")
+    core.enabled = True
+    registry.register(builtin, core)
     eps = installed_entry_points()
     available = {ep.name for ep in eps}
     requested = None if names is None else list(names)

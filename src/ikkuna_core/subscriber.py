@@ -56,7 +56,11 @@ class Subscriber:
         try:
             self.options = self.Options(**options)  # type: ignore[arg-type]
         except ValidationError as exc:
-            raise ValueError(f"invalid options for subscriber {self.name!r}:\n{exc}") from None
+            details = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']} (got {e['input']!r})"
+                for e in exc.errors()
+            )
+            raise ValueError(f"invalid options for subscriber {self.name!r}: {details}") from None
         self.enabled = True
         self._bus: MessageBus | None = None
 

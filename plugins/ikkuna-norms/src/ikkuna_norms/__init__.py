@@ -1,0 +1,33 @@
+"""ikkuna-norms: p-norms, spectral norms, norm ratios, means and variances of any topic.
+
+Enable it with ``plugins = ["norms"]`` in a run configuration; its subscribers are ``norm``,
+``spectral_norm``, ``ratio``, ``mean`` and ``variance``.
+"""
+
+from .subscribers import (
+    Mean,
+    MeanOptions,
+    Norm,
+    NormOptions,
+    Ratio,
+    RatioOptions,
+    SpectralNorm,
+    SpectralNormOptions,
+    Variance,
+    VarianceOptions,
+)
+
+__all__ = [
+    "Mean",
+    "MeanOptions",
+    "Norm",
+    "NormOptions",
+    "Ratio",
+    "RatioOptions",
+    "SpectralNorm",
+    "SpectralNormOptions",
+    "Variance",
+    "VarianceOptions",
+]
+
+__version__ = "0.1.0"

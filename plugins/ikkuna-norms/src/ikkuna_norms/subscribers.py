@@ -1,0 +1,274 @@
+"""The subscribers of the ``norms`` plugin.
+
+Every value stays a tensor on the payload's device: nothing here synchronises with the host.
+Low-precision payloads (float16, bfloat16) and integer payloads are reduced in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from pydantic import Field, field_validator
+
+from ikkuna_core import MessageBundle, Subscriber, SubscriberOptions
+
+__all__ = [
+    "Mean",
+    "MeanOptions",
+    "Norm",
+    "NormOptions",
+    "Ratio",
+    "RatioOptions",
+    "SpectralNorm",
+    "SpectralNormOptions",
+    "Variance",
+    "VarianceOptions",
+]
+
+#: Topics that carry no tensor, so there is nothing to reduce.
+EVENT_TOPICS = frozenset({"batch_started", "batch_finished", "epoch_started", "epoch_finished"})
+
+
+def _check_payload_topics(topics: list[str]) -> list[str]:
+    events = [t for t in topics if t in EVENT_TOPICS]
+    if events:
+        raise ValueError(f"topics {events} carry no tensor payload; choose data topics")
+    return topics
+
+
+def _payload(bundle: MessageBundle, topic: str) -> torch.Tensor:
+    """The bundle's tensor for ``topic`` as a floating tensor of at least 32 bits (a view
+    when it already is one: no copy)."""
+    x = bundle[topic]
+    if x is None:
+        raise ValueError(f"topic {topic!r} carries no tensor payload")
+    x = x.detach()
+    if not x.is_floating_point() or x.element_size() < 4:
+        x = x.float()
+    return x
+
+
+class _DataOptions(SubscriberOptions):
+    @field_validator("topics")
+    @classmethod
+    def _data_topics(cls, topics: list[str]) -> list[str]:
+        return _check_payload_topics(topics)
+
+
+# ----------------------------------------------------------------------------------- norm
+class NormOptions(_DataOptions):
+    p: float = Field(
+        default=2.0,
+        description="order of the norm: any p > 0, or 'inf' for the largest absolute value",
+    )
+
+    @field_validator("p", mode="before")
+    @classmethod
+    def _parse_p(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("inf", "+inf", "infinity", "+infinity"):
+                return math.inf
+            try:
+                return float(text)
+            except ValueError:
+                raise ValueError(f"p must be a number > 0 or 'inf', got {value!r}") from None
+        return value
+
+    @field_validator("p")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:  # also rejects nan
+            raise ValueError(f"p must be > 0 or 'inf', got {value!r}")
+        return value
+
+
+class Norm(Subscriber):
+    """p-norm of the whole tensor of each subscribed topic, per module: ``(sum |x|^p)^(1/p)``
+    over every element (``p = inf``: the largest ``|x|``). Each topic is handled on its own
+    and published as ``norm/<topic>``."""
+
+    name = "norm"
+    Options = NormOptions
+    default_topics: ClassVar[tuple[str, ...]] = ("weight_gradients",)
+    options: NormOptions
+
+    def compute(self, bundle: MessageBundle) -> None:
+        x = _payload(bundle, bundle.topics[0])
+        self.publish_scalar(bundle, torch.linalg.vector_norm(x, ord=self.options.p))
+
+
+# ------------------------------------------------------------------------------ mean/var
+class MeanOptions(_DataOptions):
+    pass
+
+
+class Mean(Subscriber):
+    """Mean of every element of each subscribed topic, per module (``mean/<topic>``)."""
+
+    name = "mean"
+    Options = MeanOptions
+    default_topics: ClassVar[tuple[str, ...]] = ("activations",)
+
+    def compute(self, bundle: MessageBundle) -> None:
+        self.publish_scalar(bundle, _payload(bundle, bundle.topics[0]).mean())
+
+
+class VarianceOptions(_DataOptions):
+    correction: int = Field(
+        default=1,
+        ge=0,
+        description="difference between the number of elements and the divisor: "
+        "1 = unbiased sample variance (torch/numpy ddof=1), 0 = population variance",
+    )
+
+
+class Variance(Subscriber):
+    """Variance of every element of each subscribed topic, per module (``variance/<topic>``):
+    ``sum (x - mean)^2 / (n - correction)``."""
+
+    name = "variance"
+    Options = VarianceOptions
+    default_topics: ClassVar[tuple[str, ...]] = ("activations",)
+    options: VarianceOptions
+
+    def compute(self, bundle: MessageBundle) -> None:
+        x = _payload(bundle, bundle.topics[0])
+        self.publish_scalar(bundle, torch.var(x, correction=self.options.correction))
+
+
+# ---------------------------------------------------------------------------------- ratio
+class RatioOptions(_DataOptions):
+    eps: float = Field(
+        default=0.0, ge=0.0, description="added to the denominator's norm (0: plain ratio)"
+    )
+
+    @field_validator("topics")
+    @classmethod
+    def _two_topics(cls, topics: list[str]) -> list[str]:
+        if len(topics) != 2:
+            raise ValueError(
+                f"ratio needs exactly two topics (numerator, denominator), got {len(topics)}:"
+                f" {topics}"
+            )
+        if topics[0] == topics[1]:
+            raise ValueError(f"ratio needs two different topics, got {topics}")
+        return topics
+
+
+class Ratio(Subscriber):
+    """``||a|| / (||b|| + eps)`` for two topics ``[a, b]`` of the same module and step (L2
+    norms over all elements). With the default ``["weight_updates", "weights"]`` it is the
+    update-to-weight ratio. The topics may be derived scalar topics, e.g.
+    ``["norm/weight_updates", "norm/weights"]`` published by ``norm`` subscribers registered
+    before this one (the norm of a scalar is its absolute value). Published as
+    ``ratio/<a>/<b>``."""
+
+    name = "ratio"
+    Options = RatioOptions
+    default_topics: ClassVar[tuple[str, ...]] = ("weight_updates", "weights")
+    synchronized = True
+    options: RatioOptions
+
+    def compute(self, bundle: MessageBundle) -> None:
+        top, bottom = self.options.topics
+        num = torch.linalg.vector_norm(_payload(bundle, top))
+        den = torch.linalg.vector_norm(_payload(bundle, bottom))
+        if self.options.eps:
+            den = den + self.options.eps
+        self.publish_scalar(bundle, num / den)
+
+
+# ------------------------------------------------------------------------- spectral norm
+#: Squarings of the small Gram matrix in the Rayleigh-Ritz step: its eigenvalues are raised to
+#: the power 2**_SQUARINGS, which bounds the relative error of the extracted value by about
+#: ln(block) / 2**(_SQUARINGS + 1) whatever the gap between the top singular values.
+_SQUARINGS = 12
+
+
+class SpectralNormOptions(_DataOptions):
+    iterations: int = Field(
+        default=2, ge=1, description="power iterations per step, continuing from the last step"
+    )
+    warmup_iterations: int = Field(
+        default=20,
+        ge=1,
+        description="power iterations the first time a module is seen (from random vectors)",
+    )
+    block: int = Field(
+        default=8,
+        ge=1,
+        description="number of vectors iterated together (1: classic power iteration); "
+        "capped at the smaller matrix dimension",
+    )
+    seed: int = Field(default=0, description="seed of the random starting vectors")
+
+
+def _top_singular_value(r: torch.Tensor) -> torch.Tensor:
+    """Largest singular value of a small square matrix ``r`` without an SVD (which would
+    synchronise a CUDA device): the weighted Rayleigh quotient
+    ``trace(G P) / trace(P)`` with ``G = r^T r`` and ``P`` = G to a high power, obtained by
+    repeated normalised squaring."""
+    g = r.t() @ r
+    p = g
+    for _ in range(_SQUARINGS):
+        p = p @ p
+        p = p / torch.linalg.matrix_norm(p).clamp_min(torch.finfo(p.dtype).tiny)
+    top = (g * p).sum() / torch.diagonal(p).sum().clamp_min(torch.finfo(p.dtype).tiny)
+    return top.clamp_min(0).sqrt()
+
+
+class SpectralNorm(Subscriber):
+    """Largest singular value of each module's weight matrix by (block) power iteration.
+
+    Tensors with more than two dimensions (convolution kernels ``(out, in, kh, kw)``) are
+    reshaped to ``(out, in*kh*kw)``; tensors with fewer than two dimensions (biases,
+    normalisation scales) are not matrices and are skipped.
+
+    The iterated vectors are kept per (topic, module) between steps, so a step costs
+    ``iterations`` products with ``W`` and ``W^T`` (no SVD); the first step of a module runs
+    ``warmup_iterations``. ``block`` vectors are iterated together (subspace iteration, with
+    QR re-orthonormalisation and a Rayleigh-Ritz estimate): a single vector converges at the
+    rate sigma_2/sigma_1, which is close to 1 for freshly initialised layers (random
+    matrices have clustered spectra) and lets the estimate lag when training lifts a new
+    direction to the top; a block converges at sigma_(block+1)/sigma_1 for the same number
+    of passes over ``W``. Published as ``spectral_norm/<topic>``.
+    """
+
+    name = "spectral_norm"
+    Options = SpectralNormOptions
+    default_topics: ClassVar[tuple[str, ...]] = ("weights",)
+    options: SpectralNormOptions
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        self._blocks: dict[tuple[str, str | None], torch.Tensor] = {}
+
+    def compute(self, bundle: MessageBundle) -> None:
+        topic = bundle.topics[0]
+        w = _payload(bundle, topic)
+        if w.dim() < 2:
+            return
+        m = w.reshape(w.shape[0], -1)
+        k = min(self.options.block, *m.shape)
+        state = (topic, bundle.key)
+        u = self._blocks.get(state)
+        iterations = self.options.iterations
+        if u is None or u.shape != (m.shape[0], k) or u.device != m.device or u.dtype != m.dtype:
+            generator = torch.Generator(device=m.device).manual_seed(self.options.seed)
+            start = torch.randn(m.shape[0], k, generator=generator, device=m.device, dtype=m.dtype)
+            u = torch.linalg.qr(start).Q
+            iterations = max(iterations, self.options.warmup_iterations)
+        with torch.no_grad():
+            for _ in range(iterations):
+                v = torch.linalg.qr(m.t() @ u).Q
+                u, r = torch.linalg.qr(m @ v)
+            sigma = _top_singular_value(r)
+        self._blocks[state] = u
+        self.publish_scalar(bundle, sigma)
+
+    def reset(self) -> None:
+        """Forget the kept vectors (the next step of each module warms up again)."""
+        self._blocks.clear()

@@ -1,0 +1,588 @@
+"""The training front end: hyper-parameters, name look-ups, seeding and the :class:`Trainer`.
+
+The Trainer is the thesis' training loop made reusable. It looks up the model, dataset and
+optimizer by name, initialises the weights, hooks the Exporter in through
+:func:`ikkuna_core.watch`, trains batch by batch, evaluates after every epoch, and writes
+what a finished run leaves behind into its log directory:
+
+- the backends' output (TensorBoard event files, ``figures/*.png``),
+- ``model.pt`` (the trained ``state_dict``) and ``run.json`` (hyper-parameters, final
+  metrics, the subscribers that ran).
+
+Besides the subscribers' metrics, the Trainer reports its own, under network topics:
+
+- ``epoch/accuracy`` and ``epoch/loss`` with keys ``train`` (mean over the epoch's training
+  batches, as seen during training) and ``test`` (the whole test set, eval mode), after every
+  epoch;
+- ``final/accuracy`` and ``final/loss`` with keys ``train`` and ``test`` (whole sets, eval
+  mode, the final model), once at the end.
+
+```python
+from ikkuna_core.trainer import HyperParameters, Trainer
+
+result = Trainer(HyperParameters(epochs=2), config={"subscribers": [{"name": "norm"}]}).run()
+print(result.test_accuracy, result.log_dir)
+```
+
+torchvision, scikit-learn and tqdm are imported only when a Trainer is built or run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import IkkunaConfig, load_config
+from .messages import ScalarMessage
+
+__all__ = [
+    "DEFAULT_LR",
+    "OPTIMIZERS",
+    "EpochStats",
+    "HyperParameters",
+    "TrainResult",
+    "Trainer",
+    "UsageError",
+    "default_device",
+    "evaluate",
+    "make_optimizer",
+    "resolve_dataset",
+    "resolve_device",
+    "resolve_model",
+    "resolve_optimizer",
+    "seed_everything",
+]
+
+#: Optimizers by their ``torch.optim`` class name.
+OPTIMIZERS: tuple[str, ...] = ("SGD", "Adam", "AdamW", "RMSprop")
+#: Learning rate used when none is given.
+DEFAULT_LR: dict[str, float] = {"SGD": 0.05, "Adam": 1e-3, "AdamW": 1e-3, "RMSprop": 1e-3}
+#: The Trainer's own metric topics (all network topics, keys ``train`` and ``test``).
+TRAINER_TOPICS: dict[str, str] = {
+    "epoch/accuracy": "Trainer: accuracy after each epoch (train: running mean; test: test set)",
+    "epoch/loss": "Trainer: loss after each epoch (train: running mean; test: test set)",
+    "final/accuracy": "Trainer: accuracy of the final model on the whole train and test sets",
+    "final/loss": "Trainer: loss of the final model on the whole train and test sets",
+}
+
+
+class UsageError(ValueError):
+    """A hyper-parameter is invalid; the message names it and what would be valid."""
+
+
+# --------------------------------------------------------------------------- look-ups
+
+
+def _pick(kind: str, name: str, choices: Iterable[str]) -> str:
+    """The choice matching ``name`` case-insensitively, or a UsageError listing them."""
+    options = list(choices)
+    for option in options:
+        if option.lower() == str(name).lower():
+            return option
+    close = difflib.get_close_matches(str(name).lower(), [o.lower() for o in options], n=1)
+    hint = ""
+    if close:
+        hint = f" (did you mean {next(o for o in options if o.lower() == close[0])!r}?)"
+    raise UsageError(f"unknown {kind} {name!r}{hint}; choose one of: {', '.join(options)}")
+
+
+def resolve_model(name: str) -> str:
+    """Canonical spelling of a model name from :data:`ikkuna_core.models.MODELS`."""
+    from .models import MODELS
+
+    return _pick("model", name, MODELS)
+
+
+def resolve_dataset(name: str) -> str:
+    """Canonical spelling of a dataset name from :data:`ikkuna_core.data.DATASETS`."""
+    from .data import DATASETS
+
+    return _pick("dataset", name, DATASETS)
+
+
+def resolve_optimizer(name: str) -> str:
+    """Canonical spelling of an optimizer name (one of :data:`OPTIMIZERS`)."""
+    return _pick("optimizer", name, OPTIMIZERS)
+
+
+def make_optimizer(
+    name: str, params: Iterable[nn.Parameter], lr: float | None = None
+) -> torch.optim.Optimizer:
+    """``torch.optim.<name>`` over ``params``; ``lr`` defaults to :data:`DEFAULT_LR`."""
+    key = resolve_optimizer(name)
+    rate = DEFAULT_LR[key] if lr is None else float(lr)
+    if not rate > 0:
+        raise UsageError(f"the learning rate must be > 0, got {lr}")
+    cls = getattr(torch.optim, key)
+    return cls(params, lr=rate)
+
+
+def default_device() -> str:
+    """``"cuda"`` when a CUDA device is available, otherwise ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A usable ``torch.device``; ``None`` means :func:`default_device`."""
+    if device is None:
+        return torch.device(default_device())
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(
+            f"invalid device {device!r} ({exc}); use e.g. 'cpu', 'cuda' or 'cuda:1'"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"device {device!r} does not exist; this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif dev.type == "mps" and not (
+        hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    ):
+        raise UsageError(f"device {device!r} requested but MPS is not available; use 'cpu'")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (every device's) random number generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# ------------------------------------------------------------------- hyper-parameters
+
+
+@dataclass(frozen=True)
+class HyperParameters:
+    """Everything that defines a training run besides the Ikkuna configuration.
+
+    ``lr=None`` takes the optimizer's :data:`DEFAULT_LR`; ``device=None`` takes
+    :func:`default_device`; ``max_steps`` stops training after that many steps in total.
+    """
+
+    model: str = "FullyConnected"
+    dataset: str = "digits"
+    batch_size: int = 128
+    epochs: int = 10
+    optimizer: str = "Adam"
+    lr: float | None = None
+    seed: int = 0
+    device: str | None = None
+    init: str = "kaiming"
+    max_steps: int | None = None
+    data_dir: str = "data"
+    download: bool = True
+    num_workers: int = 0
+
+    def resolved(self) -> HyperParameters:
+        """A copy with canonical names, the learning rate and device filled in; raises
+        :class:`UsageError` naming the first invalid value."""
+        from .models import INIT_SCHEMES
+
+        model = resolve_model(self.model)
+        dataset = resolve_dataset(self.dataset)
+        optimizer = resolve_optimizer(self.optimizer)
+        init = _pick("init scheme", self.init, INIT_SCHEMES)
+        lr = DEFAULT_LR[optimizer] if self.lr is None else float(self.lr)
+        for what, value, low in (
+            ("batch size", self.batch_size, 1),
+            ("number of epochs", self.epochs, 1),
+            ("max steps", self.max_steps, 1),
+            ("num workers", self.num_workers, 0),
+        ):
+            if value is not None and int(value) < low:
+                raise UsageError(f"the {what} must be >= {low}, got {value}")
+        if not lr > 0:
+            raise UsageError(f"the learning rate must be > 0, got {self.lr}")
+        device = str(resolve_device(self.device))
+        return replace(
+            self, model=model, dataset=dataset, optimizer=optimizer, init=init, lr=lr,
+            device=device,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------- results
+
+
+@dataclass
+class EpochStats:
+    """Metrics at the end of one epoch."""
+
+    epoch: int
+    steps: int
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.run` returns (and ``run.json`` records)."""
+
+    model: nn.Module
+    hparams: HyperParameters
+    log_dir: Path
+    steps: int
+    epochs: int
+    train_accuracy: float
+    test_accuracy: float
+    train_loss: float
+    test_loss: float
+    seconds: float
+    history: list[EpochStats] = field(default_factory=list)
+    subscribers: list[str] = field(default_factory=list)
+    backends: list[str] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+    model_path: Path | None = None
+    run_file: Path | None = None
+
+    def summary_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (everything but the model)."""
+        return {
+            "hparams": self.hparams.as_dict(),
+            "log_dir": str(self.log_dir),
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "train_accuracy": self.train_accuracy,
+            "test_accuracy": self.test_accuracy,
+            "train_loss": self.train_loss,
+            "test_loss": self.test_loss,
+            "seconds": round(self.seconds, 3),
+            "history": [asdict(h) for h in self.history],
+            "subscribers": self.subscribers,
+            "backends": self.backends,
+            "figures": [str(p) for p in self.figures],
+            "model_path": str(self.model_path) if self.model_path else None,
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    device: torch.device | str,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy loss) of ``model`` over ``loader`` in eval mode.
+
+    ``forward`` replaces ``model(x)`` (the Trainer passes ``exporter.evaluate`` so that the
+    evaluation publishes nothing). The model's train/eval mode is restored afterwards.
+    """
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    forward = forward or model
+    was_training = model.training
+    model.eval()
+    dev = torch.device(device)
+    correct = torch.zeros((), dtype=torch.long, device=dev)
+    total_loss = torch.zeros((), dtype=torch.float64, device=dev)
+    count = 0
+    try:
+        for x, y in loader:
+            x, y = x.to(dev), y.to(dev)
+            out = forward(x)
+            correct += (out.argmax(dim=1) == y).sum()
+            total_loss += loss_fn(out, y).to(torch.float64) * y.shape[0]
+            count += int(y.shape[0])
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("cannot evaluate on an empty loader")
+    return correct.item() / count, total_loss.item() / count
+
+
+# --------------------------------------------------------------------------- Trainer
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+class Trainer:
+    """Builds a run from :class:`HyperParameters` and an Ikkuna configuration, then trains.
+
+    ``config`` is anything :func:`ikkuna_core.load_config` accepts (TOML path, dict, or
+    :class:`~ikkuna_core.IkkunaConfig`). A ``test_accuracy`` subscriber that names neither a
+    ``loader`` nor a ``dataset`` is given the Trainer's test loader.
+    ``progress=True`` shows a tqdm bar on stderr (``None``: only when stderr is a terminal).
+    ``on_epoch`` is called with each :class:`EpochStats`.
+
+    Nothing is written until every name and option has been validated.
+    """
+
+    def __init__(
+        self,
+        hparams: HyperParameters | None = None,
+        config: str | Path | Mapping[str, Any] | IkkunaConfig | None = None,
+        *,
+        registry: Any = None,
+        progress: bool | None = False,
+        on_epoch: Callable[[EpochStats], None] | None = None,
+        save_model: bool = True,
+    ) -> None:
+        from . import watch
+        from .data import make_loaders
+        from .models import get_model, init_weights
+
+        self.hparams = hp = (hparams or HyperParameters()).resolved()
+        cfg = load_config(config)
+        self.progress = progress
+        self.on_epoch = on_epoch
+        self.save_model = save_model
+        self.device = torch.device(str(hp.device))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+
+        seed_everything(hp.seed)
+        self.train_loader, self.test_loader, self.data_info = make_loaders(
+            hp.dataset,
+            batch_size=hp.batch_size,
+            data_dir=hp.data_dir,
+            download=hp.download,
+            seed=hp.seed,
+            num_workers=hp.num_workers,
+        )
+        cfg = self._with_test_loader(cfg)
+        self.config = cfg
+        seed_everything(hp.seed)  # the same weights whatever loading the data consumed
+        model = get_model(
+            hp.model, input_shape=self.data_info.input_shape, num_classes=self.data_info.num_classes
+        )
+        init_weights(model, hp.init)
+        self.model = model.to(self.device)
+        self.optimizer = make_optimizer(hp.optimizer, self.model.parameters(), hp.lr)
+        loss_fn = nn.CrossEntropyLoss()
+        self.exporter = watch(self.model, loss_fn, cfg, registry=registry)
+        self.loss_fn = self.exporter.loss_fn or loss_fn
+        self.bus = self.exporter.bus
+        for topic, doc in TRAINER_TOPICS.items():
+            self.bus.register_topic(topic, "network", doc)
+        self.log_dir = Path(cfg.log_dir)
+        self.steps = 0
+        self.history: list[EpochStats] = []
+        self._write_hparams_text()
+
+    # --------------------------------------------------------------- set-up
+    def _with_test_loader(self, cfg: IkkunaConfig) -> IkkunaConfig:
+        entries = []
+        changed = False
+        for entry in cfg.subscribers:
+            opts = entry.options
+            if entry.name == "test_accuracy" and "loader" not in opts and "dataset" not in opts:
+                entries.append({"name": entry.name, **opts, "loader": self.test_loader})
+                changed = True
+            else:
+                entries.append({"name": entry.name, **opts})
+        if not changed:
+            return cfg
+        data = cfg.model_dump(exclude={"subscribers"}, exclude_unset=False)
+        data["subscribers"] = entries
+        return IkkunaConfig.model_validate(data)
+
+    def _write_hparams_text(self) -> None:
+        """Record the hyper-parameters in TensorBoard's TEXT tab, when it is a backend."""
+        rows = "\n".join(f"| {k} | {v} |" for k, v in self.hparams.as_dict().items())
+        for backend in self.bus.backends:
+            writer = getattr(backend, "writer", None)
+            if writer is not None and hasattr(writer, "add_text"):
+                writer.add_text("hyperparameters", "| name | value |\n|---|---|\n" + rows, 0)
+
+    @property
+    def subscriber_names(self) -> list[str]:
+        return [s.name for s in self.bus.subscribers]
+
+    @property
+    def backend_names(self) -> list[str]:
+        return [b.name for b in self.bus.backends]
+
+    @property
+    def total_steps(self) -> int:
+        """Steps :meth:`run` will take."""
+        per_epoch = len(self.train_loader)  # type: ignore[arg-type]
+        total = per_epoch * self.hparams.epochs
+        return min(total, self.hparams.max_steps) if self.hparams.max_steps else total
+
+    # ------------------------------------------------------------- training
+    def _done(self) -> bool:
+        return self.hparams.max_steps is not None and self.steps >= self.hparams.max_steps
+
+    def train_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step; returns (loss, number correct) as tensors on the device."""
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        output = self.model(x)
+        loss = self.loss_fn(output, y)
+        loss.backward()
+        self.optimizer.step()
+        self.steps += 1
+        return loss.detach(), (output.detach().argmax(dim=1) == y).sum()
+
+    def train_epoch(self, epoch: int, bar: Any = None) -> EpochStats:
+        """Train one epoch (or until ``max_steps``), evaluate on the test set, report."""
+        start = time.perf_counter()
+        self.model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
+        for i, (x, y) in enumerate(self.train_loader):
+            if self._done():
+                break
+            loss, right = self.train_batch(x, y)
+            n = int(y.shape[0])
+            loss_sum += loss.to(torch.float64) * n
+            correct += right
+            seen += n
+            if bar is not None:
+                bar.update(1)
+                if i % 10 == 0:  # one host synchronisation every ten steps, not every step
+                    bar.set_postfix(
+                        epoch=epoch, loss=f"{loss_sum.item() / seen:.3f}",
+                        acc=f"{correct.item() / seen:.3f}", refresh=False,
+                    )
+        train_loss = loss_sum.item() / max(seen, 1)
+        train_acc = correct.item() / max(seen, 1)
+        test_acc, test_loss = self.evaluate(self.test_loader)
+        stats = EpochStats(
+            epoch=epoch,
+            steps=self.steps,
+            train_loss=train_loss,
+            train_accuracy=train_acc,
+            test_loss=test_loss,
+            test_accuracy=test_acc,
+            seconds=time.perf_counter() - start,
+        )
+        self._publish("epoch/accuracy", {"train": train_acc, "test": test_acc})
+        self._publish("epoch/loss", {"train": train_loss, "test": test_loss})
+        self.exporter.epoch_finished()
+        if bar is not None:
+            bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}",
+                            test_acc=f"{test_acc:.3f}")
+        self.history.append(stats)
+        if self.on_epoch is not None:
+            self.on_epoch(stats)
+        return stats
+
+    def evaluate(self, loader: Iterable[Any]) -> tuple[float, float]:
+        """(accuracy, loss) over ``loader``; publishes nothing and counts no step."""
+        return evaluate(
+            self.model, loader, self.device, nn.functional.cross_entropy, self.exporter.evaluate
+        )
+
+    def _publish(self, topic: str, values: Mapping[str, float]) -> None:
+        ex = self.exporter
+        for key, value in values.items():
+            self.bus.publish_result(
+                ScalarMessage(
+                    topic=topic,
+                    global_step=max(ex.global_step, 0),
+                    epoch=ex.epoch,
+                    batch_index=max(ex.batch_index, 0),
+                    key=key,
+                    tag=f"{topic}/{key}",
+                    data=torch.tensor(float(value), dtype=torch.float64),
+                )
+            )
+
+    def run(self) -> TrainResult:
+        """Train for the configured epochs (or ``max_steps``), evaluate the final model on
+        the whole train and test sets, close the Exporter and save ``model.pt`` and
+        ``run.json`` in the log directory."""
+        start = time.perf_counter()
+        bar = self._progress_bar()
+        try:
+            epoch = 0
+            while epoch < self.hparams.epochs and not self._done():
+                self.train_epoch(epoch, bar)
+                epoch += 1
+            train_acc, train_loss = self.evaluate(self.train_loader)
+            test_acc, test_loss = self.evaluate(self.test_loader)
+            self._publish("final/accuracy", {"train": train_acc, "test": test_acc})
+            self._publish("final/loss", {"train": train_loss, "test": test_loss})
+        finally:
+            if bar is not None:
+                bar.close()
+            self.exporter.close()
+        result = TrainResult(
+            model=self.model,
+            hparams=self.hparams,
+            log_dir=self.log_dir,
+            steps=self.steps,
+            epochs=epoch,
+            train_accuracy=train_acc,
+            test_accuracy=test_acc,
+            train_loss=train_loss,
+            test_loss=test_loss,
+            seconds=time.perf_counter() - start,
+            history=self.history,
+            subscribers=self.subscriber_names,
+            backends=self.backend_names,
+        )
+        if "matplotlib" in result.backends:
+            result.figures = sorted((self.log_dir / "figures").glob("*.png"))
+        self._save(result)
+        return result
+
+    def _progress_bar(self) -> Any:
+        if self.progress is False:
+            return None
+        import sys
+
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.total_steps,
+            desc=f"{self.hparams.model} on {self.hparams.dataset}",
+            unit="step",
+            file=sys.stderr,
+            disable=None if self.progress is None else False,
+            dynamic_ncols=True,
+        )
+
+    def _save(self, result: TrainResult) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.save_model:
+            result.model_path = self.log_dir / "model.pt"
+            torch.save(self.model.state_dict(), result.model_path)
+        result.run_file = self.log_dir / "run.json"
+        doc = result.summary_dict()
+        doc["dataset"] = {
+            "name": self.data_info.name,
+            "input_shape": list(self.data_info.input_shape),
+            "num_classes": self.data_info.num_classes,
+        }
+        doc["ikkuna_config"] = self.config.model_dump(mode="json", exclude={"subscribers"})
+        doc["ikkuna_config"]["subscribers"] = [
+            {"name": e.name, **{k: _jsonable(v) for k, v in e.options.items()}}
+            for e in self.config.subscribers
+        ]
+        result.run_file.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return f"<{type(value).__name__}>"

@@ -1,0 +1,128 @@
+"""Run configuration from TOML, dicts and models; errors name the file, key and expectation;
+``watch`` builds a whole run from it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ikkuna_core as ik
+
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+TOML = """
+[ikkuna]
+plugins = []
+backends = ["tensorboard"]
+log_dir = "{log_dir}"
+include = ["Linear"]
+
+[[ikkuna.subscribers]]
+name = "abs_max"
+topics = ["weight_gradients"]
+subsample = 2
+"""
+
+
+class AbsMax(ik.Subscriber):
+    name = "abs_max"
+
+    def compute(self, bundle):
+        self.publish_scalar(bundle, bundle[bundle.topics[0]].abs().max())
+
+
+@pytest.fixture
+def registry():
+    reg = ik.load_plugins([])
+    reg.subscribers["abs_max"] = (AbsMax, "test")
+    return reg
+
+
+def test_toml_round_trip_and_defaults(tmp_path):
+    path = tmp_path / "ikkuna.toml"
+    path.write_text(TOML.format(log_dir=tmp_path / "run"))
+    cfg = ik.load_config(path)
+    assert cfg.plugins == [] and cfg.backends == ["tensorboard"] and cfg.include == ["Linear"]
+    assert cfg.subscribers[0].name == "abs_max"
+    assert cfg.subscribers[0].options == {"topics": ["weight_gradients"], "subsample": 2}
+    assert ik.load_config(None) == ik.IkkunaConfig()
+    assert ik.load_config(cfg) is cfg
+    assert ik.load_config({"depth": 2}).depth == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[ikkuna]\nflush_every = 0", r"ikkuna\.flush_every: Input should be greater than or"),
+        ("[ikkuna]\nbackend = ['tb']", r"ikkuna\.backend: Extra inputs are not permitted"),
+        ("[ikkuna]\non_error = 'ignore'", r"ikkuna\.on_error: Input should be 'raise' or 'warn'"),
+        ("[ikkuna]\n[[ikkuna.subscribers]]\ntopics = []", r"ikkuna\.subscribers\.0\.name"),
+        ("[training]\nx = 1", r"has no \[ikkuna\] table; tables found: \['training'\]"),
+        ("[ikkuna\n", r"is not valid TOML"),
+    ],
+)
+def test_errors_name_file_key_and_expectation(tmp_path, text, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ik.ConfigError, match=expected) as err:
+        ik.load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file():
+    with pytest.raises(ik.ConfigError, match="does not exist"):
+        ik.load_config("/nonexistent/ikkuna.toml")
+
+
+def test_watch_builds_the_run_from_toml(tmp_path, registry):
+    path = tmp_path / "ikkuna.toml"
+    path.write_text(TOML.format(log_dir=tmp_path / "run"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    exporter = ik.watch(model, nn.CrossEntropyLoss(), config=path, registry=registry)
+    assert list(exporter.modules) == ["0", "2"]  # include = ["Linear"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    expected = {}
+    for step in range(3):
+        opt.zero_grad()
+        exporter.loss_fn(model(x), y).backward()
+        expected[step] = model[2].weight.grad.abs().max().item()
+        opt.step()
+    exporter.close()
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    events = acc.Scalars("abs_max/weight_gradients/2")
+    assert [e.step for e in events] == [0, 2]  # subsample = 2
+    for e in events:
+        assert e.value == pytest.approx(expected[e.step])
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"subscribers": [{"name": "abs_mx"}]},
+         r"subscribers\[0\]\.name: unknown subscriber 'abs_mx'; available: abs_max"),
+        ({"subscribers": [{"name": "abs_max", "topics": ["weight"]}]},
+         r"subscribers\[0\]\.topics: unknown topic 'weight'; known topics: .*weights"),
+        ({"subscribers": [{"name": "abs_max", "subsample": -1}]},
+         r"subscribers\[0\] \('abs_max'\): invalid options for subscriber 'abs_max': "
+         r"subsample: Input should be greater than or equal to 1 \(got -1\)"),
+        ({"backends": ["tensorbored"]},
+         r"backends\[0\]: unknown backend 'tensorbored'; available: matplotlib, tensorboard"),
+        ({"include": ["Conv9d"]}, r"include: 'Conv9d' is not a torch.nn module class"),
+    ],
+)
+def test_watch_errors_leave_nothing_behind(tmp_path, registry, config, expected):
+    model = nn.Linear(2, 2)
+    config = {**config, "log_dir": str(tmp_path / "run")}
+    with pytest.raises(ik.ConfigError, match=expected):
+        ik.watch(model, config=config, registry=registry)
+    assert not (tmp_path / "run").exists()
+    assert not model._forward_pre_hooks
+
+
+def test_unknown_plugin_name_lists_installed():
+    with pytest.raises(ik.PluginError, match="unknown plugin.*'no_such_plugin'"):
+        ik.watch(nn.Linear(2, 2), config={"plugins": ["no_such_plugin"]})
