@@ -10,7 +10,9 @@ nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
 ROOT = Path(__file__).parent
-PLUGINS = sorted(str(p) for p in (ROOT / "plugins").glob("ikkuna-*") if (p / "pyproject.toml").exists())
+PLUGINS = sorted(
+    str(p) for p in (ROOT / "plugins").glob("ikkuna-*") if (p / "pyproject.toml").exists()
+)
 PYTHON = "3.11"
 
 

@@ -189,7 +189,7 @@ def test_pay_only_for_what_is_used(recorder_cls):
     assert base == 3
     assert all(not m._forward_hooks for m in model.modules())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = data()
+    x, _ = data()
     model(x).sum().backward()
     opt.step()
     assert exporter._snapshot == {}  # no update topic: parameters are never copied
@@ -221,7 +221,7 @@ def test_subsampled_steps_publish_and_copy_nothing(recorder_cls):
     original = exporter.bus.publish
     exporter.bus.publish = lambda m: (published.append(m.global_step), original(m))[1]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = data()
+    x, _ = data()
     for _ in range(7):
         opt.zero_grad()
         model(x).sum().backward()

@@ -97,7 +97,7 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
 
 
 class _Param:
-    __slots__ = ("info", "name", "kind", "tensor", "handle")
+    __slots__ = ("handle", "info", "kind", "name", "tensor")
 
     def __init__(self, info: ModuleInfo, name: str, tensor: nn.Parameter) -> None:
         self.info = info
@@ -151,7 +151,7 @@ class Exporter:
         self._silent = False
         self._closed = False
         self._wanted: frozenset[str] = frozenset()
-        self._stamp: dict[str, int] = {}
+        self._stamp: tuple[int, int, int] = (0, 0, 0)  # (global_step, epoch, batch_index)
         self.loss_fn: Callable[..., torch.Tensor] | None = None
         self.config: Any = None  # the IkkunaConfig when created by watch()
         self.registry: Any = None  # the PluginRegistry when created by watch()
@@ -313,12 +313,8 @@ class Exporter:
                 p.handle.remove()
                 p.handle = None
 
-    def _make_stamp(self) -> dict[str, int]:
-        return {
-            "global_step": max(self.global_step, 0),
-            "epoch": self.epoch,
-            "batch_index": max(self.batch_index, 0),
-        }
+    def _make_stamp(self) -> tuple[int, int, int]:
+        return (max(self.global_step, 0), self.epoch, max(self.batch_index, 0))
 
     def _on_forward_start(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._silent:
@@ -363,12 +359,10 @@ class Exporter:
             out.register_hook(functools.partial(self._on_layer_gradient, info, stamp))
 
     def _on_layer_gradient(
-        self, info: ModuleInfo, stamp: dict[str, int], grad: torch.Tensor
+        self, info: ModuleInfo, stamp: tuple[int, int, int], grad: torch.Tensor
     ) -> None:
         if not self._closed:
-            self.bus.publish(
-                ModuleMessage(topic="layer_gradients", module=info, data=grad.detach(), **stamp)
-            )
+            self._publish_module("layer_gradients", info, None, grad.detach(), stamp)
 
     def _on_grad_accumulated(self, p: _Param, tensor: torch.Tensor) -> None:
         topic = _GRAD_TOPICS[p.kind]
@@ -452,14 +446,31 @@ class Exporter:
         self.bus.step_finished(self.global_step)
 
     def _publish_module(
-        self, topic: str, info: ModuleInfo, parameter: str | None, data: torch.Tensor
+        self,
+        topic: str,
+        info: ModuleInfo,
+        parameter: str | None,
+        data: torch.Tensor,
+        stamp: tuple[int, int, int] | None = None,
     ) -> None:
+        step, epoch, batch = stamp or self._stamp
         self.bus.publish(
-            ModuleMessage(topic=topic, module=info, parameter=parameter, data=data, **self._stamp)
+            ModuleMessage(
+                topic=topic,
+                global_step=step,
+                epoch=epoch,
+                batch_index=batch,
+                module=info,
+                parameter=parameter,
+                data=data,
+            )
         )
 
     def _publish_network(self, topic: str, data: torch.Tensor | None) -> None:
-        self.bus.publish(NetworkMessage(topic=topic, data=data, **self._stamp))
+        step, epoch, batch = self._stamp
+        self.bus.publish(
+            NetworkMessage(topic=topic, global_step=step, epoch=epoch, batch_index=batch, data=data)
+        )
 
 
 def modules_of(names: Iterable[str]) -> tuple[type[nn.Module], ...]:

@@ -151,16 +151,19 @@ class PluginRegistry:
         new: dict[str, Any] = {}
         for cls in classes:
             if not (isinstance(cls, type) and issubclass(cls, base)):
-                raise PluginError(f"plugin {plugin!r} returned {cls!r}, not a {base.__name__} class")
-            if not cls.name:
+                raise PluginError(
+                    f"plugin {plugin!r} returned {cls!r}, not a {base.__name__} class"
+                )
+            name: str = getattr(cls, "name", "")
+            if not name:
                 raise PluginError(f"plugin {plugin!r}: {cls.__name__} has no 'name'")
-            taken = table.get(cls.name) or new.get(cls.name)
+            taken = table.get(name) or new.get(name)
             if taken is not None and taken[0] is not cls:
                 raise PluginError(
-                    f"two {what}s claim the name {cls.name!r}: {cls.__qualname__} from plugin "
+                    f"two {what}s claim the name {name!r}: {cls.__qualname__} from plugin "
                     f"{plugin!r} and {taken[0].__qualname__} from plugin {taken[1]!r}"
                 )
-            new[cls.name] = (cls, plugin)
+            new[name] = (cls, plugin)
         return new
 
     def subscriber(self, name: str) -> type[Subscriber]:

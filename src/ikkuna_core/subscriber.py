@@ -142,7 +142,14 @@ class Subscriber:
             batch_index=bundle.batch_index,
             key=bundle.key,
             tag=topic if bundle.key is None else f"{topic}/{bundle.key}",
-            **stats,
+            data=stats["data"],
+            edges=stats["edges"],
+            min=stats["min"],
+            max=stats["max"],
+            num=stats["num"],
+            sum=stats["sum"],
+            sum_squares=stats["sum_squares"],
+            nonfinite=stats["nonfinite"],
         )
         self.bus.publish_result(msg)
         return msg

@@ -71,8 +71,8 @@ def watch(
     exporter.set_model(model)
     if loss_fn is not None:
         exporter.set_loss(loss_fn)
-    for cls in backend_classes:
-        bus.add_backend(cls(log_dir=cfg.log_dir))
+    for backend_cls in backend_classes:
+        bus.add_backend(backend_cls(log_dir=cfg.log_dir))
     exporter.config = cfg
     exporter.registry = registry
     exporter._on_close.append(lambda: registry.hook.ikkuna_run_finished(exporter=exporter))

@@ -1,0 +1,365 @@
+"""``ikkuna report``: one PNG dashboard from a finished run's TensorBoard logs.
+
+The event files are read with TensorBoard's ``EventAccumulator`` (every event, no
+reservoir sampling). Panels, in order:
+
+1. **Loss**: every scalar tag containing ``loss`` (raw values faint, a smoothed line on top),
+2. **Accuracy**: every scalar tag containing ``accuracy``,
+3. one panel per per-layer metric (``norm/weight_gradients``, ``ratio/weight_updates/weights``,
+   ...) with one line per layer, coloured along a colormap in model order,
+4. one "colorful dimension" image per histogram tag (training step on x, value on y,
+   colour = log count), so a glance shows distributions drifting, saturating or dying.
+
+Tags are ``<topic>`` or ``<topic>/<key>``; tags that share everything up to their last
+``/`` form one panel whose lines are the keys.
+
+matplotlib and tensorboard are imported only when a report is made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ReportError", "RunLogs", "find_run_dir", "load_run", "make_report", "render_dashboard"]
+
+EVENT_GLOB = "events.out.tfevents.*"
+#: At most this many histogram images are drawn; the rest are named in the footer.
+MAX_HISTOGRAM_PANELS = 12
+_IMAGE_BINS = 64
+_COLUMNS = 3
+
+
+class ReportError(ValueError):
+    """The log directory is missing, empty, or holds nothing a dashboard can show."""
+
+
+@dataclass
+class Histogram:
+    step: int
+    edges: np.ndarray  # length = len(counts) + 1
+    counts: np.ndarray
+
+
+@dataclass
+class RunLogs:
+    """Everything read back from one run directory."""
+
+    log_dir: Path
+    scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    histograms: dict[str, list[Histogram]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # run.json written by the Trainer
+
+    def scalar(self, tag: str) -> list[tuple[int, float]]:
+        try:
+            return self.scalars[tag]
+        except KeyError:
+            raise KeyError(f"no scalar {tag!r}; tags: {sorted(self.scalars)}") from None
+
+
+def _has_events(path: Path) -> bool:
+    return any(p.is_file() for p in path.glob(EVENT_GLOB))
+
+
+def find_run_dir(log_dir: str | Path) -> Path:
+    """The directory holding the run's event files: ``log_dir`` itself, or its only
+    sub-directory that holds event files. Raises :class:`ReportError` otherwise."""
+    path = Path(log_dir)
+    if not path.exists():
+        raise ReportError(f"log directory {path} does not exist")
+    if not path.is_dir():
+        raise ReportError(f"{path} is not a directory; pass the log directory of a run")
+    if _has_events(path):
+        return path
+    runs = sorted({p.parent for p in path.rglob(EVENT_GLOB) if p.is_file()})
+    if len(runs) == 1:
+        return runs[0]
+    if runs:
+        shown = ", ".join(str(r) for r in runs[:5]) + (" ..." if len(runs) > 5 else "")
+        raise ReportError(f"{path} holds {len(runs)} runs; pass one of them: {shown}")
+    raise ReportError(
+        f"no TensorBoard event files ({EVENT_GLOB}) in {path}; train with the tensorboard "
+        "backend first (ikkuna train -v tb or -v both)"
+    )
+
+
+def load_run(log_dir: str | Path) -> RunLogs:
+    """Read every scalar and histogram of a run (and its ``run.json``, if any)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = find_run_dir(log_dir)
+    acc = EventAccumulator(
+        str(run_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0}
+    )
+    acc.Reload()
+    tags = acc.Tags()
+    logs = RunLogs(log_dir=run_dir)
+    for tag in tags.get("scalars", []):
+        logs.scalars[tag] = _dedup((e.step, float(e.value)) for e in acc.Scalars(tag))
+    for tag in tags.get("histograms", []):
+        series = []
+        for event in acc.Histograms(tag):
+            h = event.histogram_value
+            limits = np.asarray(h.bucket_limit, dtype=np.float64)
+            counts = np.asarray(h.bucket, dtype=np.float64)
+            if len(limits) == 0:
+                continue
+            left = min(float(h.min), float(limits[0]))
+            series.append(Histogram(event.step, np.concatenate([[left], limits]), counts))
+        if series:
+            logs.histograms[tag] = sorted(series, key=lambda s: s.step)
+    meta = run_dir / "run.json"
+    if meta.is_file():
+        try:
+            logs.meta = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            logs.meta = {}
+    if not logs.scalars and not logs.histograms:
+        raise ReportError(f"the event files in {run_dir} hold no scalars or histograms")
+    return logs
+
+
+def _dedup(points: Any) -> list[tuple[int, float]]:
+    """Sorted by step; a step written twice (a restarted run) keeps its last value."""
+    by_step: dict[int, float] = {}
+    for step, value in points:
+        by_step[int(step)] = value
+    return sorted(by_step.items())
+
+
+# ------------------------------------------------------------------------- grouping
+
+
+def _natural(key: str) -> list[Any]:
+    """Sort key that orders ``net.2`` before ``net.10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def _split(tags: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Group tags into panels: {panel title: {line label: tag}}."""
+    prefixes: dict[str, list[str]] = {}
+    for tag in tags:
+        prefix = tag.rsplit("/", 1)[0] if "/" in tag else tag
+        prefixes.setdefault(prefix, []).append(tag)
+    panels: dict[str, dict[str, str]] = {}
+    for prefix, members in prefixes.items():
+        if len(members) == 1 and members[0] == prefix:
+            panels[prefix] = {prefix: prefix}
+        elif len(members) == 1:
+            panels[members[0]] = {members[0].rsplit("/", 1)[1]: members[0]}
+        else:
+            panels[prefix] = {
+                m.rsplit("/", 1)[1]: m for m in sorted(members, key=lambda t: _natural(t))
+            }
+    return panels
+
+
+@dataclass
+class _Panel:
+    title: str
+    lines: dict[str, str]  # label -> tag
+    kind: str  # "loss", "accuracy", "layers"
+
+
+def _scalar_panels(tags: Sequence[str]) -> list[_Panel]:
+    loss = sorted(t for t in tags if "loss" in t.lower())
+    accuracy = sorted(t for t in tags if "accuracy" in t.lower() and t not in loss)
+    rest = [t for t in tags if t not in loss and t not in accuracy]
+    panels = []
+    if loss:
+        panels.append(_Panel("Loss", {t: t for t in loss}, "loss"))
+    if accuracy:
+        panels.append(_Panel("Accuracy", {t: t for t in accuracy}, "accuracy"))
+    for title, lines in sorted(_split(rest).items()):
+        panels.append(_Panel(title, lines, "layers"))
+    return panels
+
+
+# ------------------------------------------------------------------------ rendering
+
+
+def _smooth(values: np.ndarray, weight: float = 0.8) -> np.ndarray:
+    """TensorBoard-style exponential moving average, debiased."""
+    out = np.empty_like(values)
+    last, norm = 0.0, 0.0
+    for i, v in enumerate(values):
+        last = weight * last + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out[i] = last / norm
+    return out
+
+
+def _colorful_dimension(hists: list[Histogram]) -> tuple[np.ndarray, float, float]:
+    """Re-bin every step's histogram onto one common grid: rows are values, columns steps."""
+    lo = min(float(h.edges[0]) for h in hists)
+    hi = max(float(h.edges[-1]) for h in hists)
+    if not hi > lo:
+        hi = lo + 1.0
+    grid = np.linspace(lo, hi, _IMAGE_BINS + 1)
+    image = np.zeros((_IMAGE_BINS, len(hists)))
+    for j, h in enumerate(hists):
+        centers = (h.edges[:-1] + h.edges[1:]) / 2
+        column, _ = np.histogram(centers, bins=grid, weights=h.counts)
+        total = column.sum()
+        image[:, j] = column / total if total > 0 else column
+    return image, lo, hi
+
+
+def _title(logs: RunLogs) -> tuple[str, str]:
+    meta = logs.meta
+    hp = meta.get("hparams", {})
+    if not hp:
+        return f"Ikkuna run {logs.log_dir}", ""
+    head = f"{hp.get('model', '?')} on {hp.get('dataset', '?')}"
+    bits = [
+        f"{meta.get('steps', '?')} steps, {meta.get('epochs', '?')} epochs",
+        f"{hp.get('optimizer', '?')} lr={hp.get('lr', '?')}",
+        f"batch {hp.get('batch_size', '?')}",
+        f"seed {hp.get('seed', '?')}",
+    ]
+    if isinstance(meta.get("test_accuracy"), (int, float)):
+        bits.append(
+            f"final accuracy train {meta.get('train_accuracy', float('nan')):.3f} / "
+            f"test {meta['test_accuracy']:.3f}"
+        )
+    return head, "   ·   ".join(bits)
+
+
+def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
+    """Draw the dashboard of ``logs`` into the PNG ``out`` (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+
+    panels = _scalar_panels(list(logs.scalars))
+    hist_tags = sorted(logs.histograms, key=_natural)
+    shown_hists = hist_tags[:MAX_HISTOGRAM_PANELS]
+    n = len(panels) + len(shown_hists)
+    cols = min(_COLUMNS, max(n, 1))
+    rows = max(math.ceil(n / cols), 1)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(5.4 * cols, 3.6 * rows + 1.1), dpi=dpi, squeeze=False
+    )
+    flat = list(axes.flat)
+    cmap = colormaps["viridis"]
+
+    for ax, panel in zip(flat, panels, strict=False):
+        labels = list(panel.lines)
+        many = len(labels)
+        for i, label in enumerate(labels):
+            tag = panel.lines[label]
+            points = logs.scalars[tag]
+            steps = np.array([p[0] for p in points])
+            values = np.array([p[1] for p in points], dtype=np.float64)
+            if panel.kind == "layers":
+                color = cmap(0.9 * i / max(many - 1, 1)) if many > 1 else "tab:blue"
+            else:
+                color = _split_color(tag, i)
+            if panel.kind != "layers" and tag.startswith("final/"):
+                ax.plot(steps, values, linestyle="none", marker="*", markersize=11,
+                        color=color, markeredgecolor="black", markeredgewidth=0.5,
+                        label=label, zorder=3)
+            elif panel.kind == "loss" and len(points) > 20:
+                ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+                ax.plot(steps, _smooth(values), color=color, linewidth=1.6, label=label)
+            else:
+                marker = "o" if len(points) <= 12 else None
+                dashed = panel.kind != "layers" and tag.startswith("epoch/")
+                ax.plot(steps, values, color=color, linewidth=1.4, label=label,
+                        marker=marker, markersize=3, linestyle="--" if dashed else "-")
+        ax.set_title(panel.title, fontsize=11, fontweight="bold")
+        ax.set_xlabel("training step", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        if panel.kind == "accuracy":
+            top = max((v for t in panel.lines.values() for _, v in logs.scalars[t]), default=1)
+            if top <= 1.0:
+                ax.set_ylim(0, 1.02)
+        if panel.kind == "loss" and _positive(logs, panel) and _spread(logs, panel) > 30:
+            ax.set_yscale("log")
+        if many <= 12:
+            ax.legend(fontsize=7, loc="best", framealpha=0.8)
+        else:
+            sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, many - 1))
+            bar = fig.colorbar(sm, ax=ax, pad=0.01)
+            bar.set_label("layer (model order)", fontsize=7)
+            bar.ax.tick_params(labelsize=6)
+
+    for ax, tag in zip(flat[len(panels):], shown_hists, strict=False):
+        hists = logs.histograms[tag]
+        image, lo, hi = _colorful_dimension(hists)
+        first, last = hists[0].step, hists[-1].step
+        ax.imshow(
+            np.log1p(image * 1000.0),
+            aspect="auto",
+            origin="lower",
+            extent=(first, last + 1, lo, hi),
+            cmap="magma",
+            interpolation="nearest",
+        )
+        topic, _, key = tag.rpartition("/")
+        ax.set_title(f"{topic}\n{key}" if topic else tag, fontsize=9, fontweight="bold")
+        ax.set_xlabel("training step", fontsize=8)
+        ax.set_ylabel("value", fontsize=8)
+        ax.tick_params(labelsize=7)
+
+    for ax in flat[n:]:
+        ax.axis("off")
+    if n == 0:
+        flat[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
+
+    head, sub = _title(logs)
+    height = fig.get_figheight()
+    fig.text(0.5, 1 - 0.12 / height, head, ha="center", va="top", fontsize=15,
+             fontweight="bold")
+    if sub:
+        fig.text(0.5, 1 - 0.5 / height, sub, ha="center", va="top", fontsize=9, color="0.25")
+    footer = f"log dir: {logs.log_dir}"
+    if len(hist_tags) > len(shown_hists):
+        footer += f"   ·   {len(hist_tags) - len(shown_hists)} more histograms in TensorBoard"
+    fig.text(0.5, 0.06 / height, footer, ha="center", va="bottom", fontsize=8, color="0.4")
+    fig.tight_layout(rect=(0, 0.3 / height, 1, 1 - 0.8 / height), h_pad=1.5)
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", facecolor="white")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _split_color(tag: str, index: int) -> Any:
+    """Train lines blue, test lines orange, anything else from the rest of tab10."""
+    last = tag.rsplit("/", 1)[-1].lower()
+    if "train" in last or tag.lower().startswith("train"):
+        return "tab:blue"
+    if "test" in last or tag.lower().startswith("test"):
+        return "tab:orange"
+    return ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")[index % 5]
+
+
+def _positive(logs: RunLogs, panel: _Panel) -> bool:
+    return all(v > 0 for t in panel.lines.values() for _, v in logs.scalars[t])
+
+
+def _spread(logs: RunLogs, panel: _Panel) -> float:
+    values = [v for t in panel.lines.values() for _, v in logs.scalars[t]]
+    return max(values) / min(values) if values and min(values) > 0 else 1.0
+
+
+def make_report(log_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Read the run in ``log_dir`` and write its dashboard to ``out`` (default
+    ``<run dir>/dashboard.png``); returns the path written."""
+    logs = load_run(log_dir)
+    target = Path(out) if out is not None else logs.log_dir / "dashboard.png"
+    return render_dashboard(logs, target)
