@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .messages import (
@@ -294,27 +295,41 @@ class MessageBus:
             return
         from .backends.base import HistogramRecord, ScalarRecord
 
-        values = _to_host([m.data for m in scalars])
+        # One device-to-host copy per device for everything pending.
+        hist_fields = ("data", "edges", "min", "max", "num", "sum", "sum_squares", "nonfinite")
+        tensors = [m.data for m in scalars]
+        for m in histograms:
+            tensors.extend(getattr(m, f) for f in hist_fields)
+        arrays = iter(_to_host(tensors))
         scalar_records = [
-            ScalarRecord(topic=m.topic, key=m.key, tag=m.tag, step=m.global_step, value=float(v))
-            for m, v in zip(scalars, values, strict=True)
+            ScalarRecord(
+                topic=m.topic,
+                key=m.key,
+                tag=m.tag,
+                step=m.global_step,
+                value=float(next(arrays)[0]),
+            )
+            for m in scalars
         ]
         hist_records = []
         for m in histograms:
+            counts, edges, lo, hi, num, total, squares, nonfinite = (
+                next(arrays) for _ in hist_fields
+            )
             hist_records.append(
                 HistogramRecord(
                     topic=m.topic,
                     key=m.key,
                     tag=m.tag,
                     step=m.global_step,
-                    counts=m.data.detach().to("cpu", torch.float64).numpy(),
-                    edges=m.edges.detach().to("cpu", torch.float64).numpy(),
-                    min=float(m.min),
-                    max=float(m.max),
-                    num=float(m.num),
-                    sum=float(m.sum),
-                    sum_squares=float(m.sum_squares),
-                    nonfinite=float(m.nonfinite),
+                    counts=counts,
+                    edges=edges,
+                    min=float(lo[0]),
+                    max=float(hi[0]),
+                    num=float(num[0]),
+                    sum=float(total[0]),
+                    sum_squares=float(squares[0]),
+                    nonfinite=float(nonfinite[0]),
                 )
             )
         for backend in self.backends:
@@ -337,16 +352,17 @@ def _gcd(a: int, b: int) -> int:
     return a
 
 
-def _to_host(tensors: list[torch.Tensor]) -> list[float]:
-    """All scalar tensors to Python floats with one device-to-host copy per device."""
-    if not tensors:
-        return []
-    out: list[float] = [0.0] * len(tensors)
+def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """Tensors to float64 numpy arrays (flattened) with one device-to-host copy per device."""
+    out: list[np.ndarray] = [np.empty(0)] * len(tensors)
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):
         by_device.setdefault(t.device, []).append(i)
     for idx in by_device.values():
-        stacked = torch.stack([tensors[i].detach().reshape(()).to(torch.float64) for i in idx])
-        for i, v in zip(idx, stacked.cpu().tolist(), strict=True):
-            out[i] = v
+        flat = [tensors[i].detach().reshape(-1).to(torch.float64) for i in idx]
+        host = torch.cat(flat).cpu().numpy()
+        start = 0
+        for i, t in zip(idx, flat, strict=True):
+            out[i] = host[start : start + t.numel()]
+            start += t.numel()
     return out

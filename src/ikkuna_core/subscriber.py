@@ -131,10 +131,12 @@ class Subscriber:
         bins: int = 64,
         range: tuple[float, float] | None = None,  # noqa: A002 - mirrors numpy/torch naming
         suffix: str | None = None,
+        max_samples: int | None = None,
     ) -> HistogramMessage:
-        """Report a histogram of ``values``; the bins are computed on the tensor's device."""
+        """Report a histogram of ``values``; the bins are computed on the tensor's device
+        (see :func:`histogram_on_device`)."""
         topic = self._topic_for(bundle.topics[0], suffix)
-        stats = histogram_on_device(values, bins=bins, range=range)
+        stats = histogram_on_device(values, bins=bins, range=range, max_samples=max_samples)
         msg = HistogramMessage(
             topic=topic,
             global_step=bundle.global_step,
@@ -167,46 +169,67 @@ class Subscriber:
             self.bus.subscriber_failed(self, exc)
 
 
+_SAMPLE_CACHE: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _sample_index(numel: int, k: int, device: torch.device) -> torch.Tensor:
+    """A fixed pseudo-random choice of ``k`` of ``numel`` positions, sorted, cached per size
+    and device. Its own generator leaves the global RNG (and so training) untouched; unlike
+    a stride, it cannot alias with the layout of a feature map."""
+    key = (numel, k, device)
+    idx = _SAMPLE_CACHE.get(key)
+    if idx is None:
+        gen = torch.Generator().manual_seed(numel)
+        idx = torch.randint(0, numel, (k,), generator=gen).sort().values.to(device)
+        if len(_SAMPLE_CACHE) > 512:
+            _SAMPLE_CACHE.clear()
+        _SAMPLE_CACHE[key] = idx
+    return idx
+
+
 def histogram_on_device(
     values: torch.Tensor,
     bins: int = 64,
     range: tuple[float, float] | None = None,  # noqa: A002
+    max_samples: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Histogram of the finite entries of ``values`` plus the statistics TensorBoard wants,
     all as tensors on ``values``' device (no host synchronisation). Non-finite entries are
     counted in ``nonfinite``, not binned. With no ``range``, the bins span the finite
-    min..max."""
+    min..max. With ``max_samples``, a larger tensor is summarised by a fixed pseudo-random
+    sample of that many entries (``num`` then counts the sample)."""
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
+    if range is not None and not range[0] < range[1]:
+        raise ValueError(f"histogram range must be (low, high) with low < high, got {range}")
     x = values.detach().reshape(-1)
+    if max_samples is not None and x.numel() > max_samples:
+        x = x[_sample_index(x.numel(), max_samples, x.device)]
     if not x.is_floating_point():
         x = x.float()
     finite = torch.isfinite(x)
-    nonfinite = (~finite).sum()
-    xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    xf = torch.where(finite, x, zero)
     nfin = finite.sum()
-    big = torch.finfo(x.dtype).max
-    lo_all = torch.where(finite, x, torch.full((), big, dtype=x.dtype, device=x.device)).min()
-    hi_all = torch.where(finite, x, torch.full((), -big, dtype=x.dtype, device=x.device)).max()
+    inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
+    lo_all = torch.where(finite, x, inf).min() if x.numel() else inf
+    hi_all = torch.where(finite, x, -inf).max() if x.numel() else -inf
     empty = nfin == 0
-    lo_all = torch.where(empty, torch.zeros_like(lo_all), lo_all)
-    hi_all = torch.where(empty, torch.zeros_like(hi_all), hi_all)
+    lo_all = torch.where(empty, zero, lo_all)
+    hi_all = torch.where(empty, zero, hi_all)
     if range is not None:
-        if not range[0] < range[1]:
-            raise ValueError(f"histogram range must be (low, high) with low < high, got {range}")
         lo = torch.tensor(float(range[0]), dtype=torch.float64, device=x.device)
         hi = torch.tensor(float(range[1]), dtype=torch.float64, device=x.device)
     else:
         lo = lo_all.to(torch.float64)
         hi = hi_all.to(torch.float64)
         hi = torch.where(hi > lo, hi, lo + 1e-12 + lo.abs() * 1e-6)
-    width = (hi - lo) / bins
-    x64 = xf.to(torch.float64)
-    idx = ((x64 - lo) / width).floor().clamp_(0, bins - 1).long()
-    inside = finite & (x64 >= lo) & (x64 <= hi)
-    counts = torch.zeros(bins, dtype=torch.float64, device=x.device)
-    counts.scatter_add_(0, idx, inside.to(torch.float64))
-    edges = lo + width * torch.arange(bins + 1, dtype=torch.float64, device=x.device)
+    scale = (bins / (hi - lo)).to(x.dtype)
+    idx = ((xf - lo.to(x.dtype)) * scale).to(torch.int64).clamp_(0, bins - 1)
+    inside = finite if range is None else finite & (xf >= range[0]) & (xf <= range[1])
+    counts = torch.zeros(bins, dtype=torch.int64, device=x.device)
+    counts.scatter_add_(0, idx, inside.to(torch.int64))
+    edges = lo + (hi - lo) / bins * torch.arange(bins + 1, dtype=torch.float64, device=x.device)
     return {
         "data": counts,
         "edges": edges,
@@ -215,5 +238,5 @@ def histogram_on_device(
         "num": nfin,
         "sum": xf.sum(),
         "sum_squares": (xf * xf).sum(),
-        "nonfinite": nonfinite,
+        "nonfinite": x.numel() - nfin,
     }
