@@ -174,3 +174,33 @@ def test_histogram_on_device_counts_finite_values():
     assert h["sum"].item() == 1.75 and h["min"].item() == 0.0 and h["max"].item() == 1.0
     auto = ik.histogram_on_device(torch.tensor([-2.0, 2.0, 0.0]), bins=2)
     assert auto["edges"].tolist() == [-2.0, 0.0, 2.0] and auto["data"].tolist() == [1.0, 2.0]
+
+
+def test_background_worker_gives_the_same_results_and_reraises(recorder_cls):
+    from torch import nn
+
+    def run(background: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 2))
+        bus = ik.MessageBus(on_error="raise", background=background)
+        backend = bus.add_backend(MemoryBackend())
+        exporter = ik.Exporter(bus=bus)
+        exporter.set_model(model)
+        bus.register_subscriber(Double(topics=["activations", "weight_updates"]))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        exporter.close()
+        return [r.value for r in sorted(backend.scalars, key=lambda r: (r.step, r.tag))]
+
+    assert run(background=True) == run(background=False)
+
+    bus = ik.MessageBus(on_error="raise", background=True)
+    bus.register_subscriber(Broken(topics=["weights"]))
+    bus.publish(module_msg("weights", 0, 1.0))
+    with pytest.raises(ZeroDivisionError):
+        bus.step_finished(0)
+    bus.close()

@@ -8,6 +8,7 @@ finds those of any installed plugin.
 from __future__ import annotations
 
 import inspect
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +27,14 @@ FIXTURES = Path(__file__).parent / "plugin_fixtures"
 @pytest.fixture(scope="session")
 def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("site")
+    sources = tmp_path_factory.mktemp("src")  # build a private copy: xdist workers run in parallel
+    for dist in ("ikkuna-testplugin", "ikkuna-badplugins"):
+        shutil.copytree(FIXTURES / dist, sources / dist,
+                        ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
          "--no-build-isolation", "--target", str(target),
-         str(FIXTURES / "ikkuna-testplugin"), str(FIXTURES / "ikkuna-badplugins")],
+         str(sources / "ikkuna-testplugin"), str(sources / "ikkuna-badplugins")],
         check=True,
     )
     return target

@@ -3,7 +3,8 @@ derived metrics) to subscriptions, and metric results to the backends."""
 
 from __future__ import annotations
 
-import logging
+import queue
+import threading
 import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MessageBus", "Subscription", "SynchronizedSubscription", "UnknownTopicError"]
 
-log = logging.getLogger(__name__)
 
 AnyMessage = ModuleMessage | NetworkMessage | ScalarMessage | HistogramMessage
 
@@ -141,7 +141,9 @@ class MessageBus:
     Each bus has its own topic table, so registering a topic on one bus never changes another.
     """
 
-    def __init__(self, *, on_error: str = "warn", flush_every: int = 1) -> None:
+    def __init__(
+        self, *, on_error: str = "warn", flush_every: int = 1, background: bool = False
+    ) -> None:
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
         if flush_every < 1:
@@ -158,6 +160,11 @@ class MessageBus:
         self._pending_scalars: list[ScalarMessage] = []
         self._pending_histograms: list[HistogramMessage] = []
         self._wanted_cache: dict[int, frozenset[str]] = {}
+        #: Opt-in: subscribers compute on a background thread, overlapping with training;
+        #: each step waits for its metrics before it ends. See benchmarks/README.md for
+        #: whether it pays on your machine.
+        self.background = background
+        self._worker: _Worker | None = None
 
     # ---------------------------------------------------------------- topics
     @property
@@ -250,10 +257,27 @@ class MessageBus:
         subs = self._routes.get(message.topic)
         if not subs:
             return
+        if self.background:
+            worker = self._worker
+            if worker is None:
+                worker = self._worker = _Worker()
+            if not worker.is_current():
+                if message.topic == "activations":  # an in-place op may follow the module
+                    message = message.model_copy(update={"data": message.data.clone()})
+                worker.submit(self._dispatch, message, subs)
+                return
+        self._dispatch(message, subs)
+
+    def _dispatch(self, message: AnyMessage, subs: list[Subscription]) -> None:
         step = message.global_step
         for sub in subs:
             if step % sub.subsample == 0 and sub.subscriber.enabled:
                 sub.handle(message)
+
+    def wait(self) -> None:
+        """Block until the background worker (if any) has handled everything published."""
+        if self._worker is not None:
+            self._worker.join()
 
     def publish_result(self, message: ScalarMessage | HistogramMessage) -> None:
         """A subscriber's result: queued for the backends, and published as a topic."""
@@ -276,6 +300,7 @@ class MessageBus:
 
     def step_finished(self, step: int) -> None:
         """End of a training step: drop incomplete bundles, flush backends periodically."""
+        self.wait()
         for sub in self.subscriptions:
             sub.step_finished(step)
         if (step + 1) % self.flush_every == 0:
@@ -289,6 +314,7 @@ class MessageBus:
     def flush(self) -> None:
         """Move pending metric values to the host in one transfer per device and write them
         to every backend."""
+        self.wait()
         scalars, self._pending_scalars = self._pending_scalars, []
         histograms, self._pending_histograms = self._pending_histograms, []
         if not self.backends or (not scalars and not histograms):
@@ -344,6 +370,50 @@ class MessageBus:
         self.flush()
         for backend in self.backends:
             backend.close()
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+
+class _Worker:
+    """One daemon thread running submitted calls in order; errors are re-raised by join()."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = (
+            queue.Queue()
+        )
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ikkuna-bus", daemon=True)
+        self._thread.start()
+
+    def is_current(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self._queue.put((fn, args))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    item[0](*item[1])
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def join(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
 
 
 def _gcd(a: int, b: int) -> int:

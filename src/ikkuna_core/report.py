@@ -252,6 +252,11 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
     flat = list(axes.flat)
     cmap = colormaps["viridis"]
 
+    types = logs.meta.get("modules") if isinstance(logs.meta.get("modules"), dict) else {}
+
+    def named(key: str) -> str:
+        return f"{key} ({types[key]})" if key in types else key
+
     for ax, panel in zip(flat, panels, strict=False):
         labels = list(panel.lines)
         many = len(labels)
@@ -274,7 +279,7 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
             else:
                 marker = "o" if len(points) <= 12 else None
                 dashed = panel.kind != "layers" and tag.startswith("epoch/")
-                ax.plot(steps, values, color=color, linewidth=1.4, label=label,
+                ax.plot(steps, values, color=color, linewidth=1.4, label=named(label),
                         marker=marker, markersize=3, linestyle="--" if dashed else "-")
         ax.set_title(panel.title, fontsize=11, fontweight="bold")
         ax.set_xlabel("training step", fontsize=9)
@@ -307,7 +312,7 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
             interpolation="nearest",
         )
         topic, _, key = tag.rpartition("/")
-        ax.set_title(f"{topic}\n{key}" if topic else tag, fontsize=9, fontweight="bold")
+        ax.set_title(f"{topic}\n{named(key)}" if topic else tag, fontsize=9, fontweight="bold")
         ax.set_xlabel("training step", fontsize=8)
         ax.set_ylabel("value", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -570,6 +570,7 @@ class Trainer:
             "input_shape": list(self.data_info.input_shape),
             "num_classes": self.data_info.num_classes,
         }
+        doc["modules"] = {name: info.type for name, info in self.exporter.modules.items()}
         doc["ikkuna_config"] = self.config.model_dump(mode="json", exclude={"subscribers"})
         doc["ikkuna_config"]["subscribers"] = [
             {"name": e.name, **{k: _jsonable(v) for k, v in e.options.items()}}
