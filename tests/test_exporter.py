@@ -379,3 +379,13 @@ def test_real_models_train_unchanged_and_publish_true_values(name, recorder_cls)
     assert checked > 0
     assert rec.topic_count("activations") > 0 and rec.topic_count("layer_gradients") > 0
     exporter.close()
+
+
+def test_evaluate_restores_each_modules_mode():
+    model = small_cnn()
+    exporter = ik.Exporter()
+    exporter.set_model(model)
+    model[1].eval()  # a frozen BatchNorm inside a training model
+    exporter.evaluate(data()[0])
+    assert model.training and not model[1].training and model[0].training
+    exporter.close()

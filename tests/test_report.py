@@ -56,12 +56,25 @@ def write_run(log_dir: Path, *, histograms: int = 3, meta: bool = True) -> dict:
             expected["hist_counts"].setdefault(f"histogram/activations/layer.{h}", []).append(500)
     writer.close()
     if meta:
-        (log_dir / "run.json").write_text(json.dumps({
-            "hparams": {"model": "FullyConnected", "dataset": "digits", "optimizer": "Adam",
-                        "lr": 0.001, "batch_size": 128, "seed": 0},
-            "steps": STEPS, "epochs": 1, "train_accuracy": 0.9, "test_accuracy": 0.8,
-            "modules": {"net.1": "Linear", "net.3": "Linear", "net.5": "Linear"},
-        }))
+        (log_dir / "run.json").write_text(
+            json.dumps(
+                {
+                    "hparams": {
+                        "model": "FullyConnected",
+                        "dataset": "digits",
+                        "optimizer": "Adam",
+                        "lr": 0.001,
+                        "batch_size": 128,
+                        "seed": 0,
+                    },
+                    "steps": STEPS,
+                    "epochs": 1,
+                    "train_accuracy": 0.9,
+                    "test_accuracy": 0.8,
+                    "modules": {"net.1": "Linear", "net.3": "Linear", "net.5": "Linear"},
+                }
+            )
+        )
     return expected
 
 
@@ -115,19 +128,29 @@ def test_default_output_is_in_the_run_dir(tmp_path: Path) -> None:
 
 def test_panels_group_tags_by_topic() -> None:
     tags = [
-        "loss/loss", "epoch/loss/train", "epoch/loss/test", "train_accuracy",
-        "epoch/accuracy/test", "norm/weights/net.10", "norm/weights/net.2", "norm/weights/fc",
-        "spectral_norm/weights/net.1", "dead_fraction/activations/net.2",
+        "loss/loss",
+        "epoch/loss/train",
+        "epoch/loss/test",
+        "train_accuracy",
+        "epoch/accuracy/test",
+        "norm/weights/net.10",
+        "norm/weights/net.2",
+        "norm/weights/fc",
+        "spectral_norm/weights/net.1",
+        "dead_fraction/activations/net.2",
         "dead_fraction/activations/net.4",
     ]
     panels = {p.title: p for p in _scalar_panels(tags)}
     assert list(panels)[:2] == ["Loss", "Accuracy"]
-    assert set(panels["Loss"].lines.values()) == {"loss/loss", "epoch/loss/train",
-                                                  "epoch/loss/test"}
+    assert set(panels["Loss"].lines.values()) == {
+        "loss/loss",
+        "epoch/loss/train",
+        "epoch/loss/test",
+    }
     assert set(panels["Accuracy"].lines.values()) == {"train_accuracy", "epoch/accuracy/test"}
     # layers in model order: net.2 before net.10
     assert list(panels["norm/weights"].lines) == ["fc", "net.2", "net.10"]
-    assert panels["spectral_norm/weights/net.1"].lines == {"net.1": "spectral_norm/weights/net.1"}
+    assert panels["spectral_norm/weights"].lines == {"net.1": "spectral_norm/weights/net.1"}
     assert list(panels["dead_fraction/activations"].lines) == ["net.2", "net.4"]
 
 
@@ -152,9 +175,16 @@ def test_colorful_dimension_keeps_each_steps_mass() -> None:
     assert (lo, hi) == (-2.0, 4.0)
     assert image.shape == (64, 2)
     assert image.sum(axis=0) == pytest.approx([1.0, 1.0])
-    # step 0's mass lies in [0, 2]: rows of the common grid below 0 are empty
+    # mass spread evenly over each source bin: 3/4 of step 0 lies in [0, 1]
     grid = np.linspace(-2, 4, 65)
-    assert image[grid[:-1] < -0.01, 0].sum() == 0
+    inside = (grid[:-1] >= 0) & (grid[1:] <= 1 + 1e-9)
+    assert image[inside, 0].sum() == pytest.approx(0.75 * 0.9375)  # [0.0625, 1] of [0, 1]
+    # a constant tensor (all-zero biases): every bin has zero width, the mass is a point
+    flat, lo, hi = _colorful_dimension([Histogram(0, np.zeros(4), np.array([0.0, 0.0, 7.0]))])
+    assert flat.sum() == pytest.approx(1.0)
+    assert hi > lo
+    # step 0's mass lies in [0, 2]: rows of the common grid below 0 are empty
+    assert image[grid[1:] <= 0, 0].sum() == 0
 
 
 def test_missing_empty_and_ambiguous_log_dirs(tmp_path: Path) -> None:

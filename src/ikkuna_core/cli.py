@@ -16,7 +16,9 @@ libraries are imported only by the command that needs them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -64,7 +66,7 @@ FLAGS: tuple[_Flag, ...] = (
 QUICKSTART_SUBSCRIBERS: tuple[dict[str, Any], ...] = (
     {"name": "loss"},
     {"name": "train_accuracy"},
-    {"name": "test_accuracy"},
+    {"name": "test_accuracy", "subsample": 10},
     {"name": "norm", "topics": ["weight_gradients"]},
     {"name": "spectral_norm", "topics": ["weights"]},
     {"name": "ratio", "topics": ["weight_updates", "weights"]},
@@ -72,8 +74,21 @@ QUICKSTART_SUBSCRIBERS: tuple[dict[str, Any], ...] = (
     {"name": "dead_fraction"},
 )
 
-_VISUALISATION = {"tb": ["tensorboard"], "mpl": ["matplotlib"], "both": ["tensorboard", "matplotlib"]}
+_VISUALISATION = {
+    "tb": ["tensorboard"],
+    "mpl": ["matplotlib"],
+    "both": ["tensorboard", "matplotlib"],
+}
 
+
+_TRAIN_EXAMPLES = """\
+examples:
+  ikkuna train --log-dir runs/quickstart      # FullyConnected on digits, every installed plugin
+  tensorboard --logdir runs/quickstart        # then look at it (or at its dashboard.png)
+  ikkuna train --config examples/ikkuna.toml --histogram -s 10
+  ikkuna train -m 3c3d -d CIFAR10 --data-dir data -e 20 -o SGD --lr 0.05 --device cuda
+  ikkuna train --max-steps 20 --plugins norms --spectral-norm -V
+"""
 
 # --------------------------------------------------------------------------- parser
 
@@ -127,69 +142,148 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model with Ikkuna watching; write TensorBoard logs, figures, a dashboard",
         description=(
-            "Train a model on a dataset with Ikkuna watching. Subscribers come from --config "
-            "FILE (without it: the quickstart set of examples/ikkuna.toml, for the plugins "
-            "that are installed); the subscriber flags add to them. Writes TensorBoard event "
-            "files, figures/*.png, dashboard.png, model.pt and run.json into the log "
-            "directory."
+            "Train a model on a dataset with Ikkuna watching.\n\n"
+            "Subscribers come from --config FILE (without it: the quickstart set of\n"
+            "examples/ikkuna.toml, for the plugins that are installed); the subscriber\n"
+            "flags add to them. Writes TensorBoard event files, figures/*.png,\n"
+            "dashboard.png, model.pt and run.json into the log directory."
         ),
+        epilog=_TRAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t = train.add_argument_group("model and data")
-    t.add_argument("-m", "--model", default="FullyConnected",
-                   help=f"model name, one of: {', '.join(MODELS)} (default: %(default)s, "
-                   "trains in seconds on a CPU)")
-    t.add_argument("-d", "--dataset", default="digits",
-                   help=f"dataset name, one of: {', '.join(DATASETS)} (default: %(default)s, "
-                   "bundled with scikit-learn, works offline)")
-    t.add_argument("--data-dir", default="data",
-                   help="where torchvision datasets are read from / downloaded to "
-                   "(default: %(default)s)")
-    t.add_argument("--init", default="kaiming",
-                   help="weight initialisation: kaiming, xavier or default (default: %(default)s)")
+    t.add_argument(
+        "-m",
+        "--model",
+        default="FullyConnected",
+        help=f"model name, one of: {', '.join(MODELS)} (default: %(default)s, "
+        "trains in seconds on a CPU)",
+    )
+    t.add_argument(
+        "-d",
+        "--dataset",
+        default="digits",
+        help=f"dataset name, one of: {', '.join(DATASETS)} (default: %(default)s, "
+        "bundled with scikit-learn, works offline)",
+    )
+    t.add_argument(
+        "--data-dir",
+        default="data",
+        help="where torchvision datasets are read from / downloaded to (default: %(default)s)",
+    )
+    t.add_argument(
+        "--init",
+        default="kaiming",
+        help="weight initialisation: kaiming, xavier or default (default: %(default)s)",
+    )
     o = train.add_argument_group("optimisation")
-    o.add_argument("-b", "--batch-size", type=_positive_int, default=128,
-                   help="batch size (default: %(default)s)")
-    o.add_argument("-e", "--epochs", type=_positive_int, default=10,
-                   help="number of epochs (default: %(default)s)")
-    o.add_argument("--max-steps", type=_positive_int, default=None,
-                   help="stop after this many training steps in total (a short run)")
-    o.add_argument("-o", "--optimizer", default="Adam",
-                   help=f"one of: {', '.join(OPTIMIZERS)} (default: %(default)s)")
-    o.add_argument("--lr", type=_positive_float, default=None,
-                   help="learning rate (default: "
-                   + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    o.add_argument("--seed", type=int, default=0,
-                   help="seeds Python, NumPy, torch and the data order (default: %(default)s)")
-    o.add_argument("--device", default=None,
-                   help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, "
-                   "else cpu)")
+    o.add_argument(
+        "-b",
+        "--batch-size",
+        type=_positive_int,
+        default=128,
+        help="batch size (default: %(default)s)",
+    )
+    o.add_argument(
+        "-e",
+        "--epochs",
+        type=_positive_int,
+        default=10,
+        help="number of epochs (default: %(default)s)",
+    )
+    o.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        default=None,
+        help="stop after this many training steps in total (a short run)",
+    )
+    o.add_argument(
+        "-o",
+        "--optimizer",
+        default="Adam",
+        help=f"one of: {', '.join(OPTIMIZERS)} (default: %(default)s)",
+    )
+    o.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="learning rate (default: "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+        + ")",
+    )
+    o.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds Python, NumPy, torch and the data order (default: %(default)s)",
+    )
+    o.add_argument(
+        "--device",
+        default=None,
+        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)",
+    )
     w = train.add_argument_group("what Ikkuna watches")
-    w.add_argument("--config", metavar="FILE", default=None,
-                   help="TOML run configuration with an [ikkuna] table (examples/ikkuna.toml)")
-    w.add_argument("--plugins", metavar="NAME,...", default=None,
-                   help="comma-separated plugins to enable (default: every installed one)")
-    w.add_argument("-s", "--subsample", type=_positive_int, default=None,
-                   help="run subscribers every N-th step; sets 'subsample' of every "
-                   "subscriber that does not set its own (default: 1)")
-    w.add_argument("--depth", type=_depth, default=None,
-                   help="module depth to watch: -1 leaf modules, d >= 1 modules d levels down "
-                   "(default: the configuration's, -1)")
+    w.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="TOML run configuration with an [ikkuna] table (examples/ikkuna.toml)",
+    )
+    w.add_argument(
+        "--plugins",
+        metavar="NAME,...",
+        default=None,
+        help="comma-separated plugins to enable (default: every installed one)",
+    )
+    w.add_argument(
+        "-s",
+        "--subsample",
+        type=_positive_int,
+        default=None,
+        help="run subscribers every N-th step: sets 'subsample' of every "
+        "subscriber that does not set its own (default: each subscriber's own, "
+        "1 for most; test_accuracy every 100 steps)",
+    )
+    w.add_argument(
+        "--depth",
+        type=_depth,
+        default=None,
+        help="module depth to watch: -1 leaf modules, d >= 1 modules d levels down "
+        "(default: the configuration's, -1)",
+    )
     for flag in FLAGS:
-        w.add_argument(flag.option, action="store_true",
-                       help=f"add the {flag.subscriber!r} subscriber ({flag.distribution})")
+        w.add_argument(
+            flag.option,
+            action="store_true",
+            help=f"add the {flag.subscriber!r} subscriber ({flag.distribution})",
+        )
     out = train.add_argument_group("output")
-    out.add_argument("-v", "--visualisation", choices=sorted(_VISUALISATION), default=None,
-                     help="backends: tb (TensorBoard), mpl (PNG figures) or both (default: the "
-                     "configuration's backends, or both without --config)")
-    out.add_argument("--log-dir", default=None,
-                     help="where logs go (default: the configuration's log_dir, or "
-                     "runs/<model>-<dataset>-<time>)")
-    out.add_argument("--no-report", action="store_true",
-                     help="do not write dashboard.png at the end")
-    out.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                     help="progress bar on stderr (default: when stderr is a terminal)")
-    out.add_argument("-V", "--verbose", action="store_true",
-                     help="print the configuration and a line per epoch")
+    out.add_argument(
+        "-v",
+        "--visualisation",
+        choices=sorted(_VISUALISATION),
+        default=None,
+        help="backends: tb (TensorBoard), mpl (PNG figures) or both (default: the "
+        "configuration's 'backends'; both when it names none)",
+    )
+    out.add_argument(
+        "--log-dir",
+        default=None,
+        help="where logs go (default: the configuration's log_dir, or "
+        "runs/<model>-<dataset>-<time>)",
+    )
+    out.add_argument(
+        "--no-report", action="store_true", help="do not write dashboard.png at the end"
+    )
+    out.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+    out.add_argument(
+        "-V", "--verbose", action="store_true", help="print the configuration and a line per epoch"
+    )
     train.set_defaults(func=cmd_train)
 
     # ---------------------------------------------------------------- plugins
@@ -211,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="write a PNG dashboard from a finished run's TensorBoard logs"
     )
     report.add_argument("log_dir", metavar="LOG_DIR", help="the run's log directory")
-    report.add_argument("-o", "--output", default=None,
-                        help="PNG to write (default: LOG_DIR/dashboard.png)")
+    report.add_argument(
+        "-o", "--output", default=None, help="PNG to write (default: LOG_DIR/dashboard.png)"
+    )
     report.set_defaults(func=cmd_report)
     return parser
 
@@ -236,7 +331,7 @@ def _normalise(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
-def _check_flags(args: argparse.Namespace, enabled: list[str] | None) -> list[_Flag]:
+def _check_flags(args: argparse.Namespace, enabled: list[str] | None, source: str) -> list[_Flag]:
     """The subscriber flags given, after checking that their plugins are installed (and
     enabled by --plugins)."""
     chosen = [f for f in FLAGS if getattr(args, _dest(f.option))]
@@ -250,7 +345,7 @@ def _check_flags(args: argparse.Namespace, enabled: list[str] | None) -> list[_F
             )
         if enabled is not None and flag.plugin not in enabled:
             raise CLIError(
-                f"{flag.option} needs the {flag.plugin!r} plugin, which --plugins does not "
+                f"{flag.option} needs the {flag.plugin!r} plugin, which {source} does not "
                 f"enable; add it: --plugins {','.join([*enabled, flag.plugin])}"
             )
     return chosen
@@ -264,7 +359,7 @@ def _build_config(args: argparse.Namespace, hp: Any) -> tuple[Any, Any, list[str
     """The run configuration from --config and the flags, the loaded plugin registry, and
     notes for the user. Raises CLIError for anything invalid."""
     from .config import ConfigError, IkkunaConfig, load_config
-    from .plugins import PluginError, load_plugins
+    from .plugins import ENV_VAR, PluginError, load_plugins
 
     notes: list[str] = []
     if args.config is not None:
@@ -281,14 +376,20 @@ def _build_config(args: argparse.Namespace, hp: Any) -> tuple[Any, Any, list[str
     if args.plugins is not None:
         data["plugins"] = [n.strip() for n in args.plugins.split(",") if n.strip()]
     enabled = data.get("plugins")
-    flags = _check_flags(args, enabled)
+    source = "--plugins" if args.plugins is not None else f"'plugins' in {args.config}"
+    flags = _check_flags(args, enabled, source)
     try:
         registry = load_plugins(enabled)
     except PluginError as exc:
-        raise CLIError(_one_line(str(exc))) from None
-    for name, info in registry.plugins.items():
-        if info.error:
-            notes.append(f"plugin {name!r} failed to load: {info.error}")
+        hint = "" if "unknown plugin" in str(exc) else "; enable only the others: --plugins A,B"
+        raise CLIError(_one_line(str(exc)) + hint) from None
+    for flag in flags:
+        if flag.subscriber not in registry.subscribers:  # installed, but not enabled
+            raise CLIError(
+                f"{flag.option} needs the {flag.plugin!r} plugin, which is installed but not "
+                f"enabled ({ENV_VAR}={os.environ.get(ENV_VAR, '')!r}); add it to {ENV_VAR} or "
+                "unset it"
+            )
 
     if args.config is None:
         missing = sorted(
@@ -305,9 +406,9 @@ def _build_config(args: argparse.Namespace, hp: Any) -> tuple[Any, Any, list[str
         if flag.subscriber not in present:
             entries.append({"name": flag.subscriber})
             present.add(flag.subscriber)
-    subsample = args.subsample if args.subsample is not None else 1
-    for entry in entries:
-        entry.setdefault("subsample", subsample)
+    if args.subsample is not None:
+        for entry in entries:
+            entry.setdefault("subsample", args.subsample)
     data["subscribers"] = entries
 
     if args.visualisation is not None:
@@ -358,7 +459,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
         ).resolved()
     except UsageError as exc:
-        raise CLIError(str(exc)) from None
+        raise CLIError(_one_line(str(exc))) from None
     cfg, registry, notes = _build_config(args, hp)
     log_dir = Path(cfg.log_dir)
     for note in notes:
@@ -379,7 +480,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(hp, cfg, registry=registry, progress=args.progress, on_epoch=on_epoch)
     except (ConfigError, UsageError) as exc:
-        raise CLIError(_one_line(str(exc))) from None
+        message = _one_line(str(exc))
+        if args.config is not None:  # watch() saw a dict: name the file it came from
+            message = message.replace("the configuration:", f"{args.config}:", 1)
+        raise CLIError(message) from None
     except DatasetUnavailableError as exc:
         raise CLIError(_one_line(str(exc)), EXIT_FAILURE) from None
     result = trainer.run()
@@ -408,11 +512,17 @@ def _print_summary(result: Any, dashboard: Path | None) -> None:
     hp = result.hparams
     log_dir = result.log_dir
     rows = [
-        ("model", f"{hp.model} on {hp.dataset}: {result.steps} steps, {result.epochs} epochs, "
-                  f"{hp.optimizer} lr={hp.lr:g}, batch {hp.batch_size}, seed {hp.seed}, "
-                  f"{hp.device}"),
-        ("accuracy", f"train {result.train_accuracy:.4f}   test {result.test_accuracy:.4f}   "
-                     f"(loss train {result.train_loss:.4f}, test {result.test_loss:.4f})"),
+        (
+            "model",
+            f"{hp.model} on {hp.dataset}: {result.steps} steps, {result.epochs} epochs, "
+            f"{hp.optimizer} lr={hp.lr:g}, batch {hp.batch_size}, seed {hp.seed}, "
+            f"{hp.device}",
+        ),
+        (
+            "accuracy",
+            f"train {result.train_accuracy:.4f}   test {result.test_accuracy:.4f}   "
+            f"(loss train {result.train_loss:.4f}, test {result.test_loss:.4f})",
+        ),
         ("subscribers", ", ".join(result.subscribers) or "(none)"),
         ("logs", str(log_dir)),
     ]
@@ -449,10 +559,16 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             status = "loaded"
         else:
             status = "not enabled"
-        print(f"\n  {info.name}  [{status}]  {info.distribution or '?'} {info.version or '?'}"
-              f"  ({info.value})")
-        for label, values in (("subscribers", info.subscribers), ("backends", info.backends),
-                              ("topics", info.topics), ("hooks", info.hooks)):
+        print(
+            f"\n  {info.name}  [{status}]  {info.distribution or '?'} {info.version or '?'}"
+            f"  ({info.value})"
+        )
+        for label, values in (
+            ("subscribers", info.subscribers),
+            ("backends", info.backends),
+            ("topics", info.topics),
+            ("hooks", info.hooks),
+        ):
             if values:
                 print(f"    {label + ':':<13}{', '.join(values)}")
         if info.error:
@@ -552,6 +668,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ikkuna: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open until exit
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -237,13 +237,14 @@ class Exporter:
         """Run the model in eval mode without autograd and without messages; the model's
         train/eval mode is restored afterwards."""
         model = self._require_model()
-        was_training = model.training
+        modes = [(m, m.training) for m in model.modules()]  # e.g. a frozen BatchNorm stays
         model.eval()
         try:
             with torch.no_grad(), self.silenced():
                 return model(*args, **kwargs)
         finally:
-            model.train(was_training)
+            for module, training in modes:
+                module.training = training
 
     def close(self) -> None:
         """Finish the running step, flush and close the backends, and remove every hook."""

@@ -141,7 +141,7 @@ class HistogramMessage(_Stamped):
     kind: Literal["histogram"] = "histogram"
     key: str | None
     tag: str
-    data: Tensor = Field(description="bin counts (float), length = number of bins")
+    data: Tensor = Field(description="bin counts (int64), length = number of bins")
     edges: Tensor = Field(description="bin edges, length = number of bins + 1")
     min: Tensor
     max: Tensor

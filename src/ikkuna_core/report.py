@@ -111,7 +111,11 @@ def load_run(log_dir: str | Path) -> RunLogs:
             counts = np.asarray(h.bucket, dtype=np.float64)
             if len(limits) == 0:
                 continue
-            left = min(float(h.min), float(limits[0]))
+            limits = np.clip(limits, float(h.min), max(float(h.max), float(h.min)))
+            if len(limits) >= 2:  # equal-width bins: the first one starts one width lower
+                left = min(float(limits[0] - (limits[1] - limits[0])), float(h.min))
+            else:
+                left = min(float(h.min), float(limits[0]))
             series.append(Histogram(event.step, np.concatenate([[left], limits]), counts))
         if series:
             logs.histograms[tag] = sorted(series, key=lambda s: s.step)
@@ -143,21 +147,13 @@ def _natural(key: str) -> list[Any]:
 
 
 def _split(tags: Sequence[str]) -> dict[str, dict[str, str]]:
-    """Group tags into panels: {panel title: {line label: tag}}."""
-    prefixes: dict[str, list[str]] = {}
-    for tag in tags:
-        prefix = tag.rsplit("/", 1)[0] if "/" in tag else tag
-        prefixes.setdefault(prefix, []).append(tag)
+    """Group tags into panels: {panel title: {line label: tag}}. ``<topic>/<key>`` tags
+    share the panel ``<topic>`` with one line per key (in model order); a tag without ``/``
+    is a panel of its own."""
     panels: dict[str, dict[str, str]] = {}
-    for prefix, members in prefixes.items():
-        if len(members) == 1 and members[0] == prefix:
-            panels[prefix] = {prefix: prefix}
-        elif len(members) == 1:
-            panels[members[0]] = {members[0].rsplit("/", 1)[1]: members[0]}
-        else:
-            panels[prefix] = {
-                m.rsplit("/", 1)[1]: m for m in sorted(members, key=lambda t: _natural(t))
-            }
+    for tag in sorted(tags, key=_natural):
+        title, _, label = tag.rpartition("/")
+        panels.setdefault(title or tag, {})[label] = tag
     return panels
 
 
@@ -185,8 +181,12 @@ def _scalar_panels(tags: Sequence[str]) -> list[_Panel]:
 # ------------------------------------------------------------------------ rendering
 
 
-def _smooth(values: np.ndarray, weight: float = 0.8) -> np.ndarray:
-    """TensorBoard-style exponential moving average, debiased."""
+def _smooth(values: np.ndarray, weight: float | None = None) -> np.ndarray:
+    """TensorBoard-style exponential moving average, debiased. The default weight keeps the
+    lag near 2% of the run, so the smoothed line does not trail behind a short run."""
+    if weight is None:
+        lag = 0.02 * len(values)
+        weight = min(lag / (1 + lag), 0.95)
     out = np.empty_like(values)
     last, norm = 0.0, 0.0
     for i, v in enumerate(values):
@@ -205,8 +205,14 @@ def _colorful_dimension(hists: list[Histogram]) -> tuple[np.ndarray, float, floa
     grid = np.linspace(lo, hi, _IMAGE_BINS + 1)
     image = np.zeros((_IMAGE_BINS, len(hists)))
     for j, h in enumerate(hists):
-        centers = (h.edges[:-1] + h.edges[1:]) / 2
-        column, _ = np.histogram(centers, bins=grid, weights=h.counts)
+        # Each bin's mass spread evenly over its width: interpolate the cumulative counts
+        # at the common grid's edges, so no grid row is left empty between source bins.
+        # Zero-width bins (a constant tensor: zero biases, a dead layer) go in as points.
+        point = np.diff(h.edges) <= 0
+        cumulative = np.concatenate([[0.0], np.cumsum(np.where(point, 0.0, h.counts))])
+        column = np.diff(np.interp(grid, h.edges, cumulative))
+        if point.any():
+            column += np.histogram(h.edges[:-1][point], bins=grid, weights=h.counts[point])[0]
         total = column.sum()
         image[:, j] = column / total if total > 0 else column
     return image, lo, hi
@@ -252,7 +258,8 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
     flat = list(axes.flat)
     cmap = colormaps["viridis"]
 
-    types = logs.meta.get("modules") if isinstance(logs.meta.get("modules"), dict) else {}
+    modules = logs.meta.get("modules")
+    types: dict[str, str] = modules if isinstance(modules, dict) else {}
 
     def named(key: str) -> str:
         return f"{key} ({types[key]})" if key in types else key
@@ -270,17 +277,34 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
             else:
                 color = _split_color(tag, i)
             if panel.kind != "layers" and tag.startswith("final/"):
-                ax.plot(steps, values, linestyle="none", marker="*", markersize=11,
-                        color=color, markeredgecolor="black", markeredgewidth=0.5,
-                        label=label, zorder=3)
+                ax.plot(
+                    steps,
+                    values,
+                    linestyle="none",
+                    marker="*",
+                    markersize=11,
+                    color=color,
+                    markeredgecolor="black",
+                    markeredgewidth=0.5,
+                    label=label,
+                    zorder=3,
+                )
             elif panel.kind == "loss" and len(points) > 20:
                 ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
                 ax.plot(steps, _smooth(values), color=color, linewidth=1.6, label=label)
             else:
                 marker = "o" if len(points) <= 12 else None
                 dashed = panel.kind != "layers" and tag.startswith("epoch/")
-                ax.plot(steps, values, color=color, linewidth=1.4, label=named(label),
-                        marker=marker, markersize=3, linestyle="--" if dashed else "-")
+                ax.plot(
+                    steps,
+                    values,
+                    color=color,
+                    linewidth=1.4,
+                    label=named(label),
+                    marker=marker,
+                    markersize=3,
+                    linestyle="--" if dashed else "-",
+                )
         ax.set_title(panel.title, fontsize=11, fontweight="bold")
         ax.set_xlabel("training step", fontsize=9)
         ax.grid(alpha=0.3)
@@ -299,7 +323,7 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
             bar.set_label("layer (model order)", fontsize=7)
             bar.ax.tick_params(labelsize=6)
 
-    for ax, tag in zip(flat[len(panels):], shown_hists, strict=False):
+    for ax, tag in zip(flat[len(panels) :], shown_hists, strict=False):
         hists = logs.histograms[tag]
         image, lo, hi = _colorful_dimension(hists)
         first, last = hists[0].step, hists[-1].step
@@ -324,8 +348,7 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
 
     head, sub = _title(logs)
     height = fig.get_figheight()
-    fig.text(0.5, 1 - 0.12 / height, head, ha="center", va="top", fontsize=15,
-             fontweight="bold")
+    fig.text(0.5, 1 - 0.12 / height, head, ha="center", va="top", fontsize=15, fontweight="bold")
     if sub:
         fig.text(0.5, 1 - 0.5 / height, sub, ha="center", va="top", fontsize=9, color="0.25")
     footer = f"log dir: {logs.log_dir}"

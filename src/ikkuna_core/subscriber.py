@@ -218,8 +218,8 @@ def histogram_on_device(
     lo_all = torch.where(empty, zero, lo_all)
     hi_all = torch.where(empty, zero, hi_all)
     if range is not None:
-        lo = torch.tensor(float(range[0]), dtype=torch.float64, device=x.device)
-        hi = torch.tensor(float(range[1]), dtype=torch.float64, device=x.device)
+        lo = torch.full((), float(range[0]), dtype=torch.float64, device=x.device)
+        hi = torch.full((), float(range[1]), dtype=torch.float64, device=x.device)
     else:
         lo = lo_all.to(torch.float64)
         hi = hi_all.to(torch.float64)

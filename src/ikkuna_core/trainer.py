@@ -211,7 +211,12 @@ class HyperParameters:
             raise UsageError(f"the learning rate must be > 0, got {self.lr}")
         device = str(resolve_device(self.device))
         return replace(
-            self, model=model, dataset=dataset, optimizer=optimizer, init=init, lr=lr,
+            self,
+            model=model,
+            dataset=dataset,
+            optimizer=optimizer,
+            init=init,
+            lr=lr,
             device=device,
         )
 
@@ -313,9 +318,6 @@ def evaluate(
 
 # --------------------------------------------------------------------------- Trainer
 
-ProgressCallback = Callable[[dict[str, Any]], None]
-
-
 class Trainer:
     """Builds a run from :class:`HyperParameters` and an Ikkuna configuration, then trains.
 
@@ -325,7 +327,8 @@ class Trainer:
     ``progress=True`` shows a tqdm bar on stderr (``None``: only when stderr is a terminal).
     ``on_epoch`` is called with each :class:`EpochStats`.
 
-    Nothing is written until every name and option has been validated.
+    Nothing is written until every name and option has been validated. A Trainer runs
+    once: :meth:`run` closes its Exporter.
     """
 
     def __init__(
@@ -379,6 +382,7 @@ class Trainer:
         self.log_dir = Path(cfg.log_dir)
         self.steps = 0
         self.history: list[EpochStats] = []
+        self._last_test_accuracy: float | None = None
         self._write_hparams_text()
 
     # --------------------------------------------------------------- set-up
@@ -455,10 +459,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 if i % 10 == 0:  # one host synchronisation every ten steps, not every step
-                    bar.set_postfix(
-                        epoch=epoch, loss=f"{loss_sum.item() / seen:.3f}",
-                        acc=f"{correct.item() / seen:.3f}", refresh=False,
-                    )
+                    self._postfix(bar, epoch, loss_sum.item() / seen, correct.item() / seen)
         train_loss = loss_sum.item() / max(seen, 1)
         train_acc = correct.item() / max(seen, 1)
         test_acc, test_loss = self.evaluate(self.test_loader)
@@ -474,13 +475,23 @@ class Trainer:
         self._publish("epoch/accuracy", {"train": train_acc, "test": test_acc})
         self._publish("epoch/loss", {"train": train_loss, "test": test_loss})
         self.exporter.epoch_finished()
+        self._last_test_accuracy = test_acc
         if bar is not None:
-            bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}",
-                            test_acc=f"{test_acc:.3f}")
+            self._postfix(bar, epoch, train_loss, train_acc)
         self.history.append(stats)
         if self.on_epoch is not None:
             self.on_epoch(stats)
         return stats
+
+    def _postfix(self, bar: Any, epoch: int, loss: float, accuracy: float) -> None:
+        fields = {
+            "epoch": f"{epoch + 1}/{self.hparams.epochs}",
+            "loss": f"{loss:.3f}",
+            "acc": f"{accuracy:.3f}",
+        }
+        if self._last_test_accuracy is not None:
+            fields["test_acc"] = f"{self._last_test_accuracy:.3f}"
+        bar.set_postfix(ordered_dict=fields, refresh=False)
 
     def evaluate(self, loader: Iterable[Any]) -> tuple[float, float]:
         """(accuracy, loss) over ``loader``; publishes nothing and counts no step."""

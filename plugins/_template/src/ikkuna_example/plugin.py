@@ -1,0 +1,14 @@
+"""The module the entry point names: pluggy collects its ``@hookimpl`` functions."""
+
+from __future__ import annotations
+
+from ikkuna_core import Subscriber, hookimpl
+
+from .subscribers import MeanAbs
+
+
+@hookimpl
+def ikkuna_subscribers() -> list[type[Subscriber]]:
+    """The subscriber classes this plugin provides; a configuration refers to each by its
+    ``name``, which must not clash with another installed plugin's."""
+    return [MeanAbs]

@@ -1,0 +1,48 @@
+"""Tests for the template plugin. Run them after installing it:
+``pip install ./ikkuna-example && pytest``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ikkuna_example import MeanAbs
+from torch import nn
+
+import ikkuna_core
+from ikkuna_core.testing import MemoryBackend, train_steps
+
+
+def test_installed_entry_point_provides_the_subscriber() -> None:
+    registry = ikkuna_core.load_plugins(["example"])
+    assert registry.subscriber("mean_abs") is MeanAbs
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_values_match_numpy_on_real_gradients(power: float) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(10, 1, 4, 4), torch.randint(0, 3, (10,))
+    grads: list[dict[str, np.ndarray]] = []
+
+    def record(step: int) -> None:  # runs after each optimizer step: p.grad is this step's
+        grads.append({k: model.get_submodule(k).weight.grad.numpy().copy() for k in ("1", "3")})
+
+    backend = MemoryBackend()
+    exporter = train_steps(
+        model, [MeanAbs(power=power)], steps=3, inputs=x, targets=y, backend=backend,
+        on_step=record,
+    )
+    exporter.close()
+    for step, by_module in enumerate(grads):
+        for key, grad in by_module.items():
+            want = np.mean(np.abs(grad.astype(np.float64)) ** power)
+            got = backend.scalar(f"mean_abs/weight_gradients/{key}", step)
+            assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError):
+        MeanAbs(power=0)
+    with pytest.raises(ValueError):
+        MeanAbs(powr=2)

@@ -1,0 +1,168 @@
+"""The subscribers of the ``histograms`` plugin.
+
+Histograms are binned on the payload's device by
+:func:`ikkuna_core.histogram_on_device`; only the bin counts, the edges and a few statistics
+ever reach the host, when the backends flush. Nothing here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from pydantic import Field, field_validator
+
+from ikkuna_core import MessageBundle, Subscriber, SubscriberOptions
+
+__all__ = [
+    "DEAD_MODULE_TYPES",
+    "DeadFraction",
+    "DeadFractionOptions",
+    "Histogram",
+    "HistogramOptions",
+]
+
+#: Topics that carry no tensor, so there is nothing to bin.
+EVENT_TOPICS = frozenset({"batch_started", "batch_finished", "epoch_started", "epoch_finished"})
+
+#: Activation modules whose output is exactly zero on a whole half-line of inputs, where
+#: their gradient is zero too: a zero output there means the unit passes no gradient for that
+#: sample. LeakyReLU, PReLU, RReLU, ELU, GELU and SiLU are not here: they are never flat at
+#: zero (LeakyReLU exists precisely so that units cannot die).
+DEAD_MODULE_TYPES: tuple[str, ...] = ("ReLU", "ReLU6", "Threshold", "Hardsigmoid", "Hardswish")
+
+
+def _check_payload_topics(topics: list[str]) -> list[str]:
+    events = [t for t in topics if t in EVENT_TOPICS]
+    if events:
+        raise ValueError(f"topics {events} carry no tensor payload; choose data topics")
+    return topics
+
+
+def _payload(bundle: MessageBundle, topic: str) -> torch.Tensor:
+    x = bundle[topic]
+    if x is None:
+        raise ValueError(f"topic {topic!r} carries no tensor payload")
+    return x.detach()
+
+
+class HistogramOptions(SubscriberOptions):
+    bins: int = Field(default=64, ge=1, le=100_000, description="number of equal-width bins")
+    range: tuple[float, float] | None = Field(
+        default=None,
+        description="[low, high] of the bins; values outside are not counted. "
+        "Omitted: each histogram spans its finite min..max",
+    )
+    max_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="summarise a tensor with more entries by a fixed pseudo-random sample of "
+        "this many (cheaper for large activations; `num` then counts the sample). "
+        "Omitted: every entry is binned",
+    )
+
+    @field_validator("topics")
+    @classmethod
+    def _data_topics(cls, topics: list[str]) -> list[str]:
+        return _check_payload_topics(topics)
+
+    @field_validator("range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None:
+            low, high = value
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"range must be [low, high] with finite low < high, got {value}")
+        return value
+
+
+class Histogram(Subscriber):
+    """Histogram of every element of each subscribed topic, per module, written to the
+    backends' histogram channel (TensorBoard's histograms, the matplotlib backend's
+    "colorful dimension" images). NaN and infinite values are not binned; they are counted
+    in the record's ``nonfinite`` field. With ``max_samples``, tensors with more entries are
+    summarised by a fixed pseudo-random sample of their entries. Published as
+    ``histogram/<topic>``."""
+
+    name = "histogram"
+    Options = HistogramOptions
+    default_topics: ClassVar[tuple[str, ...]] = ("activations",)
+    options: HistogramOptions
+
+    def compute(self, bundle: MessageBundle) -> None:
+        values = _payload(bundle, bundle.topics[0])
+        self.publish_histogram(
+            bundle,
+            values,
+            bins=self.options.bins,
+            range=self.options.range,
+            max_samples=self.options.max_samples,
+        )
+
+
+class DeadFractionOptions(SubscriberOptions):
+    module_types: list[str] = Field(
+        default_factory=lambda: list(DEAD_MODULE_TYPES),
+        description="class names of the modules to report; an empty list reports every module",
+    )
+    units: bool = Field(
+        default=False,
+        description="also publish '<topic>/units': the fraction of units (indices along "
+        "unit_dim) that are zero for every sample and position of the batch",
+    )
+    unit_dim: int = Field(
+        default=1, ge=1, description="the unit dimension: channels of (N, C, ...) outputs"
+    )
+
+    @field_validator("topics")
+    @classmethod
+    def _data_topics(cls, topics: list[str]) -> list[str]:
+        return _check_payload_topics(topics)
+
+
+class DeadFraction(Subscriber):
+    """Fraction of exactly-zero values of each subscribed topic, per module: for the output
+    of a ReLU, the fraction of units that are dead for the batch's samples. By default only
+    modules of the types in :data:`DEAD_MODULE_TYPES` are reported (a zero output of a
+    Linear or Conv layer means nothing in particular); ``module_types = []`` reports every
+    module. With ``units = true`` it also publishes the fraction of units (channels) that
+    are zero for the whole batch, under ``dead_fraction/<topic>/units``.
+
+    Only activation modules the Exporter watches are seen: ``torch.nn.functional.relu``
+    inside a module's ``forward`` is not a module and cannot be reported on its own.
+    """
+
+    name = "dead_fraction"
+    Options = DeadFractionOptions
+    default_topics: ClassVar[tuple[str, ...]] = ("activations",)
+    options: DeadFractionOptions
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        self._types = frozenset(self.options.module_types)
+
+    def output_topics(self) -> list[str]:
+        topics = list(self.options.topics)
+        if self.options.publish_as:
+            topics = topics[:1]
+        out = [self._topic_for(t) for t in topics]
+        if self.options.units:
+            out += [self._topic_for(t, "units") for t in topics]
+        return out
+
+    def compute(self, bundle: MessageBundle) -> None:
+        if self._types and (bundle.module is None or bundle.module.type not in self._types):
+            return
+        x = _payload(bundle, bundle.topics[0])
+        n = x.numel()
+        if n == 0:
+            return
+        zeros = n - torch.count_nonzero(x)
+        self.publish_scalar(bundle, zeros.to(torch.float32) / n)
+        dim = self.options.unit_dim
+        if self.options.units and x.dim() > dim:
+            units = x.shape[dim]
+            alive = (x != 0).movedim(dim, 0).reshape(units, -1).any(dim=1)
+            dead = units - alive.sum()
+            self.publish_scalar(bundle, dead.to(torch.float32) / units, suffix="units")

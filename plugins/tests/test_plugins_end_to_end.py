@@ -1,0 +1,231 @@
+"""The issue's "done means": with ikkuna-norms, ikkuna-histograms and ikkuna-accuracy
+installed, one configuration enabling the three by name trains a small conv net on 1x8x8
+inputs and produces, read back from the TensorBoard event file, scalars and histograms of
+every subscriber they provide, plus the matplotlib figures."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+import ikkuna_core
+from ikkuna_core.backends.matplotlib import figure_path
+from ikkuna_core.testing import MemoryBackend
+
+CONFIG = """
+[ikkuna]
+plugins = ["norms", "histograms", "accuracy"]
+backends = ["tensorboard", "matplotlib"]
+log_dir = '{log_dir}'
+on_error = "raise"
+
+[[ikkuna.subscribers]]
+name = "norm"
+topics = ["weight_gradients", "weight_updates", "weights"]
+
+[[ikkuna.subscribers]]
+name = "ratio"
+topics = ["norm/weight_updates", "norm/weights"]
+
+[[ikkuna.subscribers]]
+name = "spectral_norm"
+
+[[ikkuna.subscribers]]
+name = "mean"
+topics = ["activations"]
+
+[[ikkuna.subscribers]]
+name = "variance"
+topics = ["activations"]
+
+[[ikkuna.subscribers]]
+name = "histogram"
+topics = ["activations", "weight_gradients", "weight_updates"]
+bins = 32
+
+[[ikkuna.subscribers]]
+name = "histogram"
+topics = ["weights"]
+bins = 20
+range = [-0.5, 0.5]
+
+[[ikkuna.subscribers]]
+name = "dead_fraction"
+units = true
+
+[[ikkuna.subscribers]]
+name = "train_accuracy"
+
+[[ikkuna.subscribers]]
+name = "test_accuracy"
+dataset = "digits"
+image_size = 8
+batch_size = 64
+max_batches = 2
+subsample = 2
+
+[[ikkuna.subscribers]]
+name = "loss"
+window = 3
+"""
+
+STEPS = 4
+MODULES = ["0", "1", "2", "3", "4", "5"]
+WEIGHTED = ["0", "3", "5"]
+RELUS = ["1", "4"]
+
+
+def test_three_plugins_enabled_by_name(tmp_path: Path) -> None:
+    from ikkuna_core.data import load_dataset
+
+    log_dir = tmp_path / "run"
+    config = tmp_path / "ikkuna.toml"
+    config.write_text(CONFIG.format(log_dir=log_dir.as_posix()))
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(256, 16),
+        nn.ReLU(),
+        nn.Linear(16, 10),
+    )
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+    digits = load_dataset("digits", train=False, image_size=8)
+    x_test = torch.stack([digits[i][0] for i in range(128)])
+    y_test = torch.tensor([int(digits[i][1]) for i in range(128)])
+
+    exporter = ikkuna_core.watch(model, nn.CrossEntropyLoss(), config=config)
+    assert sorted(exporter.registry.plugins[n].distribution for n in
+                  ("norms", "histograms", "accuracy")) == [
+        "ikkuna-accuracy", "ikkuna-histograms", "ikkuna-norms"
+    ]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected: dict[str, dict[int, float]] = {}
+    weights_seen: list[np.ndarray] = []
+
+    def expect(tag: str, step: int, value: float) -> None:
+        expected.setdefault(tag, {})[step] = float(value)
+
+    for step in range(STEPS):
+        before = {k: model.get_submodule(k).weight.detach().clone() for k in WEIGHTED}
+        optimizer.zero_grad()
+        out = model(x)
+        loss = exporter.loss_fn(out, y)
+        loss.backward()
+        optimizer.step()
+        expect("train_accuracy", step, (out.argmax(1) == y).float().mean())
+        expect("loss/loss", step, loss.detach())
+        for key in WEIGHTED:
+            module = model.get_submodule(key)
+            w = module.weight.detach()
+            update = w - before[key]
+            expect(f"norm/weight_gradients/{key}", step, module.weight.grad.norm())
+            expect(f"ratio/norm/weight_updates/norm/weights/{key}", step, update.norm() / w.norm())
+        weights_seen.append(model[5].weight.detach().numpy().copy())
+        if step % 2 == 0:
+            model.eval()
+            with torch.no_grad():
+                expect("test_accuracy", step, (model(x_test).argmax(1) == y_test).float().mean())
+            model.train()
+    exporter.close()
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    scalar_tags = set(acc.Tags()["scalars"])
+    histogram_tags = set(acc.Tags()["histograms"])
+
+    want_scalars = {"train_accuracy", "test_accuracy", "loss/loss", "loss/loss/running_mean"}
+    for key in WEIGHTED:
+        want_scalars |= {
+            f"norm/weight_gradients/{key}",
+            f"norm/weight_updates/{key}",
+            f"norm/weights/{key}",
+            f"ratio/norm/weight_updates/norm/weights/{key}",
+            f"spectral_norm/weights/{key}",
+        }
+    for key in MODULES:
+        want_scalars |= {f"mean/activations/{key}", f"variance/activations/{key}"}
+    for key in RELUS:
+        want_scalars |= {
+            f"dead_fraction/activations/{key}",
+            f"dead_fraction/activations/units/{key}",
+        }
+    assert scalar_tags == want_scalars
+
+    want_histograms = {f"histogram/activations/{k}" for k in MODULES}
+    for topic in ("weight_gradients", "weight_updates", "weights"):
+        want_histograms |= {f"histogram/{topic}/{k}" for k in WEIGHTED}
+    assert histogram_tags == want_histograms
+
+    for tag in scalar_tags:
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert steps == ([0, 2] if tag == "test_accuracy" else list(range(STEPS))), tag
+    for tag in histogram_tags:
+        assert [e.step for e in acc.Histograms(tag)] == list(range(STEPS)), tag
+
+    for tag, by_step in expected.items():
+        written = {e.step: e.value for e in acc.Scalars(tag)}
+        assert written == pytest.approx(by_step, rel=1e-5), tag
+    for step, weights in enumerate(weights_seen):
+        h = acc.Histograms("histogram/weights/5")[step].histogram_value
+        values = weights.astype(np.float64).ravel()
+        counts, edges = np.histogram(values, bins=20, range=(-0.5, 0.5))
+        # binned in float32: only a value within rounding of an edge may change bins
+        near = np.min(np.abs(values[:, None] - edges[None, :]), axis=1) <= 1e-6
+        assert np.abs(np.array(h.bucket) - counts).sum() <= 2 * np.count_nonzero(near)
+        assert h.num == values.size
+        np.testing.assert_allclose(h.bucket_limit, edges[1:], rtol=1e-9, atol=1e-12)
+
+    network = {"train_accuracy", "test_accuracy", "loss/loss", "loss/loss/running_mean"}
+    per_module = (scalar_tags | histogram_tags) - network
+    topics = network | {tag.rsplit("/", 1)[0] for tag in per_module}  # tag = topic/module
+    assert len(topics) == 17
+    for topic in topics:
+        png = figure_path(log_dir, topic)
+        assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG", topic
+
+
+def _records(background: bool, tmp_path: Path) -> tuple[list, list]:
+    config = tomllib.loads(CONFIG.format(log_dir=(tmp_path / "unused").as_posix()))["ikkuna"]
+    config.update(backends=[], background=background)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(256, 16),
+        nn.ReLU(), nn.Linear(16, 10),
+    )
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+    exporter = ikkuna_core.watch(model, nn.CrossEntropyLoss(), config=config)
+    assert exporter.bus.background is background
+    backend = exporter.bus.add_backend(MemoryBackend())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        exporter.loss_fn(model(x), y).backward()
+        optimizer.step()
+    exporter.close()
+    return backend.scalars, backend.histograms
+
+
+def test_background_worker_gives_the_same_results(tmp_path: Path) -> None:
+    """With ``background = true`` the subscribers run on the bus's worker thread (test
+    accuracy evaluates the model there); every value equals the inline run's."""
+    inline_scalars, inline_hists = _records(False, tmp_path)
+    bg_scalars, bg_hists = _records(True, tmp_path)
+    assert len(inline_scalars) == len(bg_scalars) > 100
+    key = lambda r: (r.step, r.tag)  # noqa: E731
+    for a, b in zip(sorted(inline_scalars, key=key), sorted(bg_scalars, key=key), strict=True):
+        assert (a.tag, a.step) == (b.tag, b.step)
+        assert a.value == pytest.approx(b.value, rel=1e-6, abs=1e-9), a.tag
+    assert len(inline_hists) == len(bg_hists) > 50
+    for a, b in zip(sorted(inline_hists, key=key), sorted(bg_hists, key=key), strict=True):
+        assert (a.tag, a.step) == (b.tag, b.step)
+        np.testing.assert_array_equal(a.counts, b.counts)

@@ -1,0 +1,135 @@
+"""Smoke tests of the overhead benchmark (benchmarks/overhead.py): every variant trains a
+step or two of the tiny MLP problem, the interleaving machinery writes a well-formed JSON
+report with finite ratios, and the soak mode samples memory."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "overhead.py"
+
+
+def _load_benchmark():
+    name = "ikkuna_benchmark_overhead"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_benchmark()
+
+
+@pytest.fixture(autouse=True)
+def _installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark needs the installed plugins (the core tests' conftest hides them)."""
+    monkeypatch.delenv("IKKUNA_PLUGINS", raising=False)
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@pytest.mark.parametrize("variant", list(bench.VARIANTS))
+def test_every_variant_trains_the_mlp(variant: str, tmp_path: Path) -> None:
+    try:
+        runner = bench.Runner(bench.PROBLEMS["mlp"], variant, torch.device("cpu"), tmp_path)
+    except bench.SkipVariant as exc:
+        pytest.skip(str(exc))
+    try:
+        before = [p.detach().clone() for p in runner.model.parameters()]
+        result = runner.run(2)
+        assert result["steps"] == [0, 1]
+        assert all(_finite(t) and t > 0 for t in result["times"])
+        after = list(runner.model.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+        memory = runner.memory()
+        assert memory["peak_rss_bytes"] > 0
+        assert memory["param_bytes"] == sum(p.numel() * 4 for p in after)
+        if variant in ("norms", "all", "all-sub10"):
+            # weight_updates: one preallocated copy of the weights, never more
+            assert 0 < memory["snapshot_bytes"] <= memory["weight_param_bytes"]
+    finally:
+        runner.close()
+    if variant != "plain" and not variant.startswith("cockpit"):
+        assert list(tmp_path.glob("**/events.out.tfevents.*")), "no TensorBoard log written"
+
+
+def test_phase_aware_step_time_counts_the_subsampled_step() -> None:
+    steps = list(range(40))
+    times = [10.0 if s % 10 == 0 else 1.0 for s in steps]
+    groups = bench._phase_groups(times, steps, 10)
+    assert len(groups) == 10
+    assert bench.step_time(groups) == pytest.approx(1.9)  # the median alone would say 1.0
+    plain = bench._phase_groups([1.0] * 40, steps, 1)
+    lo, hi = bench.bootstrap_ratio(groups, plain)
+    assert lo == pytest.approx(1.9) and hi == pytest.approx(1.9)
+
+
+def test_quick_run_writes_a_well_formed_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    variants = ["plain", "exporter", "all-sub10"]
+    result = bench.main(
+        [
+            "--problems",
+            "mlp",
+            "--quick",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--variants",
+            ",".join(variants),
+        ]
+    )
+    saved = json.loads(out.read_text())
+    assert saved["problems"].keys() == {"mlp"}
+    assert saved["machine"]["device"] == "cpu"
+    assert {"cpu_count", "torch", "packages"} <= saved["machine"].keys()
+    mlp = saved["problems"]["mlp"]
+    assert (mlp["warmup"], mlp["steps"], mlp["rounds"]) == (1, 2, 1)
+    assert list(mlp["variants"]) == variants
+    for name, entry in mlp["variants"].items():
+        if entry["status"] == "skipped":  # e.g. a plugin not installed here
+            assert entry["reason"]
+            continue
+        assert entry["status"] == "ok", entry
+        assert entry["n_steps"] == 2
+        for key in ("step_ms", "median_ms", "ratio", "peak_rss_bytes"):
+            assert _finite(entry[key]) and entry[key] > 0, (name, key, entry[key])
+        assert all(_finite(x) for x in entry["ratio_ci90"])
+    assert mlp["variants"]["plain"]["ratio"] == pytest.approx(1.0)
+    assert saved["targets"] and all(_finite(t["ratio"]) for t in saved["targets"])
+    assert result["problems"]["mlp"]["variants"].keys() == mlp["variants"].keys()
+    table = capsys.readouterr().out
+    assert "| problem | variant | ms/step |" in table
+    assert "| mlp | exporter |" in table
+
+
+def test_soak_samples_memory_and_the_snapshot() -> None:
+    try:
+        result = bench.soak(steps=20, every=5)
+    except bench.SkipVariant as exc:
+        pytest.skip(str(exc))
+    assert [s["step"] for s in result["samples"]] == [0, 5, 10, 15, 20]
+    assert all(s["rss_bytes"] > 0 and s["live_tensors"] > 0 for s in result["samples"])
+    assert _finite(result["slope_rss_bytes_per_1000_steps"])
+    assert _finite(result["slope_live_tensors_per_1000_steps"])
+    assert 0 < result["snapshot_over_params"] <= 1
+    assert np.isfinite(result["median_step_ms"])
+    assert "parameter snapshot" in bench.soak_markdown(result)
