@@ -8,13 +8,13 @@ import collections
 
 import pytest
 import torch
-from ikkuna_accuracy import Loss, TestAccuracy, TrainAccuracy
-from ikkuna_histograms import DeadFraction, Histogram
-from ikkuna_norms import Mean, Norm, Ratio, SpectralNorm, Variance
 from torch import nn
 
+from ikkuna_accuracy import Loss, TestAccuracy, TrainAccuracy
 from ikkuna_core import Exporter, MessageBundle, MessageBus, Subscriber
 from ikkuna_core.testing import MemoryBackend
+from ikkuna_histograms import DeadFraction, Histogram
+from ikkuna_norms import Mean, Norm, Ratio, SpectralNorm, Variance
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ikkuna_example import MeanAbs
 from torch import nn
 
 import ikkuna_core
 from ikkuna_core.testing import MemoryBackend, train_steps
+from ikkuna_example import MeanAbs
 
 
 def test_installed_entry_point_provides_the_subscriber() -> None:

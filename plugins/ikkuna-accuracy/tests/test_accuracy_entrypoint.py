@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ikkuna_accuracy import Loss, TestAccuracy, TrainAccuracy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 import ikkuna_core
+from ikkuna_accuracy import Loss, TestAccuracy, TrainAccuracy
 from ikkuna_core.backends.matplotlib import figure_path
 
 

@@ -8,10 +8,10 @@ import collections
 import numpy as np
 import pytest
 import torch
-from ikkuna_accuracy import Loss, TestAccuracy, TrainAccuracy, correct_and_total
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ikkuna_accuracy import Loss, TestAccuracy, TrainAccuracy, correct_and_total
 from ikkuna_core import Exporter, MessageBundle, MessageBus, Subscriber
 from ikkuna_core.testing import MemoryBackend, train_steps
 

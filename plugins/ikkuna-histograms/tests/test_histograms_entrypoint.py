@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ikkuna_histograms import DeadFraction, Histogram
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 import ikkuna_core
 from ikkuna_core.backends.matplotlib import figure_path
+from ikkuna_histograms import DeadFraction, Histogram
 
 
 def test_entry_point_is_installed_and_loads_by_name() -> None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ikkuna_histograms import DEAD_MODULE_TYPES, DeadFraction, Histogram
 from torch import nn
 
 from ikkuna_core.testing import MemoryBackend, train_steps
+from ikkuna_histograms import DEAD_MODULE_TYPES, DeadFraction, Histogram
 
 
 class Recorder:

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ikkuna_norms import Mean, Norm, Ratio, SpectralNorm, Variance
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 import ikkuna_core
 from ikkuna_core.backends.matplotlib import figure_path
+from ikkuna_norms import Mean, Norm, Ratio, SpectralNorm, Variance
 
 SUBSCRIBERS = {
     "norm": Norm,

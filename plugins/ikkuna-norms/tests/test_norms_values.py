@@ -10,11 +10,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from ikkuna_norms import Mean, Norm, Ratio, SpectralNorm, Variance
 from torch import nn
 
 from ikkuna_core import MessageBus, UnknownTopicError
 from ikkuna_core.testing import MemoryBackend, train_steps
+from ikkuna_norms import Mean, Norm, Ratio, SpectralNorm, Variance
 
 STEPS = 3
 
