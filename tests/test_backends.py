@@ -99,14 +99,16 @@ def test_matplotlib_redraws_as_training_goes(tmp_path):
     rec = lambda step: ik.backends.ScalarRecord(  # noqa: E731
         topic="loss", key=None, tag="loss", step=step, value=1.0 / (step + 1)
     )
-    backend.write_scalars([rec(0)])
-    backend.flush()
     path = figure_path(tmp_path, "loss")
-    first = path.stat().st_mtime_ns
-    backend.write_scalars([rec(5)])
-    backend.flush()  # fewer than plot_every steps: not redrawn
-    assert path.stat().st_mtime_ns == first
+    backend.write_scalars([rec(0), rec(5)])
+    backend.flush()  # fewer than plot_every steps: not drawn yet
+    assert not path.exists()
     backend.write_scalars([rec(10)])
     backend.flush()
-    assert path.stat().st_mtime_ns >= first
-    assert backend._last_draw == 10
+    assert path.exists() and backend._last_draw == 10
+    first = path.stat().st_mtime_ns
+    backend.write_scalars([rec(11)])
+    backend.flush()
+    assert path.stat().st_mtime_ns == first
+    backend.close()  # close always draws what is new
+    assert backend._last_draw == 11

@@ -12,6 +12,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from importlib.metadata import EntryPoint, version
 from pathlib import Path
 
@@ -45,6 +46,15 @@ QUICKSTART_TAGS = {
 def _installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests use the installed plugins (the suite's conftest hides them)."""
     monkeypatch.delenv("IKKUNA_PLUGINS", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models train fastest on one thread, and parallel test workers share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def needs(*plugins: str) -> pytest.MarkDecorator:
@@ -307,6 +317,8 @@ def test_hyperparameter_options_reach_the_run(tmp_path: Path) -> None:
         log_dir,
         "--no-report",
         "-V",
+        "--threads",
+        2,
     )
     assert code == 0, err
     hp = json.loads((log_dir / "run.json").read_text())["hparams"]
@@ -324,8 +336,10 @@ def test_hyperparameter_options_reach_the_run(tmp_path: Path) -> None:
         "data_dir": str(tmp_path / "data"),
         "download": True,
         "num_workers": 0,
+        "threads": 2,
     }
     assert json.loads((log_dir / "run.json").read_text())["steps"] == 2 * 15  # 1437 / 100
+    assert torch.get_num_threads() == 2
     # -V: the plan and one line per epoch
     assert "hyper-parameters: model=FullyConnected" in out
     assert len(re.findall(r"^epoch\s+\d+\s+step\s+\d+\s+loss", out, flags=re.M)) == 2
@@ -380,6 +394,7 @@ def test_train_defaults_and_help() -> None:
         "--device",
         "--data-dir",
         "--max-steps",
+        "--threads",
     ):
         assert re.search(rf"(^|[\s,\[]){re.escape(option)}\b", out), option
     code, out, _ = run_cli("--help")
@@ -656,6 +671,7 @@ def test_plain_pytorch_example(tmp_path: Path) -> None:
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "IKKUNA_PLUGINS"}
     env["PYTHONWARNINGS"] = "ignore"
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 

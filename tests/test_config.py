@@ -112,6 +112,10 @@ def test_watch_builds_the_run_from_toml(tmp_path, registry):
         ({"backends": ["tensorbored"]},
          r"backends\[0\]: unknown backend 'tensorbored'; available: matplotlib, tensorboard"),
         ({"include": ["Conv9d"]}, r"include: 'Conv9d' is not a torch.nn module class"),
+        ({"backends": ["matplotlib"], "backend_options": {"matplotlib": {"plot_evry": 5}}},
+         r"backend_options\.matplotlib: got an unexpected keyword argument 'plot_evry'"),
+        ({"backend_options": {"matplotlib": {"plot_every": 5}}},
+         r"backend_options: \['matplotlib'\] are not in ikkuna.backends \['tensorboard'\]"),
     ],
 )
 def test_watch_errors_leave_nothing_behind(tmp_path, registry, config, expected):

@@ -7,6 +7,7 @@ finds those of any installed plugin.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import shutil
 import subprocess
@@ -42,7 +43,9 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def installed(plugin_site: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.syspath_prepend(str(plugin_site))
+    # (not monkeypatch.syspath_prepend: it imports pkg_resources when another test did)
+    monkeypatch.setattr(sys, "path", [str(plugin_site), *sys.path])
+    importlib.invalidate_caches()
     monkeypatch.delenv("IKKUNA_PLUGINS", raising=False)
     yield plugin_site
     for name in [m for m in sys.modules if m.startswith(("ikkuna_testplugin", "ikkuna_bad"))]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,15 @@ INSTALLED = {ep.name for ep in installed_entry_points()}
 def _installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests use the installed plugins (the suite's conftest hides them)."""
     monkeypatch.delenv("IKKUNA_PLUGINS", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models train fastest on one thread, and parallel test workers share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def needs(*plugins: str) -> pytest.MarkDecorator:

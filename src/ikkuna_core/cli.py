@@ -222,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)",
     )
+    o.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; 1 is often fastest for small "
+        "models and on a busy machine)",
+    )
     w = train.add_argument_group("what Ikkuna watches")
     w.add_argument(
         "--config",
@@ -457,6 +464,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             init=args.init,
             max_steps=args.max_steps,
             data_dir=args.data_dir,
+            threads=args.threads,
         ).resolved()
     except UsageError as exc:
         raise CLIError(_one_line(str(exc))) from None

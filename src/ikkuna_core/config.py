@@ -53,6 +53,10 @@ class IkkunaConfig(BaseModel):
         default=None, description="entry-point names to enable; None enables every installed one"
     )
     backends: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    backend_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="keyword options per backend, e.g. {matplotlib = {plot_every = 100}}",
+    )
     log_dir: Path = Path("runs/ikkuna")
     depth: int = Field(default=-1, ge=-1, description="-1: leaf modules; d >= 1: d levels down")
     include: list[str] | None = Field(

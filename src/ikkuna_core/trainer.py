@@ -172,7 +172,8 @@ class HyperParameters:
     """Everything that defines a training run besides the Ikkuna configuration.
 
     ``lr=None`` takes the optimizer's :data:`DEFAULT_LR`; ``device=None`` takes
-    :func:`default_device`; ``max_steps`` stops training after that many steps in total.
+    :func:`default_device`; ``max_steps`` stops training after that many steps in total;
+    ``threads`` sets torch's CPU threads (process-wide; ``None`` keeps torch's choice).
     """
 
     model: str = "FullyConnected"
@@ -188,6 +189,7 @@ class HyperParameters:
     data_dir: str = "data"
     download: bool = True
     num_workers: int = 0
+    threads: int | None = None
 
     def resolved(self) -> HyperParameters:
         """A copy with canonical names, the learning rate and device filled in; raises
@@ -204,6 +206,7 @@ class HyperParameters:
             ("number of epochs", self.epochs, 1),
             ("max steps", self.max_steps, 1),
             ("num workers", self.num_workers, 0),
+            ("number of threads", self.threads, 1),
         ):
             if value is not None and int(value) < low:
                 raise UsageError(f"the {what} must be >= {low}, got {value}")
@@ -318,6 +321,7 @@ def evaluate(
 
 # --------------------------------------------------------------------------- Trainer
 
+
 class Trainer:
     """Builds a run from :class:`HyperParameters` and an Ikkuna configuration, then trains.
 
@@ -355,6 +359,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
 
+        if hp.threads is not None:
+            torch.set_num_threads(hp.threads)
         seed_everything(hp.seed)
         self.train_loader, self.test_loader, self.data_info = make_loaders(
             hp.dataset,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -66,15 +68,26 @@ def watch(
     backend_classes = []
     for i, name in enumerate(cfg.backends):
         try:
-            backend_classes.append(registry.backend(name))
+            backend_cls = registry.backend(name)
+            inspect.signature(backend_cls).bind(
+                log_dir=cfg.log_dir, **cfg.backend_options.get(name, {})
+            )
         except PluginError as exc:
             raise ConfigError(f"{source}: ikkuna.backends[{i}]: {exc}") from None
+        except TypeError as exc:
+            raise ConfigError(f"{source}: ikkuna.backend_options.{name}: {exc}") from None
+        backend_classes.append(backend_cls)
+    unused = sorted(set(cfg.backend_options) - set(cfg.backends))
+    if unused:
+        raise ConfigError(
+            f"{source}: ikkuna.backend_options: {unused} are not in ikkuna.backends {cfg.backends}"
+        )
 
     exporter.set_model(model)
     if loss_fn is not None:
         exporter.set_loss(loss_fn)
-    for backend_cls in backend_classes:
-        bus.add_backend(backend_cls(log_dir=cfg.log_dir))
+    for name, backend_cls in zip(cfg.backends, backend_classes, strict=True):
+        bus.add_backend(backend_cls(log_dir=cfg.log_dir, **cfg.backend_options.get(name, {})))
     exporter.config = cfg
     exporter.registry = registry
     exporter._on_close.append(lambda: registry.hook.ikkuna_run_finished(exporter=exporter))
