@@ -262,7 +262,8 @@ class MessageBus:
             if worker is None:
                 worker = self._worker = _Worker()
             if not worker.is_current():
-                if message.topic == "activations":  # an in-place op may follow the module
+                if message.topic == "activations" and isinstance(message, ModuleMessage):
+                    # an in-place op (ReLU) may follow the module before the worker runs
                     message = message.model_copy(update={"data": message.data.clone()})
                 worker.submit(self._dispatch, message, subs)
                 return
