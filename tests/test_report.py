@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ikkuna_core.backends.matplotlib import colorful_dimension
 from ikkuna_core.report import (
     MAX_HISTOGRAM_PANELS,
     ReportError,
-    _colorful_dimension,
     _scalar_panels,
     find_run_dir,
     load_run,
@@ -171,7 +171,7 @@ def test_colorful_dimension_keeps_each_steps_mass() -> None:
         Histogram(0, np.array([0.0, 1.0, 2.0]), np.array([3.0, 1.0])),
         Histogram(1, np.array([-2.0, 0.0, 2.0, 4.0]), np.array([0.0, 5.0, 5.0])),
     ]
-    image, lo, hi = _colorful_dimension(hists)
+    image, lo, hi = colorful_dimension(hists)
     assert (lo, hi) == (-2.0, 4.0)
     assert image.shape == (64, 2)
     assert image.sum(axis=0) == pytest.approx([1.0, 1.0])
@@ -180,7 +180,7 @@ def test_colorful_dimension_keeps_each_steps_mass() -> None:
     inside = (grid[:-1] >= 0) & (grid[1:] <= 1 + 1e-9)
     assert image[inside, 0].sum() == pytest.approx(0.75 * 0.9375)  # [0.0625, 1] of [0, 1]
     # a constant tensor (all-zero biases): every bin has zero width, the mass is a point
-    flat, lo, hi = _colorful_dimension([Histogram(0, np.zeros(4), np.array([0.0, 0.0, 7.0]))])
+    flat, lo, hi = colorful_dimension([Histogram(0, np.zeros(4), np.array([0.0, 0.0, 7.0]))])
     assert flat.sum() == pytest.approx(1.0)
     assert hi > lo
     # step 0's mass lies in [0, 2]: rows of the common grid below 0 are empty

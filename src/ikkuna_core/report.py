@@ -28,12 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from .backends.matplotlib import colorful_dimension
+
 __all__ = ["ReportError", "RunLogs", "find_run_dir", "load_run", "make_report", "render_dashboard"]
 
 EVENT_GLOB = "events.out.tfevents.*"
 #: At most this many histogram images are drawn; the rest are named in the footer.
 MAX_HISTOGRAM_PANELS = 12
-_IMAGE_BINS = 64
 _COLUMNS = 3
 
 
@@ -196,28 +197,6 @@ def _smooth(values: np.ndarray, weight: float | None = None) -> np.ndarray:
     return out
 
 
-def _colorful_dimension(hists: list[Histogram]) -> tuple[np.ndarray, float, float]:
-    """Re-bin every step's histogram onto one common grid: rows are values, columns steps."""
-    lo = min(float(h.edges[0]) for h in hists)
-    hi = max(float(h.edges[-1]) for h in hists)
-    if not hi > lo:
-        hi = lo + 1.0
-    grid = np.linspace(lo, hi, _IMAGE_BINS + 1)
-    image = np.zeros((_IMAGE_BINS, len(hists)))
-    for j, h in enumerate(hists):
-        # Each bin's mass spread evenly over its width: interpolate the cumulative counts
-        # at the common grid's edges, so no grid row is left empty between source bins.
-        # Zero-width bins (a constant tensor: zero biases, a dead layer) go in as points.
-        point = np.diff(h.edges) <= 0
-        cumulative = np.concatenate([[0.0], np.cumsum(np.where(point, 0.0, h.counts))])
-        column = np.diff(np.interp(grid, h.edges, cumulative))
-        if point.any():
-            column += np.histogram(h.edges[:-1][point], bins=grid, weights=h.counts[point])[0]
-        total = column.sum()
-        image[:, j] = column / total if total > 0 else column
-    return image, lo, hi
-
-
 def _title(logs: RunLogs) -> tuple[str, str]:
     meta = logs.meta
     hp = meta.get("hparams", {})
@@ -325,7 +304,7 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
 
     for ax, tag in zip(flat[len(panels) :], shown_hists, strict=False):
         hists = logs.histograms[tag]
-        image, lo, hi = _colorful_dimension(hists)
+        image, lo, hi = colorful_dimension(hists)
         first, last = hists[0].step, hists[-1].step
         ax.imshow(
             np.log1p(image * 1000.0),

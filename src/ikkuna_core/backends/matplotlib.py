@@ -13,12 +13,13 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from .base import Backend, HistogramRecord, ScalarRecord
 
-__all__ = ["MatplotlibBackend", "figure_path"]
+__all__ = ["MatplotlibBackend", "colorful_dimension", "figure_path"]
 
 _MAX_LEGEND = 12
 _IMAGE_BINS = 64
@@ -112,10 +113,10 @@ class MatplotlibBackend(Backend):
         rows = math.ceil(n / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), dpi=90, squeeze=False)
         for ax, (key, hists) in zip(axes.flat, series.items(), strict=False):
-            image, lo, hi = _colorful_dimension(hists)
+            image, lo, hi = colorful_dimension(hists)
             steps = [h.step for h in hists]
             ax.imshow(
-                np.log1p(image),
+                np.log1p(image * 1000.0),
                 aspect="auto",
                 origin="lower",
                 extent=(min(steps), max(steps) + 1, lo, hi),
@@ -140,9 +141,17 @@ class MatplotlibBackend(Backend):
         return path
 
 
-def _colorful_dimension(hists: list[HistogramRecord]) -> tuple[np.ndarray, float, float]:
-    """Re-bin each step's histogram onto one common value grid: rows are values, columns
-    steps."""
+class _Bins(Protocol):
+    @property
+    def edges(self) -> np.ndarray: ...
+    @property
+    def counts(self) -> np.ndarray: ...
+
+
+def colorful_dimension(hists: Sequence[_Bins]) -> tuple[np.ndarray, float, float]:
+    """The "colorful dimension" image of a histogram series: every step's histogram re-binned
+    onto one common value grid (rows are values, columns steps), each column normalised to
+    fractions. Returns the image and the grid's value range."""
     lo = min(float(h.edges[0]) for h in hists)
     hi = max(float(h.edges[-1]) for h in hists)
     if not hi > lo:
@@ -150,6 +159,14 @@ def _colorful_dimension(hists: list[HistogramRecord]) -> tuple[np.ndarray, float
     grid = np.linspace(lo, hi, _IMAGE_BINS + 1)
     image = np.zeros((_IMAGE_BINS, len(hists)))
     for j, h in enumerate(hists):
-        centers = (h.edges[:-1] + h.edges[1:]) / 2
-        image[:, j], _ = np.histogram(centers, bins=grid, weights=h.counts)
+        # Each bin's mass spread evenly over its width: interpolate the cumulative counts
+        # at the common grid's edges, so no grid row is left empty between source bins.
+        # Zero-width bins (a constant tensor: zero biases, a dead layer) go in as points.
+        point = np.diff(h.edges) <= 0
+        cumulative = np.concatenate([[0.0], np.cumsum(np.where(point, 0.0, h.counts))])
+        column = np.diff(np.interp(grid, h.edges, cumulative))
+        if point.any():
+            column += np.histogram(h.edges[:-1][point], bins=grid, weights=h.counts[point])[0]
+        total = column.sum()
+        image[:, j] = column / total if total > 0 else column
     return image, lo, hi
