@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -77,11 +78,13 @@ class Problem:
 
 
 PROBLEMS: dict[str, Problem] = {
-    "3c3d": Problem("3c3d", "3c3d", (3, 32, 32), 128, "random", warmup=2, steps=4, rounds=5),
+    # Short turns (1-2 steps of ResNet/3c3d) so that a busy spell of a shared machine hits
+    # every variant alike; steps x rounds >= 10 so that subsample=10 work is measured.
+    "3c3d": Problem("3c3d", "3c3d", (3, 32, 32), 128, "random", warmup=2, steps=2, rounds=8),
     "resnet18": Problem(
-        "resnet18", "ResNet18", (3, 32, 32), 32, "random", warmup=2, steps=3, rounds=4
+        "resnet18", "ResNet18", (3, 32, 32), 32, "random", warmup=2, steps=1, rounds=12
     ),
-    "mlp": Problem("mlp", "FullyConnected", (1, 28, 28), 128, "digits", 10, 20, 10),
+    "mlp": Problem("mlp", "FullyConnected", (1, 28, 28), 128, "digits", 10, 10, 12),
 }
 QUICK = {"warmup": 1, "steps": 2, "rounds": 1}
 
@@ -92,28 +95,54 @@ ACCURACY = {"name": "train_accuracy"}
 LOSS = {"name": "loss"}
 ALL = [NORMS, HISTOGRAMS, ACCURACY, LOSS]
 
-#: Ikkuna variants: (plugins to enable, subscriber entries of the run configuration).
-IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]]]] = {
-    "exporter": ([], []),
-    "norms": (["norms"], [NORMS]),
-    "histograms": (["histograms"], [HISTOGRAMS]),
-    "all": (["norms", "histograms", "accuracy"], ALL),
-    "all-sub10": (["norms", "histograms", "accuracy"], [{**s, "subsample": 10} for s in ALL]),
+#: Ikkuna variants: (plugins to enable, subscriber entries, other keys of the configuration).
+IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]]] = {
+    "exporter": ([], [], {}),
+    "norms": (["norms"], [NORMS], {}),
+    "histograms": (["histograms"], [HISTOGRAMS], {}),
+    "all": (["norms", "histograms", "accuracy"], ALL, {}),
+    "all-sub10": (["norms", "histograms", "accuracy"], [{**s, "subsample": 10} for s in ALL], {}),
+    "all-bg": (["norms", "histograms", "accuracy"], ALL, {"background": True}),
 }
+
+
+def ikkuna_config(
+    variant: str, log_dir: Path, histogram_max_samples: int | None = None
+) -> dict[str, Any]:
+    """The run configuration (the ``[ikkuna]`` table) of an Ikkuna variant."""
+    plugins, subscribers, extra = IKKUNA_VARIANTS[variant]
+    if histogram_max_samples is not None:
+        subscribers = [
+            {**s, "max_samples": histogram_max_samples} if s["name"] == "histogram" else s
+            for s in subscribers
+        ]
+    return {
+        "plugins": plugins,
+        "backends": ["tensorboard"],
+        "log_dir": str(log_dir),
+        "subscribers": subscribers,
+        "on_error": "raise",
+        **extra,
+    }
+
 
 VARIANTS: dict[str, str] = {
     "plain": "plain training: zero_grad, forward, loss, backward, SGD step",
+    "plain-again": "plain again, in its own worker: an A/A control, its ratio is the noise floor",
     "exporter": "ikkuna watch() attached, no subscriber (TensorBoard backend open)",
     "norms": "ikkuna: norm (L2) of weight_gradients, weights, weight_updates -> TensorBoard",
     "histograms": "ikkuna: histogram (64 bins) of activations and weight_gradients -> TensorBoard",
     "all": "ikkuna: norms + histograms as above + train_accuracy + loss, every step",
     "all-sub10": "ikkuna: as 'all', subsample=10 on every subscriber",
+    "all-bg": "ikkuna: as 'all', background=true (metrics on a background thread)",
     "tb-norms": "hand-written SummaryWriter: add_scalar of grad/weight/update norms per weight",
     "tb-all": "hand-written: tb-norms + add_histogram of weight grads and leaf activations"
     " + loss + train accuracy",
     "cockpit-norms": "Cockpit: GradNorm, UpdateSize, Distance every step",
     "cockpit-all": "Cockpit: GradNorm, UpdateSize, Distance, GradHist1d every step",
 }
+#: Run by default; the others only when named in --variants.
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "all-bg"]
 PERIOD = {"all-sub10": 10}
 
 #: (ikkuna variant, reference variant) pairs doing comparable work.
@@ -213,13 +242,22 @@ class SkipVariant(Exception):
 class Runner:
     """One variant of one problem: builds everything, then times one training step at a time."""
 
-    def __init__(self, problem: Problem, variant: str, device: torch.device, log_dir: Path) -> None:
+    def __init__(
+        self,
+        problem: Problem,
+        variant: str,
+        device: torch.device,
+        log_dir: Path,
+        *,
+        histogram_max_samples: int | None = None,
+    ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
         self.problem = problem
         self.variant = variant
         self.device = device
         self.log_dir = log_dir
+        self.histogram_max_samples = histogram_max_samples
         self.batches = make_batches(problem, device)
         self.model = make_model(problem, device)
         self.loss_fn: nn.Module = nn.CrossEntropyLoss()
@@ -245,14 +283,7 @@ class Runner:
     def _setup_ikkuna(self) -> None:
         from ikkuna_core import PluginError, watch
 
-        plugins, subscribers = IKKUNA_VARIANTS[self.variant]
-        config = {
-            "plugins": plugins,
-            "backends": ["tensorboard"],
-            "log_dir": str(self.log_dir),
-            "subscribers": subscribers,
-            "on_error": "raise",
-        }
+        config = ikkuna_config(self.variant, self.log_dir, self.histogram_max_samples)
         try:
             self.exporter = watch(self.model, self.loss_fn, config)
         except PluginError as exc:
@@ -343,23 +374,28 @@ class Runner:
             loss.backward(create_graph=self.cockpit.create_graph(step))
         self.optimizer.step()
 
-    def step(self) -> float:
-        """Run one training step; its wall time in seconds."""
+    def step(self) -> tuple[float, float]:
+        """Run one training step; its wall time and the CPU time of this process (all
+        threads) in seconds."""
         x, y = self.batches[self.step_index % len(self.batches)]
         _sync(self.device)
+        cpu = time.process_time()
         start = time.perf_counter()
         self._step(x, y)
         _sync(self.device)
         elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu
         self.step_index += 1
-        return elapsed
+        return elapsed, cpu
 
     def run(self, n: int) -> dict[str, list[Any]]:
-        steps, times = [], []
+        steps, times, cpu_times = [], [], []
         for _ in range(n):
             steps.append(self.step_index)
-            times.append(self.step())
-        return {"steps": steps, "times": times}
+            wall, cpu = self.step()
+            times.append(wall)
+            cpu_times.append(cpu)
+        return {"steps": steps, "times": times, "cpu_times": cpu_times}
 
     # ---------------------------------------------------------------- memory, close
     def memory(self) -> dict[str, Any]:
@@ -409,9 +445,17 @@ def worker_main(spec: dict[str, Any]) -> None:
     os.environ.pop("IKKUNA_PLUGINS", None)  # the benchmark enables exactly the plugins it needs
     device = torch.device(spec["device"])
     problem = PROBLEMS[spec["problem"]]
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
     start = time.perf_counter()
     try:
-        runner = Runner(problem, spec["variant"], device, Path(spec["log_dir"]))
+        runner = Runner(
+            problem,
+            spec["variant"],
+            device,
+            Path(spec["log_dir"]),
+            histogram_max_samples=spec.get("histogram_max_samples"),
+        )
     except SkipVariant as exc:
         _reply({"status": "skipped", "reason": str(exc)})
         return
@@ -424,6 +468,7 @@ def worker_main(spec: dict[str, Any]) -> None:
             "setup_s": time.perf_counter() - start,
             "ready_rss_bytes": current_rss_bytes(),
             "hooks": None if runner.exporter is None else runner.exporter.hook_count,
+            "torch_threads": torch.get_num_threads(),
         }
     )
     for line in sys.stdin:
@@ -447,18 +492,25 @@ class Worker:
     """The parent's handle on one worker process."""
 
     def __init__(
-        self, problem: str, variant: str, device: str, work_dir: Path, python: str
+        self,
+        problem: str,
+        variant: str,
+        work_dir: Path,
+        python: str,
+        options: dict[str, Any],
+        replica: int = 0,
     ) -> None:
         self.variant = variant
+        self.replica = replica
         self.status = "starting"
         self.reason = ""
         self.info: dict[str, Any] = {}
-        self.stderr_path = work_dir / f"{problem}-{variant}.stderr"
+        self.stderr_path = work_dir / f"{problem}-{variant}-{replica}.stderr"
         spec = {
             "problem": problem,
             "variant": variant,
-            "device": device,
-            "log_dir": str(work_dir / f"{problem}-{variant}"),
+            "log_dir": str(work_dir / f"{problem}-{variant}-{replica}"),
+            **options,
         }
         self._stderr = self.stderr_path.open("w")
         self.proc = subprocess.Popen(
@@ -536,17 +588,26 @@ def run_problem(
     problem: Problem,
     variants: Sequence[str],
     *,
-    device: str,
     warmup: int,
     steps: int,
     rounds: int,
     work_dir: Path,
+    options: dict[str, Any],
+    replicas: int = 1,
     python: str = sys.executable,
 ) -> dict[str, Any]:
-    """Time every variant of ``problem``, interleaved; the raw per-step results."""
-    log(f"[{problem.name}] starting {len(variants)} workers ({problem.describe()})")
+    """Time every variant of ``problem``, interleaved; the raw per-step results.
+    ``options`` go to every worker: ``device``, ``threads``, ``histogram_max_samples``.
+    With ``replicas`` > 1 each variant runs in that many worker processes, each taking its
+    own turns, and their steps are pooled."""
+    n = len(variants) * replicas
+    log(f"[{problem.name}] starting {n} workers ({problem.describe()})")
     started = time.perf_counter()
-    workers = [Worker(problem.name, v, device, work_dir, python) for v in variants]
+    workers = [
+        Worker(problem.name, v, work_dir, python, options, k)
+        for k in range(replicas)
+        for v in variants
+    ]
     try:
         for w in workers:
             w.wait_ready()
@@ -554,14 +615,18 @@ def run_problem(
                 log(f"[{problem.name}] {w.variant}: {w.status}: {w.reason}")
         live = [w for w in workers if w.status == "ready"]
         samples: dict[str, dict[str, list[Any]]] = {
-            w.variant: {"steps": [], "times": [], "rounds": []} for w in live
+            w.variant: {"steps": [], "times": [], "cpu_times": [], "rounds": [], "replicas": []}
+            for w in live
         }
+        loadavg: list[float] = []
         log(f"[{problem.name}] warm-up: {warmup} step(s) per variant")
         for w in live:
             with contextlib.suppress(RuntimeError):
                 w.ask(cmd="run", n=warmup)
         for r in range(rounds):
-            order = live[r % len(live) :] + live[: r % len(live)] if live else []
+            # A new order every round: no variant always runs after the same one (a heavy
+            # neighbour leaves cold caches and a fragmented page cache behind).
+            order = random.Random(SEED + r).sample(live, len(live))
             for w in order:
                 if w.status != "ready":
                     continue
@@ -573,32 +638,48 @@ def run_problem(
                 got = samples[w.variant]
                 got["steps"] += answer["steps"]
                 got["times"] += answer["times"]
+                got["cpu_times"] += answer["cpu_times"]
                 got["rounds"] += [r] * len(answer["times"])
+                got["replicas"] += [w.replica] * len(answer["times"])
             plain = samples.get("plain", {}).get("times", [])
             note = f", plain median {statistics.median(plain) * 1e3:.1f} ms" if plain else ""
+            if hasattr(os, "getloadavg"):
+                loadavg.append(os.getloadavg()[0])
+                note += f", load {loadavg[-1]:.1f}"
             log(f"[{problem.name}] round {r + 1}/{rounds} done{note}")
-        memory: dict[str, dict[str, Any]] = {}
+        memory: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for w in live:
             with contextlib.suppress(RuntimeError):
-                memory[w.variant] = w.ask(cmd="memory")
+                memory[w.variant].append(w.ask(cmd="memory"))
     finally:
         for w in workers:
             w.finish()
-    results: dict[str, Any] = {}
-    for w in workers:
-        entry: dict[str, Any] = {"status": "ok" if w.status == "ready" else w.status}
-        if w.reason:
-            entry["reason"] = w.reason
-        if w.variant in samples:
-            entry.update(samples[w.variant])
-            entry.update(memory.get(w.variant, {}))
-            entry["ready_rss_bytes"] = w.info.get("ready_rss_bytes")
-            entry["setup_s"] = w.info.get("setup_s")
-            entry["hooks"] = w.info.get("hooks")
+    results: dict[str, Any] = {"_loadavg_per_round": loadavg}
+    for variant in variants:
+        group = [w for w in workers if w.variant == variant]
+        bad = [w for w in group if w.status != "ready"]
+        entry: dict[str, Any] = {"status": bad[0].status if bad else "ok"}
+        if bad:
+            entry["reason"] = bad[0].reason
+        if variant in samples:
+            entry.update(samples[variant])
+            mems = memory.get(variant, [])
+            if mems:
+                entry.update(mems[0])
+                # the largest peak of the variant's processes
+                for key in ("peak_rss_bytes", "cuda_peak_allocated_bytes"):
+                    if key in mems[0]:
+                        entry[key] = max(m[key] for m in mems)
+                        entry[f"{key}_replicas"] = [m[key] for m in mems]
+            info = group[0].info
+            entry["ready_rss_bytes"] = info.get("ready_rss_bytes")
+            entry["setup_s"] = info.get("setup_s")
+            entry["hooks"] = info.get("hooks")
+            entry["torch_threads"] = info.get("torch_threads")
             entry["log_files"] = sum(
-                1 for _ in (work_dir / f"{problem.name}-{w.variant}").glob("**/events.*")
+                1 for _ in work_dir.glob(f"{problem.name}-{variant}-*/**/events.*")
             )
-        results[w.variant] = entry
+        results[variant] = entry
     log(f"[{problem.name}] done in {time.perf_counter() - started:.0f} s")
     return results
 
@@ -637,7 +718,14 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     plain = raw.get("plain", {})
     plain_groups = _phase_groups(plain["times"], plain["steps"], 1) if plain.get("times") else None
     plain_time = step_time(plain_groups) if plain_groups else None
+    plain_cpu = (
+        step_time(_phase_groups(plain["cpu_times"], plain["steps"], 1))
+        if plain.get("cpu_times")
+        else None
+    )
     for variant, entry in raw.items():
+        if variant.startswith("_"):
+            continue
         entry = dict(entry)
         times = entry.get("times") or []
         if entry.get("status") == "ok" and times:
@@ -655,9 +743,21 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
                 mean_ms=float(arr.mean()) * 1e3,
                 iqr_rel=float((q3 - q1) / np.median(arr)),
             )
+            if len(set(entry.get("replicas", []))) > 1:
+                by_replica: dict[int, list[float]] = defaultdict(list)
+                for k, one in zip(entry["replicas"], times, strict=True):
+                    by_replica[k].append(one)
+                entry["replica_median_ms"] = [
+                    float(np.median(v)) * 1e3 for _, v in sorted(by_replica.items())
+                ]
             if plain_time and plain_groups:
                 entry["ratio"] = t / plain_time
                 entry["ratio_ci90"] = list(bootstrap_ratio(groups, plain_groups))
+            if entry.get("cpu_times"):
+                cpu = step_time(_phase_groups(entry["cpu_times"], entry["steps"], period))
+                entry["cpu_step_ms"] = cpu * 1e3
+                if plain_cpu:
+                    entry["cpu_ratio"] = cpu / plain_cpu
             if "peak_rss_bytes" in entry and "peak_rss_bytes" in plain:
                 entry["peak_rss_delta_bytes"] = entry["peak_rss_bytes"] - plain["peak_rss_bytes"]
             if "cuda_peak_allocated_bytes" in entry and "cuda_peak_allocated_bytes" in plain:
@@ -732,6 +832,9 @@ def markdown(result: dict[str, Any]) -> str:
     cuda = result["machine"]["device"].startswith("cuda")
     head = "| problem | variant | ms/step | ratio to plain (90% CI) | peak RSS MB (delta) |"
     rule = "|---|---|---:|---|---:|"
+    if not cuda:
+        head += " CPU-time ratio |"
+        rule += "---:|"
     if cuda:
         head += " CUDA peak MB (delta) |"
         rule += "---:|"
@@ -740,7 +843,7 @@ def markdown(result: dict[str, Any]) -> str:
         for variant, e in problem["variants"].items():
             if "step_ms" not in e:
                 reason = e.get("reason", e.get("status", ""))
-                lines.append(f"| {name} | {variant} | {e.get('status')}: {reason[:90]} | | |")
+                lines.append(f"| {name} | {variant} | {e.get('status')}: {reason[:90]} | | | |")
                 continue
             ratio = f"{e['ratio']:.3f} ({e['ratio_ci90'][0]:.3f}-{e['ratio_ci90'][1]:.3f})"
             ms = f"{e['step_ms']:.2f}" if e["step_ms"] < 10 else f"{e['step_ms']:.1f}"
@@ -749,6 +852,8 @@ def markdown(result: dict[str, Any]) -> str:
             if delta is not None and variant != "plain":
                 rss += f" ({delta / 2**20:+.0f})"
             row = f"| {name} | {variant} | {ms} | {ratio} | {rss} |"
+            if not cuda:
+                row += f" {e['cpu_ratio']:.3f} |" if "cpu_ratio" in e else " - |"
             if cuda:
                 cdelta = e.get("cuda_peak_delta_bytes")
                 cell = _mb(e.get("cuda_peak_allocated_bytes"))
@@ -817,7 +922,26 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - not installed
             versions[dist] = None
     info["packages"] = versions
+    info["git"] = _git_state()
     return info
+
+
+def _git_state() -> dict[str, Any] | None:
+    """The commit of the checkout the benchmark ran from, and whether it had local changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
 
 
 def machine_slug(device: torch.device) -> str:
@@ -862,7 +986,7 @@ def soak(steps: int = 2000, every: int = 100, device: torch.device | None = None
         times = []
         sample()
         for i in range(steps):
-            times.append(runner.step())
+            times.append(runner.step()[0])
             if (i + 1) % every == 0 or i + 1 == steps:
                 sample()
                 log(
@@ -947,14 +1071,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--variants",
-        default=",".join(VARIANTS),
-        help="comma-separated, from " + ", ".join(VARIANTS),
+        default=",".join(DEFAULT_VARIANTS),
+        help="comma-separated, from " + ", ".join(VARIANTS) + " (default: all but all-bg)",
     )
     parser.add_argument("--steps", type=int, help="consecutive steps per variant and round")
     parser.add_argument("--rounds", type=int, help="rounds of interleaved variants")
     parser.add_argument("--warmup", type=int, help="warm-up steps per variant (not timed)")
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch.set_num_threads in every worker (default: torch's)"
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="worker processes per variant, pooled (averages out per-process bias)",
+    )
+    parser.add_argument(
+        "--histogram-max-samples",
+        type=int,
+        help="max_samples option of the histogram subscribers (default: the plugin's default)",
     )
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/...)")
     parser.add_argument(
@@ -1017,6 +1155,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "variants": {v: VARIANTS[v] for v in variants},
         "problems": {},
     }
+    options = {
+        "device": args.device,
+        "threads": args.threads,
+        "histogram_max_samples": args.histogram_max_samples,
+    }
+    result["options"] = {**options, "replicas": args.replicas}
     started = time.perf_counter()
     work_dir = Path(tempfile.mkdtemp(prefix="ikkuna-bench-"))
     try:
@@ -1026,7 +1170,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 k: _pick(k, getattr(args, k), problem, args.quick)
                 for k in ("warmup", "steps", "rounds")
             }
-            raw = run_problem(problem, variants, device=args.device, work_dir=work_dir, **settings)
+            raw = run_problem(
+                problem,
+                variants,
+                work_dir=work_dir,
+                options=options,
+                replicas=args.replicas,
+                **settings,
+            )
             summary = summarise(raw)
             plain = summary.get("plain", {})
             result["problems"][name] = {
@@ -1040,6 +1191,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "noise": {
                     "plain_iqr_over_median": plain.get("iqr_rel"),
                     "plain_round_medians_ms": _round_medians(plain),
+                    "loadavg_per_round": raw.get("_loadavg_per_round"),
                 },
                 "variants": summary,
             }

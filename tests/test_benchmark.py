@@ -95,6 +95,8 @@ def test_quick_run_writes_a_well_formed_report(
             str(out),
             "--variants",
             ",".join(variants),
+            "--replicas",
+            "2",
         ]
     )
     saved = json.loads(out.read_text())
@@ -109,7 +111,8 @@ def test_quick_run_writes_a_well_formed_report(
             assert entry["reason"]
             continue
         assert entry["status"] == "ok", entry
-        assert entry["n_steps"] == 2
+        assert entry["n_steps"] == 4  # 2 steps x 2 worker processes
+        assert len(entry["replica_median_ms"]) == 2
         for key in ("step_ms", "median_ms", "ratio", "peak_rss_bytes"):
             assert _finite(entry[key]) and entry[key] > 0, (name, key, entry[key])
         assert all(_finite(x) for x in entry["ratio_ci90"])
