@@ -3,6 +3,7 @@ derived metrics) to subscriptions, and metric results to the backends."""
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import warnings
@@ -240,9 +241,7 @@ class MessageBus:
     def wanted_topics(self, step: int) -> frozenset[str]:
         """Topics some subscription wants at ``step`` (after subsampling)."""
         subs = self.subscriptions
-        period = 1
-        for s in subs:
-            period = period * s.subsample // _gcd(period, s.subsample)
+        period = math.lcm(1, *(s.subsample for s in subs))
         phase = step % period if period <= 10_000 else step
         cached = self._wanted_cache.get(phase)
         if cached is None:
@@ -415,12 +414,6 @@ class _Worker:
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
