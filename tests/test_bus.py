@@ -204,3 +204,23 @@ def test_background_worker_gives_the_same_results_and_reraises(recorder_cls):
     with pytest.raises(ZeroDivisionError):
         bus.step_finished(0)
     bus.close()
+
+
+def test_tensor_options_reject_event_topics_and_bundle_tensor_detaches():
+    class Tensorish(Collect):
+        name = "tensorish"
+        Options = ik.TensorOptions
+
+    with pytest.raises(ValueError, match=r"topics \['batch_finished'\] carry no tensor payload"):
+        Tensorish(topics=["weights", "batch_finished"])
+    bus = ik.MessageBus(on_error="raise")
+    sub = bus.register_subscriber(Tensorish(topics=["weights"]))
+    data = torch.ones(2, requires_grad=True) * 3
+    bus.publish(module_msg("weights", 0, 0.0).model_copy(update={"data": data}))
+    tensor = sub.bundles[0].tensor("weights")
+    assert tensor.tolist() == [3.0, 3.0] and not tensor.requires_grad
+    event = ik.MessageBundle(key=None, global_step=0, epoch=0, batch_index=0, messages={
+        "batch_started": ik.NetworkMessage(topic="batch_started", global_step=0, epoch=0,
+                                           batch_index=0)})
+    with pytest.raises(ValueError, match="'batch_started' carries no tensor payload"):
+        event.tensor("batch_started")

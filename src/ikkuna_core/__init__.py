@@ -9,6 +9,7 @@ from .config import ConfigError, IkkunaConfig, SubscriberConfig, load_config
 from .exporter import Exporter, select_modules
 from .hookspecs import hookimpl
 from .messages import (
+    EVENT_TOPICS,
     MODULE_TOPICS,
     NETWORK_TOPICS,
     HistogramMessage,
@@ -21,10 +22,11 @@ from .messages import (
     message_json_schema,
 )
 from .plugins import PluginError, PluginRegistry, load_plugins
-from .subscriber import Subscriber, SubscriberOptions, histogram_on_device
+from .subscriber import Subscriber, SubscriberOptions, TensorOptions, histogram_on_device
 from .watch import watch
 
 __all__ = [
+    "EVENT_TOPICS",
     "MODULE_TOPICS",
     "NETWORK_TOPICS",
     "ConfigError",
@@ -44,6 +46,7 @@ __all__ = [
     "SubscriberOptions",
     "Subscription",
     "SynchronizedSubscription",
+    "TensorOptions",
     "TopicSpec",
     "UnknownTopicError",
     "hookimpl",

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema
 
 __all__ = [
+    "EVENT_TOPICS",
     "MODULE_TOPICS",
     "NETWORK_TOPICS",
     "HistogramMessage",
@@ -51,6 +52,10 @@ NETWORK_TOPICS: tuple[str, ...] = (
     "input_labels",
     "network_output",
     "loss",
+)
+#: Network topics that only mark an event: their payload is None.
+EVENT_TOPICS: frozenset[str] = frozenset(
+    {"batch_started", "batch_finished", "epoch_started", "epoch_finished"}
 )
 
 #: A tensor payload. Validation is a plain ``isinstance`` check; the JSON Schema describes it.
@@ -183,6 +188,13 @@ class MessageBundle(BaseModel):
             raise KeyError(
                 f"topic {topic!r} is not in this bundle; it holds {sorted(self.messages)}"
             ) from None
+
+    def tensor(self, topic: str) -> torch.Tensor:
+        """``bundle[topic]`` detached, for topics that must carry a tensor."""
+        data = self[topic]
+        if data is None:
+            raise ValueError(f"topic {topic!r} carries no tensor payload")
+        return data.detach()
 
 
 _MESSAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)

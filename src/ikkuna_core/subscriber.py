@@ -13,15 +13,15 @@ import math
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .messages import HistogramMessage, MessageBundle, ScalarMessage
+from .messages import EVENT_TOPICS, HistogramMessage, MessageBundle, ScalarMessage
 
 if TYPE_CHECKING:
     from .bus import MessageBus
     from .exporter import Exporter
 
-__all__ = ["Subscriber", "SubscriberOptions", "histogram_on_device"]
+__all__ = ["Subscriber", "SubscriberOptions", "TensorOptions", "histogram_on_device"]
 
 
 class SubscriberOptions(BaseModel):
@@ -34,6 +34,19 @@ class SubscriberOptions(BaseModel):
     publish_as: str | None = Field(
         default=None, description="name of the topic the results are published under"
     )
+
+
+class TensorOptions(SubscriberOptions):
+    """Options of a subscriber that computes on tensors: event topics (``batch_started``…),
+    whose payload is None, are rejected."""
+
+    @field_validator("topics")
+    @classmethod
+    def _tensor_topics(cls, topics: list[str]) -> list[str]:
+        events = [t for t in topics if t in EVENT_TOPICS]
+        if events:
+            raise ValueError(f"topics {events} carry no tensor payload; choose data topics")
+        return topics
 
 
 class Subscriber:

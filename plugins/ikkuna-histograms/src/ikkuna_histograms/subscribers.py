@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field, field_validator
 
-from ikkuna_core import MessageBundle, Subscriber, SubscriberOptions
+from ikkuna_core import MessageBundle, Subscriber, TensorOptions
 
 __all__ = [
     "DEAD_MODULE_TYPES",
@@ -23,9 +23,6 @@ __all__ = [
     "HistogramOptions",
 ]
 
-#: Topics that carry no tensor, so there is nothing to bin.
-EVENT_TOPICS = frozenset({"batch_started", "batch_finished", "epoch_started", "epoch_finished"})
-
 #: Activation modules whose output is exactly zero on a whole half-line of inputs, where
 #: their gradient is zero too: a zero output there means the unit passes no gradient for that
 #: sample. LeakyReLU, PReLU, RReLU, ELU, GELU and SiLU are not here: they are never flat at
@@ -33,21 +30,7 @@ EVENT_TOPICS = frozenset({"batch_started", "batch_finished", "epoch_started", "e
 DEAD_MODULE_TYPES: tuple[str, ...] = ("ReLU", "ReLU6", "Threshold", "Hardsigmoid", "Hardswish")
 
 
-def _check_payload_topics(topics: list[str]) -> list[str]:
-    events = [t for t in topics if t in EVENT_TOPICS]
-    if events:
-        raise ValueError(f"topics {events} carry no tensor payload; choose data topics")
-    return topics
-
-
-def _payload(bundle: MessageBundle, topic: str) -> torch.Tensor:
-    x = bundle[topic]
-    if x is None:
-        raise ValueError(f"topic {topic!r} carries no tensor payload")
-    return x.detach()
-
-
-class HistogramOptions(SubscriberOptions):
+class HistogramOptions(TensorOptions):
     bins: int = Field(default=64, ge=1, le=100_000, description="number of equal-width bins")
     range: tuple[float, float] | None = Field(
         default=None,
@@ -61,11 +44,6 @@ class HistogramOptions(SubscriberOptions):
         "this many (large activations cost a fraction of a millisecond instead of tens; `num` "
         "then counts the sample). 0: every entry is binned",
     )
-
-    @field_validator("topics")
-    @classmethod
-    def _data_topics(cls, topics: list[str]) -> list[str]:
-        return _check_payload_topics(topics)
 
     @field_validator("range")
     @classmethod
@@ -91,7 +69,7 @@ class Histogram(Subscriber):
     options: HistogramOptions
 
     def compute(self, bundle: MessageBundle) -> None:
-        values = _payload(bundle, bundle.topics[0])
+        values = bundle.tensor(bundle.topics[0])
         self.publish_histogram(
             bundle,
             values,
@@ -101,7 +79,7 @@ class Histogram(Subscriber):
         )
 
 
-class DeadFractionOptions(SubscriberOptions):
+class DeadFractionOptions(TensorOptions):
     module_types: list[str] = Field(
         default_factory=lambda: list(DEAD_MODULE_TYPES),
         description="class names of the modules to report; an empty list reports every module",
@@ -114,11 +92,6 @@ class DeadFractionOptions(SubscriberOptions):
     unit_dim: int = Field(
         default=1, ge=1, description="the unit dimension: channels of (N, C, ...) outputs"
     )
-
-    @field_validator("topics")
-    @classmethod
-    def _data_topics(cls, topics: list[str]) -> list[str]:
-        return _check_payload_topics(topics)
 
 
 class DeadFraction(Subscriber):
@@ -154,7 +127,7 @@ class DeadFraction(Subscriber):
     def compute(self, bundle: MessageBundle) -> None:
         if self._types and (bundle.module is None or bundle.module.type not in self._types):
             return
-        x = _payload(bundle, bundle.topics[0])
+        x = bundle.tensor(bundle.topics[0])
         n = x.numel()
         if n == 0:
             return

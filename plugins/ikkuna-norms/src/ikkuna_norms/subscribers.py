@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field, field_validator
 
-from ikkuna_core import MessageBundle, Subscriber, SubscriberOptions
+from ikkuna_core import MessageBundle, Subscriber, TensorOptions
 
 __all__ = [
     "Mean",
@@ -27,38 +27,17 @@ __all__ = [
     "VarianceOptions",
 ]
 
-#: Topics that carry no tensor, so there is nothing to reduce.
-EVENT_TOPICS = frozenset({"batch_started", "batch_finished", "epoch_started", "epoch_finished"})
-
-
-def _check_payload_topics(topics: list[str]) -> list[str]:
-    events = [t for t in topics if t in EVENT_TOPICS]
-    if events:
-        raise ValueError(f"topics {events} carry no tensor payload; choose data topics")
-    return topics
-
-
 def _payload(bundle: MessageBundle, topic: str) -> torch.Tensor:
     """The bundle's tensor for ``topic`` as a floating tensor of at least 32 bits (a view
     when it already is one: no copy)."""
-    x = bundle[topic]
-    if x is None:
-        raise ValueError(f"topic {topic!r} carries no tensor payload")
-    x = x.detach()
+    x = bundle.tensor(topic)
     if not x.is_floating_point() or x.element_size() < 4:
         x = x.float()
     return x
 
 
-class _DataOptions(SubscriberOptions):
-    @field_validator("topics")
-    @classmethod
-    def _data_topics(cls, topics: list[str]) -> list[str]:
-        return _check_payload_topics(topics)
-
-
 # ----------------------------------------------------------------------------------- norm
-class NormOptions(_DataOptions):
+class NormOptions(TensorOptions):
     p: float = Field(
         default=2.0,
         description="order of the norm: any p > 0, or 'inf' for the largest absolute value",
@@ -101,7 +80,7 @@ class Norm(Subscriber):
 
 
 # ------------------------------------------------------------------------------ mean/var
-class MeanOptions(_DataOptions):
+class MeanOptions(TensorOptions):
     pass
 
 
@@ -116,7 +95,7 @@ class Mean(Subscriber):
         self.publish_scalar(bundle, _payload(bundle, bundle.topics[0]).mean())
 
 
-class VarianceOptions(_DataOptions):
+class VarianceOptions(TensorOptions):
     correction: int = Field(
         default=1,
         ge=0,
@@ -140,7 +119,7 @@ class Variance(Subscriber):
 
 
 # ---------------------------------------------------------------------------------- ratio
-class RatioOptions(_DataOptions):
+class RatioOptions(TensorOptions):
     eps: float = Field(
         default=0.0, ge=0.0, description="added to the denominator's norm (0: plain ratio)"
     )
@@ -188,7 +167,7 @@ class Ratio(Subscriber):
 _SQUARINGS = 12
 
 
-class SpectralNormOptions(_DataOptions):
+class SpectralNormOptions(TensorOptions):
     iterations: int = Field(
         default=2, ge=1, description="power iterations per step, continuing from the last step"
     )
