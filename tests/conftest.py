@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -33,6 +35,21 @@ class Recorder(ik.Subscriber):
 def _no_installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     """Core tests see no installed plugin unless a test asks for one (like datasette)."""
     monkeypatch.setenv("IKKUNA_PLUGINS", "")
+
+
+@pytest.fixture
+def installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests of the installed plugins: undoes ``_no_installed_plugins``."""
+    monkeypatch.delenv("IKKUNA_PLUGINS", raising=False)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models train fastest on one thread, and parallel test workers share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -33,10 +33,7 @@ def _load_benchmark():
 bench = _load_benchmark()
 
 
-@pytest.fixture(autouse=True)
-def _installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The benchmark needs the installed plugins (the core tests' conftest hides them)."""
-    monkeypatch.delenv("IKKUNA_PLUGINS", raising=False)
+pytestmark = pytest.mark.usefixtures("installed_plugins")  # the benchmark needs them
 
 
 def _finite(x: object) -> bool:

@@ -12,7 +12,6 @@ import runpy
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from importlib.metadata import EntryPoint, version
 from pathlib import Path
 
@@ -42,19 +41,7 @@ QUICKSTART_TAGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests use the installed plugins (the suite's conftest hides them)."""
-    monkeypatch.delenv("IKKUNA_PLUGINS", raising=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models train fastest on one thread, and parallel test workers share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("installed_plugins", "one_thread")
 
 
 def needs(*plugins: str) -> pytest.MarkDecorator:

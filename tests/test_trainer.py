@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,19 +34,7 @@ from ikkuna_core.trainer import (
 INSTALLED = {ep.name for ep in installed_entry_points()}
 
 
-@pytest.fixture(autouse=True)
-def _installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests use the installed plugins (the suite's conftest hides them)."""
-    monkeypatch.delenv("IKKUNA_PLUGINS", raising=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models train fastest on one thread, and parallel test workers share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("installed_plugins", "one_thread")
 
 
 def needs(*plugins: str) -> pytest.MarkDecorator:
