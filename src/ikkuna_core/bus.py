@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .backends.base import HistogramRecord, ScalarRecord
 from .messages import (
     MODULE_TOPICS,
     NETWORK_TOPICS,
@@ -319,7 +320,6 @@ class MessageBus:
         histograms, self._pending_histograms = self._pending_histograms, []
         if not self.backends or (not scalars and not histograms):
             return
-        from .backends.base import HistogramRecord, ScalarRecord
 
         # One device-to-host copy per device for everything pending.
         hist_fields = ("data", "edges", "min", "max", "num", "sum", "sum_squares", "nonfinite")

@@ -52,6 +52,11 @@ _VALUE_TOPICS = {"weight": "weights", "bias": "biases"}
 ROOT_NAME = "model"
 
 
+def _check_depth(depth: int) -> None:
+    if depth == 0 or depth < -1:
+        raise ValueError(f"depth must be -1 (leaves) or >= 1, got {depth}")
+
+
 def select_modules(
     model: nn.Module, depth: int = -1, include: Sequence[type[nn.Module]] | None = None
 ) -> list[tuple[str, nn.Module]]:
@@ -62,8 +67,7 @@ def select_modules(
     every module of those classes down to ``depth`` (any depth for -1) is selected instead.
     The model itself is called ``"model"`` when it is selected.
     """
-    if depth == 0 or depth < -1:
-        raise ValueError(f"depth must be -1 (leaves) or >= 1, got {depth}")
+    _check_depth(depth)
     include_t = tuple(include) if include else None
     chosen = []
     for name, module in model.named_modules():
@@ -124,8 +128,7 @@ class Exporter:
         bus: MessageBus | None = None,
         publish_in_eval: bool = False,
     ) -> None:
-        if depth == 0 or depth < -1:
-            raise ValueError(f"depth must be -1 (leaves) or >= 1, got {depth}")
+        _check_depth(depth)
         self.depth = depth
         self.include = tuple(include) if include else None
         self.publish_in_eval = publish_in_eval

@@ -94,9 +94,7 @@ class Subscriber:
 
     def output_topics(self) -> list[str]:
         """Every topic this subscriber may publish; override if you publish suffixes."""
-        if self.synchronized or len(self.options.topics) <= 1 or self.options.publish_as:
-            return [self.output_topic()]
-        return [self._topic_for(t) for t in self.options.topics]
+        return list(dict.fromkeys(self._topic_for(t) for t in self.options.topics))
 
     def _topic_for(self, input_topic: str, suffix: str | None = None) -> str:
         if self.synchronized or self.options.publish_as or len(self.options.topics) <= 1:
