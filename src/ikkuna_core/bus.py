@@ -288,6 +288,40 @@ class MessageBus:
             self._pending_histograms.append(message)
         self.publish(message)
 
+    def log_scalars(
+        self, topic: str, values: dict[str | None, float | torch.Tensor]
+    ) -> None:
+        """Write scalars that no subscriber computed (a front end's epoch summaries) to the
+        backends at the next flush, stamped with the exporter's current step. The tag is
+        ``<topic>/<key>`` (``<topic>`` for the key None)."""
+        step, epoch, batch = self._stamp()
+        for key, value in values.items():
+            data = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            self._pending_scalars.append(
+                ScalarMessage(
+                    topic=topic,
+                    global_step=step,
+                    epoch=epoch,
+                    batch_index=batch,
+                    key=key,
+                    tag=topic if key is None else f"{topic}/{key}",
+                    data=data.detach().to(torch.float64),
+                )
+            )
+
+    def log_text(self, tag: str, text: str) -> None:
+        """Write a piece of text (Markdown in TensorBoard's TEXT tab) to every backend that
+        shows text, stamped with the exporter's current step."""
+        step = self._stamp()[0]
+        for backend in self.backends:
+            backend.write_text(tag, text, step)
+
+    def _stamp(self) -> tuple[int, int, int]:
+        ex = self.exporter
+        if ex is None:
+            return (0, 0, 0)
+        return (max(ex.global_step, 0), ex.epoch, max(ex.batch_index, 0))
+
     def subscriber_failed(self, subscriber: Subscriber, exc: BaseException) -> None:
         if self.on_error == "raise":
             raise exc

@@ -43,7 +43,6 @@ import torch
 from torch import nn
 
 from .config import IkkunaConfig, load_config
-from .messages import ScalarMessage
 
 __all__ = [
     "DEFAULT_LR",
@@ -411,10 +410,7 @@ class Trainer:
     def _write_hparams_text(self) -> None:
         """Record the hyper-parameters in TensorBoard's TEXT tab, when it is a backend."""
         rows = "\n".join(f"| {k} | {v} |" for k, v in self.hparams.as_dict().items())
-        for backend in self.bus.backends:
-            writer = getattr(backend, "writer", None)
-            if writer is not None and hasattr(writer, "add_text"):
-                writer.add_text("hyperparameters", "| name | value |\n|---|---|\n" + rows, 0)
+        self.bus.log_text("hyperparameters", "| name | value |\n|---|---|\n" + rows)
 
     @property
     def subscriber_names(self) -> list[str]:
@@ -506,19 +502,7 @@ class Trainer:
         )
 
     def _publish(self, topic: str, values: Mapping[str, float]) -> None:
-        ex = self.exporter
-        for key, value in values.items():
-            self.bus.publish_result(
-                ScalarMessage(
-                    topic=topic,
-                    global_step=max(ex.global_step, 0),
-                    epoch=ex.epoch,
-                    batch_index=max(ex.batch_index, 0),
-                    key=key,
-                    tag=f"{topic}/{key}",
-                    data=torch.tensor(float(value), dtype=torch.float64),
-                )
-            )
+        self.bus.log_scalars(topic, dict(values))
 
     def run(self) -> TrainResult:
         """Train for the configured epochs (or ``max_steps``), evaluate the final model on

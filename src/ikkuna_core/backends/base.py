@@ -53,6 +53,9 @@ class Backend(ABC):
     @abstractmethod
     def write_histograms(self, records: Sequence[HistogramRecord]) -> None: ...
 
+    def write_text(self, tag: str, text: str, step: int) -> None:  # noqa: B027
+        """Record a piece of text (Markdown); backends that cannot show text ignore it."""
+
     def flush(self) -> None:  # noqa: B027 - optional for backends that buffer nothing
         """Make what was written so far durable."""
 

@@ -54,6 +54,9 @@ class TensorBoardBackend(Backend):
                 global_step=r.step,
             )
 
+    def write_text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, step)
+
     def flush(self) -> None:
         """Nothing to do per step: the writer's thread flushes every ``flush_secs``."""
 
