@@ -6,6 +6,8 @@ the same run, and the peak memory of every variant.
     python benchmarks/overhead.py                      # 3c3d, ResNet-18 and the MLP (minutes)
     python benchmarks/overhead.py --problems mlp --quick
     python benchmarks/overhead.py --soak               # 2,000 MLP steps: is memory flat?
+    python benchmarks/overhead.py --ops                # aten ops Ikkuna adds per step
+    python benchmarks/overhead.py --device cuda --problems resnet50,resnet18   # on a GPU
 
 Method (see benchmarks/README.md):
 
@@ -19,7 +21,11 @@ Method (see benchmarks/README.md):
 - the step time of a variant is the median of its steps; a variant whose work repeats every
   ``period`` steps (``subsample=10``) gets the mean over the phases of the per-phase medians,
   so the one step in ten that does the work is counted, not discarded as an outlier;
-- the ratio is that step time over plain training's, with a bootstrap 90% interval.
+- the ratio is that step time over plain training's, with a bootstrap 90% interval;
+- every worker also counts the aten operators one step dispatches (``TorchDispatchMode``,
+  outside the timed steps): the variant's count minus plain training's is the work Ikkuna (or
+  the reference code) adds, a proxy for its kernel launches that does not depend on the
+  machine.
 """
 
 from __future__ import annotations
@@ -57,24 +63,30 @@ HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 PROTOCOL = "@@BENCH "
 SEED = 0
-NUM_CLASSES = 10
 
 
 # --------------------------------------------------------------------------- problems
 @dataclass(frozen=True)
 class Problem:
     name: str
-    model: str  # an ikkuna_core.models name
+    model: str  # an ikkuna_core.models name, or "torchvision:<name>"
     input_shape: tuple[int, int, int]
     batch_size: int
     data: str  # "random" (fixed random batches, no download) or "digits"
     warmup: int  # default warm-up steps per variant
     steps: int  # default consecutive steps per variant and round
     rounds: int  # default rounds
+    num_classes: int = 10
+    autocast: str | None = None  # e.g. "bfloat16": forward and loss under torch.autocast
 
     def describe(self) -> str:
-        data = "random 3x32x32 batches" if self.data == "random" else "sklearn digits (28x28)"
-        return f"{self.model}, batch {self.batch_size}, {data}"
+        c, h, w = self.input_shape
+        data = (
+            f"random {c}x{h}x{w} batches" if self.data == "random"
+            else "sklearn digits (28x28)"
+        )
+        amp = f", {self.autocast} autocast" if self.autocast else ""
+        return f"{self.model}, batch {self.batch_size}, {data}{amp}"
 
 
 PROBLEMS: dict[str, Problem] = {
@@ -85,6 +97,12 @@ PROBLEMS: dict[str, Problem] = {
         "resnet18", "ResNet18", (3, 32, 32), 32, "random", warmup=2, steps=1, rounds=12
     ),
     "mlp": Problem("mlp", "FullyConnected", (1, 28, 28), 128, "digits", 10, 10, 12),
+    # The realistic GPU problem: ImageNet-sized ResNet-50 in bf16 autocast (minutes per step
+    # on a CPU: run it with --device cuda).
+    "resnet50": Problem(
+        "resnet50", "torchvision:resnet50", (3, 224, 224), 64, "random", warmup=5, steps=4,
+        rounds=8, num_classes=1000, autocast="bfloat16",
+    ),
 }
 QUICK = {"warmup": 1, "steps": 2, "rounds": 1}
 
@@ -94,6 +112,18 @@ HISTOGRAMS = {"name": "histogram", "topics": ["activations", "weight_gradients"]
 ACCURACY = {"name": "train_accuracy"}
 LOSS = {"name": "loss"}
 ALL = [NORMS, HISTOGRAMS, ACCURACY, LOSS]
+#: The default subscriber set of ``ikkuna train`` (examples/ikkuna.toml), with the held-out
+#: set replaced by the benchmark's own batches.
+QUICKSTART = [
+    {"name": "loss"},
+    {"name": "train_accuracy"},
+    {"name": "test_accuracy", "subsample": 10},
+    {"name": "norm", "topics": ["weight_gradients"]},
+    {"name": "spectral_norm", "topics": ["weights"]},
+    {"name": "ratio", "topics": ["weight_updates", "weights"]},
+    {"name": "histogram", "topics": ["activations"]},
+    {"name": "dead_fraction"},
+]
 
 #: Ikkuna variants: (plugins to enable, subscriber entries, other keys of the configuration).
 IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]]] = {
@@ -102,7 +132,7 @@ IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]
     "histograms": (["histograms"], [HISTOGRAMS], {}),
     "all": (["norms", "histograms", "accuracy"], ALL, {}),
     "all-sub10": (["norms", "histograms", "accuracy"], [{**s, "subsample": 10} for s in ALL], {}),
-    "all-bg": (["norms", "histograms", "accuracy"], ALL, {"background": True}),
+    "quickstart": (["norms", "histograms", "accuracy"], QUICKSTART, {}),
 }
 
 
@@ -134,7 +164,11 @@ VARIANTS: dict[str, str] = {
     "histograms": "ikkuna: histogram (64 bins) of activations and weight_gradients -> TensorBoard",
     "all": "ikkuna: norms + histograms as above + train_accuracy + loss, every step",
     "all-sub10": "ikkuna: as 'all', subsample=10 on every subscriber",
-    "all-bg": "ikkuna: as 'all', background=true (metrics on a background thread)",
+    "quickstart": "ikkuna: the subscribers of `ikkuna train` (loss, accuracies, norm, "
+    "spectral_norm, ratio, histogram, dead_fraction) -> TensorBoard",
+    "fused": "hand-fused lower bound of 'all': foreach norms of every weight's gradient, value "
+    "and update + all activation and weight-gradient histograms as one segmented computation "
+    "(16,384-entry samples) + loss and accuracy, one host copy per step, nothing written",
     "tb-norms": "hand-written SummaryWriter: add_scalar of grad/weight/update norms per weight",
     "tb-all": "hand-written: tb-norms + add_histogram of weight grads and leaf activations"
     " + loss + train accuracy",
@@ -142,8 +176,8 @@ VARIANTS: dict[str, str] = {
     "cockpit-all": "Cockpit: GradNorm, UpdateSize, Distance, GradHist1d every step",
 }
 #: Run by default; the others only when named in --variants.
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "all-bg"]
-PERIOD = {"all-sub10": 10}
+DEFAULT_VARIANTS = list(VARIANTS)
+PERIOD = {"all-sub10": 10, "quickstart": 10}
 
 #: (ikkuna variant, reference variant) pairs doing comparable work.
 COMPARISONS = [
@@ -152,12 +186,18 @@ COMPARISONS = [
     ("norms", "cockpit-norms"),
     ("all", "cockpit-all"),
 ]
-#: (problem or None for every problem, variant, largest ratio to plain) from the issue.
+#: (device type, problem or None for every problem, variant, largest ratio to plain).
 TARGETS = [
-    (None, "exporter", 1.01),
-    ("resnet18", "all", 1.05),
-    ("resnet18", "all-sub10", 1.01),
+    (None, None, "exporter", 1.01),
+    ("cpu", "resnet18", "all", 1.05),
+    ("cpu", "resnet18", "all-sub10", 1.01),
+    ("cuda", "resnet50", "all", 1.25),
+    ("cuda", "resnet50", "norms", 1.03),
+    ("cuda", "resnet50", "all-sub10", 1.03),
+    ("cuda", "resnet18", "all", 1.5),
 ]
+#: Ikkuna's own aten ops per step (variant minus plain), CIFAR ResNet-18 batch 8 on the CPU.
+OP_TARGETS = {"exporter": 0, "norms": 100, "all": 600}
 
 
 def log(message: str) -> None:
@@ -184,7 +224,7 @@ def make_batches(
         batches = [
             (
                 torch.randn(shape, generator=gen),
-                torch.randint(0, NUM_CLASSES, (problem.batch_size,), generator=gen),
+                torch.randint(0, problem.num_classes, (problem.batch_size,), generator=gen),
             )
             for _ in range(count)
         ]
@@ -192,10 +232,18 @@ def make_batches(
 
 
 def make_model(problem: Problem, device: torch.device) -> nn.Module:
-    from ikkuna_core.models import get_model
-
     torch.manual_seed(SEED)
-    model = get_model(problem.model, input_shape=problem.input_shape, num_classes=NUM_CLASSES)
+    if problem.model.startswith("torchvision:"):
+        import torchvision
+
+        factory = getattr(torchvision.models, problem.model.split(":", 1)[1])
+        model = factory(num_classes=problem.num_classes)
+    else:
+        from ikkuna_core.models import get_model
+
+        model = get_model(
+            problem.model, input_shape=problem.input_shape, num_classes=problem.num_classes
+        )
     return model.to(device).train()
 
 
@@ -234,6 +282,92 @@ def _import_cockpit() -> Any:
     return cockpit
 
 
+class _OpCounter:
+    """Counts the aten operators dispatched while it is active (a ``TorchDispatchMode``)."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count = 0
+        self._mode = Mode()
+
+    def __enter__(self) -> _OpCounter:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+
+
+class _Fused:
+    """The hand-fused lower bound of the 'all' variant, in plain torch: norms of every
+    weight's gradient, value and update with ``torch._foreach_norm``; histograms (64 bins) of
+    every leaf's activation (a 16,384-entry sample taken in a forward hook) and every weight's
+    gradient (likewise sampled) as one segmented computation with one scatter; loss and
+    accuracy; everything copied to the host once per step. Nothing is written."""
+
+    K = 16384
+    BINS = 64
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = [p for _, p in weight_parameters(model)]
+        self.before = [torch.empty_like(p) for p in self.params]
+        self.samples: list[torch.Tensor] = []
+        self._index: dict[tuple[int, torch.device], torch.Tensor] = {}
+        for _, module in leaf_modules(model):
+            module.register_forward_hook(self._hook)
+
+    def _sample(self, t: torch.Tensor) -> torch.Tensor:
+        key = (t.numel(), t.device)
+        idx = self._index.get(key)
+        if idx is None:
+            n = t.numel()
+            idx = self._index[key] = (
+                torch.randperm(n)[: self.K].sort().values if n > self.K else torch.arange(n)
+            ).to(t.device)
+        return torch.take(t, idx)
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and module.training:
+            with torch.no_grad():
+                self.samples.append(self._sample(output))
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        torch._foreach_copy_(self.before, self.params)
+
+    @torch.no_grad()
+    def after_step(self, output: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        grads = [p.grad for p in self.params]
+        updates = torch._foreach_sub(self.params, self.before)
+        norms = torch.stack(
+            [torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float32))
+             for ts in (grads, self.params, updates)]
+        ).reshape(-1)
+        samples = self.samples + [self._sample(g) for g in grads]
+        self.samples = []
+        lengths = torch.tensor([t.numel() for t in samples], device=norms.device)
+        flat = torch.cat(samples).float()
+        seg = torch.repeat_interleave(torch.arange(len(samples), device=flat.device), lengths)
+        lo = torch.segment_reduce(flat, "min", lengths=lengths)
+        hi = torch.segment_reduce(flat, "max", lengths=lengths)
+        scale = self.BINS / (hi - lo).clamp_min(1e-12)
+        bins = ((flat - lo[seg]) * scale[seg]).long().clamp_(0, self.BINS - 1)
+        counts = torch.zeros(len(samples) * self.BINS, device=flat.device)
+        counts.index_add_(0, seg * self.BINS + bins, torch.ones_like(flat))
+        accuracy = (output.argmax(1) == y).float().mean()
+        packed = torch.cat([norms, lo, hi, counts, loss.detach().float().reshape(1),
+                            accuracy.reshape(1)])
+        packed.cpu()
+
+
 class SkipVariant(Exception):
     """The variant cannot run here (a plugin or Cockpit missing, a model BackPACK refuses)."""
 
@@ -267,23 +401,37 @@ class Runner:
         self.step_index = 0
         self._closers: list[Callable[[], None]] = []
         self._activations: dict[str, torch.Tensor] = {}
+        self._fused: _Fused | None = None
         if variant in IKKUNA_VARIANTS:
             self._setup_ikkuna()
         elif variant.startswith("tb-"):
             self._setup_tensorboard()
         elif variant.startswith("cockpit-"):
             self._setup_cockpit()
+        elif variant == "fused":
+            self._fused = _Fused(self.model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self._step: Callable[[torch.Tensor, torch.Tensor], None] = {
             "tb": self._step_tensorboard,
             "cockpit": self._step_cockpit,
+            "fused": self._step_fused,
         }.get(variant.split("-")[0], self._step_plain)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.problem.autocast is None:
+            return contextlib.nullcontext()
+        dtype = getattr(torch, self.problem.autocast)
+        return torch.autocast(self.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ set-up
     def _setup_ikkuna(self) -> None:
         from ikkuna_core import PluginError, watch
 
         config = ikkuna_config(self.variant, self.log_dir, self.histogram_max_samples)
+        config["subscribers"] = [  # test accuracy on two of the benchmark's own batches
+            {**s, "loader": self.batches[:2]} if s["name"] == "test_accuracy" else s
+            for s in config["subscribers"]
+        ]
         try:
             self.exporter = watch(self.model, self.loss_fn, config)
         except PluginError as exc:
@@ -337,14 +485,29 @@ class Runner:
     def _step_plain(self, x: torch.Tensor, y: torch.Tensor) -> None:
         # Ikkuna variants run exactly this: the hooks do the rest.
         self.optimizer.zero_grad(set_to_none=True)
-        self.loss_fn(self.model(x), y).backward()
+        with self._autocast():
+            loss = self.loss_fn(self.model(x), y)
+        loss.backward()
         self.optimizer.step()
+
+    def _step_fused(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        fused = self._fused
+        assert fused is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            output = self.model(x)
+            loss = self.loss_fn(output, y)
+        loss.backward()
+        fused.before_step()
+        self.optimizer.step()
+        fused.after_step(output, y, loss)
 
     def _step_tensorboard(self, x: torch.Tensor, y: torch.Tensor) -> None:
         writer, step = self.writer, self.step_index
         self.optimizer.zero_grad(set_to_none=True)
-        output = self.model(x)
-        loss = self.loss_fn(output, y)
+        with self._autocast():
+            output = self.model(x)
+            loss = self.loss_fn(output, y)
         loss.backward()
         params = weight_parameters(self.model)
         before = [p.detach().clone() for _, p in params]
@@ -367,8 +530,9 @@ class Runner:
     def _step_cockpit(self, x: torch.Tensor, y: torch.Tensor) -> None:
         step = self.step_index
         self.optimizer.zero_grad(set_to_none=True)
-        output = self.model(x)
-        loss = self.loss_fn(output, y)
+        with self._autocast():
+            output = self.model(x)
+            loss = self.loss_fn(output, y)
         info = {"batch_size": x.shape[0], "loss": loss, "optimizer": self.optimizer}
         with self.cockpit(step, info=info):
             loss.backward(create_graph=self.cockpit.create_graph(step))
@@ -387,6 +551,13 @@ class Runner:
         cpu = time.process_time() - cpu
         self.step_index += 1
         return elapsed, cpu
+
+    def count_ops(self) -> int:
+        """aten operators one training step dispatches (forward, backward, the variant's own
+        work); not timed."""
+        with _OpCounter() as counter:
+            self.step()
+        return counter.count
 
     def run(self, n: int) -> dict[str, list[Any]]:
         steps, times, cpu_times = [], [], []
@@ -478,6 +649,9 @@ def worker_main(spec: dict[str, Any]) -> None:
                 _reply({"status": "ok", **runner.run(int(command["n"]))})
             elif command["cmd"] == "memory":
                 _reply({"status": "ok", **runner.memory()})
+            elif command["cmd"] == "ops":
+                step = runner.step_index
+                _reply({"status": "ok", "ops": runner.count_ops(), "ops_step": step})
             elif command["cmd"] == "close":
                 runner.close()
                 _reply({"status": "ok"})
@@ -619,10 +793,12 @@ def run_problem(
             for w in live
         }
         loadavg: list[float] = []
-        log(f"[{problem.name}] warm-up: {warmup} step(s) per variant")
+        log(f"[{problem.name}] warm-up: {warmup} step(s) per variant, then one counted step")
+        ops: dict[str, dict[str, Any]] = {}
         for w in live:
             with contextlib.suppress(RuntimeError):
                 w.ask(cmd="run", n=warmup)
+                ops.setdefault(w.variant, w.ask(cmd="ops"))
         for r in range(rounds):
             # A new order every round: no variant always runs after the same one (a heavy
             # neighbour leaves cold caches and a fragmented page cache behind).
@@ -661,6 +837,9 @@ def run_problem(
         entry: dict[str, Any] = {"status": bad[0].status if bad else "ok"}
         if bad:
             entry["reason"] = bad[0].reason
+        if variant in ops:
+            entry["ops"] = ops[variant]["ops"]
+            entry["ops_step"] = ops[variant]["ops_step"]
         if variant in samples:
             entry.update(samples[variant])
             mems = memory.get(variant, [])
@@ -727,6 +906,8 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         if variant.startswith("_"):
             continue
         entry = dict(entry)
+        if "ops" in entry and "ops" in plain:
+            entry["ops_added"] = entry["ops"] - plain["ops"]
         times = entry.get("times") or []
         if entry.get("status") == "ok" and times:
             period = PERIOD.get(variant, 1)
@@ -789,11 +970,12 @@ def comparisons(problems: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def check_targets(problems: dict[str, Any]) -> list[dict[str, Any]]:
+def check_targets(problems: dict[str, Any], device: str = "cpu") -> list[dict[str, Any]]:
     rows = []
+    kind = torch.device(device).type
     for name, result in problems.items():
-        for where, variant, limit in TARGETS:
-            if where not in (None, name):
+        for on, where, variant, limit in TARGETS:
+            if where not in (None, name) or on not in (None, kind):
                 continue
             entry = result["variants"].get(variant, {})
             if "ratio" not in entry:
@@ -830,8 +1012,9 @@ def _mb(n: float | None) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     cuda = result["machine"]["device"].startswith("cuda")
-    head = "| problem | variant | ms/step | ratio to plain (90% CI) | peak RSS MB (delta) |"
-    rule = "|---|---|---:|---|---:|"
+    head = ("| problem | variant | ms/step | ratio to plain (90% CI) | aten ops added |"
+            " peak RSS MB (delta) |")
+    rule = "|---|---|---:|---|---:|---:|"
     if not cuda:
         head += " CPU-time ratio |"
         rule += "---:|"
@@ -851,7 +1034,8 @@ def markdown(result: dict[str, Any]) -> str:
             rss = _mb(e.get("peak_rss_bytes"))
             if delta is not None and variant != "plain":
                 rss += f" ({delta / 2**20:+.0f})"
-            row = f"| {name} | {variant} | {ms} | {ratio} | {rss} |"
+            added = "-" if e.get("ops_added") is None else e["ops_added"]
+            row = f"| {name} | {variant} | {ms} | {ratio} | {added} | {rss} |"
             if not cuda:
                 row += f" {e['cpu_ratio']:.3f} |" if "cpu_ratio" in e else " - |"
             if cuda:
@@ -1058,6 +1242,57 @@ def soak_markdown(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------ op counts
+def count_ops(
+    problem: str = "resnet18",
+    variants: Sequence[str] = ("exporter", "norms", "all"),
+    batch_size: int | None = 8,
+    device: str = "cpu",
+    warmup: int = 2,
+) -> dict[str, Any]:
+    """aten operators one training step dispatches, per variant, counted in this process
+    after ``warmup`` steps; ``added`` is the variant's count minus plain training's: the
+    operators Ikkuna (or the reference code) dispatches. Deterministic on any machine."""
+    import dataclasses
+
+    os.environ.pop("IKKUNA_PLUGINS", None)
+    spec = PROBLEMS[problem]
+    if batch_size is not None:
+        spec = dataclasses.replace(spec, batch_size=batch_size)
+    counts: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="ikkuna-ops-") as tmp:
+        for variant in ("plain", *variants):
+            runner = Runner(spec, variant, torch.device(device), Path(tmp) / variant)
+            try:
+                runner.run(warmup)
+                counts[variant] = runner.count_ops()
+            finally:
+                runner.close()
+    plain = counts["plain"]
+    return {
+        "problem": spec.describe(),
+        "device": device,
+        "plain": plain,
+        "added": {v: counts[v] - plain for v in variants},
+        "targets": {v: OP_TARGETS[v] for v in variants if v in OP_TARGETS},
+    }
+
+
+def ops_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"aten ops per step, {result['problem']} on {result['device']}: plain training "
+        f"dispatches {result['plain']}",
+        "",
+        "| variant | ops added | target | verdict |",
+        "|---|---:|---:|---|",
+    ]
+    for variant, added in result["added"].items():
+        target = result["targets"].get(variant)
+        verdict = "-" if target is None else "met" if added <= target else "missed"
+        lines.append(f"| {variant} | {added} | {'-' if target is None else target} | {verdict} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -1103,6 +1338,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="instead: memory over --soak-steps MLP steps with the three plugins",
     )
+    parser.add_argument(
+        "--ops",
+        action="store_true",
+        help="instead: count the aten ops each variant adds to a training step (CIFAR "
+        "ResNet-18, batch 8, unless --problems/--batch-size say otherwise)",
+    )
+    parser.add_argument("--batch-size", type=int, help="with --ops: the batch size (default 8)")
     parser.add_argument("--soak-steps", type=int, default=2000)
     parser.add_argument("--soak-every", type=int, default=100)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -1123,6 +1365,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
+    if args.ops:
+        chosen = [v for v in args.variants.split(",") if v and v != "plain"]
+        if args.variants == ",".join(DEFAULT_VARIANTS):
+            chosen = ["exporter", "norms", "histograms", "all", "all-sub10", "quickstart", "fused"]
+        name = args.problems.split(",")[0] if args.problems != "3c3d,resnet18,mlp" else "resnet18"
+        ops = count_ops(name, chosen, args.batch_size or 8, args.device)
+        result = {
+            "machine": machine_info(device),
+            "created": dt.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join(["python", "benchmarks/overhead.py", *sys.argv[1:]]),
+            "ops": ops,
+        }
+        out = args.out or default_out(device, "-ops")
+        _write(out, result)
+        print(ops_markdown(ops))
+        log(f"wrote {out}")
+        return result
     if args.soak:
         result = {
             "machine": machine_info(device),
@@ -1200,7 +1459,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     result["duration_s"] = time.perf_counter() - started
     result["comparisons"] = comparisons(result["problems"])
-    result["targets"] = check_targets(result["problems"])
+    result["targets"] = check_targets(result["problems"], args.device)
     out = args.out or default_out(device)
     _write(out, result)
     print(markdown(result))

@@ -61,8 +61,20 @@ def test_every_variant_trains_the_mlp(variant: str, tmp_path: Path) -> None:
             assert 0 < memory["snapshot_bytes"] <= memory["weight_param_bytes"]
     finally:
         runner.close()
-    if not variant.startswith(("plain", "cockpit")):
+    if not variant.startswith(("plain", "cockpit", "fused")):
         assert list(tmp_path.glob("**/events.out.tfevents.*")), "no TensorBoard log written"
+
+
+def test_ikkuna_adds_few_aten_ops_per_step() -> None:
+    """The deterministic proxy for kernel launches: operators Ikkuna dispatches in one CIFAR
+    ResNet-18 step (batch 8, CPU), counted with a TorchDispatchMode against plain training."""
+    result = bench.count_ops("resnet18", ["exporter", "norms", "all"], batch_size=8)
+    added = result["added"]
+    assert result["plain"] > 300  # the model's own forward, backward and SGD step
+    assert added["exporter"] == 0  # attached, nothing subscribed: nothing dispatched
+    assert 0 < added["norms"] <= 100  # norm of gradients, weights, updates of 41 weights
+    assert added["norms"] < added["all"] <= 600  # + histograms, accuracy, loss
+    assert "| all |" in bench.ops_markdown(result)
 
 
 def test_phase_aware_step_time_counts_the_subsampled_step() -> None:

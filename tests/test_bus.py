@@ -1,20 +1,34 @@
-"""MessageBus routing, synchronised bundles, derived topics, subsampling and error policy."""
+"""MessageBus: step delivery, synchronised topics, derived topics, subsampling, flushing and
+the error policy for subscribers and backends."""
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 
 import ikkuna_core as ik
 from ikkuna_core.testing import MemoryBackend
 
-INFO = ik.ModuleInfo(name="fc", type="Linear")
+
+def info(key: str) -> ik.ModuleInfo:
+    return ik.ModuleInfo(name=key, type="Linear")
 
 
-def module_msg(topic: str, step: int, value: float, key: str = "fc") -> ik.ModuleMessage:
-    info = INFO if key == "fc" else ik.ModuleInfo(name=key, type="Linear")
-    return ik.ModuleMessage(topic=topic, global_step=step, epoch=0, batch_index=step,
-                            module=info, data=torch.tensor([value]))
+def payloads(topic: str, values: dict[str, torch.Tensor | float]) -> ik.TopicPayloads:
+    return ik.TopicPayloads(
+        topic=topic,
+        keys=list(values),
+        modules=[info(k) for k in values],
+        data=[v if isinstance(v, torch.Tensor) else torch.tensor([float(v)])
+              for v in values.values()],
+    )
+
+
+def step(bus: ik.MessageBus, n: int, **topics: dict[str, torch.Tensor | float]) -> None:
+    bus.deliver((n, 0, n), {t: payloads(t, v) for t, v in topics.items()})
 
 
 class Collect(ik.Subscriber):
@@ -49,47 +63,42 @@ def test_topic_tables_are_per_bus():
         a.register_topic("curvature", "network")
 
 
-def test_synchronized_bundle_is_complete_and_stale_ones_are_dropped():
+def test_synchronized_bundles_hold_the_keys_common_to_all_topics():
     bus = ik.MessageBus(on_error="raise")
     sub = bus.register_subscriber(SyncCollect(topics=["weights", "weight_updates"]))
-    subscription = bus.subscriptions[0]
-    bus.publish(module_msg("weights", 0, 1.0))
-    assert sub.bundles == [] and subscription.pending == 1
-    bus.step_finished(0)  # the step ends without weight_updates: dropped, never delivered
-    assert subscription.pending == 0
-    bus.publish(module_msg("weight_updates", 1, 2.0))
-    bus.publish(module_msg("weights", 1, 3.0, key="other"))
-    bus.publish(module_msg("weights", 1, 4.0))
+    step(bus, 0, weights={"fc": 1.0})  # no weight_updates at this step: nothing delivered
+    assert sub.bundles == []
+    step(bus, 1, weights={"other": 3.0, "fc": 4.0}, weight_updates={"fc": 2.0, "gone": 5.0})
     assert len(sub.bundles) == 1
     bundle = sub.bundles[0]
     assert bundle.topics == ("weights", "weight_updates")  # subscription order
-    assert bundle.key == "fc" and bundle.global_step == 1 and bundle.module == INFO
+    assert bundle.key == "fc" and bundle.global_step == 1 and bundle.module == info("fc")
     assert bundle["weights"].item() == 4.0 and bundle["weight_updates"].item() == 2.0
     with pytest.raises(KeyError, match="holds"):
         bundle["activations"]
-    bus.step_finished(1)
-    assert subscription.pending == 0
 
 
-def test_waiting_payloads_are_cloned_against_inplace_changes():
+def test_a_synchronized_subscriber_that_never_completes_is_reported_once():
     bus = ik.MessageBus(on_error="raise")
-    sub = bus.register_subscriber(SyncCollect(topics=["activations", "layer_gradients"]))
-    act = torch.tensor([-1.0, 2.0])
-    bus.publish(module_msg("activations", 0, 0.0).model_copy(update={"data": act}))
-    act.clamp_(min=0)  # an in-place ReLU after the module
-    bus.publish(module_msg("layer_gradients", 0, 5.0))
-    assert sub.bundles[0]["activations"].tolist() == [-1.0, 2.0]
+    bus.register_subscriber(SyncCollect(topics=["weights", "weight_updates"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in range(6):
+            step(bus, n, weights={"fc": 1.0})
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1
+    assert "'sync_collect'" in messages[0] and "['weight_updates'] had no payload" in messages[0]
+    assert "in 3 steps up to step 2" in messages[0]
 
 
 def test_single_topic_subscriptions_and_subsample():
     bus = ik.MessageBus(on_error="raise")
     sub = bus.register_subscriber(Collect(topics=["weights", "biases"], subsample=2))
-    for step in range(5):
-        bus.publish(module_msg("weights", step, step))
-        bus.publish(module_msg("biases", step, step))
-    assert [(b.topics, b.global_step) for b in sub.bundles] == [
-        (("weights",), 0), (("biases",), 0), (("weights",), 2), (("biases",), 2),
-        (("weights",), 4), (("biases",), 4),
+    for n in range(5):
+        step(bus, n, weights={"fc": n, "fc2": -n}, biases={"fc": n})
+    assert [(b.topics, b.key, b.global_step) for b in sub.bundles] == [
+        item for n in (0, 2, 4)
+        for item in ((("weights",), "fc", n), (("weights",), "fc2", n), (("biases",), "fc", n))
     ]
     assert bus.wanted_topics(3) == frozenset()
     assert bus.wanted_topics(4) == {"weights", "biases"}
@@ -102,20 +111,59 @@ class Double(ik.Subscriber):
         self.publish_scalar(bundle, bundle[bundle.topics[0]].sum() * 2)
 
 
-def test_derived_topics_reach_other_subscribers_and_backends():
+def test_derived_topics_reach_later_subscribers_and_backends():
     bus = ik.MessageBus(on_error="raise")
     backend = bus.add_backend(MemoryBackend())
     bus.register_subscriber(Double(topics=["weights"]))
     assert "double/weights" in bus.topics
     chained = bus.register_subscriber(Double(topics=["double/weights"], publish_as="quad"))
     collect = bus.register_subscriber(Collect(topics=["quad"]))
-    bus.publish(module_msg("weights", 0, 1.5))
-    assert collect.bundles[0]["quad"].item() == 6.0
-    assert collect.bundles[0].key == "fc"
-    bus.step_finished(0)
+    step(bus, 0, weights={"fc": 1.5, "fc2": 2.0})
+    assert [(b.key, b["quad"].item()) for b in collect.bundles] == [("fc", 6.0), ("fc2", 8.0)]
+    assert collect.bundles[0].module == info("fc")
     assert backend.scalar("double/weights/fc", 0) == 3.0
-    assert backend.scalar("quad/fc", 0) == 6.0
+    assert backend.scalar("quad/fc2", 0) == 8.0
     assert chained.output_topics() == ["quad"]
+
+
+class StepNorms(ik.Subscriber):
+    """A step-level subscriber: one call per step, one vector of values."""
+
+    name = "step_norms"
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.calls: list[tuple[int, list[str | None]]] = []
+
+    def compute_step(self, step):
+        payloads = step[step.topics[0]]
+        self.calls.append((step.global_step, payloads.keys))
+        self.publish_scalars(step, ik.ops.norms(payloads.tensors()))
+
+
+def test_step_level_subscribers_get_every_module_at_once():
+    bus = ik.MessageBus(on_error="raise")
+    backend = bus.add_backend(MemoryBackend())
+    sub = bus.register_subscriber(StepNorms(topics=["weights"]))
+    collect = bus.register_subscriber(Collect(topics=["step_norms/weights"]))
+    w = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([[1.0, 2.0], [2.0, 4.0]])}
+    step(bus, 0, weights=w)
+    assert sub.calls == [(0, ["a", "b"])]
+    assert backend.scalar("step_norms/weights/a", 0) == pytest.approx(5.0)
+    assert backend.scalar("step_norms/weights/b", 0) == pytest.approx(5.0)
+    # one message for the whole topic: the values travel as one tensor
+    assert [b.key for b in collect.bundles] == ["a", "b"]
+
+
+def test_publishing_outside_a_step_is_an_error():
+    bus = ik.MessageBus()
+    sub = bus.register_subscriber(Double(topics=["weights"]))
+    message = ik.ModuleMessage(topic="weights", global_step=0, epoch=0, batch_index=0,
+                               module=info("fc"), data=torch.ones(1))
+    bundle = ik.MessageBundle(key="fc", global_step=0, epoch=0, batch_index=0,
+                              messages={"weights": message})
+    with pytest.raises(RuntimeError, match="outside its compute"):
+        sub.publish_scalar(bundle, 1.0)
 
 
 class Broken(ik.Subscriber):
@@ -125,18 +173,24 @@ class Broken(ik.Subscriber):
         raise ZeroDivisionError("oops")
 
 
-def test_error_policy_raise_or_warn_and_disable():
+def test_error_policy_raise_names_the_subscriber_topic_and_step():
     bus = ik.MessageBus(on_error="raise")
     bus.register_subscriber(Broken(topics=["weights"]))
-    with pytest.raises(ZeroDivisionError):
-        bus.publish(module_msg("weights", 0, 1.0))
+    with pytest.raises(ik.SubscriberError) as err:
+        step(bus, 7, weights={"fc": 1.0})
+    assert str(err.value) == (
+        "subscriber 'broken' failed at step 7 on topic 'weights': ZeroDivisionError: oops"
+    )
+    assert isinstance(err.value.__cause__, ZeroDivisionError)
 
+
+def test_error_policy_warn_disables_the_subscriber():
     bus = ik.MessageBus(on_error="warn")
     broken = bus.register_subscriber(Broken(topics=["weights"]))
     ok = bus.register_subscriber(Collect(topics=["weights"]))
-    with pytest.warns(RuntimeWarning, match="'broken' raised ZeroDivisionError: oops"):
-        bus.publish(module_msg("weights", 0, 1.0))
-    bus.publish(module_msg("weights", 1, 1.0))
+    with pytest.warns(RuntimeWarning, match="'broken' failed at step 0 on topic 'weights'"):
+        step(bus, 0, weights={"fc": 1.0})
+    step(bus, 1, weights={"fc": 1.0})
     assert not broken.enabled and len(ok.bundles) == 2
 
 
@@ -144,12 +198,80 @@ def test_flush_moves_values_once_and_respects_flush_every():
     bus = ik.MessageBus(on_error="raise", flush_every=3)
     backend = bus.add_backend(MemoryBackend())
     bus.register_subscriber(Double(topics=["weights"]))
-    for step in range(4):
-        bus.publish(module_msg("weights", step, step))
-        bus.step_finished(step)
+    for n in range(4):
+        step(bus, n, weights={"fc": n})
     assert [r.step for r in backend.scalars] == [0, 1, 2]
     bus.close()
     assert [r.value for r in backend.scalars] == [0.0, 2.0, 4.0, 6.0] and backend.closed
+
+
+class FailingBackend(MemoryBackend):
+    name = "failing"
+
+    def write_scalars(self, records):
+        raise OSError(28, "No space left on device")
+
+    def close(self):
+        raise OSError("cannot close")
+
+
+def test_a_failing_backend_is_named_and_the_others_get_their_records():
+    bus = ik.MessageBus(on_error="raise")
+    first = bus.add_backend(MemoryBackend())
+    bus.add_backend(FailingBackend())
+    last = bus.add_backend(MemoryBackend())
+    bus.register_subscriber(Double(topics=["weights"]))
+    with pytest.raises(ik.BackendError, match="backend 'failing' .*No space left on device"):
+        step(bus, 0, weights={"fc": 1.0})
+    assert first.scalar("double/weights/fc", 0) == last.scalar("double/weights/fc", 0) == 2.0
+
+    bus = ik.MessageBus(on_error="warn")
+    failing = bus.add_backend(FailingBackend())
+    good = bus.add_backend(MemoryBackend())
+    bus.register_subscriber(Double(topics=["weights"]))
+    with pytest.warns(RuntimeWarning, match="backend 'failing'"):
+        step(bus, 0, weights={"fc": 1.0})
+    step(bus, 1, weights={"fc": 2.0})
+    assert failing not in bus.backends and [r.value for r in good.scalars] == [2.0, 4.0]
+
+
+def test_close_closes_every_backend_and_reports_failures_together():
+    bus = ik.MessageBus()
+    a = bus.add_backend(MemoryBackend())
+    bus.add_backend(FailingBackend())
+    b = bus.add_backend(MemoryBackend())
+    with pytest.raises(ik.BackendError, match="closing failed: backend 'failing'"):
+        bus.close()
+    assert a.closed and b.closed
+
+
+class Hist(ik.Subscriber):
+    name = "hist"
+
+    def compute(self, bundle):
+        self.publish_histogram(bundle, bundle.tensor(bundle.topics[0]), bins=4)
+
+
+def test_nonfinite_values_are_written_as_a_scalar_and_warned_once_per_tag():
+    bus = ik.MessageBus(on_error="raise")
+    backend = bus.add_backend(MemoryBackend())
+    bus.register_subscriber(Hist(topics=["activations"]))
+    bad = torch.tensor([0.0, 1.0, float("nan"), 2.0])
+    allbad = torch.full((3,), float("inf"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in range(3):
+            step(bus, n, activations={"a": bad, "b": allbad})
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2
+    assert "hist/activations/a at step 0: 1 non-finite value(s) (NaN/inf) among 4" in messages[0]
+    assert "hist/activations/b at step 0: 3 non-finite" in messages[1]
+    assert backend.scalar("hist/activations/a/nonfinite", 2) == 1
+    assert backend.scalar("hist/activations/b/nonfinite", 2) == 3
+    h = backend.histogram("hist/activations/b", 1)  # all non-finite: written, empty bins
+    assert h.num == 0 and h.counts.sum() == 0 and h.nonfinite == 3
+    h = backend.histogram("hist/activations/a", 1)
+    assert h.num == 3 and h.counts.tolist() == np.histogram([0, 1, 2], bins=4)[0].tolist()
 
 
 def test_subscriber_options_are_validated():
@@ -157,6 +279,8 @@ def test_subscriber_options_are_validated():
         Collect(topics=["weights"], subsample=0)
     with pytest.raises(ValueError, match="colour"):
         Collect(topics=["weights"], colour="red")
+    with pytest.raises(ValueError, match="topics: it needs at least one topic"):
+        Collect(topics=[])
 
     class Nameless(ik.Subscriber):
         pass
@@ -165,45 +289,12 @@ def test_subscriber_options_are_validated():
         Nameless()
 
 
-def test_histogram_on_device_counts_finite_values():
-    values = torch.tensor([0.0, 0.5, 1.0, float("nan"), float("inf"), 0.25])
-    h = ik.histogram_on_device(values, bins=4, range=(0.0, 1.0))
-    assert h["data"].tolist() == [1.0, 1.0, 1.0, 1.0]  # torch.histc([0,.25,.5,1], 4, 0, 1)
-    assert torch.equal(h["data"].float(), torch.histc(torch.tensor([0, .5, 1, .25]), 4, 0, 1))
-    assert h["nonfinite"].item() == 2 and h["num"].item() == 4
-    assert h["sum"].item() == 1.75 and h["min"].item() == 0.0 and h["max"].item() == 1.0
-    auto = ik.histogram_on_device(torch.tensor([-2.0, 2.0, 0.0]), bins=2)
-    assert auto["edges"].tolist() == [-2.0, 0.0, 2.0] and auto["data"].tolist() == [1.0, 2.0]
-
-
-def test_background_worker_gives_the_same_results_and_reraises(recorder_cls):
-    from torch import nn
-
-    def run(background: bool) -> list[float]:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 2))
-        bus = ik.MessageBus(on_error="raise", background=background)
-        backend = bus.add_backend(MemoryBackend())
-        exporter = ik.Exporter(bus=bus)
-        exporter.set_model(model)
-        bus.register_subscriber(Double(topics=["activations", "weight_updates"]))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
-        for _ in range(3):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        exporter.close()
-        return [r.value for r in sorted(backend.scalars, key=lambda r: (r.step, r.tag))]
-
-    assert run(background=True) == run(background=False)
-
-    bus = ik.MessageBus(on_error="raise", background=True)
-    bus.register_subscriber(Broken(topics=["weights"]))
-    bus.publish(module_msg("weights", 0, 1.0))
-    with pytest.raises(ZeroDivisionError):
-        bus.step_finished(0)
-    bus.close()
+def test_publish_as_may_not_shadow_a_topic():
+    bus = ik.MessageBus()
+    with pytest.raises(ValueError, match="already a topic of this bus"):
+        bus.register_subscriber(Double(topics=["weights"], publish_as="loss"))
+    with pytest.raises(ValueError, match="its own input topic 'weights'"):
+        bus.register_subscriber(Double(topics=["weights"], publish_as="weights"))
 
 
 def test_tensor_options_reject_event_topics_and_bundle_tensor_detaches():
@@ -216,7 +307,7 @@ def test_tensor_options_reject_event_topics_and_bundle_tensor_detaches():
     bus = ik.MessageBus(on_error="raise")
     sub = bus.register_subscriber(Tensorish(topics=["weights"]))
     data = torch.ones(2, requires_grad=True) * 3
-    bus.publish(module_msg("weights", 0, 0.0).model_copy(update={"data": data}))
+    step(bus, 0, weights={"fc": data})
     tensor = sub.bundles[0].tensor("weights")
     assert tensor.tolist() == [3.0, 3.0] and not tensor.requires_grad
     event = ik.MessageBundle(key=None, global_step=0, epoch=0, batch_index=0, messages={

@@ -79,6 +79,7 @@ def test_activations_and_layer_gradients_with_inplace_relu(recorder_cls):
     loss_fn = exporter.set_loss(nn.CrossEntropyLoss())
     x, y = data()
     loss_fn(model(x), y).backward()
+    exporter.close()  # no optimizer: the step ends here
 
     outputs: dict[str, torch.Tensor] = {}
     for name, module in reference.named_children():
@@ -89,7 +90,6 @@ def test_activations_and_layer_gradients_with_inplace_relu(recorder_cls):
     for name, grad in zip(names, grads, strict=True):
         torch.testing.assert_close(rec.seen[("activations", name, 0)], outputs[name].detach())
         torch.testing.assert_close(rec.seen[("layer_gradients", name, 0)], grad)
-    exporter.close()
 
 
 def test_network_topics_and_step_counting(recorder_cls):
@@ -168,8 +168,8 @@ def test_eval_no_grad_and_silenced_forwards_publish_nothing(recorder_cls):
     out = model(x)
     exporter.evaluate(x)
     loss_fn(out, y).backward()
+    exporter.close()  # ends the step
     assert rec.topic_count("loss") == 1 and rec.topic_count("activations") == len(model)
-    exporter.close()
 
 
 def test_publish_in_eval_when_asked(recorder_cls):
@@ -177,8 +177,8 @@ def test_publish_in_eval_when_asked(recorder_cls):
     exporter, rec = watched(model, ["activations"], recorder_cls, publish_in_eval=True)
     with torch.no_grad():
         model(data()[0])
-    assert rec.topic_count("activations") == len(model)
     exporter.close()
+    assert rec.topic_count("activations") == len(model)
 
 
 def test_pay_only_for_what_is_used(recorder_cls):
@@ -188,21 +188,25 @@ def test_pay_only_for_what_is_used(recorder_cls):
     base = exporter.hook_count  # model pre-hook and the two optimizer-step hooks
     assert base == 3
     assert all(not m._forward_hooks for m in model.modules())
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, _ = data()
-    model(x).sum().backward()
-    opt.step()
-    assert exporter._snapshot == {}  # no update topic: parameters are never copied
 
+    # Before any optimizer is seen, gradients are taken as they are accumulated (loops that
+    # update the weights by hand): one hook per parameter.
     rec = recorder_cls(topics=["weight_gradients"])
     exporter.bus.register_subscriber(rec)
-    n_weights = sum(1 for m in model.modules() if getattr(m, "weight", None) is not None)
-    assert exporter.hook_count == base + n_weights
+    assert exporter.hook_count == base + len(list(model.parameters()))  # weights and biases
     assert all(not m._forward_hooks for m in model.modules())
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x).sum().backward()
+    opt.step()
+    # an optimizer holds the parameters: its pre-step hook reads them, no hook per parameter
+    assert exporter.hook_count == base
+    assert exporter._snapshot == {}  # no update topic: parameters are never copied
 
     act = recorder_cls(topics=["activations"], subsample=2)
     exporter.bus.register_subscriber(act)
-    assert exporter.hook_count == base + n_weights + len(model)
+    assert exporter.hook_count == base + len(model)
     exporter.bus.unregister_subscriber(act)
     exporter.bus.unregister_subscriber(rec)
     assert exporter.hook_count == base
@@ -211,22 +215,30 @@ def test_pay_only_for_what_is_used(recorder_cls):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-def test_subsampled_steps_publish_and_copy_nothing(recorder_cls):
+def test_subsampled_steps_publish_and_copy_nothing(recorder_cls, monkeypatch):
     model = small_cnn()
     exporter = ik.Exporter(bus=ik.MessageBus(on_error="raise"))
     exporter.set_model(model)
     rec = recorder_cls(topics=["weight_updates", "activations"], subsample=3)
     exporter.bus.register_subscriber(rec)
-    published = []
-    original = exporter.bus.publish
-    exporter.bus.publish = lambda m: (published.append(m.global_step), original(m))[1]
+    delivered = []
+    original = exporter.bus.deliver
+    monkeypatch.setattr(
+        exporter.bus, "deliver",
+        lambda stamp, payloads: (delivered.append((stamp[0], sorted(payloads))),
+                                 original(stamp, payloads))[1],
+    )
+    copies = []
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda *a: copies.append(exporter.global_step))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, _ = data()
     for _ in range(7):
         opt.zero_grad()
         model(x).sum().backward()
         opt.step()
-    assert sorted(set(published)) == [0, 3, 6]
+    assert [s for s, topics in delivered if topics] == [0, 3, 6]
+    assert all(topics == ["activations", "weight_updates"] for s, topics in delivered if topics)
+    assert copies == [0, 3, 6]
     assert {k[2] for k in rec.order} == {0, 3, 6}
     exporter.close()
 

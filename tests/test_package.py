@@ -27,13 +27,19 @@ def test_json_schema_describes_every_message_type():
     schema = ik.message_json_schema()
     json.dumps(schema)  # serialisable
     kinds = set(schema["message"]["discriminator"]["mapping"])
-    assert kinds == {"module", "network", "scalar", "histogram"}
+    assert kinds == {"module", "network", "scalars", "histograms"}
     module = schema["message"]["$defs"]["ModuleMessage"]
     assert {"topic", "global_step", "epoch", "batch_index", "module", "data"} <= set(
         module["properties"]
     )
     assert module["properties"]["data"]["type"] == "array"
     assert "messages" in schema["bundle"]["properties"]
+    step = schema["step"]
+    assert "payloads" in step["properties"]
+    payloads = step["$defs"]["TopicPayloads"]["properties"]
+    assert {"topic", "keys", "modules", "data"} <= set(payloads)
+    scalars = schema["message"]["$defs"]["ScalarsMessage"]["properties"]
+    assert {"keys", "tags", "data"} <= set(scalars)
 
 
 def test_messages_are_frozen_and_validated():

@@ -5,7 +5,6 @@ every subscriber they provide, plus the matplotlib figures."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,6 @@ from torch import nn
 
 import ikkuna_core
 from ikkuna_core.backends.matplotlib import figure_path
-from ikkuna_core.testing import MemoryBackend
 
 CONFIG = """
 [ikkuna]
@@ -191,41 +189,3 @@ def test_three_plugins_enabled_by_name(tmp_path: Path) -> None:
     for topic in topics:
         png = figure_path(log_dir, topic)
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG", topic
-
-
-def _records(background: bool, tmp_path: Path) -> tuple[list, list]:
-    config = tomllib.loads(CONFIG.format(log_dir=(tmp_path / "unused").as_posix()))["ikkuna"]
-    config.update(backends=[], background=background)
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(256, 16),
-        nn.ReLU(), nn.Linear(16, 10),
-    )
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
-    exporter = ikkuna_core.watch(model, nn.CrossEntropyLoss(), config=config)
-    assert exporter.bus.background is background
-    backend = exporter.bus.add_backend(MemoryBackend())
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(STEPS):
-        optimizer.zero_grad()
-        exporter.loss_fn(model(x), y).backward()
-        optimizer.step()
-    exporter.close()
-    return backend.scalars, backend.histograms
-
-
-def test_background_worker_gives_the_same_results(tmp_path: Path) -> None:
-    """With ``background = true`` the subscribers run on the bus's worker thread (test
-    accuracy evaluates the model there); every value equals the inline run's."""
-    inline_scalars, inline_hists = _records(False, tmp_path)
-    bg_scalars, bg_hists = _records(True, tmp_path)
-    assert len(inline_scalars) == len(bg_scalars) > 100
-    key = lambda r: (r.step, r.tag)  # noqa: E731
-    for a, b in zip(sorted(inline_scalars, key=key), sorted(bg_scalars, key=key), strict=True):
-        assert (a.tag, a.step) == (b.tag, b.step)
-        assert a.value == pytest.approx(b.value, rel=1e-6, abs=1e-9), a.tag
-    assert len(inline_hists) == len(bg_hists) > 50
-    for a, b in zip(sorted(inline_hists, key=key), sorted(bg_hists, key=key), strict=True):
-        assert (a.tag, a.step) == (b.tag, b.step)
-        np.testing.assert_array_equal(a.counts, b.counts)

@@ -4,35 +4,38 @@ The public face of the core; heavy optional libraries (tensorboard, matplotlib,
 torchvision) are imported only by the parts that need them.
 """
 
-from .bus import MessageBus, Subscription, SynchronizedSubscription, UnknownTopicError
+from . import ops
+from .bus import MessageBus, Subscription, UnknownTopicError
 from .config import ConfigError, IkkunaConfig, SubscriberConfig, load_config
+from .errors import BackendError, IkkunaError, SubscriberError
 from .exporter import Exporter, select_modules
 from .hookspecs import hookimpl
 from .messages import (
-    EVENT_TOPICS,
-    MODULE_TOPICS,
-    NETWORK_TOPICS,
-    HistogramMessage,
+    HistogramsMessage,
     MessageBundle,
     ModuleInfo,
     ModuleMessage,
     NetworkMessage,
-    ScalarMessage,
-    TopicSpec,
+    ScalarsMessage,
+    StepBundle,
+    TopicPayloads,
     message_json_schema,
 )
 from .plugins import PluginError, PluginRegistry, load_plugins
-from .subscriber import Subscriber, SubscriberOptions, TensorOptions, histogram_on_device
+from .subscriber import Subscriber, SubscriberOptions, TensorOptions
+from .topics import EVENT_TOPICS, MODULE_TOPICS, NETWORK_TOPICS, TopicSpec
 from .watch import watch
 
 __all__ = [
     "EVENT_TOPICS",
     "MODULE_TOPICS",
     "NETWORK_TOPICS",
+    "BackendError",
     "ConfigError",
     "Exporter",
-    "HistogramMessage",
+    "HistogramsMessage",
     "IkkunaConfig",
+    "IkkunaError",
     "MessageBundle",
     "MessageBus",
     "ModuleInfo",
@@ -40,20 +43,22 @@ __all__ = [
     "NetworkMessage",
     "PluginError",
     "PluginRegistry",
-    "ScalarMessage",
+    "ScalarsMessage",
+    "StepBundle",
     "Subscriber",
     "SubscriberConfig",
+    "SubscriberError",
     "SubscriberOptions",
     "Subscription",
-    "SynchronizedSubscription",
     "TensorOptions",
+    "TopicPayloads",
     "TopicSpec",
     "UnknownTopicError",
     "hookimpl",
-    "histogram_on_device",
     "load_config",
     "load_plugins",
     "message_json_schema",
+    "ops",
     "select_modules",
     "watch",
 ]

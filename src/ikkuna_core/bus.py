@@ -1,172 +1,100 @@
-"""The MessageBus: routes typed messages from the Exporter (and from subscribers that publish
-derived metrics) to subscriptions, and metric results to the backends."""
+"""The MessageBus: hands each step's payloads to the subscribers that want the step, collects
+their results (one message per subscriber, topic and step), makes results available to later
+subscribers as topics of their own, and moves them to the backends with one device-to-host
+copy per step.
+
+Routing and delivery only: the bus never touches torch hooks (the Exporter does) and computes
+no metric (subscribers do)."""
 
 from __future__ import annotations
 
 import math
-import queue
-import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from .backends.base import HistogramRecord, ScalarRecord
-from .messages import (
-    MODULE_TOPICS,
-    NETWORK_TOPICS,
-    HistogramMessage,
-    MessageBundle,
-    ModuleMessage,
-    NetworkMessage,
-    ScalarMessage,
-    TopicSpec,
-)
+from .errors import BackendError, IkkunaError, SubscriberError
+from .messages import HistogramsMessage, ModuleInfo, ScalarsMessage, StepBundle, TopicPayloads
+from .topics import TopicSpec, builtin_topics
 
 if TYPE_CHECKING:
     from .backends.base import Backend
     from .exporter import Exporter
+    from .ops import Histograms
     from .subscriber import Subscriber
 
-__all__ = ["MessageBus", "Subscription", "SynchronizedSubscription", "UnknownTopicError"]
+__all__ = ["MessageBus", "Stamp", "Subscription", "UnknownTopicError"]
 
-
-AnyMessage = ModuleMessage | NetworkMessage | ScalarMessage | HistogramMessage
-
-_DEFAULT_DOCS = {
-    "weights": "the module's weight parameters after the step's optimizer update",
-    "biases": "the module's bias parameters after the step's optimizer update",
-    "weight_gradients": "gradient of the loss w.r.t. the weights, after backward",
-    "bias_gradients": "gradient of the loss w.r.t. the biases, after backward",
-    "weight_updates": "change of the weights across the step's optimizer.step()",
-    "bias_updates": "change of the biases across the step's optimizer.step()",
-    "activations": "the module's output (first tensor of a tuple output)",
-    "layer_gradients": "gradient of the loss w.r.t. the module's output",
-    "batch_started": "a training step begins (no payload)",
-    "batch_finished": "a training step ends (no payload)",
-    "epoch_started": "an epoch begins (no payload)",
-    "epoch_finished": "an epoch ends (no payload)",
-    "input_data": "the first tensor argument of the model's forward",
-    "input_labels": "the target passed to the loss",
-    "network_output": "the model output passed to the loss",
-    "loss": "the loss value (0-d tensor)",
-}
-
-
-def default_topics() -> list[TopicSpec]:
-    """The topics the Exporter publishes."""
-    return [TopicSpec(name=t, kind="module", doc=_DEFAULT_DOCS[t]) for t in MODULE_TOPICS] + [
-        TopicSpec(name=t, kind="network", doc=_DEFAULT_DOCS[t]) for t in NETWORK_TOPICS
-    ]
+#: (global_step, epoch, batch_index) of a step.
+Stamp = tuple[int, int, int]
+#: Steps a synchronized subscription may stay incomplete before it is reported.
+_INCOMPLETE_WARN_AFTER = 3
+#: Transfers to the host that may be in flight before the oldest is waited for.
+_MAX_IN_FLIGHT = 2
 
 
 class UnknownTopicError(ValueError):
     """A subscription named a topic that no one publishes."""
 
 
+@dataclass(eq=False)
 class Subscription:
-    """Delivers each message of one topic to a subscriber as a one-topic bundle."""
+    """One subscriber's subscription: its topics and every how many steps it runs."""
 
-    def __init__(self, subscriber: Subscriber, topics: Iterable[str], subsample: int = 1) -> None:
-        self.subscriber = subscriber
-        self.topics: tuple[str, ...] = tuple(topics)
-        self.subsample = int(subsample)
-        if self.subsample < 1:
-            raise ValueError(f"subsample must be >= 1, got {subsample}")
+    subscriber: Subscriber
+    topics: tuple[str, ...]
+    subsample: int = 1
+    synchronized: bool = False
+    #: steps at which it was due but some topic had no payload (synchronized only)
+    incomplete: int = 0
+    completed: int = 0
 
     def wants(self, step: int) -> bool:
-        return step % self.subsample == 0
-
-    def handle(self, message: AnyMessage) -> None:
-        self._deliver(message.key, message.global_step, {message.topic: message}, message)
-
-    def step_finished(self, step: int) -> None:
-        """Called after every step; single-topic subscriptions hold nothing."""
-
-    def _deliver(self, key: str | None, step: int, messages: dict[str, Any], any_msg: Any) -> None:
-        module = any_msg.module if isinstance(any_msg, ModuleMessage) else None
-        bundle = MessageBundle(
-            key=key,
-            module=module,
-            global_step=step,
-            epoch=any_msg.epoch,
-            batch_index=any_msg.batch_index,
-            messages=messages,
-        )
-        self.subscriber._receive(bundle)
+        return step % self.subsample == 0 and self.subscriber.enabled
 
 
-class SynchronizedSubscription(Subscription):
-    """Collects one message per topic for each (module, step) and delivers the bundle once
-    all topics are present. Incomplete bundles are dropped when their step ends, so they never
-    leak into the next step. Payloads that wait are cloned, since training may change the
-    tensor in place (an in-place ReLU after a conv, gradient clipping) before the bundle is
-    complete."""
+@dataclass
+class _Collected:
+    """Results one subscriber published for one topic during its step."""
 
-    def __init__(self, subscriber: Subscriber, topics: Iterable[str], subsample: int = 1) -> None:
-        super().__init__(subscriber, topics, subsample)
-        if len(set(self.topics)) != len(self.topics):
-            raise ValueError(f"duplicate topics in a synchronized subscription: {self.topics}")
-        self._pending: dict[tuple[str | None, int], dict[str, AnyMessage]] = {}
-
-    def handle(self, message: AnyMessage) -> None:
-        ident = (message.key, message.global_step)
-        got = self._pending.get(ident)
-        if got is None:
-            got = self._pending[ident] = {}
-        got[message.topic] = message
-        if len(got) == len(self.topics):
-            del self._pending[ident]
-            ordered = {t: got[t] for t in self.topics}
-            any_msg = next((m for m in ordered.values() if isinstance(m, ModuleMessage)), message)
-            self._deliver(message.key, message.global_step, ordered, any_msg)
-        elif isinstance(message.data, torch.Tensor):
-            got[message.topic] = message.model_copy(update={"data": message.data.clone()})
-
-    def step_finished(self, step: int) -> None:
-        if self._pending:
-            stale = [k for k in self._pending if k[1] <= step]
-            for k in stale:
-                del self._pending[k]
-
-    @property
-    def pending(self) -> int:
-        """Number of incomplete bundles waiting (for tests and diagnostics)."""
-        return len(self._pending)
+    keys: list[str | None] = field(default_factory=list)
+    scalars: list[torch.Tensor] = field(default_factory=list)
+    hists: list[Histograms] = field(default_factory=list)
 
 
 class MessageBus:
-    """Routes messages by topic to subscriptions and metric results to backends.
+    """Delivers steps to subscriptions and metric results to backends.
 
     Each bus has its own topic table, so registering a topic on one bus never changes another.
+    ``on_error``: ``"warn"`` disables a failing subscriber (or backend) with a warning and
+    training goes on; ``"raise"`` stops with a :class:`~ikkuna_core.SubscriberError` (or
+    :class:`~ikkuna_core.BackendError`). ``flush_every``: steps between backend writes.
     """
 
-    def __init__(
-        self, *, on_error: str = "warn", flush_every: int = 1, background: bool = False
-    ) -> None:
+    def __init__(self, *, on_error: str = "warn", flush_every: int = 1) -> None:
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
         self.on_error = on_error
         self.flush_every = flush_every
-        self._topics: dict[str, TopicSpec] = {t.name: t for t in default_topics()}
-        self._routes: dict[str, list[Subscription]] = {}
+        self._topics: dict[str, TopicSpec] = {t.name: t for t in builtin_topics()}
         self.subscriptions: list[Subscription] = []
-        self.subscribers: list[Subscriber] = []
         self.backends: list[Backend] = []
         self.exporter: Exporter | None = None
         self._listeners: list[Callable[[], None]] = []
-        self._pending_scalars: list[ScalarMessage] = []
-        self._pending_histograms: list[HistogramMessage] = []
-        self._wanted_cache: dict[int, frozenset[str]] = {}
-        #: Opt-in: subscribers compute on a background thread, overlapping with training;
-        #: each step waits for its metrics before it ends. See benchmarks/README.md for
-        #: whether it pays on your machine.
-        self.background = background
-        self._worker: _Worker | None = None
+        self._active_cache: dict[int, tuple[Subscription, ...]] = {}
+        self._consumed: frozenset[str] = frozenset()
+        self._collecting: tuple[Subscriber, dict[str, _Collected]] | None = None
+        self._pending: list[ScalarsMessage | HistogramsMessage] = []
+        self._in_flight: deque[_Transfer] = deque()
+        self._pinned: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
+        self._warned: set[str] = set()
 
     # ---------------------------------------------------------------- topics
     @property
@@ -193,36 +121,55 @@ class MessageBus:
             ) from None
 
     # ----------------------------------------------------------- subscribers
+    @property
+    def subscribers(self) -> list[Subscriber]:
+        return [s.subscriber for s in self.subscriptions]
+
     def register_subscriber(self, subscriber: Subscriber) -> Subscriber:
-        """Subscribe ``subscriber`` to its topics and register the topics it publishes."""
+        """Subscribe ``subscriber`` to its topics and register the topics it publishes. A
+        subscriber runs after every subscriber registered before it, so it can consume their
+        results in the same step."""
         topics = list(subscriber.options.topics)
         if not topics:
             raise ValueError(f"subscriber {subscriber.name!r} has no topics to subscribe to")
         kinds = {self.check_topic(t).kind for t in topics}
-        subsample = subscriber.options.subsample
-        if subscriber.synchronized:
-            subs: list[Subscription] = [SynchronizedSubscription(subscriber, topics, subsample)]
-        else:
-            subs = [Subscription(subscriber, [t], subsample) for t in topics]
+        outputs = subscriber.output_topics()
+        for out in outputs:
+            if out in topics:
+                raise ValueError(
+                    f"subscriber {subscriber.name!r} would publish its results under its own "
+                    f"input topic {out!r}; choose another publish_as"
+                )
+            if out in self._topics and not self._derived_by_other(out, subscriber):
+                raise ValueError(
+                    f"subscriber {subscriber.name!r} would publish under {out!r}, which is "
+                    "already a topic of this bus; choose another publish_as"
+                )
         subscriber._bind(self)
         out_kind = "module" if "module" in kinds else "network"
-        for out in subscriber.output_topics():
+        for out in outputs:
             self.register_topic(out, out_kind, doc=f"published by subscriber {subscriber.name!r}")
-        for sub in subs:
-            self.subscriptions.append(sub)
-            for t in sub.topics:
-                self._routes.setdefault(t, []).append(sub)
-        self.subscribers.append(subscriber)
+        self.subscriptions.append(
+            Subscription(
+                subscriber,
+                tuple(topics),
+                subscriber.options.subsample,
+                subscriber.synchronized,
+            )
+        )
         self._changed()
         return subscriber
 
+    def _derived_by_other(self, topic: str, subscriber: Subscriber) -> bool:
+        """Two subscribers of the same class may publish into one derived topic (e.g. two
+        ``norm`` subscribers with different subsample on different topics)."""
+        return any(
+            type(s.subscriber) is type(subscriber) and topic in s.subscriber.output_topics()
+            for s in self.subscriptions
+        )
+
     def unregister_subscriber(self, subscriber: Subscriber) -> None:
         self.subscriptions = [s for s in self.subscriptions if s.subscriber is not subscriber]
-        self._routes = {
-            t: [s for s in subs if s.subscriber is not subscriber]
-            for t, subs in self._routes.items()
-        }
-        self.subscribers = [s for s in self.subscribers if s is not subscriber]
         self._changed()
 
     def add_listener(self, callback: Callable[[], None]) -> None:
@@ -231,83 +178,209 @@ class MessageBus:
         self._listeners.append(callback)
 
     def _changed(self) -> None:
-        self._wanted_cache.clear()
+        self._active_cache.clear()
+        self._consumed = frozenset(t for s in self.subscriptions for t in s.topics)
         for cb in self._listeners:
             cb()
 
     def subscribed_topics(self) -> frozenset[str]:
         """Topics at least one subscription listens to."""
-        return frozenset(t for t, subs in self._routes.items() if subs)
+        return self._consumed
 
-    def wanted_topics(self, step: int) -> frozenset[str]:
-        """Topics some subscription wants at ``step`` (after subsampling)."""
+    def active(self, step: int) -> tuple[Subscription, ...]:
+        """The subscriptions due at ``step`` (after subsampling), in registration order."""
         subs = self.subscriptions
         period = math.lcm(1, *(s.subsample for s in subs))
         phase = step % period if period <= 10_000 else step
-        cached = self._wanted_cache.get(phase)
-        if cached is None:
-            cached = frozenset(t for s in subs if s.wants(step) for t in s.topics)
+        cached = self._active_cache.get(phase)
+        if cached is None or any(not s.subscriber.enabled for s in cached):
+            cached = tuple(s for s in subs if s.wants(step))
             if period <= 10_000:
-                self._wanted_cache[phase] = cached
+                self._active_cache[phase] = cached
         return cached
 
-    # -------------------------------------------------------------- messages
-    def publish(self, message: AnyMessage) -> None:
-        """Hand ``message`` to every subscription of its topic that wants its step."""
-        subs = self._routes.get(message.topic)
-        if not subs:
-            return
-        if self.background:
-            worker = self._worker
-            if worker is None:
-                worker = self._worker = _Worker()
-            if not worker.is_current():
-                if message.topic == "activations" and isinstance(message, ModuleMessage):
-                    # an in-place op (ReLU) may follow the module before the worker runs
-                    message = message.model_copy(update={"data": message.data.clone()})
-                worker.submit(self._dispatch, message, subs)
-                return
-        self._dispatch(message, subs)
+    def wanted_topics(self, step: int) -> frozenset[str]:
+        """Topics some subscription wants at ``step`` (after subsampling)."""
+        return frozenset(t for s in self.active(step) for t in s.topics)
 
-    def _dispatch(self, message: AnyMessage, subs: list[Subscription]) -> None:
-        step = message.global_step
-        for sub in subs:
-            if step % sub.subsample == 0 and sub.subscriber.enabled:
-                sub.handle(message)
+    # ------------------------------------------------------------- delivery
+    def deliver(self, stamp: Stamp, payloads: dict[str, TopicPayloads]) -> None:
+        """Hand one step's payloads to every subscription due at the step, in registration
+        order (each one sees the results of those before it), then write to the backends
+        every ``flush_every`` steps. Subscribers run under ``torch.no_grad()``."""
+        step = stamp[0]
+        active = self.active(step)
+        if active:
+            with torch.no_grad():
+                self._run(stamp, payloads, active)
+        if (step + 1) % self.flush_every == 0:
+            self.flush(wait=False)
 
-    def wait(self) -> None:
-        """Block until the background worker (if any) has handled everything published."""
-        if self._worker is not None:
-            self._worker.join()
-
-    def publish_result(self, message: ScalarMessage | HistogramMessage) -> None:
-        """A subscriber's result: queued for the backends, and published as a topic."""
-        if isinstance(message, ScalarMessage):
-            self._pending_scalars.append(message)
-        else:
-            self._pending_histograms.append(message)
-        self.publish(message)
-
-    def log_scalars(
-        self, topic: str, values: dict[str | None, float | torch.Tensor]
+    def _run(
+        self, stamp: Stamp, payloads: dict[str, TopicPayloads], active: Sequence[Subscription]
     ) -> None:
+        available = dict(payloads)
+        modules: dict[str | None, ModuleInfo | None] | None = None
+        for sub in active:
+            if not sub.subscriber.enabled:
+                continue
+            found = {t: available[t] for t in sub.topics if t in available and len(available[t])}
+            if sub.synchronized:
+                aligned = _aligned(found, sub.topics)
+                if aligned is None:
+                    self._incomplete(sub, available, stamp)
+                    continue
+                sub.completed += 1
+                parts = aligned
+            else:
+                parts = found
+            if not parts:
+                continue
+            bundle = StepBundle(
+                global_step=stamp[0], epoch=stamp[1], batch_index=stamp[2], payloads=parts
+            )
+            collected: dict[str, _Collected] = {}
+            self._collecting = (sub.subscriber, collected)
+            try:
+                sub.subscriber.compute_step(bundle)
+            except Exception as exc:  # noqa: BLE001 - the error policy decides
+                self._collecting = None
+                self._subscriber_failed(sub, exc, stamp, list(parts))
+                continue
+            self._collecting = None
+            for topic, got in collected.items():
+                message = self._message(sub.subscriber, topic, got, stamp)
+                self._pending.append(message)
+                if topic in self._consumed:
+                    if modules is None:
+                        modules = {k: m for p in payloads.values()
+                                   for k, m in zip(p.keys, p.modules, strict=True)}
+                    available[topic] = _payloads_of(message, modules)
+
+    def _collector(self, subscriber: Subscriber, topic: str) -> _Collected:
+        current = self._collecting
+        if current is None or current[0] is not subscriber:
+            raise RuntimeError(
+                f"subscriber {subscriber.name!r} published outside its compute/compute_step; "
+                "front ends write their own values with bus.log_scalars"
+            )
+        got = current[1].get(topic)
+        if got is None:
+            got = current[1][topic] = _Collected()
+        return got
+
+    def _collect_scalars(
+        self, subscriber: Subscriber, topic: str, keys: list[str | None], values: torch.Tensor
+    ) -> None:
+        got = self._collector(subscriber, topic)
+        if got.hists:
+            raise ValueError(f"topic {topic!r} mixes scalars and histograms")
+        got.keys.extend(keys)
+        got.scalars.append(values)
+
+    def _collect_histograms(
+        self, subscriber: Subscriber, topic: str, keys: list[str | None], hists: Histograms
+    ) -> None:
+        got = self._collector(subscriber, topic)
+        if got.scalars:
+            raise ValueError(f"topic {topic!r} mixes scalars and histograms")
+        if got.hists and got.hists[0].counts.shape[1] != hists.counts.shape[1]:
+            raise ValueError(
+                f"subscriber {subscriber.name!r}: histograms of topic {topic!r} with "
+                f"{got.hists[0].counts.shape[1]} and {hists.counts.shape[1]} bins in one step"
+            )
+        got.keys.extend(keys)
+        got.hists.append(hists)
+
+    def _message(
+        self, subscriber: Subscriber, topic: str, got: _Collected, stamp: Stamp
+    ) -> ScalarsMessage | HistogramsMessage:
+        tags = [topic if k is None else f"{topic}/{k}" for k in got.keys]
+        step, epoch, batch = stamp
+        if got.scalars:
+            values = got.scalars
+            if len(values) > 1:
+                device = values[0].device
+                values = [v if v.device == device else v.to(device) for v in values]
+            data = values[0] if len(values) == 1 else torch.cat(values)
+            return ScalarsMessage(topic=topic, global_step=step, epoch=epoch, batch_index=batch,
+                                  keys=got.keys, tags=tags, data=data)
+        hists = got.hists[0]
+        if len(got.hists) > 1:
+            hists = type(hists)(*(torch.cat(parts) for parts in zip(*got.hists, strict=True)))
+        return HistogramsMessage(topic=topic, global_step=step, epoch=epoch, batch_index=batch,
+                                 keys=got.keys, tags=tags, **hists._asdict())
+
+    def _incomplete(
+        self, sub: Subscription, available: dict[str, TopicPayloads], stamp: Stamp
+    ) -> None:
+        sub.incomplete += 1
+        if sub.completed or sub.incomplete != _INCOMPLETE_WARN_AFTER:
+            return
+        missing = [t for t in sub.topics if t not in available or not len(available[t])]
+        why = (
+            f"{missing} had no payload" if missing
+            else "its topics never had a key in common"
+        )
+        self._warn_once(
+            f"incomplete:{id(sub)}",
+            f"subscriber {sub.subscriber.name!r} (synchronized over {list(sub.topics)}) has not "
+            f"received one complete set in {sub.incomplete} steps up to step {stamp[0]}: {why}. "
+            "Check that the model's own forward runs (not a submodule's), that the loss goes "
+            "through exporter.set_loss, and that every topic is published at the same steps",
+        )
+
+    # ----------------------------------------------------------------- errors
+    def _subscriber_failed(
+        self, sub: Subscription, exc: BaseException, stamp: Stamp, topics: list[str]
+    ) -> None:
+        name = sub.subscriber.name
+        what = (
+            f"subscriber {name!r} failed at step {stamp[0]} on topic"
+            f"{'s' if len(topics) > 1 else ''} {', '.join(map(repr, topics))}: "
+            f"{type(exc).__name__}: {exc}"
+        )
+        if self.on_error == "raise":
+            raise SubscriberError(what) from exc
+        sub.subscriber.enabled = False
+        self._active_cache.clear()
+        warnings.warn(
+            f"ikkuna: {what}; it is disabled for the rest of the run "
+            "(set on_error='raise' to stop instead)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def internal_error(self, where: str, exc: BaseException, step: int) -> None:
+        """An error inside Ikkuna's own hooks: raised as :class:`IkkunaError` with
+        ``on_error = "raise"``; otherwise a warning (once per place) and training goes on."""
+        what = f"internal error in {where} at step {step}: {type(exc).__name__}: {exc}"
+        if self.on_error == "raise":
+            raise IkkunaError(f"ikkuna: {what}") from exc
+        self._warn_once(f"internal:{where}", f"{what}; this step's data may be incomplete")
+
+    def _warn_once(self, ident: str, message: str) -> None:
+        if ident in self._warned:
+            return
+        self._warned.add(ident)
+        warnings.warn(f"ikkuna: {message}", RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------ front-end values
+    def log_scalars(self, topic: str, values: Mapping[Any, float | torch.Tensor]) -> None:
         """Write scalars that no subscriber computed (a front end's epoch summaries) to the
         backends at the next flush, stamped with the exporter's current step. The tag is
         ``<topic>/<key>`` (``<topic>`` for the key None)."""
+        if not values:
+            return
         step, epoch, batch = self._stamp()
-        for key, value in values.items():
-            data = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-            self._pending_scalars.append(
-                ScalarMessage(
-                    topic=topic,
-                    global_step=step,
-                    epoch=epoch,
-                    batch_index=batch,
-                    key=key,
-                    tag=topic if key is None else f"{topic}/{key}",
-                    data=data.detach().to(torch.float64),
-                )
+        keys = list(values)
+        data = torch.tensor([float(v) for v in values.values()], dtype=torch.float64)
+        self._pending.append(
+            ScalarsMessage(
+                topic=topic, global_step=step, epoch=epoch, batch_index=batch, keys=keys,
+                tags=[topic if k is None else f"{topic}/{k}" for k in keys], data=data,
             )
+        )
 
     def log_text(self, tag: str, text: str) -> None:
         """Write a piece of text (Markdown in TensorBoard's TEXT tab) to every backend that
@@ -316,151 +389,229 @@ class MessageBus:
         for backend in self.backends:
             backend.write_text(tag, text, step)
 
-    def _stamp(self) -> tuple[int, int, int]:
+    def _stamp(self) -> Stamp:
         ex = self.exporter
         if ex is None:
             return (0, 0, 0)
         return (max(ex.global_step, 0), ex.epoch, max(ex.batch_index, 0))
-
-    def subscriber_failed(self, subscriber: Subscriber, exc: BaseException) -> None:
-        if self.on_error == "raise":
-            raise exc
-        subscriber.enabled = False
-        warnings.warn(
-            f"ikkuna: subscriber {subscriber.name!r} raised {type(exc).__name__}: {exc}; "
-            "it is disabled for the rest of the run (set on_error='raise' to stop instead)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-    def step_finished(self, step: int) -> None:
-        """End of a training step: drop incomplete bundles, flush backends periodically."""
-        self.wait()
-        for sub in self.subscriptions:
-            sub.step_finished(step)
-        if (step + 1) % self.flush_every == 0:
-            self.flush()
 
     # -------------------------------------------------------------- backends
     def add_backend(self, backend: Backend) -> Backend:
         self.backends.append(backend)
         return backend
 
-    def flush(self) -> None:
-        """Move pending metric values to the host in one transfer per device and write them
-        to every backend."""
-        self.wait()
-        scalars, self._pending_scalars = self._pending_scalars, []
-        histograms, self._pending_histograms = self._pending_histograms, []
-        if not self.backends or (not scalars and not histograms):
-            return
+    def flush(self, wait: bool = True) -> None:
+        """Start moving pending results to the host (one copy per device, asynchronous on
+        CUDA) and write every transfer that has arrived to the backends; with ``wait``,
+        everything pending is written before this returns."""
+        pending, self._pending = self._pending, []
+        if pending and self.backends:
+            self._in_flight.append(_Transfer(pending, self._pinned))
+        while self._in_flight:
+            head = self._in_flight[0]
+            if not (wait or head.ready() or len(self._in_flight) > _MAX_IN_FLIGHT):
+                break
+            self._in_flight.popleft()
+            self._write(head.records(self._nonfinite))
 
-        # One device-to-host copy per device for everything pending.
-        hist_fields = ("data", "edges", "min", "max", "num", "sum", "sum_squares", "nonfinite")
-        tensors = [m.data for m in scalars]
-        for m in histograms:
-            tensors.extend(getattr(m, f) for f in hist_fields)
-        arrays = iter(_to_host(tensors))
-        scalar_records = [
-            ScalarRecord(
-                topic=m.topic,
-                key=m.key,
-                tag=m.tag,
-                step=m.global_step,
-                value=float(next(arrays)[0]),
-            )
-            for m in scalars
-        ]
-        hist_records = []
-        for m in histograms:
-            counts, edges, lo, hi, num, total, squares, nonfinite = (
-                next(arrays) for _ in hist_fields
-            )
-            hist_records.append(
-                HistogramRecord(
-                    topic=m.topic,
-                    key=m.key,
-                    tag=m.tag,
-                    step=m.global_step,
-                    counts=counts,
-                    edges=edges,
-                    min=float(lo[0]),
-                    max=float(hi[0]),
-                    num=float(num[0]),
-                    sum=float(total[0]),
-                    sum_squares=float(squares[0]),
-                    nonfinite=float(nonfinite[0]),
-                )
-            )
-        for backend in self.backends:
-            if scalar_records:
-                backend.write_scalars(scalar_records)
-            if hist_records:
-                backend.write_histograms(hist_records)
-            backend.flush()
+    def _nonfinite(self, tag: str, step: int, count: float, total: float) -> None:
+        self._warn_once(
+            f"nonfinite:{tag}",
+            f"{tag} at step {step}: {count:g} non-finite value(s) (NaN/inf) among "
+            f"{total:g}; they are counted in '{tag}/nonfinite', not in the bins",
+        )
+
+    def _write(self, records: tuple[list[ScalarRecord], list[HistogramRecord]]) -> None:
+        scalars, hists = records
+        failures: list[tuple[Backend, BaseException]] = []
+        for backend in list(self.backends):
+            try:
+                if scalars:
+                    backend.write_scalars(scalars)
+                if hists:
+                    backend.write_histograms(hists)
+                backend.flush()
+            except Exception as exc:  # noqa: BLE001 - every backend gets its records first
+                failures.append((backend, exc))
+        if failures:
+            step = (scalars or hists)[0].step  # type: ignore[index]
+            self._backends_failed(failures, f"writing step {step}")
+
+    def _backends_failed(self, failures: list[tuple[Backend, BaseException]], what: str) -> None:
+        detail = "; ".join(
+            f"backend {b.name or type(b).__name__!r} ({type(e).__name__}: {e})" for b, e in failures
+        )
+        if self.on_error == "raise":
+            raise BackendError(f"ikkuna: {what} failed: {detail}") from failures[0][1]
+        for backend, _ in failures:
+            if backend in self.backends:
+                self.backends.remove(backend)
+        warnings.warn(
+            f"ikkuna: {what} failed: {detail}; the other backends have their records, the "
+            "failing ones are removed for the rest of the run (on_error='raise' stops instead)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def close(self) -> None:
-        """Flush what is pending and close every backend."""
-        self.flush()
-        for backend in self.backends:
-            backend.close()
-        if self._worker is not None:
-            self._worker.stop()
-            self._worker = None
+        """Write what is pending and close every backend, also when some fail; failures are
+        reported together afterwards."""
+        try:
+            self.flush(wait=True)
+        finally:
+            failures: list[tuple[Backend, BaseException]] = []
+            for backend in self.backends:
+                try:
+                    backend.close()
+                except Exception as exc:  # noqa: BLE001 - close the others first
+                    failures.append((backend, exc))
+            if failures:
+                detail = "; ".join(
+                    f"backend {b.name or type(b).__name__!r} ({type(e).__name__}: {e})"
+                    for b, e in failures
+                )
+                raise BackendError(f"ikkuna: closing failed: {detail}") from failures[0][1]
 
 
-class _Worker:
-    """One daemon thread running submitted calls in order; errors are re-raised by join()."""
+def _aligned(
+    parts: dict[str, TopicPayloads], topics: Sequence[str]
+) -> dict[str, TopicPayloads] | None:
+    """The payloads of ``topics`` restricted to the keys present in all of them, in the
+    first topic's order; None when a topic is missing or no key is common."""
+    if len(parts) < len(topics):
+        return None
+    ordered = [parts[t] for t in topics]
+    first = ordered[0].keys
+    if all(p.keys == first for p in ordered[1:]):
+        return {t: parts[t] for t in topics}
+    positions = [{k: i for i, k in enumerate(p.keys)} for p in ordered]
+    common = [k for k in first if all(k in pos for pos in positions[1:])]
+    if not common:
+        return None
+    return {
+        t: p.select([pos[k] for k in common])
+        for t, p, pos in zip(topics, ordered, positions, strict=True)
+    }
 
-    def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = (
-            queue.Queue()
+
+def _payloads_of(
+    message: ScalarsMessage | HistogramsMessage, modules: dict[str | None, ModuleInfo | None]
+) -> TopicPayloads:
+    """A result as the payloads of a derived topic, for the subscribers that consume it."""
+    data: list[torch.Tensor | None]
+    if isinstance(message, ScalarsMessage):
+        data, stacked = list(message.data.unbind(0)), message.data
+    else:
+        data, stacked = list(message.counts.unbind(0)), None
+    return TopicPayloads(
+        topic=message.topic,
+        keys=message.keys,
+        modules=[modules.get(k) for k in message.keys],
+        data=data,
+        stacked=stacked,
+    )
+
+
+_HIST_FIELDS = ("counts", "edges", "min", "max", "num", "sum", "sum_squares", "nonfinite")
+
+
+class _Transfer:
+    """One step's results on their way to the host: per device, everything flattened into one
+    float64 buffer and copied with one (on CUDA: asynchronous, into pinned memory) copy."""
+
+    def __init__(
+        self,
+        messages: list[ScalarsMessage | HistogramsMessage],
+        pinned: dict[tuple[torch.device, int], list[torch.Tensor]],
+    ) -> None:
+        self.messages = messages
+        self._pool = pinned
+        tensors: list[torch.Tensor] = []
+        for m in messages:
+            if isinstance(m, ScalarsMessage):
+                tensors.append(m.data)
+            else:
+                tensors.extend(getattr(m, f) for f in _HIST_FIELDS)
+        self.count = len(tensors)
+        self._where: list[tuple[int, int, int]] = []  # (part, offset, numel) per tensor
+        self._parts: list[tuple[torch.Tensor, Any, torch.device]] = []
+        self._packed: list[torch.Tensor] = []
+        by_device: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_device.setdefault(t.device, []).append(i)
+        self._where = [(0, 0, 0)] * len(tensors)
+        for part, (device, idx) in enumerate(by_device.items()):
+            flat = [tensors[i].reshape(-1) for i in idx]
+            offset = 0
+            for i, t in zip(idx, flat, strict=True):
+                self._where[i] = (part, offset, t.numel())
+                offset += t.numel()
+            packed = torch.cat(flat).to(torch.float64) if len(flat) > 1 else flat[0].double()
+            if device.type == "cuda":
+                host = self._buffer(device, packed.numel())
+                host.copy_(packed, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))
+                self._packed.append(packed)  # alive until the copy has ended
+                self._parts.append((host, event, device))
+            else:
+                self._parts.append((packed.cpu(), None, device))
+
+    def _buffer(self, device: torch.device, numel: int) -> torch.Tensor:
+        free = self._pool.get((device, numel))
+        if free:
+            return free.pop()
+        return torch.empty(numel, dtype=torch.float64, pin_memory=True)
+
+    def ready(self) -> bool:
+        return all(event is None or event.query() for _, event, _ in self._parts)
+
+    def records(
+        self, on_nonfinite: Callable[[str, int, float, float], None]
+    ) -> tuple[list[ScalarRecord], list[HistogramRecord]]:
+        """Wait for the copies, then turn the messages into host-side records (a
+        ``<tag>/nonfinite`` scalar beside every histogram that had non-finite values)."""
+        arrays = []
+        for host, event, _ in self._parts:
+            if event is not None:
+                event.synchronize()
+            arrays.append(host.numpy())
+        values = iter(
+            arrays[part][offset : offset + numel] for part, offset, numel in self._where
         )
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="ikkuna-bus", daemon=True)
-        self._thread.start()
-
-    def is_current(self) -> bool:
-        return threading.current_thread() is self._thread
-
-    def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        self._queue.put((fn, args))
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                if self._error is None:
-                    item[0](*item[1])
-            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
-                self._error = exc
-            finally:
-                self._queue.task_done()
-
-    def join(self) -> None:
-        self._queue.join()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
-
-
-def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
-    """Tensors to float64 numpy arrays (flattened) with one device-to-host copy per device."""
-    out: list[np.ndarray] = [np.empty(0)] * len(tensors)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    for idx in by_device.values():
-        flat = [tensors[i].detach().reshape(-1).to(torch.float64) for i in idx]
-        host = torch.cat(flat).cpu().numpy()
-        start = 0
-        for i, t in zip(idx, flat, strict=True):
-            out[i] = host[start : start + t.numel()]
-            start += t.numel()
-    return out
+        scalars: list[ScalarRecord] = []
+        hists: list[HistogramRecord] = []
+        for m in self.messages:
+            step = m.global_step
+            if isinstance(m, ScalarsMessage):
+                data = next(values)
+                for key, tag, value in zip(m.keys, m.tags, data.tolist(), strict=True):
+                    scalars.append(ScalarRecord(m.topic, key, tag, step, value))
+                    if not math.isfinite(value):
+                        on_nonfinite(tag, step, 1, 1)
+                continue
+            fields = {f: next(values) for f in _HIST_FIELDS}
+            n = len(m.keys)
+            counts = fields["counts"].reshape(n, -1)
+            edges = fields["edges"].reshape(n, -1)
+            stats = {f: fields[f].tolist() for f in _HIST_FIELDS[2:]}
+            for i, (key, tag) in enumerate(zip(m.keys, m.tags, strict=True)):
+                nonfinite = stats["nonfinite"][i]
+                hists.append(
+                    HistogramRecord(
+                        m.topic, key, tag, step, counts[i], edges[i], stats["min"][i],
+                        stats["max"][i], stats["num"][i], stats["sum"][i],
+                        stats["sum_squares"][i], nonfinite,
+                    )
+                )
+                if nonfinite:
+                    scalars.append(
+                        ScalarRecord(f"{m.topic}/nonfinite", key, f"{tag}/nonfinite", step,
+                                     nonfinite)
+                    )
+                    on_nonfinite(tag, step, nonfinite, nonfinite + stats["num"][i])
+        for host, event, device in self._parts:
+            if event is not None:
+                self._pool.setdefault((device, host.numel()), []).append(host)
+        self._parts, self._packed = [], []
+        return scalars, hists

@@ -68,9 +68,6 @@ class IkkunaConfig(BaseModel):
         default="warn", description="a failing subscriber stops training, or is disabled"
     )
     publish_in_eval: bool = False
-    background: bool = Field(
-        default=False, description="compute metrics on a background thread (see benchmarks)"
-    )
 
 
 def _format(exc: ValidationError, source: str) -> str:

@@ -1,27 +1,35 @@
-"""The Exporter: the only code that touches torch hooks. It pulls data out of a training
-process and publishes it as typed messages on a MessageBus.
+"""The Exporter: the only code that touches torch hooks. Its hooks only stash references (or,
+for forward topics whose subscribers want samples, copy small samples); at the end of each
+training step it hands everything the step's subscribers want to the bus in one call.
 
-Step model. A *training step* begins with each forward of the watched model in train mode
-with autograd enabled, and ends after the ``optimizer.step()`` of an optimizer that holds the
-model's parameters (noticed through torch's global optimizer hooks, so no user code is
-needed), or at the next training forward, ``epoch_finished()`` or ``close()`` when there is
-no optimizer step. Forwards in eval mode, under ``torch.no_grad()``, or inside
+Step model. A *training step* is one optimizer step. It begins with the first training
+forward of the watched model (train mode, autograd enabled) after the previous step, and ends
+after ``optimizer.step()`` of the optimizers that hold the model's parameters (seen through
+torch's global optimizer hooks, so no user code is needed); with several optimizers, after the
+last of those that stepped in the previous step. Further forwards before the optimizer step
+(gradient accumulation) belong to the same step; forward topics are taken from its first
+forward. Without any optimizer step, the next training forward, ``epoch_finished()`` or
+``close()`` ends the step. Forwards in eval mode, under ``torch.no_grad()``, or inside
 :meth:`Exporter.silenced` publish nothing and count no step.
 
-Within a step, topics are published when their data exists:
+When each topic is read:
 
-- forward: ``batch_started``, ``epoch_started`` (first step of an epoch), ``input_data``,
-  ``activations`` (module outputs; the first tensor of a tuple output)
-- loss: ``network_output``, ``input_labels``, ``loss``
-- backward: ``layer_gradients`` (through ``output.register_hook``, which, unlike full backward
-  hooks, works with in-place ReLU), ``weight_gradients``/``bias_gradients`` (through
-  ``register_post_accumulate_grad_hook``: the value of ``p.grad`` after backward)
-- optimizer step: ``weight_updates``/``bias_updates`` (parameter after minus before)
-- end: ``weights``/``biases`` (after the update), ``batch_finished``
+- first training forward of the step: ``input_data`` (first tensor argument or keyword
+  argument), ``activations`` (module outputs; the first tensor of a tuple output);
+  ``network_output``, ``input_labels``, ``loss`` at the first loss call (or from a model
+  output carrying ``loss`` and ``logits``, as Hugging Face models return)
+- its backward: ``layer_gradients`` (through ``output.register_hook``, which, unlike full
+  backward hooks, works with in-place ReLU)
+- the optimizer's pre-step hook: ``weight_gradients``/``bias_gradients`` = ``p.grad`` as the
+  optimizer consumes it (after accumulation, GradScaler's unscaling, clipping, DDP's
+  all-reduce; with ``step(closure)``, after the closure ran)
+- the optimizer's post-step hook: ``weight_updates``/``bias_updates`` (after minus before),
+  then ``weights``/``biases`` (after the update) when the step ends
 
 Only what some subscriber wants at a step costs anything: hooks exist only for subscribed
-topics, the parameter snapshot for updates is taken only at steps where an ``*_updates`` topic
-is wanted, and nothing runs a host synchronisation.
+topics, parameters are copied only at steps where an ``*_updates`` topic is wanted, and
+nothing runs a host synchronisation. Nothing inside the hooks may stop training: an internal
+error goes through the bus's error policy.
 """
 
 from __future__ import annotations
@@ -40,21 +48,41 @@ from torch.optim.optimizer import (
 )
 from torch.utils.hooks import RemovableHandle
 
-from .bus import MessageBus
-from .messages import ModuleInfo, ModuleMessage, NetworkMessage
+from . import ops
+from .bus import MessageBus, Stamp, Subscription
+from .messages import ModuleInfo, TopicPayloads, key_of
+from .topics import (
+    FORWARD_TOPICS,
+    GRADIENT_TOPICS,
+    UPDATE_TOPICS,
+    VALUE_TOPICS,
+    parameter_kind,
+)
 
-__all__ = ["Exporter", "select_modules"]
+__all__ = ["Exporter", "select_modules", "unwrap_model"]
 
-_FORWARD_TOPICS = frozenset({"activations", "layer_gradients"})
-_GRAD_TOPICS = {"weight": "weight_gradients", "bias": "bias_gradients"}
-_UPDATE_TOPICS = {"weight": "weight_updates", "bias": "bias_updates"}
-_VALUE_TOPICS = {"weight": "weights", "bias": "biases"}
 ROOT_NAME = "model"
+_LOSS_TOPICS = frozenset({"network_output", "input_labels", "loss"})
+_SKIP, _FULL = -1, 0  # capture modes; k > 0: a sample of k entries
 
 
 def _check_depth(depth: int) -> None:
     if depth == 0 or depth < -1:
         raise ValueError(f"depth must be -1 (leaves) or >= 1, got {depth}")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose names users know: the model inside DistributedDataParallel /
+    DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        return model
 
 
 def select_modules(
@@ -65,9 +93,11 @@ def select_modules(
     ``depth=-1`` selects the leaves; ``depth=d`` selects the modules ``d`` levels below the
     model plus shallower leaves, so every part of the model is covered. With ``include``,
     every module of those classes down to ``depth`` (any depth for -1) is selected instead.
-    The model itself is called ``"model"`` when it is selected.
+    The model itself is called ``"model"`` when it is selected. Wrappers (DDP,
+    ``torch.compile``) are looked through.
     """
     _check_depth(depth)
+    model = unwrap_model(model)
     include_t = tuple(include) if include else None
     chosen = []
     for name, module in model.named_modules():
@@ -100,15 +130,47 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
-class _Param:
-    __slots__ = ("handle", "info", "kind", "name", "tensor")
+def _field(output: Any, name: str) -> Any:
+    """``output.name`` or ``output[name]`` (Hugging Face ``ModelOutput`` is both)."""
+    if isinstance(output, dict):
+        return output.get(name)
+    return getattr(output, name, None)
 
-    def __init__(self, info: ModuleInfo, name: str, tensor: nn.Parameter) -> None:
+
+class _Param:
+    """A watched parameter: one tensor (a tied parameter is one), reported once under its
+    first owner, with the other names it has in the model."""
+
+    __slots__ = ("aliases", "handle", "info", "key", "kind", "name", "tensor")
+
+    def __init__(self, info: ModuleInfo, key: str, name: str, tensor: nn.Parameter) -> None:
         self.info = info
-        self.name = name
-        self.kind = "bias" if "bias" in name else "weight"
+        self.key = key
+        self.name = name  # dotted name in the model
+        self.kind = parameter_kind(name)
         self.tensor = tensor
+        self.aliases: list[str] = []
         self.handle: RemovableHandle | None = None
+
+
+#: A stashed payload: (module index, call, tensor, version, original). The tensor is a
+#: reference whose version is checked at the end of the step, or a copy (version -1); on a
+#: module's first capture, a copy plus the original, to learn whether something changes the
+#: original in place later in the step.
+_Entry = tuple[int, int, torch.Tensor, int, torch.Tensor | None]
+
+
+class _Forward:
+    """What the current step stashed in the hooks of its first forward and backward."""
+
+    __slots__ = ("acts", "calls", "lgrad_plan", "lgrads", "network")
+
+    def __init__(self, n_modules: int, lgrad_plan: tuple[int, ...] | None = None) -> None:
+        self.calls = [0] * n_modules
+        self.lgrad_plan = lgrad_plan
+        self.acts: list[_Entry] = []
+        self.lgrads: list[_Entry] = []
+        self.network: dict[str, tuple[torch.Tensor, int]] = {}
 
 
 class Exporter:
@@ -140,55 +202,110 @@ class Exporter:
         self.global_step = -1  # index of the current (or last) training step
         self.epoch = 0
         self.batch_index = -1
-        self._module_objs: list[tuple[ModuleInfo, nn.Module]] = []
-        self._params: list[_Param] = []
-        self._param_ids: set[int] = set()
-        self._owned_optimizers: weakref.WeakKeyDictionary[Any, bool] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._handles: list[RemovableHandle] = []
-        self._forward_handles: list[RemovableHandle] = []
-        self._snapshot: dict[int, torch.Tensor] = {}
-        self._step_open = False
-        self._recording = False
-        self._silent = False
-        self._closed = False
-        self._wanted: frozenset[str] = frozenset()
-        self._stamp: tuple[int, int, int] = (0, 0, 0)  # (global_step, epoch, batch_index)
         self.loss_fn: Callable[..., torch.Tensor] | None = None
         self.config: Any = None  # the IkkunaConfig when created by watch()
         self.registry: Any = None  # the PluginRegistry when created by watch()
         self._on_close: list[Callable[[], None]] = []
+        self._module_objs: list[tuple[ModuleInfo, nn.Module]] = []
+        self._call_keys: list[list[str]] = []  # per module: key of its n-th call in a forward
+        self._params: list[_Param] = []
+        self._param_index: dict[int, int] = {}  # id(tensor) -> index in _params
+        self._by_topic: dict[str, list[int]] = {}  # parameter topic -> indices in _params
+        self._optimizers: weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], list[int]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._handles: list[RemovableHandle] = []
+        self._forward_handles: list[RemovableHandle] = []
+        self._loss_handle: RemovableHandle | None = None
+        self._snapshot: dict[int, torch.Tensor] = {}  # param index -> buffer (-> update)
+        self._plans: dict[tuple[Subscription, ...], tuple[Any, Any]] = {}
+        self._clone: set[tuple[str, int]] = set()  # (topic, module) changed in place before
+        self._probed: set[tuple[str, int]] = set()  # (topic, module) known either way
+        self._closed = False
+        self._silent = False
+        # the open step
+        self._open = False
+        self._stamp: Stamp = (0, 0, 0)
+        self._wanted: frozenset[str] = frozenset()
+        self._forwards = 0
+        self._fwd = _Forward(0)
+        self._act_plan: tuple[int, ...] | None = None  # capture modes in this forward
+        self._lgrad_plan: tuple[int, ...] | None = None
+        self._loss_pending = False  # the step's first loss call is still to come
+        self._grads: dict[int, tuple[torch.Tensor, int]] = {}
+        self._updates: dict[int, torch.Tensor] = {}
+        self._stepped: list[Any] = []
+        self._inside: Any = None  # the optimizer whose step() is running
+        self._closure = False
+        # optimizers expected to step in each step (those that stepped in the last one)
+        self._expected: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._seen_optimizer = False
+        self._watched_forward = False
+        self._steps_without_forward = 0
 
     # ------------------------------------------------------------------ setup
     def set_model(self, model: nn.Module) -> None:
-        """Discover the modules to watch and attach the hooks subscribed topics need."""
+        """Discover the modules and parameters to watch and attach the hooks subscribed
+        topics need. Wrappers (DDP, ``torch.compile``) may be passed: names are those of the
+        wrapped model."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"set_model expects a torch.nn.Module, got {type(model).__name__}")
         if self.model is not None:
             raise RuntimeError("this Exporter already watches a model; create a new Exporter")
         self._check_open()
-        self.model = model
-        for name, module in select_modules(model, self.depth, self.include):
-            info = ModuleInfo(name=name, type=type(module).__name__)
-            self.modules[name] = info
-            self._module_objs.append((info, module))
-            for pname, p in module.named_parameters(recurse=False):
-                self._params.append(_Param(info, pname, p))
-        if not self._module_objs:
+        selected = select_modules(model, self.depth, self.include)
+        if not selected:
             raise ValueError(
                 f"no module of {type(model).__name__} matches depth={self.depth}"
                 f" include={[c.__name__ for c in self.include or ()]}"
             )
-        self._param_ids = {id(p) for p in model.parameters()}
-        self._handles.append(model.register_forward_pre_hook(self._on_forward_start))
+        self.model = model
+        inner = unwrap_model(model)
+        for name, module in selected:
+            info = ModuleInfo(name=name, type=type(module).__name__)
+            self.modules[name] = info
+            self._module_objs.append((info, module))
+            self._call_keys.append([name])
+        self._discover_parameters(inner)
         self._handles.append(
-            register_optimizer_step_pre_hook(self._on_optimizer_pre)
+            model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True)
         )
-        self._handles.append(
-            register_optimizer_step_post_hook(self._on_optimizer_post)
-        )
+        self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_pre))
+        self._handles.append(register_optimizer_step_post_hook(self._on_optimizer_post))
+        self._fwd = _Forward(len(self._module_objs))
         self._sync_hooks()
+
+    def _discover_parameters(self, model: nn.Module) -> None:
+        """Each parameter is reported under its closest watched module (``module`` for its
+        weight/bias, ``module.rest`` otherwise); parameters outside every watched module (a
+        ViT's ``cls_token``) under their owner, unless ``include`` restricts the modules."""
+        selected = {
+            ("" if info.name == ROOT_NAME else info.name): info for info, _ in self._module_objs
+        }
+        owners = dict(model.named_modules())
+        for full, p in model.named_parameters(remove_duplicate=False):
+            found = self._param_index.get(id(p))
+            if found is not None:
+                self._params[found].aliases.append(full)  # tied: one tensor, one report
+                continue
+            owner, _, rel = full.rpartition(".")
+            prefix = owner
+            while prefix not in selected and prefix:
+                prefix = prefix.rpartition(".")[0]
+            if prefix in selected:
+                info = selected[prefix]
+                rel = full[len(prefix) + 1 :] if prefix else full
+            elif self.include is None:
+                module = owners[owner]
+                info = ModuleInfo(name=owner or ROOT_NAME, type=type(module).__name__)
+            else:
+                continue
+            key = key_of(info.name, rel)
+            self._param_index[id(p)] = len(self._params)
+            self._params.append(_Param(info, key, full, p))
+        for kind_topics in (VALUE_TOPICS, GRADIENT_TOPICS, UPDATE_TOPICS):
+            for kind, topic in kind_topics.items():
+                self._by_topic[topic] = [i for i, p in enumerate(self._params) if p.kind == kind]
 
     def set_loss(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """Watch a loss called as ``loss_fn(output, target)``. An ``nn.Module`` loss is hooked
@@ -205,8 +322,8 @@ class Exporter:
         @functools.wraps(loss_fn)
         def watched_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
             loss = loss_fn(*args, **kwargs)
-            if self._recording:
-                self._publish_loss(args, kwargs, loss)
+            if self._loss_pending:
+                self._stash_loss(args, kwargs, loss)
             return loss
 
         self.loss_fn = watched_loss
@@ -216,11 +333,11 @@ class Exporter:
     def epoch_finished(self) -> None:
         """Close the running step, publish ``epoch_finished`` and start a new epoch."""
         self._check_open()
-        if self._step_open:
+        if self._open:
             self._finish_step()
-        if "epoch_finished" in self.bus.wanted_topics(max(self.global_step, 0)):
-            self._stamp = self._make_stamp()
-            self._publish_network("epoch_finished", None)
+        stamp = (max(self.global_step, 0), self.epoch, max(self.batch_index, 0))
+        if "epoch_finished" in self.bus.wanted_topics(stamp[0]):
+            self.bus.deliver(stamp, {"epoch_finished": _event("epoch_finished")})
         self.bus.flush()
         self.epoch += 1
         self.batch_index = -1
@@ -229,15 +346,17 @@ class Exporter:
     def silenced(self) -> Iterator[None]:
         """Forwards inside this block publish nothing and count no step (the thesis'
         ``should_train=False``). Used by subscribers that evaluate the model."""
-        saved = (self._silent, self._recording)
-        self._silent, self._recording = True, False
+        saved = (self._silent, self._act_plan, self._lgrad_plan, self._loss_pending)
+        self._silent, self._act_plan, self._lgrad_plan, self._loss_pending = (
+            True, None, None, False
+        )
         try:
             yield
         finally:
-            self._silent, self._recording = saved
+            self._silent, self._act_plan, self._lgrad_plan, self._loss_pending = saved
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the model in eval mode without autograd and without messages; the model's
+        """Run the model in eval mode without autograd and without messages; every module's
         train/eval mode is restored afterwards."""
         model = self._require_model()
         modes = [(m, m.training) for m in model.modules()]  # e.g. a frozen BatchNorm stays
@@ -253,10 +372,24 @@ class Exporter:
         """Finish the running step, flush and close the backends, and remove every hook."""
         if self._closed:
             return
-        if self._step_open:
-            self._finish_step()
+        try:
+            if self._open:
+                self._finish_step()
+        finally:
+            self._remove_hooks()
+            self._closed = True
+            try:
+                self.bus.close()
+            finally:
+                for callback in self._on_close:
+                    callback()
+
+    def _remove_hooks(self) -> None:
         for h in self._handles + self._forward_handles:
             h.remove()
+        if self._loss_handle is not None:
+            self._loss_handle.remove()
+            self._loss_handle = None
         for p in self._params:
             if p.handle is not None:
                 p.handle.remove()
@@ -264,13 +397,8 @@ class Exporter:
         self._handles.clear()
         self._forward_handles.clear()
         self._snapshot.clear()
-        self._closed = True
-        self._recording = False
-        try:
-            self.bus.close()
-        finally:
-            for callback in self._on_close:
-                callback()
+        self._act_plan = self._lgrad_plan = None
+        self._loss_pending = False
 
     def __enter__(self) -> Exporter:
         return self
@@ -282,7 +410,8 @@ class Exporter:
     def hook_count(self) -> int:
         """Number of hooks currently installed (diagnostics: pay only for what is used)."""
         grad = sum(p.handle is not None for p in self._params)
-        return len(self._handles) + len(self._forward_handles) + grad
+        loss = self._loss_handle is not None
+        return len(self._handles) + len(self._forward_handles) + grad + loss
 
     # ------------------------------------------------------------ internals
     def _check_open(self) -> None:
@@ -299,190 +428,433 @@ class Exporter:
         if self.model is None or self._closed:
             return
         topics = self.bus.subscribed_topics()
-        want_forward = bool(topics & _FORWARD_TOPICS)
+        self._plans.clear()
+        want_forward = bool(topics & FORWARD_TOPICS)
         if want_forward and not self._forward_handles:
-            for info, module in self._module_objs:
-                hook = functools.partial(self._on_module_forward, info)
+            for i, (_, module) in enumerate(self._module_objs):
+                hook = functools.partial(self._on_module_forward, i)
                 self._forward_handles.append(module.register_forward_hook(hook))
         elif not want_forward and self._forward_handles:
             for h in self._forward_handles:
                 h.remove()
             self._forward_handles.clear()
-        for p in self._params:
-            wanted = _GRAD_TOPICS[p.kind] in topics and p.tensor.requires_grad
-            if wanted and p.handle is None:
-                hook = functools.partial(self._on_grad_accumulated, p)
-                p.handle = p.tensor.register_post_accumulate_grad_hook(hook)
-            elif not wanted and p.handle is not None:
+        want_output = bool(topics & _LOSS_TOPICS)
+        if want_output and self._loss_handle is None:
+            self._loss_handle = self.model.register_forward_hook(
+                self._on_forward_end, with_kwargs=True
+            )
+        elif not want_output and self._loss_handle is not None:
+            self._loss_handle.remove()
+            self._loss_handle = None
+        # Until an optimizer shows up, gradients are taken when they are accumulated (loops
+        # without an optimizer); the optimizer's pre-step hook then takes over.
+        want_grads = not self._seen_optimizer and bool(topics & set(GRADIENT_TOPICS.values()))
+        for i, p in enumerate(self._params):
+            if want_grads and p.handle is None and p.tensor.requires_grad:
+                p.handle = p.tensor.register_post_accumulate_grad_hook(
+                    functools.partial(self._on_grad_accumulated, i)
+                )
+            elif not want_grads and p.handle is not None:
                 p.handle.remove()
                 p.handle = None
 
-    def _make_stamp(self) -> tuple[int, int, int]:
-        return (max(self.global_step, 0), self.epoch, max(self.batch_index, 0))
+    def _capture_plans(self, step: int) -> tuple[Any, Any]:
+        """Per watched module, how the step's forward topics are captured: skipped, whole
+        (a reference), or a sample of k entries (a copy), from what the subscriptions due at
+        the step ask for (:meth:`Subscriber.sample_size`, :meth:`Subscriber.wants_module`)."""
+        active = self.bus.active(step)
+        plans = self._plans.get(active)
+        if plans is None:
+            found: list[tuple[int, ...] | None] = []
+            for topic in ("activations", "layer_gradients"):
+                subs = [s.subscriber for s in active if topic in s.topics]
+                if not subs:
+                    found.append(None)
+                    continue
+                plan = []
+                for info, _ in self._module_objs:
+                    sizes = [s.sample_size(topic) for s in subs if s.wants_module(info)]
+                    if not sizes:
+                        plan.append(_SKIP)
+                    elif None in sizes:
+                        plan.append(_FULL)
+                    else:
+                        plan.append(max(k for k in sizes if k is not None))
+                found.append(tuple(plan) if any(m != _SKIP for m in plan) else None)
+            plans = self._plans[active] = (found[0], found[1])
+        return plans
 
-    def _on_forward_start(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self._silent:
-            return
-        if not (module.training and torch.is_grad_enabled()) and not self.publish_in_eval:
-            self._recording = False
-            return
-        if self._step_open:
-            self._finish_step()
+    # -------------------------------------------------------------- steps
+    def _open_step(self) -> None:
         self.global_step += 1
         self.batch_index += 1
-        self._step_open = True
-        self._recording = True
-        self._stamp = self._make_stamp()
-        self._wanted = wanted = self.bus.wanted_topics(self.global_step)
-        if not wanted:
+        self._open = True
+        self._stamp = (self.global_step, self.epoch, self.batch_index)
+        self._wanted = self.bus.wanted_topics(self.global_step)
+        self._forwards = 0
+        self._stepped = []
+
+    def _on_forward_start(self, module: nn.Module, args: tuple[Any, ...], kwargs: Any) -> None:
+        if self._silent or self._closed:
             return
-        if "batch_started" in wanted:
-            self._publish_network("batch_started", None)
-        if self.batch_index == 0 and "epoch_started" in wanted:
-            self._publish_network("epoch_started", None)
+        try:
+            if not (module.training and torch.is_grad_enabled()) and not self.publish_in_eval:
+                self._act_plan = self._lgrad_plan = None
+                self._loss_pending = False
+                return
+            self._watched_forward = True
+            if self._inside is not None:  # a closure's forward inside optimizer.step()
+                if not self._open:
+                    self._open_step()
+            elif self._open and (self._stepped or not self._expected):
+                self._finish_step()  # a loop without optimizer, or one that skipped a step
+                self._open_step()
+            elif not self._open:
+                self._open_step()
+            self._forwards += 1
+            if self._forwards > 1 or not self._wanted:
+                # a later micro-batch of the same step: forward topics come from the first
+                self._act_plan = self._lgrad_plan = None
+                self._loss_pending = False
+                return
+            self._begin_capture(args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - never stop training
+            self._act_plan = self._lgrad_plan = None
+            self.bus.internal_error("the model's forward pre-hook", exc, self.global_step)
+
+    def _begin_capture(self, args: tuple[Any, ...], kwargs: Any) -> None:
+        wanted = self._wanted
+        self._act_plan, self._lgrad_plan = self._capture_plans(self.global_step)
+        self._fwd = fwd = _Forward(len(self._module_objs), self._lgrad_plan)
+        self._loss_pending = bool(wanted & _LOSS_TOPICS)
         if "input_data" in wanted:
             data = _first_tensor(args)
+            if data is None and kwargs:
+                data = _first_tensor(kwargs)
             if data is not None:
-                self._publish_network("input_data", data.detach())
+                fwd.network["input_data"] = self._stash_network("input_data", data)
 
-    def _on_module_forward(
-        self, info: ModuleInfo, module: nn.Module, args: Any, output: Any
-    ) -> None:
-        if not self._recording:
+    def _stash_network(self, topic: str, tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if (topic, -1) in self._clone:
+            return (tensor.detach().clone(), -1)
+        return (tensor, tensor._version)
+
+    def _on_module_forward(self, index: int, module: nn.Module, args: Any, output: Any) -> None:
+        # Runs for every watched module in every forward: keep it short (and traceable by
+        # torch.compile): read the plan, stash a reference or copy a sample.
+        act, lgrad = self._act_plan, self._lgrad_plan
+        if act is None and lgrad is None:
             return
-        wanted = self._wanted
-        if "activations" not in wanted and "layer_gradients" not in wanted:
-            return
-        out = _first_tensor(output)
+        out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
         if out is None:
             return
-        if "activations" in wanted:
-            self._publish_module("activations", info, None, out.detach())
-        if "layer_gradients" in wanted and out.requires_grad:
-            stamp = self._stamp
-            out.register_hook(functools.partial(self._on_layer_gradient, info, stamp))
+        fwd = self._fwd
+        call = fwd.calls[index]
+        fwd.calls[index] = call + 1
+        if act is not None and act[index] != _SKIP:
+            fwd.acts.append(self._capture("activations", index, call, out, act[index]))
+        if lgrad is not None and lgrad[index] != _SKIP and out.requires_grad:
+            out.register_hook(functools.partial(self._on_layer_gradient, fwd, index, call))
 
-    def _on_layer_gradient(
-        self, info: ModuleInfo, stamp: tuple[int, int, int], grad: torch.Tensor
-    ) -> None:
-        if not self._closed:
-            self._publish_module("layer_gradients", info, None, grad.detach(), stamp)
-
-    def _on_grad_accumulated(self, p: _Param, tensor: torch.Tensor) -> None:
-        topic = _GRAD_TOPICS[p.kind]
-        if self._step_open and topic in self._wanted and tensor.grad is not None:
-            self._publish_module(topic, p.info, p.name, tensor.grad.detach())
-
-    def _owns(self, optimizer: Any) -> bool:
-        owned = self._owned_optimizers.get(optimizer)
-        if owned is None:
-            owned = any(
-                id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"]
-            )
-            self._owned_optimizers[optimizer] = owned
-        return owned
-
-    def _update_params(self) -> list[_Param]:
-        wanted = self._wanted
-        return [p for p in self._params if _UPDATE_TOPICS[p.kind] in wanted]
-
-    def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self._step_open or not self._owns(optimizer):
-            return
-        params = self._update_params()
-        if not params:
-            return
-        # One preallocated copy of the parameters, reused every step.
-        bufs = []
-        for p in params:
-            buf = self._snapshot.get(id(p.tensor))
-            if buf is None or buf.shape != p.tensor.shape or buf.device != p.tensor.device:
-                buf = self._snapshot[id(p.tensor)] = torch.empty_like(p.tensor.detach())
-            bufs.append(buf)
-        with torch.no_grad():
-            torch._foreach_copy_(bufs, [p.tensor.detach() for p in params])
-
-    def _on_optimizer_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self._step_open or not self._owns(optimizer):
-            return
-        params = self._update_params()
-        if params:
-            bufs = [self._snapshot[id(p.tensor)] for p in params]
+    def _capture(
+        self, topic: str, index: int, call: int, tensor: torch.Tensor, mode: int
+    ) -> _Entry:
+        """A stash entry: a sample (a copy), a copy of a tensor seen changing in place
+        before, a reference and its version, or, the first time, a copy and the original."""
+        ident = (topic, index)
+        if mode > 0:
             with torch.no_grad():
-                # buf <- after - before, in place: the snapshot becomes the update.
-                torch._foreach_sub_(bufs, [p.tensor.detach() for p in params])
-                torch._foreach_neg_(bufs)
-            for p, buf in zip(params, bufs, strict=True):
-                self._publish_module(_UPDATE_TOPICS[p.kind], p.info, p.name, buf)
-        self._finish_step()
+                return (index, call, ops.sample(tensor, mode), -1, None)
+        if ident in self._clone:
+            with torch.no_grad():
+                return (index, call, tensor.detach().clone(), -1, None)
+        if ident not in self._probed:
+            with torch.no_grad():
+                return (index, call, tensor.detach().clone(), tensor._version, tensor)
+        return (index, call, tensor, tensor._version, None)
+
+    def _on_layer_gradient(self, fwd: _Forward, index: int, call: int, grad: torch.Tensor) -> None:
+        if fwd is not self._fwd or fwd.lgrad_plan is None:
+            return  # the backward of a forward whose step has ended
+        try:
+            fwd.lgrads.append(
+                self._capture("layer_gradients", index, call, grad, fwd.lgrad_plan[index])
+            )
+        except Exception as exc:  # noqa: BLE001 - never stop training
+            self.bus.internal_error(
+                f"the layer-gradient hook of {self._module_objs[index][0].name!r}",
+                exc,
+                self.global_step,
+            )
+
+    def _on_forward_end(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: Any, output: Any
+    ) -> None:
+        """Models that compute their own loss (``model(**batch).loss``, Hugging Face): the
+        output's ``loss`` and ``logits`` and the ``labels`` keyword are the loss topics."""
+        if not self._loss_pending or self.loss_fn is not None:
+            return
+        loss = _field(output, "loss")
+        if isinstance(loss, torch.Tensor):
+            logits = _field(output, "logits")
+            self._stash_loss((logits, kwargs.get("labels")), {}, loss)
 
     def _on_loss_module(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], loss: Any
     ) -> None:
-        if self._recording:
-            self._publish_loss(args, kwargs, loss)
+        if self._loss_pending:
+            self._stash_loss(args, kwargs, loss)
 
-    def _publish_loss(self, args: Sequence[Any], kwargs: dict[str, Any], loss: Any) -> None:
-        wanted = self._wanted
-        if not wanted:
-            return
+    def _stash_loss(self, args: Sequence[Any], kwargs: dict[str, Any], loss: Any) -> None:
+        self._loss_pending = False
+        network = self._fwd.network
         output = args[0] if len(args) > 0 else kwargs.get("input")
         target = args[1] if len(args) > 1 else kwargs.get("target")
-        if "network_output" in wanted and isinstance(output, torch.Tensor):
-            self._publish_network("network_output", output.detach())
-        if "input_labels" in wanted and isinstance(target, torch.Tensor):
-            self._publish_network("input_labels", target.detach())
-        if "loss" in wanted and isinstance(loss, torch.Tensor):
-            self._publish_network("loss", loss.detach())
+        for topic, value in (("network_output", output), ("input_labels", target),
+                             ("loss", loss)):
+            if topic in self._wanted and isinstance(value, torch.Tensor):
+                network[topic] = self._stash_network(topic, value)
 
-    def _finish_step(self) -> None:
+    def _on_grad_accumulated(self, index: int, tensor: torch.Tensor) -> None:
+        if self._open and tensor.grad is not None:
+            self._grads[index] = (tensor.grad, tensor.grad._version)
+
+    # ------------------------------------------------------------ optimizer
+    def _optimizer_params(self, optimizer: Any) -> list[int]:
+        """Indices (in ``self._params``) of the watched parameters ``optimizer`` holds."""
+        groups = optimizer.param_groups
+        signature = tuple(len(g["params"]) for g in groups)
+        cached = self._optimizers.get(optimizer)
+        if cached is None or cached[0] != signature:
+            index = self._param_index
+            found = sorted({index[id(p)] for g in groups for p in g["params"] if id(p) in index})
+            cached = self._optimizers[optimizer] = (signature, found)
+        return cached[1]
+
+    def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._closed or self._silent:
+            return
+        try:
+            params = self._optimizer_params(optimizer)
+            if not params:
+                return  # not an optimizer of this model
+            if not self._seen_optimizer:
+                self._seen_optimizer = True
+                self._sync_hooks()  # gradients now come from here
+            closure = (args[0] if args else kwargs.get("closure")) is not None
+            if not self._open:
+                if not closure:
+                    # an optimizer stepping after the step it belongs to has ended (the
+                    # second of two optimizers, on the first step): expect it from now on
+                    self._expected.add(optimizer)
+                    return
+                self._open_step()
+            self._inside, self._closure = optimizer, closure
+            if not closure:
+                self._read_grads(params)
+            self._snapshot_params(params)
+        except Exception as exc:  # noqa: BLE001 - never stop training
+            self._inside = None
+            self.bus.internal_error("the optimizer pre-step hook", exc, self.global_step)
+
+    def _on_optimizer_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._inside is not optimizer:
+            return
+        self._inside = None
+        try:
+            params = self._optimizer_params(optimizer)
+            if self._closure:
+                self._read_grads(params)
+            self._compute_updates(params)
+            self._stepped.append(optimizer)
+            stepped = set(map(id, self._stepped))
+            if all(id(o) in stepped for o in self._expected):
+                self._finish_step()
+        except Exception as exc:  # noqa: BLE001 - never stop training
+            self.bus.internal_error("the optimizer post-step hook", exc, self.global_step)
+
+    def _read_grads(self, params: list[int]) -> None:
         wanted = self._wanted
-        self._step_open = False
-        self._recording = False
-        if wanted:
-            values = [p for p in self._params if _VALUE_TOPICS[p.kind] in wanted]
-            for p in values:
-                self._publish_module(
-                    _VALUE_TOPICS[p.kind], p.info, p.name, p.tensor.detach()
-                )
-            if "batch_finished" in wanted:
-                self._publish_network("batch_finished", None)
-        self.bus.step_finished(self.global_step)
+        for i in params:
+            p = self._params[i]
+            if GRADIENT_TOPICS[p.kind] in wanted:
+                grad = p.tensor.grad
+                if grad is not None:
+                    self._grads[i] = (grad, grad._version)
 
-    def _publish_module(
-        self,
-        topic: str,
-        info: ModuleInfo,
-        parameter: str | None,
-        data: torch.Tensor,
-        stamp: tuple[int, int, int] | None = None,
-    ) -> None:
-        step, epoch, batch = stamp or self._stamp
-        self.bus.publish(
-            ModuleMessage(
-                topic=topic,
-                global_step=step,
-                epoch=epoch,
-                batch_index=batch,
-                module=info,
-                parameter=parameter,
-                data=data,
+    def _snapshot_params(self, params: list[int]) -> None:
+        wanted = self._wanted
+        chosen = [i for i in params if UPDATE_TOPICS[self._params[i].kind] in wanted]
+        if not chosen:
+            return
+        # One preallocated copy of the parameters, reused every step.
+        bufs = []
+        for i in chosen:
+            t = self._params[i].tensor
+            buf = self._snapshot.get(i)
+            if buf is None or (buf.shape, buf.device, buf.dtype) != (t.shape, t.device, t.dtype):
+                buf = self._snapshot[i] = torch.empty_like(t, requires_grad=False)
+            bufs.append(buf)
+        with torch.no_grad():
+            torch._foreach_copy_(bufs, [self._params[i].tensor for i in chosen])
+        for i, buf in zip(chosen, bufs, strict=True):
+            self._updates[i] = buf
+
+    def _compute_updates(self, params: list[int]) -> None:
+        chosen = [i for i in params if i in self._updates]
+        if not chosen:
+            return
+        bufs = [self._updates[i] for i in chosen]
+        with torch.no_grad():
+            # buf <- after - before, in place: the snapshot becomes the update.
+            torch._foreach_sub_(bufs, [self._params[i].tensor for i in chosen])
+            torch._foreach_neg_(bufs)
+
+    def _note_missing_forward(self) -> None:
+        """Optimizer steps of the model's parameters without a forward of the watched model:
+        forward topics can never be published. Said once, after three such steps."""
+        self._steps_without_forward += 1
+        if self._steps_without_forward == 3 and not self._watched_forward:
+            self.bus._warn_once(
+                "no-forward",
+                f"the optimizer stepped 3 times but the watched {type(self.model).__name__} "
+                "never ran a training forward, so activations, the loss and the outputs are "
+                "not published. Watch the module your training code calls (e.g. the network "
+                "a LightningModule's training_step calls), or use the Lightning callback",
             )
-        )
 
-    def _publish_network(self, topic: str, data: torch.Tensor | None) -> None:
-        step, epoch, batch = self._stamp
-        self.bus.publish(
-            NetworkMessage(topic=topic, global_step=step, epoch=epoch, batch_index=batch, data=data)
-        )
+    # ------------------------------------------------------------ end of step
+    def _finish_step(self) -> None:
+        """Hand the step's payloads to the bus and forget them."""
+        self._open = False
+        self._act_plan = self._lgrad_plan = None
+        self._loss_pending = False
+        self._inside = None
+        if self._stepped:
+            self._expected = weakref.WeakSet(self._stepped)
+        stamp, wanted = self._stamp, self._wanted
+        if not self._forwards and self._stepped and wanted & (FORWARD_TOPICS | _LOSS_TOPICS):
+            self._note_missing_forward()
+        fwd, grads, updates = self._fwd, self._grads, self._updates
+        self._fwd = _Forward(len(self._module_objs))
+        self._grads, self._updates = {}, {}
+        if not wanted:
+            self.bus.deliver(stamp, {})
+            return
+        try:
+            payloads = self._payloads(wanted, fwd, grads, updates)
+        except Exception as exc:  # noqa: BLE001 - never stop training
+            self.bus.internal_error("collecting the step's payloads", exc, stamp[0])
+            payloads = {}
+        self.bus.deliver(stamp, payloads)
+
+    def _payloads(
+        self,
+        wanted: frozenset[str],
+        fwd: _Forward,
+        grads: dict[int, tuple[torch.Tensor, int]],
+        updates: dict[int, torch.Tensor],
+    ) -> dict[str, TopicPayloads]:
+        out: dict[str, TopicPayloads] = {}
+        params = self._params
+        for topic in wanted:
+            indices = self._by_topic.get(topic)
+            if indices is None:
+                continue
+            chosen: list[tuple[int, torch.Tensor]]
+            if topic in VALUE_TOPICS.values():
+                chosen = [(i, params[i].tensor) for i in indices]
+            elif topic in GRADIENT_TOPICS.values():
+                chosen = [(i, g) for i in indices if (i in grads and
+                          (g := self._valid(grads[i], topic, i)) is not None)]
+            else:
+                chosen = [(i, updates[i]) for i in indices if i in updates]
+            if chosen:
+                out[topic] = TopicPayloads(
+                    topic=topic,
+                    keys=[params[i].key for i, _ in chosen],
+                    modules=[params[i].info for i, _ in chosen],
+                    data=[t for _, t in chosen],
+                )
+        for topic, stash in (("activations", fwd.acts), ("layer_gradients", fwd.lgrads)):
+            if stash and topic in wanted:
+                out[topic] = self._forward_payloads(topic, stash)
+        for topic, entry in fwd.network.items():
+            data = self._valid(entry, topic, -1)
+            if data is not None:
+                out[topic] = TopicPayloads(topic=topic, keys=[None], modules=[None], data=[data])
+        for topic in ("batch_started", "batch_finished"):
+            if topic in wanted:
+                out[topic] = _event(topic)
+        if self.batch_index == 0 and "epoch_started" in wanted:
+            out["epoch_started"] = _event("epoch_started")
+        return out
+
+    def _valid(self, entry: tuple[torch.Tensor, int], topic: str, index: int) -> Any:
+        """The stashed tensor, or None (and a copy from the next step on) when something
+        changed it in place after it was stashed (an in-place ReLU after a module, a +=)."""
+        tensor, version = entry
+        if version < 0 or tensor._version == version:
+            return tensor
+        self._clone.add((topic, index))
+        return None
+
+    def _learned(self, topic: str, entry: _Entry) -> torch.Tensor | None:
+        """The payload of a stash entry; a first capture teaches whether the module's tensor
+        is changed in place later in a step (then it is copied from now on)."""
+        index, _, tensor, version, original = entry
+        if original is None:
+            return self._valid((tensor, version), topic, index)
+        self._probed.add((topic, index))
+        if original._version != version:
+            self._clone.add((topic, index))
+        return tensor
+
+    def _forward_payloads(self, topic: str, stash: list[_Entry]) -> TopicPayloads:
+        keys: list[str | None] = []
+        modules: list[ModuleInfo | None] = []
+        data: list[torch.Tensor | None] = []
+        for entry in sorted(stash, key=lambda e: (e[0], e[1])):
+            index, call = entry[0], entry[1]
+            valid = self._learned(topic, entry)
+            if valid is None:
+                continue
+            keys.append(self._call_key(index, call))
+            modules.append(self._module_objs[index][0])
+            data.append(valid)
+        return TopicPayloads(topic=topic, keys=keys, modules=modules, data=data)
+
+    def _call_key(self, index: int, call: int) -> str:
+        """``name`` for a module's first call in a forward, ``name#1`` for its second..."""
+        keys = self._call_keys[index]
+        while len(keys) <= call:
+            keys.append(f"{keys[0]}#{len(keys)}")
+        return keys[call]
+
+
+def _event(topic: str) -> TopicPayloads:
+    return TopicPayloads(topic=topic, keys=[None], modules=[None], data=[None])
 
 
 def modules_of(names: Iterable[str]) -> tuple[type[nn.Module], ...]:
-    """Resolve ``torch.nn`` class names (``"Conv2d"``) for the ``include`` option."""
+    """Resolve ``torch.nn`` class names (``"Conv2d"``) or dotted class paths
+    (``"transformers.pytorch_utils.Conv1D"``) for the ``include`` option."""
+    import importlib
+
     out = []
     for name in names:
-        cls = getattr(nn, name, None)
+        if "." in name:
+            module_name, _, attr = name.rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(module_name), attr, None)
+            except ImportError as exc:
+                raise ValueError(f"include: cannot import {name!r}: {exc}") from None
+        else:
+            cls = getattr(nn, name, None)
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-            raise ValueError(f"include: {name!r} is not a torch.nn module class (e.g. 'Conv2d')")
+            raise ValueError(
+                f"include: {name!r} is not a torch.nn module class (e.g. 'Conv2d', or a dotted "
+                "path such as 'transformers.pytorch_utils.Conv1D')"
+            )
         out.append(cls)
     return tuple(out)

@@ -1,27 +1,40 @@
 """Subscriber: the base class a metric plugin subclasses.
 
-A subscriber has a ``name`` (used in the run configuration), declares its options as a
-pydantic model (``Options``; every subscriber accepts ``topics`` and ``subsample``),
-implements :meth:`Subscriber.compute` and reports with :meth:`Subscriber.publish_scalar` and
-:meth:`Subscriber.publish_histogram`. Results are queued for the backends and published on
-the bus as new topics that other subscribers can consume.
+A subscriber has a ``name`` (used in the run configuration) and declares its options as a
+pydantic model (``Options``; every subscriber accepts ``topics``, ``subsample`` and
+``publish_as``). It is called once per training step, at the end of the step (after
+``optimizer.step()``), in one of two ways:
+
+- **per module** (the simple path): implement :meth:`Subscriber.compute`, which receives one
+  :class:`~ikkuna_core.MessageBundle` per module (or the network) and topic — or, with
+  ``synchronized = True``, per module holding all topics — and reports with
+  :meth:`Subscriber.publish_scalar` / :meth:`Subscriber.publish_histogram`;
+- **per step** (the fast path): override :meth:`Subscriber.compute_step`, which receives one
+  :class:`~ikkuna_core.StepBundle` holding every module's payloads of every topic, reduce them
+  all at once with :mod:`ikkuna_core.ops`, and report vectors with
+  :meth:`Subscriber.publish_scalars` / :meth:`Subscriber.publish_histograms`.
+
+Either way, a subscriber's results of a step travel as one message per output topic, to the
+backends and, as topics of their own (``norm/weight_gradients``), to other subscribers.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .messages import EVENT_TOPICS, HistogramMessage, MessageBundle, ScalarMessage
+from . import ops
+from .messages import MessageBundle, ModuleInfo, StepBundle
+from .topics import EVENT_TOPICS
 
 if TYPE_CHECKING:
     from .bus import MessageBus
     from .exporter import Exporter
 
-__all__ = ["Subscriber", "SubscriberOptions", "TensorOptions", "histogram_on_device"]
+__all__ = ["Subscriber", "SubscriberOptions", "TensorOptions"]
 
 
 class SubscriberOptions(BaseModel):
@@ -53,8 +66,9 @@ class Subscriber:
     """Base class for metric subscribers.
 
     Subclasses set ``name`` and optionally ``Options``, ``default_topics`` and
-    ``synchronized`` (True: one bundle holding all topics per module and step; False: each
-    topic is delivered on its own).
+    ``synchronized`` (True: its topics are delivered together, for the keys present in all
+    of them; False: each topic on its own), and implement :meth:`compute` or
+    :meth:`compute_step`.
     """
 
     name: ClassVar[str] = ""
@@ -65,16 +79,22 @@ class Subscriber:
     def __init__(self, **options: object) -> None:
         if not self.name:
             raise TypeError(f"{type(self).__name__} must set the class attribute 'name'")
-        if not options.get("topics"):
+        if "topics" not in options:
             options["topics"] = list(self.default_topics)
         try:
             self.options = self.Options(**options)  # type: ignore[arg-type]
         except ValidationError as exc:
             details = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']} (got {e['input']!r})"
+                f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}"
+                + ("" if isinstance(e.get("input"), dict) else f" (got {e['input']!r})")
                 for e in exc.errors()
             )
             raise ValueError(f"invalid options for subscriber {self.name!r}: {details}") from None
+        if not self.options.topics:
+            raise ValueError(
+                f"invalid options for subscriber {self.name!r}: topics: it needs at least one "
+                f"topic (its default: {list(self.default_topics) or 'none'})"
+            )
         self.enabled = True
         self._bus: MessageBus | None = None
 
@@ -84,7 +104,28 @@ class Subscriber:
     # ----------------------------------------------------------- for authors
     def compute(self, bundle: MessageBundle) -> None:
         """Turn one bundle into metrics; call ``publish_scalar``/``publish_histogram``."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"subscriber {self.name!r} implements neither compute() nor compute_step()"
+        )
+
+    def compute_step(self, step: StepBundle) -> None:
+        """Turn one step's payloads of all modules into metrics; call ``publish_scalars``/
+        ``publish_histograms``. The default hands each module's bundle to :meth:`compute`."""
+        for bundle in step.bundles(self.synchronized):
+            self.compute(bundle)
+
+    def sample_size(self, topic: str) -> int | None:
+        """How many entries of each payload of a forward topic (``activations``,
+        ``layer_gradients``) this subscriber needs: None (the default) for whole tensors, or
+        k for a fixed pseudo-random sample of at most k entries (:func:`ikkuna_core.ops.sample`).
+        When every subscriber of a topic takes samples, the Exporter copies only samples in
+        its hooks: cheap, and immune to in-place changes of the outputs later in the step."""
+        return None
+
+    def wants_module(self, module: ModuleInfo) -> bool:
+        """Whether this subscriber needs the forward topics of ``module`` (a hint: modules that
+        no subscriber wants are not captured; others may still be delivered)."""
+        return True
 
     def output_topic(self, suffix: str | None = None) -> str:
         """The topic results are published under: ``publish_as`` if given, otherwise the
@@ -116,25 +157,16 @@ class Subscriber:
             raise RuntimeError("this subscriber's bus has no exporter attached")
         return exporter
 
+    # ------------------------------------------------------------ publishing
     def publish_scalar(
         self, bundle: MessageBundle, value: torch.Tensor | float, suffix: str | None = None
-    ) -> ScalarMessage:
+    ) -> None:
         """Report a scalar for the bundle's module (or network) and step. Keep ``value`` a
         tensor: it stays on its device until the backends flush."""
-        topic = self._topic_for(bundle.topics[0], suffix)
         if not isinstance(value, torch.Tensor):
             value = torch.tensor(float(value))
-        msg = ScalarMessage(
-            topic=topic,
-            global_step=bundle.global_step,
-            epoch=bundle.epoch,
-            batch_index=bundle.batch_index,
-            key=bundle.key,
-            tag=topic if bundle.key is None else f"{topic}/{bundle.key}",
-            data=value.detach(),
-        )
-        self.bus.publish_result(msg)
-        return msg
+        topic = self._topic_for(bundle.topics[0], suffix)
+        self.bus._collect_scalars(self, topic, [bundle.key], value.detach().reshape(1))
 
     def publish_histogram(
         self,
@@ -144,142 +176,58 @@ class Subscriber:
         range: tuple[float, float] | None = None,  # noqa: A002 - mirrors numpy/torch naming
         suffix: str | None = None,
         max_samples: int | None = None,
-    ) -> HistogramMessage:
-        """Report a histogram of ``values``; the bins are computed on the tensor's device
-        (see :func:`histogram_on_device`)."""
+    ) -> None:
+        """Report a histogram of ``values`` for the bundle's module (see
+        :func:`ikkuna_core.ops.histograms`)."""
+        hist = ops.histograms([values.detach()], bins=bins, range=range, max_samples=max_samples)
         topic = self._topic_for(bundle.topics[0], suffix)
-        stats = histogram_on_device(values, bins=bins, range=range, max_samples=max_samples)
-        msg = HistogramMessage(
-            topic=topic,
-            global_step=bundle.global_step,
-            epoch=bundle.epoch,
-            batch_index=bundle.batch_index,
-            key=bundle.key,
-            tag=topic if bundle.key is None else f"{topic}/{bundle.key}",
-            data=stats["data"],
-            edges=stats["edges"],
-            min=stats["min"],
-            max=stats["max"],
-            num=stats["num"],
-            sum=stats["sum"],
-            sum_squares=stats["sum_squares"],
-            nonfinite=stats["nonfinite"],
-        )
-        self.bus.publish_result(msg)
-        return msg
+        self.bus._collect_histograms(self, topic, [bundle.key], hist)
+
+    def publish_scalars(
+        self,
+        step: StepBundle,
+        values: torch.Tensor,
+        keys: Sequence[str | None] | None = None,
+        *,
+        topic: str | None = None,
+        suffix: str | None = None,
+    ) -> None:
+        """Report one scalar per key at once: ``values[i]`` for ``keys[i]``. ``topic`` is the
+        input topic the values were computed from (default: the step's first); ``keys``
+        default to that topic's keys."""
+        source = topic or step.topics[0]
+        if keys is None:
+            keys = step[source].keys
+        values = values.detach().reshape(-1)
+        if values.numel() != len(keys):
+            raise ValueError(
+                f"subscriber {self.name!r}: {values.numel()} values for {len(keys)} keys"
+            )
+        self.bus._collect_scalars(self, self._topic_for(source, suffix), list(keys), values)
+
+    def publish_histograms(
+        self,
+        step: StepBundle,
+        hists: ops.Histograms,
+        keys: Sequence[str | None] | None = None,
+        *,
+        topic: str | None = None,
+        suffix: str | None = None,
+    ) -> None:
+        """Report stacked histograms (from :func:`ikkuna_core.ops.histograms`): row ``i``
+        for ``keys[i]``; ``topic`` and ``keys`` as for :meth:`publish_scalars`."""
+        source = topic or step.topics[0]
+        if keys is None:
+            keys = step[source].keys
+        if hists.counts.shape[0] != len(keys):
+            raise ValueError(
+                f"subscriber {self.name!r}: {hists.counts.shape[0]} histograms for "
+                f"{len(keys)} keys"
+            )
+        self.bus._collect_histograms(self, self._topic_for(source, suffix), list(keys), hists)
 
     # -------------------------------------------------------------- plumbing
     def _bind(self, bus: MessageBus) -> None:
         if self._bus is not None and self._bus is not bus:
             raise RuntimeError(f"subscriber {self.name!r} is already registered on another bus")
         self._bus = bus
-
-    def _receive(self, bundle: MessageBundle) -> None:
-        try:
-            self.compute(bundle)
-        except Exception as exc:  # noqa: BLE001 - the bus applies the error policy
-            self.bus.subscriber_failed(self, exc)
-
-
-_SAMPLE_CACHE: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-
-
-def _sample_index(numel: int, k: int, device: torch.device) -> torch.Tensor:
-    """A fixed pseudo-random choice of ``k`` of ``numel`` positions, sorted, cached per size
-    and device. Its own generator leaves the global RNG (and so training) untouched; unlike
-    a stride, it cannot alias with the layout of a feature map."""
-    key = (numel, k, device)
-    idx = _SAMPLE_CACHE.get(key)
-    if idx is None:
-        gen = torch.Generator().manual_seed(numel)
-        idx = torch.randint(0, numel, (k,), generator=gen).sort().values.to(device)
-        if len(_SAMPLE_CACHE) > 512:
-            _SAMPLE_CACHE.clear()
-        _SAMPLE_CACHE[key] = idx
-    return idx
-
-
-def histogram_on_device(
-    values: torch.Tensor,
-    bins: int = 64,
-    range: tuple[float, float] | None = None,  # noqa: A002
-    max_samples: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """Histogram of the finite entries of ``values`` plus the statistics TensorBoard wants,
-    all as tensors on ``values``' device (no host synchronisation). Non-finite entries are
-    counted in ``nonfinite``, not binned. With no ``range``, the bins span the finite
-    min..max. With ``max_samples``, a larger tensor is summarised by a fixed pseudo-random
-    sample of that many entries (``num`` then counts the sample)."""
-    if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
-    if range is not None and not range[0] < range[1]:
-        raise ValueError(f"histogram range must be (low, high) with low < high, got {range}")
-    x = values.detach().reshape(-1)
-    if max_samples is not None and x.numel() > max_samples:
-        x = x[_sample_index(x.numel(), max_samples, x.device)]
-    if not x.is_floating_point():
-        x = x.float()
-    if x.device.type == "cpu" and x.numel():
-        fast = _histogram_cpu(x, bins, range)
-        if fast is not None:
-            return fast
-    finite = torch.isfinite(x)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    xf = torch.where(finite, x, zero)
-    nfin = finite.sum()
-    inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
-    lo_all = torch.where(finite, x, inf).min() if x.numel() else inf
-    hi_all = torch.where(finite, x, -inf).max() if x.numel() else -inf
-    empty = nfin == 0
-    lo_all = torch.where(empty, zero, lo_all)
-    hi_all = torch.where(empty, zero, hi_all)
-    if range is not None:
-        lo = torch.full((), float(range[0]), dtype=torch.float64, device=x.device)
-        hi = torch.full((), float(range[1]), dtype=torch.float64, device=x.device)
-    else:
-        lo = lo_all.to(torch.float64)
-        hi = hi_all.to(torch.float64)
-        hi = torch.where(hi > lo, hi, lo + 1e-12 + lo.abs() * 1e-6)
-    scale = (bins / (hi - lo)).to(x.dtype)
-    idx = ((xf - lo.to(x.dtype)) * scale).to(torch.int64).clamp_(0, bins - 1)
-    inside = finite if range is None else finite & (xf >= range[0]) & (xf <= range[1])
-    counts = torch.zeros(bins, dtype=torch.int64, device=x.device)
-    counts.scatter_add_(0, idx, inside.to(torch.int64))
-    edges = lo + (hi - lo) / bins * torch.arange(bins + 1, dtype=torch.float64, device=x.device)
-    return {
-        "data": counts,
-        "edges": edges,
-        "min": lo_all,
-        "max": hi_all,
-        "num": nfin,
-        "sum": xf.sum(),
-        "sum_squares": (xf * xf).sum(),
-        "nonfinite": x.numel() - nfin,
-    }
-
-
-def _histogram_cpu(
-    x: torch.Tensor, bins: int, range: tuple[float, float] | None  # noqa: A002
-) -> dict[str, torch.Tensor] | None:
-    """On the CPU a host read costs nothing, so one min/max pass decides: all finite (the
-    usual case) -> ``torch.histc``, a third of the masked path's cost; otherwise None and
-    the general path counts the non-finite values."""
-    if x.element_size() < 4:
-        x = x.float()  # histc has no half-precision CPU kernel
-    lo_t, hi_t = torch.aminmax(x)
-    lo, hi = float(lo_t), float(hi_t)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return None
-    a, b = range if range is not None else (lo, hi if hi > lo else lo + 1e-12 + abs(lo) * 1e-6)
-    counts = torch.histc(x, bins=bins, min=a, max=b).to(torch.int64)
-    flat = x.reshape(-1)
-    return {
-        "data": counts,
-        "edges": torch.linspace(a, b, bins + 1, dtype=torch.float64),
-        "min": lo_t,
-        "max": hi_t,
-        "num": torch.tensor(x.numel()),
-        "sum": flat.sum(),
-        "sum_squares": torch.dot(flat, flat),
-        "nonfinite": torch.tensor(0),
-    }

@@ -39,9 +39,7 @@ def watch(
         registry = load_plugins(cfg.plugins)
     registry.hook.ikkuna_configure(config=cfg)
 
-    bus = MessageBus(
-        on_error=cfg.on_error, flush_every=cfg.flush_every, background=cfg.background
-    )
+    bus = MessageBus(on_error=cfg.on_error, flush_every=cfg.flush_every)
     for topic in registry.topics:
         bus.register_topic(topic.name, topic.kind, topic.doc)
     try:

@@ -131,10 +131,7 @@ class MessageCounter(Subscriber):
         self.seen[(bundle.topics[0], bundle.global_step)] += 1
 
 
-@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
-def test_test_accuracy_from_a_loader_every_n_steps(background: bool) -> None:
-    """Also with the bus's background worker: evaluation then runs on the worker thread
-    while the training thread waits at the end of the step."""
+def test_test_accuracy_from_a_loader_every_n_steps() -> None:
     model = make_model()
     model.train()
     model[1].eval()  # a frozen BatchNorm inside a training model: a mixed mode to preserve
@@ -153,7 +150,7 @@ def test_test_accuracy_from_a_loader_every_n_steps(background: bool) -> None:
 
     # own loop: train_steps would call model.train() and unfreeze the BatchNorm
     backend = MemoryBackend()
-    exporter = Exporter(bus=MessageBus(on_error="raise", background=background))
+    exporter = Exporter(bus=MessageBus(on_error="raise"))
     exporter.set_model(model)
     loss_fn = exporter.set_loss(nn.CrossEntropyLoss())
     exporter.bus.register_subscriber(counter)

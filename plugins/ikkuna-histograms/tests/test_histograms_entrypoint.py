@@ -112,7 +112,11 @@ def test_watched_run_writes_histograms_and_figures(tmp_path: Path) -> None:
             assert h.num == finite.size == flat.size - nonfinite
             assert h.min == pytest.approx(finite.min()) and h.max == pytest.approx(finite.max())
             assert h.sum == pytest.approx(finite.sum(), rel=1e-4, abs=1e-6 * np.abs(finite).sum())
-    assert tags["scalars"] == ["dead_fraction/activations/relu"]
+    # a histogram with non-finite values is flagged by a scalar beside it
+    assert set(tags["scalars"]) == {
+        "dead_fraction/activations/relu", "histogram/activations/log/nonfinite"
+    }
+    assert [e.value for e in acc.Scalars("histogram/activations/log/nonfinite")] == [5] * steps
     dead = [e.value for e in acc.Scalars("dead_fraction/activations/relu")]
     assert dead == pytest.approx(expected_dead, abs=1e-6)
 

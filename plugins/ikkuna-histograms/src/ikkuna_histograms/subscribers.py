@@ -1,8 +1,9 @@
 """The subscribers of the ``histograms`` plugin.
 
-Histograms are binned on the payload's device by
-:func:`ikkuna_core.histogram_on_device`; only the bin counts, the edges and a few statistics
-ever reach the host, when the backends flush. Nothing here synchronises with the host.
+Each subscriber works on a whole step at once: every module's histogram of a topic is one
+segmented computation on the payloads' device (:func:`ikkuna_core.ops.histograms`); only the
+bin counts, the edges and a few statistics ever reach the host, when the backends flush.
+Nothing here synchronises with the host.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field, field_validator
 
-from ikkuna_core import MessageBundle, Subscriber, TensorOptions
+from ikkuna_core import ModuleInfo, StepBundle, Subscriber, TensorOptions, ops
 
 __all__ = [
     "DEAD_MODULE_TYPES",
@@ -68,15 +69,20 @@ class Histogram(Subscriber):
     default_topics: ClassVar[tuple[str, ...]] = ("activations",)
     options: HistogramOptions
 
-    def compute(self, bundle: MessageBundle) -> None:
-        values = bundle.tensor(bundle.topics[0])
-        self.publish_histogram(
-            bundle,
-            values,
-            bins=self.options.bins,
-            range=self.options.range,
-            max_samples=self.options.max_samples or None,
-        )
+    def sample_size(self, topic: str) -> int | None:
+        """Activations and layer gradients are captured as samples of ``max_samples``
+        entries (a copy in the hook, no reference to the whole tensor)."""
+        return self.options.max_samples or None
+
+    def compute_step(self, step: StepBundle) -> None:
+        for topic in step.topics:
+            hists = ops.histograms(
+                step[topic].tensors(),
+                bins=self.options.bins,
+                range=self.options.range,
+                max_samples=self.options.max_samples or None,
+            )
+            self.publish_histograms(step, hists, topic=topic)
 
 
 class DeadFractionOptions(TensorOptions):
@@ -124,18 +130,32 @@ class DeadFraction(Subscriber):
             out += [self._topic_for(t, "units") for t in topics]
         return out
 
-    def compute(self, bundle: MessageBundle) -> None:
-        if self._types and (bundle.module is None or bundle.module.type not in self._types):
-            return
-        x = bundle.tensor(bundle.topics[0])
-        n = x.numel()
-        if n == 0:
-            return
-        zeros = n - torch.count_nonzero(x)
-        self.publish_scalar(bundle, zeros.to(torch.float32) / n)
-        dim = self.options.unit_dim
-        if self.options.units and x.dim() > dim:
-            units = x.shape[dim]
-            alive = (x != 0).movedim(dim, 0).reshape(units, -1).any(dim=1)
-            dead = units - alive.sum()
-            self.publish_scalar(bundle, dead.to(torch.float32) / units, suffix="units")
+    def wants_module(self, module: ModuleInfo) -> bool:
+        return not self._types or module.type in self._types
+
+    def compute_step(self, step: StepBundle) -> None:
+        for topic in step.topics:
+            payloads = step[topic]
+            chosen = [
+                i for i, (module, x) in enumerate(zip(payloads.modules, payloads.data, strict=True))
+                if x is not None and x.numel() and (module is None or self.wants_module(module))
+            ]
+            if not chosen:
+                continue
+            keys = [payloads.keys[i] for i in chosen]
+            tensors = [payloads.data[i] for i in chosen]
+            self.publish_scalars(step, ops.zero_fractions(tensors), keys, topic=topic)  # type: ignore[arg-type]
+            dim = self.options.unit_dim
+            if self.options.units:
+                unit_keys, dead = [], []
+                for key, x in zip(keys, tensors, strict=True):
+                    assert x is not None
+                    if x.dim() > dim:
+                        units = x.shape[dim]
+                        alive = (x != 0).movedim(dim, 0).reshape(units, -1).any(dim=1)
+                        dead.append((units - alive.sum()).to(torch.float32) / units)
+                        unit_keys.append(key)
+                if dead:
+                    self.publish_scalars(
+                        step, torch.stack(dead), unit_keys, topic=topic, suffix="units"
+                    )

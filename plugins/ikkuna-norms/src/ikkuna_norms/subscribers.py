@@ -1,7 +1,10 @@
 """The subscribers of the ``norms`` plugin.
 
-Every value stays a tensor on the payload's device: nothing here synchronises with the host.
-Low-precision payloads (float16, bfloat16) and integer payloads are reduced in float32.
+Each one works on a whole step at once: all modules' payloads of a topic are reduced together
+with the core's fused primitives (``ikkuna_core.ops``), a few kernel launches per topic and
+step whatever the number of modules. Every value stays a tensor on the payload's device:
+nothing here synchronises with the host. Low-precision payloads (float16, bfloat16) and
+integer payloads are reduced in float32.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import ClassVar
 import torch
 from pydantic import Field, field_validator
 
-from ikkuna_core import MessageBundle, Subscriber, TensorOptions
+from ikkuna_core import StepBundle, Subscriber, TensorOptions, ops
 
 __all__ = [
     "Mean",
@@ -26,15 +29,6 @@ __all__ = [
     "Variance",
     "VarianceOptions",
 ]
-
-def _payload(bundle: MessageBundle, topic: str) -> torch.Tensor:
-    """The bundle's tensor for ``topic`` as a floating tensor of at least 32 bits (a view
-    when it already is one: no copy)."""
-    x = bundle.tensor(topic)
-    if not x.is_floating_point() or x.element_size() < 4:
-        x = x.float()
-    return x
-
 
 # ----------------------------------------------------------------------------------- norm
 class NormOptions(TensorOptions):
@@ -74,9 +68,10 @@ class Norm(Subscriber):
     default_topics: ClassVar[tuple[str, ...]] = ("weight_gradients",)
     options: NormOptions
 
-    def compute(self, bundle: MessageBundle) -> None:
-        x = _payload(bundle, bundle.topics[0])
-        self.publish_scalar(bundle, torch.linalg.vector_norm(x, ord=self.options.p))
+    def compute_step(self, step: StepBundle) -> None:
+        for topic in step.topics:
+            values = ops.norms(step[topic].tensors(), self.options.p)
+            self.publish_scalars(step, values, topic=topic)
 
 
 # ------------------------------------------------------------------------------ mean/var
@@ -91,8 +86,10 @@ class Mean(Subscriber):
     Options = MeanOptions
     default_topics: ClassVar[tuple[str, ...]] = ("activations",)
 
-    def compute(self, bundle: MessageBundle) -> None:
-        self.publish_scalar(bundle, _payload(bundle, bundle.topics[0]).mean())
+    def compute_step(self, step: StepBundle) -> None:
+        for topic in step.topics:
+            means, _ = ops.moments(step[topic].tensors())
+            self.publish_scalars(step, means, topic=topic)
 
 
 class VarianceOptions(TensorOptions):
@@ -113,9 +110,10 @@ class Variance(Subscriber):
     default_topics: ClassVar[tuple[str, ...]] = ("activations",)
     options: VarianceOptions
 
-    def compute(self, bundle: MessageBundle) -> None:
-        x = _payload(bundle, bundle.topics[0])
-        self.publish_scalar(bundle, torch.var(x, correction=self.options.correction))
+    def compute_step(self, step: StepBundle) -> None:
+        for topic in step.topics:
+            _, variances = ops.moments(step[topic].tensors(), self.options.correction)
+            self.publish_scalars(step, variances, topic=topic)
 
 
 # ---------------------------------------------------------------------------------- ratio
@@ -151,13 +149,13 @@ class Ratio(Subscriber):
     synchronized = True
     options: RatioOptions
 
-    def compute(self, bundle: MessageBundle) -> None:
+    def compute_step(self, step: StepBundle) -> None:
         top, bottom = self.options.topics
-        num = torch.linalg.vector_norm(_payload(bundle, top))
-        den = torch.linalg.vector_norm(_payload(bundle, bottom))
+        num = ops.norms(step[top].tensors())
+        den = ops.norms(step[bottom].tensors())
         if self.options.eps:
             den = den + self.options.eps
-        self.publish_scalar(bundle, num / den)
+        self.publish_scalars(step, num / den, topic=top)
 
 
 # ------------------------------------------------------------------------- spectral norm
@@ -186,16 +184,17 @@ class SpectralNormOptions(TensorOptions):
 
 
 def _top_singular_value(r: torch.Tensor) -> torch.Tensor:
-    """Largest singular value of a small square matrix ``r`` without an SVD (which would
-    synchronise a CUDA device): the weighted Rayleigh quotient
+    """Largest singular value of each small square matrix of a batch ``r`` (b, k, k) without
+    an SVD (which would synchronise a CUDA device): the weighted Rayleigh quotient
     ``trace(G P) / trace(P)`` with ``G = r^T r`` and ``P`` = G to a high power, obtained by
     repeated normalised squaring."""
-    g = r.t() @ r
+    g = r.transpose(1, 2) @ r
     p = g
+    tiny = torch.finfo(p.dtype).tiny
     for _ in range(_SQUARINGS):
         p = p @ p
-        p = p / torch.linalg.matrix_norm(p).clamp_min(torch.finfo(p.dtype).tiny)
-    top = (g * p).sum() / torch.diagonal(p).sum().clamp_min(torch.finfo(p.dtype).tiny)
+        p = p / torch.linalg.matrix_norm(p).clamp_min(tiny)[:, None, None]
+    top = (g * p).sum((1, 2)) / torch.diagonal(p, dim1=1, dim2=2).sum(1).clamp_min(tiny)
     return top.clamp_min(0).sqrt()
 
 
@@ -223,30 +222,58 @@ class SpectralNorm(Subscriber):
 
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
-        self._blocks: dict[tuple[str, str | None], torch.Tensor] = {}
+        self._blocks: dict[tuple[str, tuple[str | None, ...]], torch.Tensor] = {}
 
-    def compute(self, bundle: MessageBundle) -> None:
-        topic = bundle.topics[0]
-        w = _payload(bundle, topic)
-        if w.dim() < 2:
-            return
-        m = w.reshape(w.shape[0], -1)
-        k = min(self.options.block, *m.shape)
-        state = (topic, bundle.key)
+    def compute_step(self, step: StepBundle) -> None:
+        for topic in step.topics:
+            payloads = step[topic]
+            keys, mats = [], []
+            for key, w in zip(payloads.keys, payloads.tensors(), strict=True):
+                if w.dim() >= 2:
+                    keys.append(key)
+                    mats.append(w.reshape(w.shape[0], -1))
+            if not mats:
+                continue
+            device = mats[0].device
+            # power iterations batched by matrix shape, then the small Rayleigh-Ritz problems
+            # of all groups batched by block size
+            blocks: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+            for idx in ops.group_by(mats, lambda m: (tuple(m.shape), m.device, m.dtype)).values():
+                r = self._power_iteration(topic, [keys[i] for i in idx], [mats[i] for i in idx])
+                found = blocks.setdefault(r.shape[-1], ([], []))
+                found[0].extend(idx)
+                found[1].append(r.to(device, torch.float32))
+            sigma = torch.empty(len(mats), dtype=torch.float32, device=device)
+            for idx, rs in blocks.values():
+                values = _top_singular_value(torch.cat(rs))
+                sigma[torch.tensor(idx, device=device)] = values
+            self.publish_scalars(step, sigma, keys, topic=topic)
+
+    def _power_iteration(
+        self, topic: str, keys: list[str | None], mats: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Block power iteration on same-shaped matrices at once (batched matmuls and QRs),
+        continuing from the vectors kept for these keys; returns the R factors (b, k, k) whose
+        top singular values estimate the matrices'."""
+        m = torch.stack(mats)
+        if not m.is_floating_point() or m.element_size() < 4:
+            m = m.float()
+        k = min(self.options.block, m.shape[1], m.shape[2])
+        state = (topic, tuple(keys))
         u = self._blocks.get(state)
         iterations = self.options.iterations
-        if u is None or u.shape != (m.shape[0], k) or u.device != m.device or u.dtype != m.dtype:
+        if u is None or u.shape != (m.shape[0], m.shape[1], k) or u.device != m.device \
+                or u.dtype != m.dtype:
             generator = torch.Generator(device=m.device).manual_seed(self.options.seed)
-            start = torch.randn(m.shape[0], k, generator=generator, device=m.device, dtype=m.dtype)
-            u = torch.linalg.qr(start).Q
+            start = torch.randn(m.shape[1], k, generator=generator, device=m.device, dtype=m.dtype)
+            u = torch.linalg.qr(start).Q.expand(m.shape[0], -1, -1)
             iterations = max(iterations, self.options.warmup_iterations)
-        with torch.no_grad():
-            for _ in range(iterations):
-                v = torch.linalg.qr(m.t() @ u).Q
-                u, r = torch.linalg.qr(m @ v)
-            sigma = _top_singular_value(r)
+        mt = m.transpose(1, 2)
+        for _ in range(iterations):
+            v = torch.linalg.qr(mt @ u).Q
+            u, r = torch.linalg.qr(m @ v)
         self._blocks[state] = u
-        self.publish_scalar(bundle, sigma)
+        return r
 
     def reset(self) -> None:
         """Forget the kept vectors (the next step of each module warms up again)."""

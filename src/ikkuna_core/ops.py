@@ -1,0 +1,314 @@
+"""Fused primitives: reductions of many tensors at once, a handful of kernel launches per
+call whatever the number of tensors. Step-level subscribers reduce all modules' payloads of a
+step with these; every result stays a tensor on the payloads' device (no host
+synchronisation), one value (or one histogram row) per input tensor, in input order.
+
+- :func:`norms` — p-norms through ``torch._foreach_norm``
+- :func:`zero_fractions` — fraction of exact zeros (``_foreach_norm`` with p = 0)
+- :func:`moments` — means and variances, by segments of one concatenation
+- :func:`histograms` — histograms of many tensors as one segmented computation (per-row
+  min/max, one scatter), large tensors summarised by a fixed pseudo-random sample
+- :func:`sample` / :func:`sample_index` — that sample
+- :func:`group_by` — indices of tensors sharing a property (e.g. shape, for batched matmuls)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Sequence
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "Histograms",
+    "group_by",
+    "histograms",
+    "moments",
+    "norms",
+    "sample",
+    "sample_index",
+    "zero_fractions",
+]
+
+#: Elements per concatenation in :func:`moments` (bounds its temporary memory).
+_CHUNK = 1 << 26
+
+
+def _device_groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` by device (one group in the usual single-device case)."""
+    first = tensors[0].device
+    if all(t.device == first for t in tensors):
+        return [list(range(len(tensors)))]
+    groups: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.device, []).append(i)
+    return list(groups.values())
+
+
+def _per_device(
+    tensors: Sequence[torch.Tensor], fn: Callable[[list[torch.Tensor]], torch.Tensor]
+) -> torch.Tensor:
+    """Apply ``fn`` (tensors -> one row per tensor) per device; the rows on the first tensor's
+    device, in input order."""
+    groups = _device_groups(tensors)
+    if len(groups) == 1:
+        return fn(list(tensors))
+    device = tensors[0].device
+    parts = [(idx, fn([tensors[i] for i in idx]).to(device)) for idx in groups]
+    order = torch.tensor([i for idx, _ in parts for i in idx], device=device).argsort()
+    return torch.cat([rows for _, rows in parts]).index_select(0, order)
+
+
+def _floating(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [t if t.is_floating_point() else t.float() for t in tensors]
+
+
+def norms(tensors: Sequence[torch.Tensor], p: float = 2.0) -> torch.Tensor:
+    """``(sum |x|^p)^(1/p)`` of each tensor (``p = inf``: the largest ``|x|``), as one float32
+    vector; low-precision tensors are reduced in float32."""
+    if not tensors:
+        return torch.empty(0)
+
+    def fn(ts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(torch._foreach_norm(_floating(ts), p, dtype=torch.float32))
+
+    return _per_device(tensors, fn)
+
+
+def zero_fractions(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Fraction of exactly-zero entries of each tensor (NaN for an empty tensor)."""
+    if not tensors:
+        return torch.empty(0)
+
+    def fn(ts: list[torch.Tensor]) -> torch.Tensor:
+        nonzero = torch.stack(torch._foreach_norm(_floating(ts), 0, dtype=torch.float32))
+        numel = torch.tensor([t.numel() for t in ts], dtype=torch.float32)
+        numel = numel.to(nonzero.device, non_blocking=True)
+        return (numel - nonzero) / numel
+
+    return _per_device(tensors, fn)
+
+
+def _lengths(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(numels, dtype=torch.long).to(device, non_blocking=True)
+
+
+def moments(
+    tensors: Sequence[torch.Tensor], correction: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance (``sum (x - mean)^2 / (n - correction)``) of each tensor, as two
+    float32 vectors. Each tensor's values are shifted by its first entry before summing, so
+    the variance keeps its precision when the mean is large against the spread."""
+    if not tensors:
+        return torch.empty(0), torch.empty(0)
+    rows = [
+        _per_device(chunk, lambda ts: torch.stack(_moments(ts, correction), dim=1))
+        for chunk in _chunks(tensors)
+    ]
+    both = torch.cat(rows).float()
+    return both[:, 0], both[:, 1]
+
+
+def _chunks(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    chunks: list[list[torch.Tensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if chunks[-1] and size + t.numel() > _CHUNK:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(t)
+        size += t.numel()
+    return chunks
+
+
+def _moments(ts: list[torch.Tensor], correction: int) -> tuple[torch.Tensor, torch.Tensor]:
+    numels = tuple(t.numel() for t in ts)
+    device = ts[0].device
+    flat = torch.cat([t.reshape(-1) for t in ts])
+    if not flat.is_floating_point() or flat.element_size() < 4:
+        flat = flat.float()
+    n = torch.tensor(numels, dtype=torch.float64).to(device, non_blocking=True)
+    nonempty = [i for i, k in enumerate(numels) if k]
+    if len(nonempty) != len(numels):  # segment_reduce wants positive lengths
+        mean = torch.full((len(ts),), math.nan, dtype=torch.float64, device=device)
+        var = mean.clone()
+        if nonempty:
+            m, v = _moments([ts[i] for i in nonempty], correction)
+            index = torch.tensor(nonempty, device=device)
+            mean[index], var[index] = m, v
+        return mean, var
+    lengths = _lengths(numels, device)
+    starts = torch.tensor([0, *numels[:-1]], dtype=torch.long).cumsum(0).to(device)
+    shift = flat.index_select(0, starts)
+    shifted = flat - shift.repeat_interleave(lengths, output_size=flat.numel())
+    s1 = torch.segment_reduce(shifted, "sum", lengths=lengths).double()
+    s2 = torch.segment_reduce(shifted * shifted, "sum", lengths=lengths).double()
+    mean = shift.double() + s1 / n
+    var = (s2 - s1 * s1 / n).clamp_min(0) / (n - correction)
+    return mean, var
+
+
+class Histograms(NamedTuple):
+    """Histograms of n tensors, stacked: row i describes tensor i. ``num`` counts the finite
+    values binned (of the sample, for sampled tensors); ``nonfinite`` the NaN/inf values,
+    which are never binned."""
+
+    counts: torch.Tensor  # (n, bins), int64
+    edges: torch.Tensor  # (n, bins + 1), float64
+    min: torch.Tensor  # (n,) smallest finite value (0 when there is none)
+    max: torch.Tensor  # (n,)
+    num: torch.Tensor  # (n,)
+    sum: torch.Tensor  # (n,)
+    sum_squares: torch.Tensor  # (n,)
+    nonfinite: torch.Tensor  # (n,)
+
+
+_SAMPLE_CACHE: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def sample_index(numel: int, k: int, device: torch.device) -> torch.Tensor:
+    """A fixed pseudo-random choice of ``k`` of ``numel`` positions, sorted (all positions
+    when ``numel <= k``), cached per size and device. Its own generator leaves the global RNG
+    (and so training) untouched; unlike a stride, it cannot alias with the layout of a
+    feature map."""
+    key = (numel, k, device)
+    idx = _SAMPLE_CACHE.get(key)
+    if idx is None:
+        if numel <= k:
+            idx = torch.arange(numel, device=device)
+        else:
+            gen = torch.Generator().manual_seed(numel)
+            idx = torch.randint(0, numel, (k,), generator=gen).sort().values.to(device)
+        if len(_SAMPLE_CACHE) > 1024:
+            _SAMPLE_CACHE.clear()
+        _SAMPLE_CACHE[key] = idx
+    return idx
+
+
+def sample(tensor: torch.Tensor, k: int) -> torch.Tensor:
+    """A 1-d copy of at most ``k`` entries of ``tensor``: all of them (in row-major order)
+    when it has no more, otherwise the fixed sample of :func:`sample_index`."""
+    return torch.take(tensor, sample_index(tensor.numel(), k, tensor.device))
+
+
+_LAYOUT_CACHE: dict[tuple[tuple[int, ...], torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _layout(
+    lengths: tuple[int, ...], width: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of a concatenation of rows of ``lengths`` in an (n, width) matrix, and the
+    matrix's mask of valid entries; cached per layout."""
+    key = (lengths, device)
+    cached = _LAYOUT_CACHE.get(key)
+    if cached is None:
+        rows = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+        cols = torch.arange(sum(lengths)) - torch.repeat_interleave(starts, torch.tensor(lengths))
+        positions = (rows * width + cols).to(device)
+        valid = torch.zeros(len(lengths) * width, dtype=torch.bool)
+        valid[rows * width + cols] = True
+        cached = (positions, valid.view(len(lengths), width).to(device))
+        if len(_LAYOUT_CACHE) > 256:
+            _LAYOUT_CACHE.clear()
+        _LAYOUT_CACHE[key] = cached
+    return cached
+
+
+def histograms(
+    tensors: Sequence[torch.Tensor],
+    bins: int = 64,
+    range: tuple[float, float] | None = None,  # noqa: A002 - mirrors numpy/torch naming
+    max_samples: int | None = None,
+) -> Histograms:
+    """Histograms of the finite entries of every tensor, as one segmented computation on their
+    device (no host synchronisation). With no ``range``, each histogram's bins span its
+    tensor's finite min..max; with ``range``, values outside are not counted. With
+    ``max_samples``, a larger tensor is summarised by a fixed pseudo-random sample of that many
+    entries (:func:`sample`). Bin indices are computed in float64, as ``numpy.histogram``
+    does."""
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    if range is not None and not range[0] < range[1]:
+        raise ValueError(f"histogram range must be (low, high) with low < high, got {range}")
+    if not tensors:
+        raise ValueError("histograms needs at least one tensor")
+    groups = _device_groups(tensors)
+    if len(groups) > 1:
+        parts = [(idx, histograms([tensors[i] for i in idx], bins, range, max_samples))
+                 for idx in groups]
+        device = tensors[0].device
+        order = torch.tensor([i for idx, _ in parts for i in idx], device=device).argsort()
+        return Histograms(*(
+            torch.cat([getattr(h, f).to(device) for _, h in parts]).index_select(0, order)
+            for f in Histograms._fields
+        ))
+    flat = [
+        sample(t, max_samples) if max_samples is not None and t.numel() > max_samples
+        else t.reshape(-1)
+        for t in tensors
+    ]
+    lengths = tuple(t.numel() for t in flat)
+    n, width = len(flat), max(max(lengths), 1)
+    device = flat[0].device
+    data = torch.cat(flat)
+    if not data.is_floating_point() or data.dtype != torch.float64:
+        data = data.to(torch.float64)
+    if all(k == width for k in lengths):
+        x = data.view(n, width)
+        finite = torch.isfinite(x)
+        valid = None
+    else:
+        positions, valid = _layout(lengths, width, device)
+        x = torch.zeros(n * width, dtype=torch.float64, device=device)
+        x.index_copy_(0, positions, data)
+        x = x.view(n, width)
+        finite = torch.isfinite(x) & valid
+    xf = torch.where(finite, x, 0.0)
+    nfin = finite.sum(1)
+    inf = math.inf
+    lo_all = torch.where(finite, x, inf).amin(1)
+    hi_all = torch.where(finite, x, -inf).amax(1)
+    empty = nfin == 0
+    lo_all = torch.where(empty, 0.0, lo_all)
+    hi_all = torch.where(empty, 0.0, hi_all)
+    if range is not None:
+        lo = torch.full((n,), float(range[0]), dtype=torch.float64, device=device)
+        hi = torch.full((n,), float(range[1]), dtype=torch.float64, device=device)
+        inside = finite & (xf >= range[0]) & (xf <= range[1])
+    else:
+        lo = lo_all
+        hi = torch.where(hi_all > lo_all, hi_all, lo_all + 1e-12 + lo_all.abs() * 1e-6)
+        inside = finite
+    scale = bins / (hi - lo)
+    idx = ((xf - lo[:, None]) * scale[:, None]).to(torch.int64).clamp_(0, bins - 1)
+    counts = torch.zeros(n, bins, dtype=torch.int64, device=device)
+    counts.scatter_add_(1, idx, inside.to(torch.int64))
+    step = (hi - lo) / bins
+    edges = lo[:, None] + step[:, None] * torch.arange(bins + 1, dtype=torch.float64, device=device)
+    numel = (
+        torch.full((n,), width, dtype=torch.int64, device=device) if valid is None
+        else valid.sum(1)
+    )
+    return Histograms(
+        counts=counts,
+        edges=edges,
+        min=lo_all,
+        max=hi_all,
+        num=nfin,
+        sum=xf.sum(1),
+        sum_squares=(xf * xf).sum(1),
+        nonfinite=numel - nfin,
+    )
+
+
+def group_by(
+    tensors: Sequence[torch.Tensor], key: Callable[[torch.Tensor], Hashable]
+) -> dict[Hashable, list[int]]:
+    """Indices of ``tensors`` grouped by ``key(tensor)``, e.g. ``lambda t: (t.shape,
+    t.device, t.dtype)`` to stack same-shaped matrices for one batched matmul."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(key(t), []).append(i)
+    return groups
