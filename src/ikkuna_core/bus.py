@@ -400,13 +400,20 @@ class MessageBus:
             backend.flush()
 
     def close(self) -> None:
-        """Flush what is pending and close every backend."""
-        self.flush()
-        for backend in self.backends:
-            backend.close()
+        """Flush what is pending and close every backend, even when the flush or a backend
+        fails; the failures are then raised together, as one ExceptionGroup naming each
+        backend (a failing backend must not leave the others' queues unwritten)."""
+        failures: list[tuple[str, Exception]] = []
+        try:
+            self.flush()
+        except Exception as exc:  # noqa: BLE001 - reported below, after every close
+            failures.append(("the final flush", exc))
+        failures += _close_each(self.backends)
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
+        if failures:
+            raise _close_failures(failures)
 
 
 class _Worker:
@@ -448,6 +455,31 @@ class _Worker:
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)
+
+
+def _close_each(backends: Iterable[Backend]) -> list[tuple[str, Exception]]:
+    """Close every backend; a raising one does not stop the others. Returns the failures
+    as (backend description, error)."""
+    failures = []
+    for i, backend in enumerate(backends):
+        try:
+            backend.close()
+        except Exception as exc:  # noqa: BLE001 - collected, raised by the caller
+            name = getattr(backend, "name", "") or type(backend).__name__
+            failures.append((f"backends[{i}] {name!r}", exc))
+    return failures
+
+
+def _close_failures(failures: list[tuple[str, Exception]]) -> ExceptionGroup:
+    """One error for all failures of a close: its message names each backend and its
+    error; each original error (with its traceback) is in ``.exceptions``."""
+    summary = "; ".join(f"{who} raised {type(exc).__name__}: {exc}" for who, exc in failures)
+    for who, exc in failures:
+        exc.add_note(f"ikkuna: raised by {who} while the bus was closing")
+    return ExceptionGroup(
+        f"ikkuna: closing the backends failed ({summary}); every backend's close() was called",
+        [exc for _, exc in failures],
+    )
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
