@@ -22,7 +22,7 @@ from .subscriber import Subscriber
 __all__ = ["watch"]
 
 
-class _UnknownPluginError(ConfigError, PluginError):
+class UnknownPluginError(ConfigError, PluginError):
     """``ikkuna.plugins`` names a plugin that is not installed: a configuration error that
     callers catching PluginError (as before) still catch."""
 
@@ -54,7 +54,7 @@ def watch(
         except PluginError as exc:
             if not str(exc).startswith("unknown plugin"):
                 raise
-            raise _UnknownPluginError(f"{source}: ikkuna.plugins: {exc}") from None
+            raise UnknownPluginError(f"{source}: ikkuna.plugins: {exc}") from None
     registry.hook.ikkuna_configure(config=cfg)
 
     # ---- validation: nothing below touches the model or the disk until "attach"
@@ -162,7 +162,8 @@ def _make_subscriber(
                 )
             else:
                 msg = err["msg"].removeprefix("Value error, ")
-                lines.append(f"{path}: {msg} (got {err['input']!r}; subscriber {cls.name!r})")
+                got = "" if err["type"] == "value_error" else f"got {err['input']!r}; "
+                lines.append(f"{path}: {msg} ({got}subscriber {cls.name!r})")
         raise ConfigError(f"{source}: " + f"\n{source}: ".join(lines)) from None
     raise ConfigError(f"{source}: ikkuna.subscribers[{index}] ({cls.name!r}): {error}") from None
 
