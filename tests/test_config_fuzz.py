@@ -10,17 +10,18 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.optim.optimizer as torch_optimizer
 from torch import nn
 
 import ikkuna_core as ik
 
 PLUGINS = "norms,histograms,accuracy"
+HookState = Callable[..., dict[str, int]]
 
 #: (case id, body of the [ikkuna] table, regex the message must match). ``{run}`` is a
 #: fresh log directory, ``{file}`` an existing file. The regex starts at the key path.
@@ -119,21 +120,6 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
-def hook_state(model: nn.Module, loss_fn: nn.Module) -> dict[str, int]:
-    """Every kind of hook watch() could leave behind, counted."""
-    modules = [*model.modules(), loss_fn]
-    return {
-        "forward": sum(len(m._forward_hooks) for m in modules),
-        "forward_pre": sum(len(m._forward_pre_hooks) for m in modules),
-        "backward": sum(len(m._backward_hooks) + len(m._backward_pre_hooks) for m in modules),
-        "post_accumulate": sum(
-            len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()
-        ),
-        "optimizer_pre": len(torch_optimizer._global_optimizer_pre_hooks),
-        "optimizer_post": len(torch_optimizer._global_optimizer_post_hooks),
-    }
-
-
 def tree(root: Path) -> list[str]:
     """Every path under ``root``, relative, sorted (directories included)."""
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
@@ -164,7 +150,7 @@ def _body(text: str, tmp: Path) -> str:
     return "[ikkuna]\n" + plugins + log_dir + text + "\n"
 
 
-def _attempt(config: Any, expected: str, sandbox: Path) -> None:
+def _attempt(config: Any, expected: str, sandbox: Path, hook_state: HookState) -> None:
     model, loss_fn = _model(), nn.CrossEntropyLoss()
     hooks, files = hook_state(model, loss_fn), tree(sandbox)
     with pytest.raises(ik.ConfigError) as err:
@@ -176,17 +162,19 @@ def _attempt(config: Any, expected: str, sandbox: Path) -> None:
 
 @pytest.mark.usefixtures("project_plugins")
 @pytest.mark.parametrize(("text", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_malformed_toml_file(sandbox: Path, text: str, expected: str) -> None:
+def test_malformed_toml_file(
+    sandbox: Path, text: str, expected: str, hook_state: HookState
+) -> None:
     path = sandbox / "ikkuna.toml"
     path.write_text(_body(text, sandbox))
-    _attempt(path, expected, sandbox)
+    _attempt(path, expected, sandbox, hook_state)
 
 
 @pytest.mark.usefixtures("project_plugins")
 @pytest.mark.parametrize(("text", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_malformed_dict(sandbox: Path, text: str, expected: str) -> None:
+def test_malformed_dict(sandbox: Path, text: str, expected: str, hook_state: HookState) -> None:
     config = tomllib.loads(_body(text, sandbox))["ikkuna"]
-    _attempt(config, expected, sandbox)
+    _attempt(config, expected, sandbox, hook_state)
 
 
 @pytest.mark.usefixtures("project_plugins")
@@ -200,8 +188,10 @@ def test_malformed_dict(sandbox: Path, text: str, expected: str) -> None:
          r"ikkuna\.subscribers\[0\]\.window: Input should be greater than or equal to 1"),
     ],
 )
-def test_malformed_python_values(sandbox: Path, config: Any, expected: str) -> None:
-    _attempt(config, expected, sandbox)
+def test_malformed_python_values(
+    sandbox: Path, config: Any, expected: str, hook_state: HookState
+) -> None:
+    _attempt(config, expected, sandbox, hook_state)
 
 
 @pytest.mark.skipif(
@@ -209,20 +199,21 @@ def test_malformed_python_values(sandbox: Path, config: Any, expected: str) -> N
     reason="no directory here is read-only for this user",
 )
 @pytest.mark.usefixtures("project_plugins")
-def test_log_dir_not_writable(sandbox: Path) -> None:
+def test_log_dir_not_writable(sandbox: Path, hook_state: HookState) -> None:
     locked = sandbox / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
         parent = locked if not os.access(locked, os.W_OK) else Path("/proc/sys")  # root
         config = {"plugins": [], "log_dir": str(parent / "run")}
-        _attempt(config, rf"ikkuna\.log_dir: '{re.escape(str(parent))}' is not writable", sandbox)
+        expected = rf"ikkuna\.log_dir: '{re.escape(str(parent))}' is not writable"
+        _attempt(config, expected, sandbox, hook_state)
     finally:
         locked.chmod(0o700)
 
 
 @pytest.mark.usefixtures("project_plugins")
-def test_the_probes_see_what_watch_attaches(sandbox: Path) -> None:
+def test_the_probes_see_what_watch_attaches(sandbox: Path, hook_state: HookState) -> None:
     """The checks above can fail: a valid configuration changes both probes."""
     model, loss_fn = _model(), nn.CrossEntropyLoss()
     hooks, files = hook_state(model, loss_fn), tree(sandbox)
