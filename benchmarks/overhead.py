@@ -5,7 +5,7 @@ the same run, and the peak memory of every variant.
 
     python benchmarks/overhead.py                      # 3c3d, ResNet-18 and the MLP (minutes)
     python benchmarks/overhead.py --problems mlp --quick
-    python benchmarks/overhead.py --soak               # 2,000 MLP steps: is memory flat?
+    python benchmarks/overhead.py --soak               # 2,000 MLP steps per backend: flat?
     python benchmarks/overhead.py --ops                # aten ops Ikkuna adds per step
     python benchmarks/overhead.py --device cuda --problems resnet50,resnet18   # on a GPU
 
@@ -1141,15 +1141,33 @@ def default_out(device: torch.device, suffix: str = "") -> Path:
 
 
 # --------------------------------------------------------------------------------- soak
-def soak(steps: int = 2000, every: int = 100, device: torch.device | None = None) -> dict[str, Any]:
-    """Train the MLP on digits for ``steps`` steps with the three plugins every step and
+SOAK_BACKENDS = ("tensorboard", "matplotlib")
+
+
+def soak(
+    steps: int = 2000,
+    every: int = 100,
+    device: torch.device | None = None,
+    backend: str = "tensorboard",
+) -> dict[str, Any]:
+    """Train the MLP on digits for ``steps`` steps with the three plugins every step, writing
+    to ``backend`` alone (its default options: matplotlib redraws every 500 steps), and
     sample memory every ``every`` steps: RSS, live tensors (gc), CUDA allocation."""
+    from ikkuna_core import PluginError, watch
+
     os.environ.pop("IKKUNA_PLUGINS", None)
     device = device or torch.device("cpu")
     problem = PROBLEMS["mlp"]
     work = Path(tempfile.mkdtemp(prefix="ikkuna-soak-"))
     try:
-        runner = Runner(problem, "all", device, work / "tb")
+        # plain training with the `all` configuration attached, but to `backend`
+        runner = Runner(problem, "plain", device, work / backend)
+        config = {**ikkuna_config("all", runner.log_dir), "backends": [backend]}
+        try:
+            runner.exporter = watch(runner.model, runner.loss_fn, config)
+        except PluginError as exc:
+            raise SkipVariant(f"plugin missing: {exc}") from None
+        runner._closers.append(runner.exporter.close)
         samples = []
 
         def sample() -> None:
@@ -1174,7 +1192,8 @@ def soak(steps: int = 2000, every: int = 100, device: torch.device | None = None
             if (i + 1) % every == 0 or i + 1 == steps:
                 sample()
                 log(
-                    f"[soak] step {i + 1}/{steps}: rss {samples[-1]['rss_bytes'] / 2**20:.1f} MB"
+                    f"[soak {backend}] step {i + 1}/{steps}: "
+                    f"rss {samples[-1]['rss_bytes'] / 2**20:.1f} MB"
                     f", {samples[-1]['live_tensors']} live tensors"
                 )
         memory = runner.memory()
@@ -1191,15 +1210,18 @@ def soak(steps: int = 2000, every: int = 100, device: torch.device | None = None
         x, y = np.asarray(pts, dtype=float).T
         return float(np.polyfit(x, y, 1)[0] * 1000)  # per 1,000 steps
 
+    rss_slope = slope("rss_bytes")
     return {
         "problem": problem.describe(),
         "variant": "all",
+        "backend": backend,
         "subscribers": ALL,
         "steps": steps,
         "sample_every": every,
         "median_step_ms": float(np.median(times)) * 1e3,
         "samples": samples,
-        "slope_rss_bytes_per_1000_steps": slope("rss_bytes"),
+        "slope_rss_bytes_per_1000_steps": rss_slope,
+        "slope_rss_mib_per_1000_steps": None if rss_slope is None else rss_slope / 2**20,
         "slope_live_tensors_per_1000_steps": slope("live_tensors"),
         "slope_cuda_allocated_bytes_per_1000_steps": slope("cuda_allocated_bytes"),
         "slope_from_step": tail[0]["step"],
@@ -1336,7 +1358,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--soak",
         action="store_true",
-        help="instead: memory over --soak-steps MLP steps with the three plugins",
+        help="instead: memory over --soak-steps MLP steps with the three plugins, once per "
+        "backend in --soak-backends",
     )
     parser.add_argument(
         "--ops",
@@ -1347,6 +1370,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="with --ops: the batch size (default 8)")
     parser.add_argument("--soak-steps", type=int, default=2000)
     parser.add_argument("--soak-every", type=int, default=100)
+    parser.add_argument(
+        "--soak-backends",
+        default=",".join(SOAK_BACKENDS),
+        help=f"comma-separated, from {', '.join(SOAK_BACKENDS)} (default: both)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -1383,15 +1411,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log(f"wrote {out}")
         return result
     if args.soak:
+        backends = [b.strip() for b in args.soak_backends.split(",") if b.strip()]
+        unknown = sorted(set(backends) - set(SOAK_BACKENDS))
+        if unknown or not backends:
+            raise SystemExit(f"--soak-backends: choose from {', '.join(SOAK_BACKENDS)}")
         result = {
             "machine": machine_info(device),
             "created": dt.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(["python", "benchmarks/overhead.py", *sys.argv[1:]]),
-            "soak": soak(args.soak_steps, args.soak_every, device),
+            "soak": {b: soak(args.soak_steps, args.soak_every, device, b) for b in backends},
         }
         out = args.out or default_out(device, "-soak")
         _write(out, result)
-        print(soak_markdown(result["soak"]))
+        for backend, one in result["soak"].items():
+            print(f"### {backend}\n\n{soak_markdown(one)}\n")
+        for backend, one in result["soak"].items():
+            print(
+                f"{backend}: RSS {one['slope_rss_mib_per_1000_steps']:+.2f} MiB per 1,000 steps "
+                f"(from step {one['slope_from_step']} of {one['steps']}, median step "
+                f"{one['median_step_ms']:.1f} ms)"
+            )
         log(f"wrote {out}")
         return result
 

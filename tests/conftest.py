@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+import torch.optim.optimizer as torch_optimizer
+from torch import nn
 
 import ikkuna_core as ik
 
@@ -55,3 +57,25 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture
 def recorder_cls() -> type[Recorder]:
     return Recorder
+
+
+def _hook_state(model: nn.Module, *others: nn.Module) -> dict[str, int]:
+    """Every kind of hook an Exporter could leave behind on ``model`` (and on ``others``,
+    e.g. a loss module), counted, with torch's global optimizer hooks."""
+    modules = [*model.modules(), *others]
+    return {
+        "forward": sum(len(m._forward_hooks) for m in modules),
+        "forward_pre": sum(len(m._forward_pre_hooks) for m in modules),
+        "backward": sum(len(m._backward_hooks) + len(m._backward_pre_hooks) for m in modules),
+        "post_accumulate": sum(
+            len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()
+        ),
+        "optimizer_pre": len(torch_optimizer._global_optimizer_pre_hooks),
+        "optimizer_post": len(torch_optimizer._global_optimizer_post_hooks),
+    }
+
+
+@pytest.fixture
+def hook_state() -> Callable[..., dict[str, int]]:
+    """``hook_state(model, loss_fn)``: hook counts to compare before and after."""
+    return _hook_state

@@ -55,9 +55,18 @@ def test_toml_round_trip_and_defaults(tmp_path):
     ("text", "expected"),
     [
         ("[ikkuna]\nflush_every = 0", r"ikkuna\.flush_every: Input should be greater than or"),
-        ("[ikkuna]\nbackend = ['tb']", r"ikkuna\.backend: Extra inputs are not permitted"),
+        ("[ikkuna]\nbackend = ['tb']",
+         r"ikkuna\.backend: Extra inputs are not permitted \(did you mean 'backends'\?\); "
+         r"valid keys: backend_options, backends, depth, flush_every, include"),
         ("[ikkuna]\non_error = 'ignore'", r"ikkuna\.on_error: Input should be 'raise' or 'warn'"),
-        ("[ikkuna]\n[[ikkuna.subscribers]]\ntopics = []", r"ikkuna\.subscribers\.0\.name"),
+        ("[ikkuna]\n[[ikkuna.subscribers]]\ntopics = []", r"ikkuna\.subscribers\[0\]\.name"),
+        ("[ikkuna]\n[[ikkuna.subscribers]]\nname = 'norm'\ntopics = []",
+         r"ikkuna\.subscribers\[0\]\.topics: an empty list subscribes to nothing; list "
+         r"topics such as \['weight_gradients'\], or omit the key"),
+        ("[ikkuna]\ndepth = 0", r"ikkuna\.depth: got 0; use -1 \(leaf modules\) or a level"),
+        ("[ikkuna]\ndepth = '3'", r"ikkuna\.depth: Input should be a valid integer"),
+        ("[ikkuna]\nlog_dir = ''", r"ikkuna\.log_dir: got '', which would write into the current"),
+        ("[[ikkuna]]\ndepth = 1", r"ikkuna: expected one table \[ikkuna\], got an array of"),
         ("[training]\nx = 1", r"has no \[ikkuna\] table; tables found: \['training'\]"),
         ("[ikkuna\n", r"is not valid TOML"),
     ],
@@ -107,8 +116,20 @@ def test_watch_builds_the_run_from_toml(tmp_path, registry):
         ({"subscribers": [{"name": "abs_max", "topics": ["weight"]}]},
          r"subscribers\[0\]\.topics: unknown topic 'weight'; known topics: .*weights"),
         ({"subscribers": [{"name": "abs_max", "subsample": -1}]},
-         r"subscribers\[0\] \('abs_max'\): invalid options for subscriber 'abs_max': "
-         r"subsample: Input should be greater than or equal to 1 \(got -1\)"),
+         r"ikkuna\.subscribers\[0\]\.subsample: Input should be greater than or equal to 1 "
+         r"\(got -1; subscriber 'abs_max'\)"),
+        ({"subscribers": [{"name": "abs_max", "subsampel": 2}]},
+         r"ikkuna\.subscribers\[0\]\.subsampel: unknown option of subscriber 'abs_max'; "
+         r"valid options: publish_as, subsample, topics"),
+        ({"subscribers": [{"name": "abs_max", "topics": ["weights"], "publish_as": "loss"}]},
+         r"ikkuna\.subscribers\[0\]\.publish_as: 'loss' is already a topic \(the loss value"),
+        ({"subscribers": [{"name": "abs_max", "topics": ["weights"], "publish_as": "weights"}]},
+         r"ikkuna\.subscribers\[0\]\.publish_as: 'weights' is one of the subscriber's own "
+         r"input topics \['weights'\], so its results would feed back into it forever"),
+        ({"include": ["Conv2d"]}, r"ikkuna\.include: no module of Linear matches"),
+        ({"backends": ["matplotlib"], "backend_options": {"matplotlib": {"plot_every": 0}}},
+         r"ikkuna\.backend_options\.matplotlib\.plot_every: Input should be greater than or "
+         r"equal to 1 \(got 0\)"),
         ({"backends": ["tensorbored"]},
          r"backends\[0\]: unknown backend 'tensorbored'; available: matplotlib, tensorboard"),
         ({"include": ["Conv9d"]}, r"include: 'Conv9d' is not a torch.nn module class"),
@@ -128,5 +149,20 @@ def test_watch_errors_leave_nothing_behind(tmp_path, registry, config, expected)
 
 
 def test_unknown_plugin_name_lists_installed():
-    with pytest.raises(ik.PluginError, match="unknown plugin.*'no_such_plugin'"):
+    with pytest.raises(ik.ConfigError, match=r"ikkuna\.plugins: unknown plugin.*'no_such_plugin'"):
         ik.watch(nn.Linear(2, 2), config={"plugins": ["no_such_plugin"]})
+    # still a PluginError for callers that caught one before
+    with pytest.raises(ik.PluginError, match="unknown plugin"):
+        ik.watch(nn.Linear(2, 2), config={"plugins": ["no_such_plugin"]})
+
+
+def test_a_list_instead_of_a_configuration():
+    with pytest.raises(ik.ConfigError, match=r"ikkuna: the configuration must be a TOML path, "
+                       r"a mapping .* got list \['norm'\]"):
+        ik.load_config(["norm"])  # type: ignore[arg-type]
+
+
+def test_subscriber_topics_round_trip_through_options():
+    cfg = ik.load_config({"subscribers": [{"name": "norm"}, {"name": "norm", "topics": ["a"]}]})
+    assert cfg.subscribers[0].options == {}  # omitted: the subscriber's default topics
+    assert cfg.subscribers[1].options == {"topics": ["a"]}

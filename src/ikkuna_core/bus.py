@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +93,7 @@ class MessageBus:
         self._collecting: tuple[Subscriber, dict[str, _Collected]] | None = None
         self._pending: list[ScalarsMessage | HistogramsMessage] = []
         self._in_flight: deque[_Transfer] = deque()
+        self._removed: list[Backend] = []  # disabled after a failure, closed at the end
         self._pinned: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
         self._warned: set[str] = set()
 
@@ -446,6 +447,7 @@ class MessageBus:
         for backend, _ in failures:
             if backend in self.backends:
                 self.backends.remove(backend)
+                self._removed.append(backend)  # still closed at the end
         warnings.warn(
             f"ikkuna: {what} failed: {detail}; the other backends have their records, the "
             "failing ones are removed for the rest of the run (on_error='raise' stops instead)",
@@ -454,23 +456,44 @@ class MessageBus:
         )
 
     def close(self) -> None:
-        """Write what is pending and close every backend, also when some fail; failures are
-        reported together afterwards."""
+        """Write what is pending and close every backend (those disabled by a failure too),
+        even when the final write or a backend's close fails; the failures are then raised
+        together, as one ExceptionGroup naming each backend (a failing backend must not leave
+        the others' queues unwritten)."""
+        failures: list[tuple[str, Exception]] = []
         try:
             self.flush(wait=True)
-        finally:
-            failures: list[tuple[Backend, BaseException]] = []
-            for backend in self.backends:
-                try:
-                    backend.close()
-                except Exception as exc:  # noqa: BLE001 - close the others first
-                    failures.append((backend, exc))
-            if failures:
-                detail = "; ".join(
-                    f"backend {b.name or type(b).__name__!r} ({type(e).__name__}: {e})"
-                    for b, e in failures
-                )
-                raise BackendError(f"ikkuna: closing failed: {detail}") from failures[0][1]
+        except Exception as exc:  # noqa: BLE001 - reported below, after every close
+            failures.append(("the final flush", exc))
+        backends, self._removed = self.backends + self._removed, []
+        failures += _close_each(backends)
+        if failures:
+            raise _close_failures(failures)
+
+
+def _close_each(backends: Iterable[Backend]) -> list[tuple[str, Exception]]:
+    """Close every backend; a raising one does not stop the others. Returns the failures
+    as (backend description, error)."""
+    failures = []
+    for i, backend in enumerate(backends):
+        try:
+            backend.close()
+        except Exception as exc:  # noqa: BLE001 - collected, raised by the caller
+            name = getattr(backend, "name", "") or type(backend).__name__
+            failures.append((f"backends[{i}] {name!r}", exc))
+    return failures
+
+
+def _close_failures(failures: list[tuple[str, Exception]]) -> ExceptionGroup:
+    """One error for all failures of a close: its message names each backend and its
+    error; each original error (with its traceback) is in ``.exceptions``."""
+    summary = "; ".join(f"{who} raised {type(exc).__name__}: {exc}" for who, exc in failures)
+    for who, exc in failures:
+        exc.add_note(f"ikkuna: raised by {who} while the bus was closing")
+    return ExceptionGroup(
+        f"ikkuna: closing the backends failed ({summary}); every backend's close() was called",
+        [exc for _, exc in failures],
+    )
 
 
 def _aligned(

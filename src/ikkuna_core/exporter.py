@@ -448,8 +448,11 @@ class Exporter:
             self._loss_handle = None
         # Until an optimizer shows up, gradients are taken when they are accumulated (loops
         # without an optimizer); the optimizer's pre-step hook then takes over.
-        want_grads = not self._seen_optimizer and bool(topics & set(GRADIENT_TOPICS.values()))
+        kinds = set() if self._seen_optimizer else {
+            kind for kind, topic in GRADIENT_TOPICS.items() if topic in topics
+        }
         for i, p in enumerate(self._params):
+            want_grads = p.kind in kinds
             if want_grads and p.handle is None and p.tensor.requires_grad:
                 p.handle = p.tensor.register_post_accumulate_grad_hook(
                     functools.partial(self._on_grad_accumulated, i)

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import inspect
+import os
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
 from .bus import MessageBus, UnknownTopicError
-from .config import ConfigError, IkkunaConfig, load_config
-from .exporter import Exporter, modules_of
+from .config import ConfigError, IkkunaConfig, key_path, load_config
+from .exporter import Exporter, modules_of, select_modules
 from .plugins import PluginError, PluginRegistry, load_plugins
+from .subscriber import Subscriber
 
 __all__ = ["watch"]
+
+
+class UnknownPluginError(ConfigError, PluginError):
+    """``ikkuna.plugins`` names a plugin that is not installed: a configuration error that
+    callers catching PluginError (as before) still catch."""
 
 
 def watch(
@@ -30,15 +39,25 @@ def watch(
     :class:`IkkunaConfig`). Use ``exporter.loss_fn`` as the loss when ``loss_fn`` is a plain
     function; an ``nn.Module`` loss is watched in place.
 
-    Everything is validated before anything is written, so a bad configuration leaves no
-    half-made run behind.
+    All or nothing: the configuration and the log directory are validated before anything
+    is attached or written (a :class:`ConfigError` naming the key), and if a later step fails
+    (a backend's constructor, a plugin's ``ikkuna_run_started``) every hook attached so far is
+    removed and the backends made so far are closed before the error propagates.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"watch expects a torch.nn.Module, got {type(model).__name__}")
     source = str(config) if isinstance(config, (str, Path)) else "the configuration"
     cfg = load_config(config)
     if registry is None:
-        registry = load_plugins(cfg.plugins)
+        try:
+            registry = load_plugins(cfg.plugins)
+        except PluginError as exc:
+            if not str(exc).startswith("unknown plugin"):
+                raise
+            raise UnknownPluginError(f"{source}: ikkuna.plugins: {exc}") from None
     registry.hook.ikkuna_configure(config=cfg)
 
+    # ---- validation: nothing below touches the model or the disk until "attach"
     bus = MessageBus(on_error=cfg.on_error, flush_every=cfg.flush_every)
     for topic in registry.topics:
         bus.register_topic(topic.name, topic.kind, topic.doc)
@@ -46,7 +65,13 @@ def watch(
         include = modules_of(cfg.include) if cfg.include else None
     except ValueError as exc:
         raise ConfigError(f"{source}: ikkuna.{exc}") from None
-    exporter = Exporter(cfg.depth, include, bus=bus, publish_in_eval=cfg.publish_in_eval)
+    if not select_modules(model, cfg.depth, include):
+        key = "include" if include else "depth"
+        raise ConfigError(
+            f"{source}: ikkuna.{key}: no module of {type(model).__name__} matches "
+            f"depth={cfg.depth} include={cfg.include}; use depth = -1 (leaf modules) or "
+            "include classes the model has"
+        )
 
     for i, entry in enumerate(cfg.subscribers):
         where = f"{source}: ikkuna.subscribers[{i}]"
@@ -54,14 +79,19 @@ def watch(
             cls = registry.subscriber(entry.name)
         except PluginError as exc:
             raise ConfigError(f"{where}.name: {exc}") from None
-        try:
-            subscriber = cls(**entry.options)
-        except ValueError as exc:
-            raise ConfigError(f"{where} ({entry.name!r}): {exc}") from None
+        subscriber = _make_subscriber(cls, entry.options, source, i)
+        if not subscriber.options.topics:
+            raise ConfigError(
+                f"{where}.topics: subscriber {entry.name!r} has no default topics; list the "
+                "topics it reads, e.g. topics = ['weight_gradients'] (`ikkuna topics` lists them)"
+            )
+        _check_publish_as(bus, subscriber, where)
         try:
             bus.register_subscriber(subscriber)
         except UnknownTopicError as exc:
             raise ConfigError(f"{where}.topics: {exc}") from None
+        except ValueError as exc:  # e.g. a derived topic clashing with a topic's kind
+            raise ConfigError(f"{where} ({entry.name!r}): {exc}") from None
     backend_classes = []
     for i, name in enumerate(cfg.backends):
         try:
@@ -73,20 +103,149 @@ def watch(
             raise ConfigError(f"{source}: ikkuna.backends[{i}]: {exc}") from None
         except TypeError as exc:
             raise ConfigError(f"{source}: ikkuna.backend_options.{name}: {exc}") from None
+        _check_backend_options(backend_cls, cfg.backend_options.get(name, {}), source, name)
         backend_classes.append(backend_cls)
     unused = sorted(set(cfg.backend_options) - set(cfg.backends))
     if unused:
         raise ConfigError(
             f"{source}: ikkuna.backend_options: {unused} are not in ikkuna.backends {cfg.backends}"
         )
+    _check_log_dir(cfg.log_dir, f"{source}: ikkuna.log_dir")
 
-    exporter.set_model(model)
-    if loss_fn is not None:
-        exporter.set_loss(loss_fn)
-    for name, backend_cls in zip(cfg.backends, backend_classes, strict=True):
-        bus.add_backend(backend_cls(log_dir=cfg.log_dir, **cfg.backend_options.get(name, {})))
-    exporter.config = cfg
-    exporter.registry = registry
-    exporter._on_close.append(lambda: registry.hook.ikkuna_run_finished(exporter=exporter))
-    registry.hook.ikkuna_run_started(exporter=exporter)
+    # ---- attach: any failure from here on undoes everything attached so far
+    exporter = Exporter(cfg.depth, include, bus=bus, publish_in_eval=cfg.publish_in_eval)
+    try:
+        exporter.set_model(model)
+        if loss_fn is not None:
+            exporter.set_loss(loss_fn)
+        for name, backend_cls in zip(cfg.backends, backend_classes, strict=True):
+            options = cfg.backend_options.get(name, {})
+            try:
+                backend = backend_cls(log_dir=cfg.log_dir, **options)
+            except ValueError as exc:  # an option of the right name with a wrong value
+                raise ConfigError(f"{source}: ikkuna.backend_options.{name}: {exc}") from None
+            bus.add_backend(backend)
+        exporter.config = cfg
+        exporter.registry = registry
+        exporter._on_close.append(lambda: registry.hook.ikkuna_run_finished(exporter=exporter))
+        registry.hook.ikkuna_run_started(exporter=exporter)
+    except BaseException as exc:
+        _undo(exporter, exc)
+        raise
     return exporter
+
+
+def _make_subscriber(
+    cls: type[Subscriber], options: dict[str, Any], source: str, index: int
+) -> Subscriber:
+    """Create a subscriber; invalid options are reported by key path
+    (``ikkuna.subscribers[0].subsample``)."""
+    try:
+        return cls(**options)
+    except ValueError as exc:
+        error = exc
+    # Name each invalid option: validate with the subscriber's Options model, as its
+    # constructor does (an omitted ``topics`` means the defaults).
+    candidate = {**options, "topics": options.get("topics") or list(cls.default_topics)}
+    try:
+        cls.Options.model_validate(candidate)
+    except ValidationError as invalid:
+        lines = []
+        for err in invalid.errors():
+            path = key_path(("subscribers", index, *err["loc"]))
+            if err["type"] == "extra_forbidden":
+                valid = ", ".join(sorted(cls.Options.model_fields))
+                lines.append(
+                    f"{path}: unknown option of subscriber {cls.name!r}; valid options: {valid}"
+                )
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+                got = "" if err["type"] == "value_error" else f"got {err['input']!r}; "
+                lines.append(f"{path}: {msg} ({got}subscriber {cls.name!r})")
+        raise ConfigError(f"{source}: " + f"\n{source}: ".join(lines)) from None
+    raise ConfigError(f"{source}: ikkuna.subscribers[{index}] ({cls.name!r}): {error}") from None
+
+
+def _check_backend_options(
+    backend_cls: type[Any], options: Mapping[str, Any], source: str, name: str
+) -> None:
+    """Each backend option against the type hint of the constructor's parameter (e.g.
+    ``plot_every: Annotated[int, Field(ge=1)]``), before any backend writes a file."""
+    try:
+        hints = typing.get_type_hints(backend_cls.__init__, include_extras=True)
+    except Exception:  # noqa: BLE001 - unresolvable hints: the constructor will judge
+        return
+    for option, value in options.items():
+        if option not in hints:
+            continue
+        try:
+            TypeAdapter(hints[option]).validate_python(value)
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(
+                f"{source}: ikkuna.backend_options.{name}.{option}: {msg} (got {value!r})"
+            ) from None
+        except Exception:  # noqa: BLE001 - a hint pydantic cannot check
+            continue
+
+
+def _check_publish_as(bus: MessageBus, subscriber: Subscriber, where: str) -> None:
+    """``publish_as`` must name a new topic: not one of the subscriber's inputs (its results
+    would feed back into it forever), not a topic someone else publishes."""
+    publish_as = getattr(subscriber.options, "publish_as", None)
+    if publish_as is None:
+        return
+    if not publish_as:
+        raise ConfigError(f"{where}.publish_as: must not be empty; name a new topic or omit it")
+    inputs = set(subscriber.options.topics)
+    known = bus.topics
+    for out in subscriber.output_topics():
+        if out in inputs:
+            raise ConfigError(
+                f"{where}.publish_as: {out!r} is one of the subscriber's own input topics "
+                f"{sorted(inputs)}, so its results would feed back into it forever; "
+                f"choose a new name such as '{subscriber.name}/{out}'"
+            )
+        if out in known:
+            doc = known[out].doc
+            raise ConfigError(
+                f"{where}.publish_as: {out!r} is already a topic"
+                + (f" ({doc})" if doc else "")
+                + f"; choose a name no one publishes, such as '{subscriber.name}/{out}'"
+            )
+
+
+def _check_log_dir(log_dir: Path, where: str) -> None:
+    """The backends can create and write ``log_dir``: it is a directory or can be made one,
+    under a writable directory. Checked without writing anything."""
+    if log_dir.exists() and not log_dir.is_dir():
+        raise ConfigError(
+            f"{where}: {str(log_dir)!r} exists and is not a directory; give a directory "
+            "(it is created when missing)"
+        )
+    existing = log_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{where}: {str(log_dir)!r} cannot be created: {str(existing)!r} is a file; "
+            "give a directory path"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{where}: {str(existing)!r} is not writable, so {str(log_dir)!r} cannot be "
+            "written; give a directory you can write to"
+        )
+
+
+def _undo(exporter: Exporter, error: BaseException) -> None:
+    """Detach a half-attached Exporter: every hook removed, the backends made so far closed,
+    ``ikkuna_run_finished`` called if the run had started. A failure while undoing is added
+    to ``error`` as a note; ``error`` itself propagates."""
+    try:
+        exporter.close()
+    except Exception as exc:  # noqa: BLE001 - the original error is what the caller needs
+        error.add_note(
+            f"ikkuna: while detaching after this error, close() raised "
+            f"{type(exc).__name__}: {exc}"
+        )

@@ -4,6 +4,12 @@ training goes.
 Scalars: ``<topic>.png`` with one line per module. Histograms: ``<topic>.png`` with one
 "colorful dimension" panel per module (training step on x, value on y, colour = log count),
 so a glance shows how a distribution drifts, saturates or dies over the run.
+
+Memory is bounded whatever the run's length: each tag keeps at most ``max_points`` scalar
+points and ``max_columns`` histogram columns. When a tag's store is full, neighbours are
+merged pairwise (a point becomes the mean, with the min and max, of the values it stands
+for; a column the average distribution of its steps), so the figures always show the whole
+run, at a resolution that halves each time the run doubles.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import numpy as np
+from pydantic import Field
 
 from .base import Backend, HistogramRecord, ScalarRecord
 
@@ -23,6 +30,9 @@ __all__ = ["MatplotlibBackend", "colorful_dimension", "figure_path"]
 
 _MAX_LEGEND = 12
 _IMAGE_BINS = 64
+#: A scalar series with at most this many points is drawn with markers, so that a sparse
+#: series (a test accuracy every few hundred steps, a single point) is visible.
+_MARKER_POINTS = 60
 
 
 def figure_path(log_dir: str | Path, topic: str) -> Path:
@@ -32,14 +42,27 @@ def figure_path(log_dir: str | Path, topic: str) -> Path:
 
 
 class MatplotlibBackend(Backend):
-    """Keeps each metric's history on the host and redraws its PNGs once ``plot_every``
-    training steps have passed since the last drawing, and on close. Drawing costs tens of
-    milliseconds per figure, so it is kept off most steps."""
+    """Keeps a bounded summary of each metric on the host and redraws its PNGs once
+    ``plot_every`` training steps have passed since the last drawing, and on close. Drawing
+    costs tens of milliseconds per figure, so it is kept off most steps."""
 
     name = "matplotlib"
 
-    def __init__(self, log_dir: str | Path, plot_every: int = 500) -> None:
+    def __init__(
+        self,
+        log_dir: str | Path,
+        plot_every: Annotated[int, Field(ge=1)] = 500,
+        max_points: Annotated[int, Field(ge=2)] = 1000,
+        max_columns: Annotated[int, Field(ge=2)] = 200,
+    ) -> None:
         super().__init__(log_dir)
+        for option, value, least in (
+            ("plot_every", plot_every, 1),
+            ("max_points", max_points, 2),
+            ("max_columns", max_columns, 2),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{option} must be a whole number >= {least}, got {value!r}")
         import matplotlib
 
         matplotlib.use("Agg", force=True)
@@ -47,25 +70,33 @@ class MatplotlibBackend(Backend):
 
         self._plt = plt
         self.plot_every = plot_every
-        self._scalars: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(
-            lambda: defaultdict(list)
-        )
-        self._hists: dict[str, dict[str, list[HistogramRecord]]] = defaultdict(
-            lambda: defaultdict(list)
-        )
+        self.max_points = max_points
+        self.max_columns = max_columns
+        self._scalars: dict[str, dict[str, _ScalarSeries]] = defaultdict(dict)
+        self._hists: dict[str, dict[str, _HistogramSeries]] = defaultdict(dict)
         self._dirty: set[str] = set()
         self._last_draw = 0
         self._last_step = 0
 
     def write_scalars(self, records: Sequence[ScalarRecord]) -> None:
         for r in records:
-            self._scalars[r.topic][r.key or r.topic].append((r.step, r.value))
+            series = self._scalars[r.topic]
+            key = r.key or r.topic
+            line = series.get(key)
+            if line is None:
+                line = series[key] = _ScalarSeries(self.max_points)
+            line.add(r.step, r.value)
             self._dirty.add(r.topic)
             self._last_step = max(self._last_step, r.step)
 
     def write_histograms(self, records: Sequence[HistogramRecord]) -> None:
         for r in records:
-            self._hists[r.topic][r.key or r.topic].append(r)
+            series = self._hists[r.topic]
+            key = r.key or r.topic
+            image = series.get(key)
+            if image is None:
+                image = series[key] = _HistogramSeries(self.max_columns)
+            image.add(r.step, r.edges, r.counts)
             self._dirty.add(r.topic)
             self._last_step = max(self._last_step, r.step)
 
@@ -76,59 +107,83 @@ class MatplotlibBackend(Backend):
     def close(self) -> None:
         self.draw()
 
+    # ------------------------------------------------------------- the summaries
+    def scalar_points(
+        self, topic: str, key: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What the figure of ``topic`` draws for ``key`` (None: a network-level metric):
+        the points' steps, mean values, minima and maxima (each point stands for one or
+        more consecutive values)."""
+        s = self._scalars[topic][key or topic]
+        return (np.array(s.steps), np.array(s.means), np.array(s.lows), np.array(s.highs))
+
+    def histogram_image(
+        self, topic: str, key: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """What the figure of ``topic`` draws for ``key``: the colorful-dimension image (rows
+        are values from ``lo`` to ``hi``, columns fractions per stored column), the step
+        boundaries of the columns (one more than columns), ``lo`` and ``hi``."""
+        columns = self._hists[topic][key or topic].columns
+        image, lo, hi = colorful_dimension(columns)
+        bounds = np.array([c.first for c in columns] + [columns[-1].last + 1], dtype=float)
+        return image, bounds, lo, hi
+
+    # ------------------------------------------------------------------ drawing
     def draw(self) -> list[Path]:
         """Redraw every figure whose data changed; returns the paths written."""
         written = []
         for topic in sorted(self._dirty):
             if topic in self._scalars:
-                written.append(self._draw_scalars(topic))
+                written.append(self._save(self._scalar_figure(topic), topic))
             if topic in self._hists:
-                written.append(self._draw_histograms(topic))
+                written.append(self._save(self._histogram_figure(topic), topic))
         self._dirty.clear()
         self._last_draw = self._last_step
         return written
 
-    def _draw_scalars(self, topic: str) -> Path:
+    def _scalar_figure(self, topic: str) -> object:
         plt = self._plt
         series = self._scalars[topic]
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
         cmap = plt.get_cmap("viridis")
         n = len(series)
-        for i, (key, points) in enumerate(series.items()):
-            steps, values = zip(*points, strict=True)
+        for i, key in enumerate(series):
+            steps, means, lows, highs = self.scalar_points(topic, key)
             color = cmap(i / max(n - 1, 1)) if n > 1 else "tab:blue"
-            ax.plot(steps, values, label=key, color=color, linewidth=1.2)
+            sparse = series[key].width == 1 and len(steps) <= _MARKER_POINTS
+            marker = "o" if sparse else None
+            ax.plot(steps, means, label=key, color=color, linewidth=1.2, marker=marker, ms=3)
+            if series[key].width > 1:  # merged points: show the range they stand for
+                ax.fill_between(steps, lows, highs, color=color, alpha=0.2, linewidth=0)
         ax.set_title(topic)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
         if 1 < n <= _MAX_LEGEND:
             ax.legend(fontsize="small", loc="best")
-        return self._save(fig, topic)
+        return fig
 
-    def _draw_histograms(self, topic: str) -> Path:
+    def _histogram_figure(self, topic: str) -> object:
         plt = self._plt
         series = self._hists[topic]
         n = len(series)
         cols = min(n, 4)
         rows = math.ceil(n / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), dpi=90, squeeze=False)
-        for ax, (key, hists) in zip(axes.flat, series.items(), strict=False):
-            image, lo, hi = colorful_dimension(hists)
-            steps = [h.step for h in hists]
-            ax.imshow(
+        for ax, key in zip(axes.flat, series, strict=False):
+            image, bounds, lo, hi = self.histogram_image(topic, key)
+            ax.pcolormesh(
+                bounds,
+                np.linspace(lo, hi, image.shape[0] + 1),
                 np.log1p(image * 1000.0),
-                aspect="auto",
-                origin="lower",
-                extent=(min(steps), max(steps) + 1, lo, hi),
                 cmap="magma",
-                interpolation="nearest",
+                shading="flat",
             )
             ax.set_title(key, fontsize="small")
             ax.set_xlabel("step", fontsize="small")
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
         fig.suptitle(topic)
-        return self._save(fig, topic)
+        return fig
 
     def _save(self, fig: object, topic: str) -> Path:
         path = figure_path(self.log_dir, topic)
@@ -141,6 +196,149 @@ class MatplotlibBackend(Backend):
         return path
 
 
+class _ScalarSeries:
+    """At most ``cap`` points; every point but the newest stands for ``width`` consecutive
+    values (the newest for at most ``width``): its mean step, mean value, min and max."""
+
+    __slots__ = ("cap", "counts", "highs", "lows", "means", "steps", "width")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.width = 1
+        self.steps: list[float] = []
+        self.means: list[float] = []
+        self.lows: list[float] = []
+        self.highs: list[float] = []
+        self.counts: list[int] = []
+
+    def add(self, step: int, value: float) -> None:
+        if self.counts and self.counts[-1] < self.width:
+            self._merge_into(-1, float(step), value, value, value, 1)
+            return
+        self.steps.append(float(step))
+        self.means.append(value)
+        self.lows.append(value)
+        self.highs.append(value)
+        self.counts.append(1)
+        if len(self.counts) > self.cap:
+            self._halve()
+
+    def _merge_into(self, i: int, step: float, mean: float, lo: float, hi: float, n: int) -> None:
+        m = self.counts[i]
+        total = m + n
+        self.steps[i] = (self.steps[i] * m + step * n) / total
+        self.means[i] = (self.means[i] * m + mean * n) / total  # NaN stays visible as a gap
+        self.lows[i] = _fmin(self.lows[i], lo)
+        self.highs[i] = -_fmin(-self.highs[i], -hi)
+        self.counts[i] = total
+
+    def _halve(self) -> None:
+        """Merge neighbours pairwise: half the points, each for twice the values."""
+        keep = 0
+        for i in range(0, len(self.counts), 2):
+            self.steps[keep] = self.steps[i]
+            self.means[keep] = self.means[i]
+            self.lows[keep] = self.lows[i]
+            self.highs[keep] = self.highs[i]
+            self.counts[keep] = self.counts[i]
+            if i + 1 < len(self.counts):
+                j = i + 1
+                self._merge_into(
+                    keep, self.steps[j], self.means[j], self.lows[j], self.highs[j],
+                    self.counts[j],
+                )
+            keep += 1
+        for values in (self.steps, self.means, self.lows, self.highs, self.counts):
+            del values[keep:]
+        self.width *= 2
+
+
+def _fmin(a: float, b: float) -> float:
+    """The smaller of ``a`` and ``b``, ignoring a NaN (as ``numpy.fmin``)."""
+    if b != b:
+        return a
+    return b if a != a or b < a else a
+
+
+class _Column:
+    """One column of a colorful-dimension image: the summed per-step distributions (each
+    normalised to 1) of ``n`` consecutive histograms, on ``edges`` (``grid``: edges are a
+    uniform grid of ``_IMAGE_BINS`` bins made by merging, rather than a record's own)."""
+
+    __slots__ = ("counts", "edges", "first", "grid", "last", "n")
+
+    def __init__(
+        self,
+        first: int,
+        last: int,
+        n: int,
+        edges: np.ndarray,
+        counts: np.ndarray,
+        grid: bool = False,
+    ) -> None:
+        self.first = first
+        self.last = last
+        self.n = n
+        self.edges = edges
+        self.counts = counts
+        self.grid = grid
+
+
+class _HistogramSeries:
+    """At most ``cap`` columns; every column but the newest holds ``width`` consecutive
+    histograms (the newest at most ``width``)."""
+
+    __slots__ = ("cap", "columns", "width")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.width = 1
+        self.columns: list[_Column] = []
+
+    def add(self, step: int, edges: np.ndarray, counts: np.ndarray) -> None:
+        # Copies: a record's arrays are views into the flush's one host buffer, which must
+        # not be kept alive.
+        counts = np.array(counts, dtype=np.float64)
+        total = counts.sum()
+        fractions = counts / total if total > 0 else np.zeros_like(counts)
+        column = _Column(step, step, 1, np.array(edges, dtype=np.float64), fractions)
+        if self.columns and self.columns[-1].n < self.width:
+            self.columns[-1] = _merge_columns(self.columns[-1], column)
+            return
+        self.columns.append(column)
+        if len(self.columns) > self.cap:
+            cols = self.columns
+            self.columns = [
+                _merge_columns(cols[i], cols[i + 1]) if i + 1 < len(cols) else cols[i]
+                for i in range(0, len(cols), 2)
+            ]
+            self.width *= 2
+
+
+def _merge_columns(a: _Column, b: _Column) -> _Column:
+    """Two neighbouring columns as one: on their common edges when they share them (exact),
+    on ``a``'s grid when that spans ``b`` (the usual case while a column fills), otherwise
+    both re-binned onto ``_IMAGE_BINS`` bins spanning both ranges."""
+    grid = a.grid
+    if not b.counts.any():  # an empty histogram (all values non-finite) has no range
+        edges, counts = a.edges, a.counts
+    elif not a.counts.any():
+        edges, counts, grid = b.edges, b.counts, b.grid
+    elif a.grid and a.edges[0] <= b.edges[0] and b.edges[-1] <= a.edges[-1]:
+        edges, counts = a.edges, a.counts + _spread(b.edges, b.counts, a.edges)
+    elif a.edges.shape == b.edges.shape and np.array_equal(a.edges, b.edges):
+        edges, counts = a.edges, a.counts + b.counts
+    else:
+        lo = min(a.edges[0], b.edges[0])
+        hi = max(a.edges[-1], b.edges[-1])
+        if hi > lo:
+            edges, grid = np.linspace(lo, hi, _IMAGE_BINS + 1), True
+            counts = _spread(a.edges, a.counts, edges) + _spread(b.edges, b.counts, edges)
+        else:  # both constant at the same value: one point
+            edges, counts = np.array([lo, lo]), np.array([a.counts.sum() + b.counts.sum()])
+    return _Column(a.first, b.last, a.n + b.n, edges, counts, grid)
+
+
 class _Bins(Protocol):
     @property
     def edges(self) -> np.ndarray: ...
@@ -148,25 +346,36 @@ class _Bins(Protocol):
     def counts(self) -> np.ndarray: ...
 
 
+def _spread(edges: np.ndarray, counts: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """``counts`` on ``edges`` re-binned onto ``grid`` (which spans them): each bin's mass
+    spread evenly over its width, by interpolating the cumulative counts at the grid's
+    edges, so no grid row is left empty between source bins. Zero-width bins (a constant
+    tensor: zero biases, a dead layer) go in as points."""
+    point = np.diff(edges) <= 0
+    cumulative = np.empty(len(edges))
+    cumulative[0] = 0.0
+    has_points = point.any()
+    np.cumsum(np.where(point, 0.0, counts) if has_points else counts, out=cumulative[1:])
+    column = np.diff(np.interp(grid, edges, cumulative))
+    if has_points:
+        column += np.histogram(edges[:-1][point], bins=grid, weights=counts[point])[0]
+    return column
+
+
 def colorful_dimension(hists: Sequence[_Bins]) -> tuple[np.ndarray, float, float]:
     """The "colorful dimension" image of a histogram series: every step's histogram re-binned
     onto one common value grid (rows are values, columns steps), each column normalised to
-    fractions. Returns the image and the grid's value range."""
-    lo = min(float(h.edges[0]) for h in hists)
-    hi = max(float(h.edges[-1]) for h in hists)
+    fractions. Returns the image and the grid's value range, which spans the histograms
+    that hold any count (an empty one, of only non-finite values, has no range)."""
+    ranged = [h for h in hists if np.any(h.counts)] or list(hists)
+    lo = min(float(h.edges[0]) for h in ranged)
+    hi = max(float(h.edges[-1]) for h in ranged)
     if not hi > lo:
         hi = lo + 1.0
     grid = np.linspace(lo, hi, _IMAGE_BINS + 1)
     image = np.zeros((_IMAGE_BINS, len(hists)))
     for j, h in enumerate(hists):
-        # Each bin's mass spread evenly over its width: interpolate the cumulative counts
-        # at the common grid's edges, so no grid row is left empty between source bins.
-        # Zero-width bins (a constant tensor: zero biases, a dead layer) go in as points.
-        point = np.diff(h.edges) <= 0
-        cumulative = np.concatenate([[0.0], np.cumsum(np.where(point, 0.0, h.counts))])
-        column = np.diff(np.interp(grid, h.edges, cumulative))
-        if point.any():
-            column += np.histogram(h.edges[:-1][point], bins=grid, weights=h.counts[point])[0]
+        column = _spread(h.edges, h.counts, grid)
         total = column.sum()
         image[:, j] = column / total if total > 0 else column
     return image, lo, hi
