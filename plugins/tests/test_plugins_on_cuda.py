@@ -103,3 +103,41 @@ def test_results_stay_on_the_gpu_and_match_the_cpu() -> None:
         ref = cpu_hists[(h.tag, h.step)]
         assert h.num == ref.num and h.nonfinite == ref.nonfinite == 0
         assert abs(h.counts - ref.counts).sum() <= 0.01 * ref.num
+
+
+def test_a_watched_step_never_waits_for_the_gpu() -> None:
+    """With every plugin on (but the held-out evaluation, which copies batches to the
+    device), no operation of a training step synchronises the host with the GPU:
+    ``torch.cuda.set_sync_debug_mode("error")`` turns any such operation into an error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Flatten(),
+        nn.Linear(512, 10),
+    ).cuda()
+    exporter = Exporter(bus=MessageBus(on_error="raise"))
+    exporter.set_model(model)
+    loss_fn = exporter.set_loss(nn.CrossEntropyLoss())
+    for sub in (Norm(topics=["weight_gradients", "weights", "weight_updates"]), Ratio(),
+                SpectralNorm(), Mean(), Variance(), Histogram(topics=["activations",
+                "weight_gradients"]), DeadFraction(), TrainAccuracy(), Loss()):
+        exporter.bus.register_subscriber(sub)
+    backend = exporter.bus.add_backend(MemoryBackend())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(32, 1, 8, 8, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
+
+    def step() -> None:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+
+    for _ in range(2):  # the first steps fill caches (sample indices, layouts) once
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    exporter.close()
+    assert {r.step for r in backend.scalars} == set(range(5))

@@ -596,9 +596,11 @@ class _Transfer:
         ``<tag>/nonfinite`` scalar beside every histogram that had non-finite values)."""
         arrays = []
         for host, event, _ in self._parts:
-            if event is not None:
+            if event is None:
+                arrays.append(host.numpy())
+            else:  # a pinned buffer, reused by a later step: records get their own copy
                 event.synchronize()
-            arrays.append(host.numpy())
+                arrays.append(host.numpy().copy())
         values = iter(
             arrays[part][offset : offset + numel] for part, offset, numel in self._where
         )

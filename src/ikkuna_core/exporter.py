@@ -63,7 +63,11 @@ __all__ = ["Exporter", "select_modules", "unwrap_model"]
 
 ROOT_NAME = "model"
 _LOSS_TOPICS = frozenset({"network_output", "input_labels", "loss"})
-_SKIP, _FULL = -1, 0  # capture modes; k > 0: a sample of k entries
+# Capture modes of a forward topic per module; k > 0: a sample of k entries (a copy).
+_SKIP = -1  # no subscriber wants it
+_FULL = 0  # a reference, whose version is checked at the end of the step
+_CLONE = -2  # a copy: the tensor was seen changing in place later in a step
+_PROBE = -3  # first capture: a copy and a reference, to learn which of the two it needs
 
 
 def _check_depth(depth: int) -> None:
@@ -221,6 +225,7 @@ class Exporter:
         self._plans: dict[tuple[Subscription, ...], tuple[Any, Any]] = {}
         self._clone: set[tuple[str, int]] = set()  # (topic, module) changed in place before
         self._probed: set[tuple[str, int]] = set()  # (topic, module) known either way
+        self._learned_plans: dict[Any, tuple[int, ...]] = {}
         self._closed = False
         self._silent = False
         # the open step
@@ -497,6 +502,7 @@ class Exporter:
         self._forwards = 0
         self._stepped = []
 
+    @torch.compiler.disable  # step bookkeeping: never traced (counters would recompile)
     def _on_forward_start(self, module: nn.Module, args: tuple[Any, ...], kwargs: Any) -> None:
         if self._silent or self._closed:
             return
@@ -527,7 +533,9 @@ class Exporter:
 
     def _begin_capture(self, args: tuple[Any, ...], kwargs: Any) -> None:
         wanted = self._wanted
-        self._act_plan, self._lgrad_plan = self._capture_plans(self.global_step)
+        act, lgrad = self._capture_plans(self.global_step)
+        self._act_plan = self._learned_plan("activations", act)
+        self._lgrad_plan = self._learned_plan("layer_gradients", lgrad)
         self._fwd = fwd = _Forward(len(self._module_objs), self._lgrad_plan)
         self._loss_pending = bool(wanted & _LOSS_TOPICS)
         if "input_data" in wanted:
@@ -555,34 +563,55 @@ class Exporter:
         call = fwd.calls[index]
         fwd.calls[index] = call + 1
         if act is not None and act[index] != _SKIP:
-            fwd.acts.append(self._capture("activations", index, call, out, act[index]))
+            fwd.acts.append(self._capture(index, call, out, act[index]))
         if lgrad is not None and lgrad[index] != _SKIP and out.requires_grad:
             out.register_hook(functools.partial(self._on_layer_gradient, fwd, index, call))
 
-    def _capture(
-        self, topic: str, index: int, call: int, tensor: torch.Tensor, mode: int
-    ) -> _Entry:
+    def _learned_plan(
+        self, topic: str, plan: tuple[int, ...] | None
+    ) -> tuple[int, ...] | None:
+        """The capture plan with what earlier steps taught: whole tensors that something
+        changes in place later in a step are copied, the others referenced; a module not seen
+        yet is probed (copied and referenced once)."""
+        if plan is None:
+            return None
+        key = (topic, plan, len(self._clone), len(self._probed))
+        found = self._learned_plans.get(key)
+        if found is None:
+            found = tuple(
+                m if m != _FULL
+                else _CLONE if (topic, i) in self._clone
+                else _FULL if (topic, i) in self._probed
+                else _PROBE
+                for i, m in enumerate(plan)
+            )
+            if len(self._learned_plans) > 64:
+                self._learned_plans.clear()
+            self._learned_plans[key] = found
+        return found
+
+    @staticmethod
+    def _capture(index: int, call: int, tensor: torch.Tensor, mode: int) -> _Entry:
         """A stash entry: a sample (a copy), a copy of a tensor seen changing in place
         before, a reference and its version, or, the first time, a copy and the original."""
-        ident = (topic, index)
-        if mode > 0:
-            with torch.no_grad():
-                return (index, call, ops.sample(tensor, mode), -1, None)
-        if ident in self._clone:
-            with torch.no_grad():
+        compiling = torch.compiler.is_compiling()
+        if mode == _FULL and not compiling:
+            return (index, call, tensor, tensor._version, None)
+        with torch.no_grad():
+            if compiling and mode <= 0:
+                # a compiled graph keeps no version counters: copy whole tensors
                 return (index, call, tensor.detach().clone(), -1, None)
-        if ident not in self._probed:
-            with torch.no_grad():
-                return (index, call, tensor.detach().clone(), tensor._version, tensor)
-        return (index, call, tensor, tensor._version, None)
+            if mode > 0:
+                return (index, call, ops.sample(tensor, mode), -1, None)
+            if mode == _CLONE:
+                return (index, call, tensor.detach().clone(), -1, None)
+            return (index, call, tensor.detach().clone(), tensor._version, tensor)
 
     def _on_layer_gradient(self, fwd: _Forward, index: int, call: int, grad: torch.Tensor) -> None:
         if fwd is not self._fwd or fwd.lgrad_plan is None:
             return  # the backward of a forward whose step has ended
         try:
-            fwd.lgrads.append(
-                self._capture("layer_gradients", index, call, grad, fwd.lgrad_plan[index])
-            )
+            fwd.lgrads.append(self._capture(index, call, grad, fwd.lgrad_plan[index]))
         except Exception as exc:  # noqa: BLE001 - never stop training
             self.bus.internal_error(
                 f"the layer-gradient hook of {self._module_objs[index][0].name!r}",
@@ -590,6 +619,7 @@ class Exporter:
                 self.global_step,
             )
 
+    @torch.compiler.disable
     def _on_forward_end(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: Any, output: Any
     ) -> None:

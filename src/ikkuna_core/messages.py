@@ -222,7 +222,9 @@ class TopicPayloads(BaseModel):
         """These payloads restricted to ``indices`` (in that order)."""
         stacked = None
         if self.stacked is not None:
-            index = torch.tensor(indices, dtype=torch.long, device=self.stacked.device)
+            from .ops import constant
+
+            index = constant(indices, torch.long, self.stacked.device)
             stacked = self.stacked.index_select(0, index)
         return TopicPayloads(
             topic=self.topic,

@@ -10,10 +10,12 @@ synchronisation), one value (or one histogram row) per input tensor, in input or
   min/max, one scatter), large tensors summarised by a fixed pseudo-random sample
 - :func:`sample` / :func:`sample_index` — that sample
 - :func:`group_by` — indices of tensors sharing a property (e.g. shape, for batched matmuls)
+- :func:`constant` — a small host-made tensor on a device, made once (no per-step copy)
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple
@@ -22,6 +24,7 @@ import torch
 
 __all__ = [
     "Histograms",
+    "constant",
     "group_by",
     "histograms",
     "moments",
@@ -60,6 +63,22 @@ def _per_device(
     return torch.cat([rows for _, rows in parts]).index_select(0, order)
 
 
+_CONSTANTS: dict[tuple[tuple[float, ...], torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def constant(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``, cached: a step's bookkeeping vectors (sizes,
+    positions) are copied to an accelerator once, not every step (such a copy from pageable
+    memory would synchronise with the device)."""
+    key = (tuple(values), dtype, device)
+    found = _CONSTANTS.get(key)
+    if found is None:
+        if len(_CONSTANTS) > 4096:
+            _CONSTANTS.clear()
+        found = _CONSTANTS[key] = torch.tensor(key[0], dtype=dtype).to(device)
+    return found
+
+
 def _floating(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t if t.is_floating_point() else t.float() for t in tensors]
 
@@ -83,15 +102,10 @@ def zero_fractions(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
     def fn(ts: list[torch.Tensor]) -> torch.Tensor:
         nonzero = torch.stack(torch._foreach_norm(_floating(ts), 0, dtype=torch.float32))
-        numel = torch.tensor([t.numel() for t in ts], dtype=torch.float32)
-        numel = numel.to(nonzero.device, non_blocking=True)
+        numel = constant([t.numel() for t in ts], torch.float32, nonzero.device)
         return (numel - nonzero) / numel
 
     return _per_device(tensors, fn)
-
-
-def _lengths(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(numels, dtype=torch.long).to(device, non_blocking=True)
 
 
 def moments(
@@ -128,18 +142,18 @@ def _moments(ts: list[torch.Tensor], correction: int) -> tuple[torch.Tensor, tor
     flat = torch.cat([t.reshape(-1) for t in ts])
     if not flat.is_floating_point() or flat.element_size() < 4:
         flat = flat.float()
-    n = torch.tensor(numels, dtype=torch.float64).to(device, non_blocking=True)
+    n = constant(numels, torch.float64, device)
     nonempty = [i for i, k in enumerate(numels) if k]
     if len(nonempty) != len(numels):  # segment_reduce wants positive lengths
         mean = torch.full((len(ts),), math.nan, dtype=torch.float64, device=device)
         var = mean.clone()
         if nonempty:
             m, v = _moments([ts[i] for i in nonempty], correction)
-            index = torch.tensor(nonempty, device=device)
+            index = constant(nonempty, torch.long, device)
             mean[index], var[index] = m, v
         return mean, var
-    lengths = _lengths(numels, device)
-    starts = torch.tensor([0, *numels[:-1]], dtype=torch.long).cumsum(0).to(device)
+    lengths = constant(numels, torch.long, device)
+    starts = constant(list(itertools.accumulate(numels[:-1], initial=0)), torch.long, device)
     shift = flat.index_select(0, starts)
     shifted = flat - shift.repeat_interleave(lengths, output_size=flat.numel())
     s1 = torch.segment_reduce(shifted, "sum", lengths=lengths).double()

@@ -246,7 +246,7 @@ class SpectralNorm(Subscriber):
             sigma = torch.empty(len(mats), dtype=torch.float32, device=device)
             for idx, rs in blocks.values():
                 values = _top_singular_value(torch.cat(rs))
-                sigma[torch.tensor(idx, device=device)] = values
+                sigma[ops.constant(idx, torch.long, device)] = values
             self.publish_scalars(step, sigma, keys, topic=topic)
 
     def _power_iteration(
