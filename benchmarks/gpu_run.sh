@@ -16,14 +16,15 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /
     . ./plugins/ikkuna-* || exit 1
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/-$//')
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -x plugins/tests/test_plugins_on_cuda.py \
     2>&1 | tail -15
 timeout 260 python3 benchmarks/overhead.py --device cuda --problems resnet50 \
     --variants plain,plain-again,exporter,norms,all,all-sub10,fused,quickstart \
-    --steps 5 --rounds 8 --out "$OUT/h200-resnet50.json" 2>"$OUT/h200-resnet50.log"
-tail -5 "$OUT/h200-resnet50.log"
+    --steps 5 --rounds 8 --out "$OUT/$GPU-resnet50.json" 2>"$OUT/$GPU-resnet50.log"
+tail -5 "$OUT/$GPU-resnet50.log"
 timeout 200 python3 benchmarks/overhead.py --device cuda --problems resnet18 \
     --variants plain,exporter,norms,all,all-sub10,fused,quickstart,tb-norms,tb-all,cockpit-norms,cockpit-all \
-    --steps 5 --rounds 8 --out "$OUT/h200-resnet18.json" 2>"$OUT/h200-resnet18.log"
-tail -5 "$OUT/h200-resnet18.log"
+    --steps 5 --rounds 8 --out "$OUT/$GPU-resnet18.json" 2>"$OUT/$GPU-resnet18.log"
+tail -5 "$OUT/$GPU-resnet18.log"
