@@ -64,7 +64,7 @@ NUM_CLASSES = 10
 @dataclass(frozen=True)
 class Problem:
     name: str
-    model: str  # an ikkuna_core.models name
+    model: str  # an ikkuna_train.models name
     input_shape: tuple[int, int, int]
     batch_size: int
     data: str  # "random" (fixed random batches, no download) or "digits"
@@ -171,7 +171,7 @@ def make_batches(
     """Fixed batches, identical in every worker (seeded)."""
     gen = torch.Generator().manual_seed(SEED)
     if problem.data == "digits":
-        from ikkuna_core.data import load_dataset
+        from ikkuna_train.data import load_dataset
 
         dataset = load_dataset("digits", train=True)
         images, labels = dataset.tensors  # type: ignore[attr-defined]
@@ -192,7 +192,7 @@ def make_batches(
 
 
 def make_model(problem: Problem, device: torch.device) -> nn.Module:
-    from ikkuna_core.models import get_model
+    from ikkuna_train.models import get_model
 
     torch.manual_seed(SEED)
     model = get_model(problem.model, input_shape=problem.input_shape, num_classes=NUM_CLASSES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import field_validator
 from torch import nn
 
 import ikkuna_core as ik
@@ -25,8 +26,20 @@ subsample = 2
 """
 
 
+class AbsMaxOptions(ik.SubscriberOptions):
+    power: float = 1.0
+
+    @field_validator("power")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"power must be > 0, got {value!r}")
+        return value
+
+
 class AbsMax(ik.Subscriber):
     name = "abs_max"
+    Options = AbsMaxOptions
 
     def compute(self, bundle):
         self.publish_scalar(bundle, bundle[bundle.topics[0]].abs().max())
@@ -55,7 +68,10 @@ def test_toml_round_trip_and_defaults(tmp_path):
     ("text", "expected"),
     [
         ("[ikkuna]\nflush_every = 0", r"ikkuna\.flush_every: Input should be greater than or"),
-        ("[ikkuna]\nbackend = ['tb']", r"ikkuna\.backend: Extra inputs are not permitted"),
+        ("[ikkuna]\nbackend = ['tb']",
+         r"ikkuna\.backend: unknown key; valid keys: backend_options, backends, background, "
+         r"depth, flush_every, include, log_dir, on_error, plugins, publish_in_eval, "
+         r"subscribers$"),
         ("[ikkuna]\non_error = 'ignore'", r"ikkuna\.on_error: Input should be 'raise' or 'warn'"),
         ("[ikkuna]\n[[ikkuna.subscribers]]\ntopics = []", r"ikkuna\.subscribers\.0\.name"),
         ("[training]\nx = 1", r"has no \[ikkuna\] table; tables found: \['training'\]"),
@@ -109,6 +125,11 @@ def test_watch_builds_the_run_from_toml(tmp_path, registry):
         ({"subscribers": [{"name": "abs_max", "subsample": -1}]},
          r"subscribers\[0\] \('abs_max'\): invalid options for subscriber 'abs_max': "
          r"subsample: Input should be greater than or equal to 1 \(got -1\)"),
+        ({"subscribers": [{"name": "abs_max", "power": -2.0}]},
+         r"invalid options for subscriber 'abs_max': power: power must be > 0, got -2\.0$"),
+        ({"subscribers": [{"name": "abs_max", "powr": 2}]},
+         r"invalid options for subscriber 'abs_max': powr: unknown key; valid keys: power, "
+         r"publish_as, subsample, topics$"),
         ({"backends": ["tensorbored"]},
          r"backends\[0\]: unknown backend 'tensorbored'; available: matplotlib, tensorboard"),
         ({"include": ["Conv9d"]}, r"include: 'Conv9d' is not a torch.nn module class"),

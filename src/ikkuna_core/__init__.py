@@ -1,11 +1,12 @@
 """Ikkuna: watch a PyTorch model while it trains, with almost no code and almost no cost.
 
-The public face of the core; heavy optional libraries (tensorboard, matplotlib,
-torchvision) are imported only by the parts that need them.
+The public face of the core; heavy optional libraries (tensorboard, matplotlib) are
+imported only by the parts that need them.
 """
 
 from .bus import MessageBus, Subscription, SynchronizedSubscription, UnknownTopicError
 from .config import ConfigError, IkkunaConfig, SubscriberConfig, load_config
+from .context import RunContext
 from .exporter import Exporter, select_modules
 from .hookspecs import hookimpl
 from .messages import (
@@ -40,6 +41,7 @@ __all__ = [
     "NetworkMessage",
     "PluginError",
     "PluginRegistry",
+    "RunContext",
     "ScalarMessage",
     "Subscriber",
     "SubscriberConfig",

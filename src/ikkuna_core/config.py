@@ -3,12 +3,12 @@ pydantic and read from the ``[ikkuna]`` table of a TOML file.
 
 ```toml
 [ikkuna]
-plugins = ["norms", "histograms"]      # entry-point names; omit to load every installed plugin
+plugins = ["myplugin"]                  # entry-point names; omit to load every installed plugin
 backends = ["tensorboard"]
 log_dir = "runs/exp1"
 
 [[ikkuna.subscribers]]
-name = "norm"                           # a subscriber's `name`
+name = "max_abs"                        # a subscriber's `name`
 topics = ["weight_gradients"]
 subsample = 10
 ```
@@ -23,7 +23,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["ConfigError", "IkkunaConfig", "SubscriberConfig", "load_config"]
+__all__ = [
+    "ConfigError",
+    "IkkunaConfig",
+    "SubscriberConfig",
+    "describe_validation_error",
+    "load_config",
+]
 
 
 class ConfigError(ValueError):
@@ -73,13 +79,29 @@ class IkkunaConfig(BaseModel):
     )
 
 
+def describe_validation_error(
+    exc: ValidationError, model: type[BaseModel], prefix: str = ""
+) -> list[str]:
+    """One line per error of a pydantic validation of ``model``: ``<prefix><key>: <what is
+    wrong>``. An unknown key lists the valid ones; the offending value is shown once."""
+    lines = []
+    for err in exc.errors():
+        loc = prefix + ".".join(str(p) for p in err["loc"])
+        got = err.get("input")
+        if err["type"] == "extra_forbidden":
+            valid = ", ".join(sorted(model.model_fields)) if len(err["loc"]) == 1 else ""
+            lines.append(f"{loc}: unknown key" + (f"; valid keys: {valid}" if valid else ""))
+            continue
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        shown = isinstance(got, dict) or repr(got) in msg
+        lines.append(f"{loc}: {msg}" + ("" if shown else f" (got {got!r})"))
+    return lines
+
+
 def _format(exc: ValidationError, source: str) -> str:
     lines = [f"invalid Ikkuna configuration in {source}:"]
-    for err in exc.errors():
-        loc = ".".join(["ikkuna", *(str(p) for p in err["loc"])])
-        got = err.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {loc}: {err['msg']}{got_s}")
+    for line in describe_validation_error(exc, IkkunaConfig, "ikkuna."):
+        lines.append(f"  {line}")
     return "\n".join(lines)
 
 

@@ -127,6 +127,8 @@ class Exporter:
         *,
         bus: MessageBus | None = None,
         publish_in_eval: bool = False,
+        config: Any = None,
+        registry: Any = None,
     ) -> None:
         _check_depth(depth)
         self.depth = depth
@@ -156,8 +158,8 @@ class Exporter:
         self._wanted: frozenset[str] = frozenset()
         self._stamp: tuple[int, int, int] = (0, 0, 0)  # (global_step, epoch, batch_index)
         self.loss_fn: Callable[..., torch.Tensor] | None = None
-        self.config: Any = None  # the IkkunaConfig when created by watch()
-        self.registry: Any = None  # the PluginRegistry when created by watch()
+        self.config: Any = config  # the IkkunaConfig of a run started by watch()
+        self.registry: Any = registry  # the PluginRegistry of a run started by watch()
         self._on_close: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ setup
@@ -271,6 +273,11 @@ class Exporter:
         finally:
             for callback in self._on_close:
                 callback()
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` when the Exporter closes, after the backends (how ``watch``
+        tells plugins that the run finished)."""
+        self._on_close.append(callback)
 
     def __enter__(self) -> Exporter:
         return self

@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from .bus import MessageBus, UnknownTopicError
-from .config import ConfigError, IkkunaConfig, load_config
+from .config import ConfigError, IkkunaConfig, describe_validation_error, load_config
+from .context import RunContext
 from .exporter import Exporter, modules_of
 from .plugins import PluginError, PluginRegistry, load_plugins
+from .subscriber import Subscriber
 
 __all__ = ["watch"]
 
@@ -24,11 +27,14 @@ def watch(
     config: str | Path | Mapping[str, Any] | IkkunaConfig | None = None,
     *,
     registry: PluginRegistry | None = None,
+    context: RunContext | None = None,
 ) -> Exporter:
     """Attach an Exporter to ``model`` with the plugins, subscribers and backends of
     ``config`` (a TOML path, a dict with the keys of the ``[ikkuna]`` table, or an
     :class:`IkkunaConfig`). Use ``exporter.loss_fn`` as the loss when ``loss_fn`` is a plain
-    function; an ``nn.Module`` loss is watched in place.
+    function; an ``nn.Module`` loss is watched in place. ``context`` is what your run
+    provides to the subscribers (a :class:`RunContext`: its test loader, say); the plugins
+    take from it what their subscribers need.
 
     Everything is validated before anything is written, so a bad configuration leaves no
     half-made run behind.
@@ -48,7 +54,15 @@ def watch(
         include = modules_of(cfg.include) if cfg.include else None
     except ValueError as exc:
         raise ConfigError(f"{source}: ikkuna.{exc}") from None
-    exporter = Exporter(cfg.depth, include, bus=bus, publish_in_eval=cfg.publish_in_eval)
+    exporter = Exporter(
+        cfg.depth,
+        include,
+        bus=bus,
+        publish_in_eval=cfg.publish_in_eval,
+        config=cfg,
+        registry=registry,
+    )
+    run_context = context if context is not None else RunContext()
 
     for i, entry in enumerate(cfg.subscribers):
         where = f"{source}: ikkuna.subscribers[{i}]"
@@ -57,9 +71,13 @@ def watch(
         except PluginError as exc:
             raise ConfigError(f"{where}.name: {exc}") from None
         try:
-            subscriber = cls(**entry.options)
-        except ValueError as exc:
+            options = registry.subscriber_options(entry.name, entry.options, run_context)
+        except PluginError as exc:
             raise ConfigError(f"{where} ({entry.name!r}): {exc}") from None
+        try:
+            subscriber = cls(**options)
+        except ValueError as exc:
+            raise ConfigError(f"{where} ({entry.name!r}): {_explain(cls, options, exc)}") from None
         try:
             bus.register_subscriber(subscriber)
         except UnknownTopicError as exc:
@@ -85,10 +103,25 @@ def watch(
     exporter.set_model(model)
     if loss_fn is not None:
         exporter.set_loss(loss_fn)
+    module_types = {key: info.type for key, info in exporter.modules.items()}
     for name, backend_cls in zip(cfg.backends, backend_classes, strict=True):
-        bus.add_backend(backend_cls(log_dir=cfg.log_dir, **cfg.backend_options.get(name, {})))
-    exporter.config = cfg
-    exporter.registry = registry
-    exporter._on_close.append(lambda: registry.hook.ikkuna_run_finished(exporter=exporter))
+        backend = backend_cls(log_dir=cfg.log_dir, **cfg.backend_options.get(name, {}))
+        backend.describe_modules(module_types)
+        bus.add_backend(backend)
+    exporter.on_close(lambda: registry.hook.ikkuna_run_finished(exporter=exporter))
     registry.hook.ikkuna_run_started(exporter=exporter)
     return exporter
+
+
+def _explain(cls: type[Subscriber], options: Mapping[str, Any], exc: ValueError) -> str:
+    """Why ``cls(**options)`` failed: each invalid option once, unknown ones with the valid
+    keys (the subscriber's own message when its options are not the cause)."""
+    data = dict(options)
+    if not data.get("topics"):
+        data["topics"] = list(cls.default_topics)
+    try:
+        cls.Options(**data)
+    except ValidationError as err:
+        details = "; ".join(describe_validation_error(err, cls.Options))
+        return f"invalid options for subscriber {cls.name!r}: {details}"
+    return str(exc)
