@@ -556,7 +556,7 @@ class Trainer:
         )
 
     def _publish(self, topic: str, values: Mapping[str, float]) -> None:
-        scalars: dict[str | None, float | torch.Tensor] = dict(values)
+        scalars: dict[str | None, float | torch.Tensor] = {k: v for k, v in values.items()}
         self.bus.log_scalars(topic, scalars)
 
     def run(self) -> TrainResult:
