@@ -69,7 +69,7 @@ SEED = 0
 @dataclass(frozen=True)
 class Problem:
     name: str
-    model: str  # an ikkuna_core.models name, or "torchvision:<name>"
+    model: str  # an ikkuna_train.models name, or "torchvision:<name>"
     input_shape: tuple[int, int, int]
     batch_size: int
     data: str  # "random" (fixed random batches, no download) or "digits"
@@ -211,7 +211,7 @@ def make_batches(
     """Fixed batches, identical in every worker (seeded)."""
     gen = torch.Generator().manual_seed(SEED)
     if problem.data == "digits":
-        from ikkuna_core.data import load_dataset
+        from ikkuna_train.data import load_dataset
 
         dataset = load_dataset("digits", train=True)
         images, labels = dataset.tensors  # type: ignore[attr-defined]
@@ -239,7 +239,7 @@ def make_model(problem: Problem, device: torch.device) -> nn.Module:
         factory = getattr(torchvision.models, problem.model.split(":", 1)[1])
         model = factory(num_classes=problem.num_classes)
     else:
-        from ikkuna_core.models import get_model
+        from ikkuna_train.models import get_model
 
         model = get_model(
             problem.model, input_shape=problem.input_shape, num_classes=problem.num_classes

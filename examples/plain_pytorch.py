@@ -3,9 +3,10 @@
     python examples/plain_pytorch.py [--epochs 3] [--log-dir runs/plain]
     tensorboard --logdir runs/plain
 
-The loop below is ordinary PyTorch (a small MLP on scikit-learn's bundled digits, offline).
-What Ikkuna watches comes from ``examples/ikkuna.toml``; the test-accuracy subscriber is
-given this script's own test loader.
+The loop below is ordinary PyTorch (a small MLP on scikit-learn's bundled digits, offline,
+loaded with ikkuna-train's data helpers). What Ikkuna watches comes from
+``examples/ikkuna.toml``; the subscribers that need held-out data get this script's own test
+loader through a ``RunContext``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 import ikkuna_core  # ikkuna (1/5)
-from ikkuna_core.data import make_loaders
+from ikkuna_train.data import make_loaders
 
 CONFIG = Path(__file__).with_name("ikkuna.toml")
 
@@ -37,14 +38,12 @@ def main(argv: list[str] | None = None) -> float:
     loss_fn = nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
-    # Your run configuration, with this script's log directory and test loader filled in.
+    # Your run configuration with this script's log directory, and what the run provides.
     config = ikkuna_core.load_config(CONFIG).model_dump()
     config["log_dir"] = args.log_dir
-    for entry in config["subscribers"]:
-        if entry["name"] == "test_accuracy":
-            entry["loader"] = test_loader
+    context = ikkuna_core.RunContext(test_loader=test_loader)
 
-    exporter = ikkuna_core.watch(model, loss_fn, config)  # ikkuna (2/5)
+    exporter = ikkuna_core.watch(model, loss_fn, config, context=context)  # ikkuna (2/5)
     loss_fn = exporter.loss_fn  # ikkuna (3/5): the watched loss (the same module here)
 
     step = 0

@@ -112,3 +112,63 @@ def test_matplotlib_redraws_as_training_goes(tmp_path):
     assert path.stat().st_mtime_ns == first
     backend.close()  # close always draws what is new
     assert backend._last_draw == 11
+
+
+def _scalars(topic: str, series: dict[str | None, list[tuple[int, float]]]) -> list:
+    return [
+        ik.backends.ScalarRecord(topic=topic, key=key, tag=topic if key is None else
+                                 f"{topic}/{key}", step=step, value=value)
+        for key, points in series.items() for step, value in points
+    ]
+
+
+def test_matplotlib_figures_are_labelled_and_sparse_series_visible(tmp_path):
+    import matplotlib.pyplot as plt
+
+    backend = MatplotlibBackend(tmp_path)
+    backend.describe_modules({"net.1": "Linear", "net.3": "Conv2d", "net.5": "Linear"})
+    # a single point per key (a final evaluation) and per-module lines arriving last-first
+    backend.write_scalars(_scalars("final/accuracy", {"train": [(9, 0.9)], "test": [(9, 0.8)]}))
+    dense = [(s, float(s)) for s in range(40)]
+    backend.write_scalars(_scalars("max_abs/weights", {"net.5": dense, "net.1": dense}))
+
+    fig = backend.figure("final/accuracy")
+    (ax,) = fig.axes
+    assert [line.get_marker() for line in ax.lines] == ["o", "o"]  # one point: a marker
+    assert [line.get_color() for line in ax.lines] == ["tab:blue", "tab:orange"]  # train, test
+    assert ax.get_ylabel() == "accuracy" and ax.get_xlabel() == "training step"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "test"]
+    plt.close(fig)
+
+    fig = backend.figure("max_abs/weights")
+    (ax,) = fig.axes
+    assert [line.get_label() for line in ax.lines] == ["net.1 (Linear)", "net.5 (Linear)"]
+    assert [line.get_marker() for line in ax.lines] == ["None", "None"]  # 40 points: a line
+    assert ax.get_ylabel() == "max_abs" and ax.get_title() == "max_abs/weights"
+    plt.close(fig)
+
+
+def test_matplotlib_many_modules_get_a_colour_bar_and_histograms_class_names(tmp_path):
+    import matplotlib.pyplot as plt
+
+    backend = MatplotlibBackend(tmp_path)
+    keys = [f"layer{i}" for i in range(20)]
+    backend.describe_modules(dict.fromkeys(keys, "Conv2d"))
+    backend.write_scalars(_scalars("max_abs/weights", {k: [(0, 1.0), (1, 2.0)] for k in keys}))
+    fig = backend.figure("max_abs/weights")
+    ax, bar = fig.axes  # the plot and its colour bar: 20 lines are too many for a legend
+    assert ax.get_legend() is None and "module, in model order (20)" in bar.get_ylabel()
+    colors = [line.get_color() for line in ax.lines]
+    assert len(set(map(str, colors))) == 20  # one colour per module, along the model
+    plt.close(fig)
+
+    counts, edges = np.array([1.0, 2.0]), np.array([0.0, 0.5, 1.0])
+    record = ik.backends.HistogramRecord(
+        topic="spread/activations", key="layer3", tag="spread/activations/layer3", step=0,
+        counts=counts, edges=edges, min=0.0, max=1.0, num=3.0, sum=1.5, sum_squares=1.0,
+        nonfinite=0.0)
+    backend.write_histograms([record])
+    fig = backend.figure("spread/activations")
+    assert fig.axes[0].get_title() == "layer3 (Conv2d)"
+    assert fig.axes[0].get_ylabel() == "value"
+    plt.close(fig)

@@ -16,6 +16,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "overhead.py"
+pytest.importorskip("ikkuna_train", reason="the benchmark's models and data are ikkuna-train's")
 
 
 def _load_benchmark():

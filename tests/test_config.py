@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import field_validator
 from torch import nn
 
 import ikkuna_core as ik
@@ -25,8 +26,20 @@ subsample = 2
 """
 
 
+class AbsMaxOptions(ik.SubscriberOptions):
+    power: float = 1.0
+
+    @field_validator("power")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"power must be > 0, got {value!r}")
+        return value
+
+
 class AbsMax(ik.Subscriber):
     name = "abs_max"
+    Options = AbsMaxOptions
 
     def compute(self, bundle):
         self.publish_scalar(bundle, bundle[bundle.topics[0]].abs().max())
@@ -120,7 +133,10 @@ def test_watch_builds_the_run_from_toml(tmp_path, registry):
          r"\(got -1; subscriber 'abs_max'\)"),
         ({"subscribers": [{"name": "abs_max", "subsampel": 2}]},
          r"ikkuna\.subscribers\[0\]\.subsampel: unknown option of subscriber 'abs_max'; "
-         r"valid options: publish_as, subsample, topics"),
+         r"valid options: power, publish_as, subsample, topics"),
+        ({"subscribers": [{"name": "abs_max", "power": -2.0}]},  # the value said once
+         r"ikkuna\.subscribers\[0\]\.power: power must be > 0, got -2\.0 "
+         r"\(subscriber 'abs_max'\)$"),
         ({"subscribers": [{"name": "abs_max", "topics": ["weights"], "publish_as": "loss"}]},
          r"ikkuna\.subscribers\[0\]\.publish_as: 'loss' is already a topic \(the loss value"),
         ({"subscribers": [{"name": "abs_max", "topics": ["weights"], "publish_as": "weights"}]},

@@ -7,11 +7,16 @@ finds those of any installed plugin.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import inspect
+import io
+import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -20,36 +25,66 @@ from torch import nn
 
 import ikkuna_core as ik
 from ikkuna_core import hookspecs
-from ikkuna_core.plugins import installed_entry_points
+from ikkuna_core.cli import main
+from ikkuna_core.commands import Command, SubscriberFlag
+from ikkuna_core.plugins import PluginInfo, PluginRegistry, PluginWarning, installed_entry_points
 
 FIXTURES = Path(__file__).parent / "plugin_fixtures"
 
 
-@pytest.fixture(scope="session")
-def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("site")
-    sources = tmp_path_factory.mktemp("src")  # build a private copy: xdist workers run in parallel
-    for dist in ("ikkuna-testplugin", "ikkuna-badplugins"):
-        shutil.copytree(FIXTURES / dist, sources / dist,
-                        ignore=shutil.ignore_patterns("build", "*.egg-info"))
+def _pip_install_target(target: Path, sources: Path, dists: tuple[str, ...]) -> Path:
+    for dist in dists:  # build a private copy: xdist workers run in parallel
+        if not (sources / dist).exists():
+            shutil.copytree(FIXTURES / dist, sources / dist,
+                            ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
          "--no-build-isolation", "--target", str(target),
-         str(sources / "ikkuna-testplugin"), str(sources / "ikkuna-badplugins")],
+         *(str(sources / dist) for dist in dists)],
         check=True,
     )
     return target
 
 
-@pytest.fixture
-def installed(plugin_site: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test plugin and the broken ones, installed."""
+    return _pip_install_target(tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("src"),
+                               ("ikkuna-testplugin", "ikkuna-badplugins"))
+
+
+@pytest.fixture(scope="session")
+def good_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Only the test plugin installed (the broken 'clash' would take its subscriber's name)."""
+    return _pip_install_target(tmp_path_factory.mktemp("good"), tmp_path_factory.mktemp("src"),
+                               ("ikkuna-testplugin",))
+
+
+def _on_path(site: Path, monkeypatch: pytest.MonkeyPatch):
     # (not monkeypatch.syspath_prepend: it imports pkg_resources when another test did)
-    monkeypatch.setattr(sys, "path", [str(plugin_site), *sys.path])
+    monkeypatch.setattr(sys, "path", [str(site), *sys.path])
     importlib.invalidate_caches()
     monkeypatch.delenv("IKKUNA_PLUGINS", raising=False)
-    yield plugin_site
+    yield site
     for name in [m for m in sys.modules if m.startswith(("ikkuna_testplugin", "ikkuna_bad"))]:
         del sys.modules[name]
+
+
+@pytest.fixture
+def installed(plugin_site: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    yield from _on_path(plugin_site, monkeypatch)
+
+
+@pytest.fixture
+def installed_good(good_plugin_site: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    yield from _on_path(good_plugin_site, monkeypatch)
+
+
+def run_cli(*argv: object) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
 
 
 def test_entry_points_are_discovered_without_importing(installed):
@@ -63,6 +98,7 @@ def test_enable_by_name_and_use_through_watch(installed, tmp_path):
     info = registry.plugins["testplugin"]
     assert info.loaded and info.distribution == "ikkuna-testplugin" and info.version == "1.2.3"
     assert info.subscribers == ["scaled_mean"] and info.backends == ["memory"]
+    assert info.commands == ["hello"] and info.flags == ["--scaled-mean"]
     assert set(info.hooks) == set(hookspecs.hook_names())
     assert not registry.plugins["broken"].enabled  # installed, not enabled, never imported
 
@@ -112,14 +148,32 @@ def test_two_subscribers_claiming_one_name(installed):
     assert not registry.manager.is_registered(sys.modules["ikkuna_testplugin"])
 
 
+def test_a_plugin_not_asked_for_by_name_that_fails_is_skipped_with_a_warning(installed):
+    with pytest.warns(PluginWarning) as caught:
+        registry = ik.load_plugins()  # every installed plugin, none named
+    messages = [str(w.message) for w in caught]
+    assert any("'broken'" in m and "a_module_that_does_not_exist" in m for m in messages)
+    assert any("'typo'" in m and "ikkuna_subscriber" in m for m in messages)
+    assert any("two subscribers claim the name 'scaled_mean'" in m for m in messages)
+    assert all(m.endswith("; skipped") for m in messages)
+    assert registry.plugins["clash"].loaded  # the others load
+    assert registry.plugins["broken"].error and not registry.plugins["broken"].loaded
+    with pytest.raises(ik.PluginError, match="'broken'"):  # asked for by name: an error
+        ik.load_plugins(["broken", "clash"])
+
+
 def test_misspelled_hook_is_caught(installed):
     with pytest.raises(ik.PluginError, match="'typo'.*ikkuna_subscriber"):
         ik.load_plugins(["typo"])
 
 
 def test_unknown_plugin_lists_installed_ones(installed):
-    with pytest.raises(ik.PluginError, match="unknown plugin.*'nope'.*testplugin"):
+    with pytest.raises(ik.PluginError, match="unknown plugin.*'nope'.*testplugin") as err:
         ik.load_plugins(["nope"])
+    assert "install it with pip (from a clone of Ikkuna: pip install ./plugins/<folder>)" in (
+        str(err.value)
+    )
+    assert "ikkuna-<name>" not in str(err.value)  # no guessed distribution name
 
 
 def test_environment_variable_narrows_loading(installed, monkeypatch):
@@ -140,11 +194,123 @@ def test_unknown_subscriber_lists_available(installed):
 def test_every_hookspec_is_documented_and_called_with_keywords():
     names = hookspecs.hook_names()
     assert names == [
-        "ikkuna_backends", "ikkuna_configure", "ikkuna_run_finished", "ikkuna_run_started",
-        "ikkuna_subscribers", "ikkuna_topics",
+        "ikkuna_backends", "ikkuna_commands", "ikkuna_configure", "ikkuna_default_subscribers",
+        "ikkuna_run_finished", "ikkuna_run_started", "ikkuna_subscriber_flags",
+        "ikkuna_subscriber_options", "ikkuna_subscribers", "ikkuna_topics",
     ]
     for name in names:
         assert inspect.getdoc(getattr(hookspecs, name)), f"{name} has no docstring"
     fixture = (FIXTURES / "ikkuna-testplugin/src/ikkuna_testplugin/__init__.py").read_text()
     for name in names:  # the test plugin implements (and these tests exercise) every hook
         assert f"def {name}(" in fixture
+
+
+# ------------------------------------------------------------------ commands, flags, context
+
+
+def test_a_third_party_plugin_adds_a_command(installed_good):
+    code, out, _ = run_cli("--help")
+    assert code == 0
+    assert re.search(r"^    hello\s+greet someone \(a test plugin's command\) \[testplugin\]$",
+                     out, re.M)
+    code, out, err = run_cli("hello", "world", "--times", 2)
+    assert (code, out, err) == (0, "hello world\nhello world\n", "")
+    code, out, err = run_cli("hello", "world", "--times", 0)
+    assert (code, out, err) == (2, "", "ikkuna: error: --times must be >= 1, got 0\n")
+
+
+def test_a_third_party_plugin_adds_a_flag(installed_good):
+    registry = ik.load_plugins(["testplugin"])
+    assert [(f.option, f.subscriber, dict(f.options), p) for f, p in registry.flags] == [
+        ("--scaled-mean", "scaled_mean", {"topics": ["weights"], "scale": 2.0}, "testplugin")
+    ]
+    assert registry.default_subscribers == [
+        ({"name": "scaled_mean", "topics": ["weights"]}, "testplugin")
+    ]
+    if importlib.util.find_spec("ikkuna_train") is None:
+        pytest.skip("the flag's command line comes with ikkuna-train, which is not installed")
+    code, out, _ = run_cli("train", "--help")
+    assert code == 0
+    assert re.search(r"^  --scaled-mean\s+mean of the weights, times 2 \[testplugin\]$", out, re.M)
+
+
+def test_the_run_context_reaches_subscribers_through_the_hook(installed_good, tmp_path):
+    """scaled_mean without `scale` takes the number of test batches the run provides."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    config = {"plugins": ["testplugin"], "backends": ["memory"], "log_dir": str(tmp_path),
+              "subscribers": [{"name": "scaled_mean", "topics": ["weights"]}]}
+    context = ik.RunContext(test_loader=[(0, 0), (1, 1), (2, 2)])
+    exporter = ik.watch(model, nn.MSELoss(), config=config, context=context)
+    (subscriber,) = exporter.bus.subscribers
+    assert subscriber.options.scale == 3.0
+    memory = exporter.bus.backends[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.zero_grad()
+    exporter.loss_fn(model(torch.randn(5, 3)), torch.randn(5, 2)).backward()
+    opt.step()
+    exporter.close()
+    assert memory.scalar("scaled_mean/weights/0", 0) == pytest.approx(
+        model[0].weight.mean().item() * 3.0
+    )
+    exporter = ik.watch(model, nn.MSELoss(), config=config)  # no context: the class default
+    assert exporter.bus.subscribers[0].options.scale == 1.0
+    exporter.close()
+
+
+def _plugin(**hooks: object) -> types.ModuleType:
+    module = types.ModuleType("ikkuna_inline_plugin")
+    for name, value in hooks.items():
+        setattr(module, name, ik.hookimpl(lambda value=value: value, specname=name))
+    return module
+
+
+class _Mean(ik.Subscriber):
+    name = "inline_mean"
+
+    def compute(self, bundle: ik.MessageBundle) -> None:
+        pass
+
+
+def _noop(*args: object) -> int:
+    return 0
+
+
+@pytest.mark.parametrize(
+    ("hooks", "message"),
+    [
+        ({"ikkuna_commands": [Command("plugins", "x", _noop, _noop)]},
+         "command 'plugins' is the core's own"),
+        ({"ikkuna_commands": [Command("Bad Name", "x", _noop, _noop)]},
+         "command name 'Bad Name' must be lower-case"),
+        ({"ikkuna_commands": ["train"]}, "ikkuna_commands returned 'train', not a Command"),
+        ({"ikkuna_subscriber_flags": [SubscriberFlag("--x", "someone_elses")]},
+         "flag --x adds 'someone_elses', which is not one of its subscribers (inline_mean)"),
+        ({"ikkuna_subscriber_flags": [SubscriberFlag("-x", "inline_mean")]},
+         "flag '-x' must look like --lower-case-words"),
+        ({"ikkuna_default_subscribers": [{"name": "someone_elses"}]},
+         "ikkuna_default_subscribers must return entries"),
+    ],
+)
+def test_what_a_plugin_adds_is_checked_when_it_loads(hooks, message):
+    registry = PluginRegistry()
+    plugin = _plugin(ikkuna_subscribers=[_Mean], **hooks)
+    with pytest.raises(ik.PluginError, match=re.escape(message)):
+        registry.register(plugin, PluginInfo("inline", None, None, "inline"))
+    assert not registry.manager.is_registered(plugin) and not registry.subscribers
+
+
+def test_two_plugins_cannot_share_a_command_or_a_flag():
+    registry = PluginRegistry()
+    first = _plugin(ikkuna_subscribers=[_Mean],
+                    ikkuna_commands=[Command("go", "x", _noop, _noop)],
+                    ikkuna_subscriber_flags=[SubscriberFlag("--mean", "inline_mean")])
+    registry.register(first, PluginInfo("first", None, None, "first"))
+    assert list(registry.commands) == ["go"] and registry.commands["go"][1] == "first"
+    with pytest.raises(ik.PluginError, match="two plugins provide the command 'go'"):
+        registry.register(_plugin(ikkuna_commands=[Command("go", "y", _noop, _noop)]),
+                          PluginInfo("second", None, None, "second"))
+    with pytest.raises(ik.PluginError, match="two plugins provide the flag --mean"):
+        flags = [SubscriberFlag("--mean", "inline_mean")]
+        registry.register(_plugin(ikkuna_subscribers=[_Mean], ikkuna_subscriber_flags=flags),
+                          PluginInfo("third", None, None, "third"))

@@ -80,7 +80,7 @@ RELUS = ["1", "4"]
 
 
 def test_three_plugins_enabled_by_name(tmp_path: Path) -> None:
-    from ikkuna_core.data import load_dataset
+    from ikkuna_train.data import load_dataset
 
     log_dir = tmp_path / "run"
     config = tmp_path / "ikkuna.toml"

@@ -1,12 +1,13 @@
 """Ikkuna: watch a PyTorch model while it trains, with almost no code and almost no cost.
 
-The public face of the core; heavy optional libraries (tensorboard, matplotlib,
-torchvision) are imported only by the parts that need them.
+The public face of the core; heavy optional libraries (tensorboard, matplotlib) are
+imported only by the parts that need them.
 """
 
 from . import ops
 from .bus import MessageBus, Subscription, UnknownTopicError
 from .config import ConfigError, IkkunaConfig, SubscriberConfig, load_config
+from .context import RunContext
 from .errors import BackendError, IkkunaError, SubscriberError
 from .exporter import Exporter, select_modules
 from .hookspecs import hookimpl
@@ -43,6 +44,7 @@ __all__ = [
     "NetworkMessage",
     "PluginError",
     "PluginRegistry",
+    "RunContext",
     "ScalarsMessage",
     "StepBundle",
     "Subscriber",

@@ -3,7 +3,7 @@ pydantic and read from the ``[ikkuna]`` table of a TOML file.
 
 ```toml
 [ikkuna]
-plugins = ["norms", "histograms"]      # entry-point names; omit to load every installed one
+plugins = ["myplugin"]                  # entry-point names; omit to load every installed plugin
 backends = ["tensorboard"]
 log_dir = "runs/exp1"
 

@@ -193,6 +193,8 @@ class Exporter:
         *,
         bus: MessageBus | None = None,
         publish_in_eval: bool = False,
+        config: Any = None,
+        registry: Any = None,
     ) -> None:
         _check_depth(depth)
         self.depth = depth
@@ -207,8 +209,8 @@ class Exporter:
         self.epoch = 0
         self.batch_index = -1
         self.loss_fn: Callable[..., torch.Tensor] | None = None
-        self.config: Any = None  # the IkkunaConfig when created by watch()
-        self.registry: Any = None  # the PluginRegistry when created by watch()
+        self.config: Any = config  # the IkkunaConfig of a run started by watch()
+        self.registry: Any = registry  # the PluginRegistry of a run started by watch()
         self._on_close: list[Callable[[], None]] = []
         self._module_objs: list[tuple[ModuleInfo, nn.Module]] = []
         self._call_keys: list[list[str]] = []  # per module: key of its n-th call in a forward
@@ -404,6 +406,11 @@ class Exporter:
         self._snapshot.clear()
         self._act_plan = self._lgrad_plan = None
         self._loss_pending = False
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` when the Exporter closes, after the backends (how ``watch``
+        tells plugins that the run finished)."""
+        self._on_close.append(callback)
 
     def __enter__(self) -> Exporter:
         return self

@@ -1,15 +1,19 @@
 """Plugin discovery through the ``ikkuna`` entry-point group, and enabling plugins by name.
 
 Each entry point is loaded on its own, only when it is enabled, so a plugin that is not
-enabled can never break a run, and one that fails is named with its cause. The environment
-variable ``IKKUNA_PLUGINS`` (comma-separated entry-point names) narrows which plugins load;
-``IKKUNA_PLUGINS=""`` loads none — the escape hatch when a plugin breaks start-up.
+enabled can never break a run. One that fails is named with its cause: as an error when it
+was asked for by name, as a :class:`PluginWarning` (and skipped) when it was only enabled
+because every installed plugin is. The environment variable ``IKKUNA_PLUGINS``
+(comma-separated entry-point names) narrows which plugins load; ``IKKUNA_PLUGINS=""`` loads
+none — the escape hatch when a plugin breaks start-up.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import re
+import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -18,6 +22,8 @@ import pluggy
 
 from . import builtin, hookspecs
 from .backends.base import Backend
+from .commands import CORE_COMMANDS, Command, SubscriberFlag
+from .context import RunContext
 from .messages import TopicSpec
 from .subscriber import Subscriber
 
@@ -27,6 +33,7 @@ __all__ = [
     "PluginError",
     "PluginInfo",
     "PluginRegistry",
+    "PluginWarning",
     "installed_entry_points",
     "load_plugins",
 ]
@@ -38,6 +45,10 @@ BUILTIN_NAME = "builtin"
 
 class PluginError(RuntimeError):
     """A plugin could not be loaded or conflicts with another, or a name is unknown."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin nobody asked for by name failed to load and was skipped."""
 
 
 @dataclass
@@ -55,6 +66,8 @@ class PluginInfo:
     subscribers: list[str] = field(default_factory=list)
     backends: list[str] = field(default_factory=list)
     topics: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -93,6 +106,11 @@ class PluginRegistry:
         self.subscribers: dict[str, tuple[type[Subscriber], str]] = {}
         self.backends: dict[str, tuple[type[Backend], str]] = {}
         self.topics: list[TopicSpec] = []
+        self.commands: dict[str, tuple[Command, str]] = {}
+        #: (flag, plugin) in load order.
+        self.flags: list[tuple[SubscriberFlag, str]] = []
+        #: (subscriber entry, plugin) in load order.
+        self.default_subscribers: list[tuple[dict[str, Any], str]] = []
 
     @property
     def hook(self) -> Any:
@@ -119,16 +137,34 @@ class PluginRegistry:
             new_backends = self._check_names(self.backends, backends, name, Backend)
             if not all(isinstance(t, TopicSpec) for t in topics):
                 raise PluginError(f"plugin {name!r}: ikkuna_topics must return TopicSpec objects")
+            commands = self._check_commands(
+                self._collect(plugin, name, hooks, "ikkuna_commands"), name
+            )
+            flags = self._check_flags(
+                self._collect(plugin, name, hooks, "ikkuna_subscriber_flags"),
+                name,
+                set(new_subscribers),
+            )
+            defaults = self._check_defaults(
+                self._collect(plugin, name, hooks, "ikkuna_default_subscribers"),
+                name,
+                set(new_subscribers),
+            )
         except PluginError:
             self.manager.unregister(plugin)
             raise
         self.subscribers.update(new_subscribers)
         self.backends.update(new_backends)
         self.topics.extend(topics)
+        self.commands.update({c.name: (c, name) for c in commands})
+        self.flags.extend((f, name) for f in flags)
+        self.default_subscribers.extend((dict(e), name) for e in defaults)
         info.hooks = sorted(h for h in hooks if h.startswith("ikkuna_"))
         info.subscribers = sorted(new_subscribers)
         info.backends = sorted(new_backends)
         info.topics = [t.name for t in topics]
+        info.commands = [c.name for c in commands]
+        info.flags = [f.option for f in flags]
         info.loaded = True
         self.plugins[name] = info
 
@@ -166,6 +202,86 @@ class PluginRegistry:
             new[name] = (cls, plugin)
         return new
 
+    def _check_commands(self, commands: list[Any], plugin: str) -> list[Command]:
+        seen: set[str] = set()
+        for command in commands:
+            if not isinstance(command, Command):
+                raise PluginError(
+                    f"plugin {plugin!r}: ikkuna_commands returned {command!r}, not a Command"
+                )
+            name = command.name
+            if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
+                raise PluginError(
+                    f"plugin {plugin!r}: command name {name!r} must be lower-case letters, "
+                    "digits and dashes"
+                )
+            if name in CORE_COMMANDS:
+                raise PluginError(f"plugin {plugin!r}: command {name!r} is the core's own")
+            owner = self.commands.get(name)
+            if owner is not None or name in seen:
+                raise PluginError(
+                    f"two plugins provide the command {name!r}: {plugin!r} and "
+                    f"{owner[1] if owner else plugin!r}"
+                )
+            seen.add(name)
+        return commands
+
+    def _check_flags(
+        self, flags: list[Any], plugin: str, own: set[str]
+    ) -> list[SubscriberFlag]:
+        taken = {f.option: p for f, p in self.flags}
+        for flag in flags:
+            if not isinstance(flag, SubscriberFlag):
+                raise PluginError(
+                    f"plugin {plugin!r}: ikkuna_subscriber_flags returned {flag!r}, not a "
+                    "SubscriberFlag"
+                )
+            if not re.fullmatch(r"--[a-z0-9][a-z0-9-]*", flag.option):
+                raise PluginError(
+                    f"plugin {plugin!r}: flag {flag.option!r} must look like --lower-case-words"
+                )
+            if flag.subscriber not in own:
+                raise PluginError(
+                    f"plugin {plugin!r}: flag {flag.option} adds {flag.subscriber!r}, which is "
+                    f"not one of its subscribers ({', '.join(sorted(own)) or 'none'})"
+                )
+            if flag.option in taken:
+                raise PluginError(
+                    f"two plugins provide the flag {flag.option}: {plugin!r} and "
+                    f"{taken[flag.option]!r}"
+                )
+            taken[flag.option] = plugin
+        return flags
+
+    @staticmethod
+    def _check_defaults(entries: list[Any], plugin: str, own: set[str]) -> list[dict[str, Any]]:
+        for entry in entries:
+            if not isinstance(entry, dict) or entry.get("name") not in own:
+                raise PluginError(
+                    f"plugin {plugin!r}: ikkuna_default_subscribers must return entries "
+                    f"{{'name': <one of {sorted(own)}>, **options}}, got {entry!r}"
+                )
+        return entries
+
+    def subscriber_options(
+        self, name: str, options: Mapping[str, Any], context: RunContext
+    ) -> dict[str, Any]:
+        """``options`` of the configured subscriber ``name`` plus what the plugins take for
+        it from ``context`` (the ``ikkuna_subscriber_options`` hook); given options win."""
+        merged = dict(options)
+        try:
+            answers = self.hook.ikkuna_subscriber_options(
+                name=name, options=dict(options), context=context
+            )
+        except Exception as exc:
+            raise PluginError(
+                f"ikkuna_subscriber_options for {name!r} raised {type(exc).__name__}: {exc}"
+            ) from exc
+        for extra in answers:
+            for key, value in (extra or {}).items():
+                merged.setdefault(key, value)
+        return merged
+
     def subscriber(self, name: str) -> type[Subscriber]:
         """The subscriber class called ``name``; unknown names list the available ones."""
         try:
@@ -186,13 +302,17 @@ class PluginRegistry:
             ) from None
 
 
-def load_plugins(names: Iterable[str] | None = None, *, strict: bool = True) -> PluginRegistry:
+def load_plugins(
+    names: Iterable[str] | None = None, *, strict: bool = True, environment: bool = True
+) -> PluginRegistry:
     """Load the built-in plugin and the enabled installed ones.
 
     ``names`` are entry-point names; ``None`` enables every installed plugin. The
-    ``IKKUNA_PLUGINS`` environment variable narrows the selection further. With
-    ``strict=False`` a plugin that fails is recorded in ``registry.plugins`` (with its error)
-    instead of raising, which is what ``ikkuna plugins`` shows.
+    ``IKKUNA_PLUGINS`` environment variable narrows the selection further (unless
+    ``environment=False``). A plugin that fails to load raises :class:`PluginError` when it
+    was asked for by name (in ``names`` or ``IKKUNA_PLUGINS``); otherwise it is skipped with
+    a :class:`PluginWarning` naming the cause. With ``strict=False`` every failure is only
+    recorded in ``registry.plugins`` (with its error), which is what ``ikkuna plugins`` shows.
     """
     registry = PluginRegistry()
     core = PluginInfo(BUILTIN_NAME, "ikkuna-core", _core_version(), "ikkuna_core.builtin")
@@ -206,10 +326,11 @@ def load_plugins(names: Iterable[str] | None = None, *, strict: bool = True) -> 
         if unknown:
             raise PluginError(
                 f"unknown plugin(s) {', '.join(map(repr, unknown))}; installed plugins: "
-                f"{', '.join(sorted(available)) or '(none)'} — install one with "
-                "pip install ikkuna-<name>"
+                f"{', '.join(sorted(available)) or '(none)'}; a plugin is a distribution "
+                "that registers an 'ikkuna' entry point: install it with pip (from a clone of "
+                "Ikkuna: pip install ./plugins/<folder>), then see `ikkuna plugins`"
             )
-    env = _env_selection()
+    env = _env_selection() if environment else None
     for ep in eps:
         info = _describe(ep)
         enabled = (requested is None or ep.name in requested) and (env is None or ep.name in env)
@@ -217,9 +338,11 @@ def load_plugins(names: Iterable[str] | None = None, *, strict: bool = True) -> 
         if not enabled:
             registry.plugins.setdefault(ep.name, info)
             continue
-        if ep.name in registry.plugins and registry.plugins[ep.name].loaded:
-            raise PluginError(f"two installed distributions register the plugin name {ep.name!r}")
         try:
+            if ep.name in registry.plugins and registry.plugins[ep.name].loaded:
+                raise PluginError(
+                    f"two installed distributions register the plugin name {ep.name!r}"
+                )
             try:
                 plugin = ep.load()
             except Exception as exc:
@@ -229,10 +352,14 @@ def load_plugins(names: Iterable[str] | None = None, *, strict: bool = True) -> 
                 ) from exc
             registry.register(plugin, info)
         except PluginError as exc:
-            if strict:
+            named = (requested is not None and ep.name in requested) or env is not None
+            if strict and named:
                 raise
             info.error = str(exc)
-            registry.plugins[ep.name] = info
+            if not (ep.name in registry.plugins and registry.plugins[ep.name].loaded):
+                registry.plugins[ep.name] = info
+            if strict:
+                warnings.warn(f"{exc}; skipped", PluginWarning, stacklevel=2)
     return registry
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from .bus import MessageBus, UnknownTopicError
 from .config import ConfigError, IkkunaConfig, key_path, load_config
+from .context import RunContext
 from .exporter import Exporter, modules_of, select_modules
 from .plugins import PluginError, PluginRegistry, load_plugins
 from .subscriber import Subscriber
@@ -33,11 +34,14 @@ def watch(
     config: str | Path | Mapping[str, Any] | IkkunaConfig | None = None,
     *,
     registry: PluginRegistry | None = None,
+    context: RunContext | None = None,
 ) -> Exporter:
     """Attach an Exporter to ``model`` with the plugins, subscribers and backends of
     ``config`` (a TOML path, a dict with the keys of the ``[ikkuna]`` table, or an
     :class:`IkkunaConfig`). Use ``exporter.loss_fn`` as the loss when ``loss_fn`` is a plain
-    function; an ``nn.Module`` loss is watched in place.
+    function; an ``nn.Module`` loss is watched in place. ``context`` is what your run
+    provides to the subscribers (a :class:`RunContext`: its test loader, say); the plugins
+    take from it what their subscribers need.
 
     All or nothing: the configuration and the log directory are validated before anything
     is attached or written (a :class:`ConfigError` naming the key), and if a later step fails
@@ -73,13 +77,18 @@ def watch(
             "include classes the model has"
         )
 
+    run_context = context if context is not None else RunContext()
     for i, entry in enumerate(cfg.subscribers):
         where = f"{source}: ikkuna.subscribers[{i}]"
         try:
             cls = registry.subscriber(entry.name)
         except PluginError as exc:
             raise ConfigError(f"{where}.name: {exc}") from None
-        subscriber = _make_subscriber(cls, entry.options, source, i)
+        try:
+            options = registry.subscriber_options(entry.name, entry.options, run_context)
+        except PluginError as exc:
+            raise ConfigError(f"{where} ({entry.name!r}): {exc}") from None
+        subscriber = _make_subscriber(cls, options, source, i)
         if not subscriber.options.topics:
             raise ConfigError(
                 f"{where}.topics: subscriber {entry.name!r} has no default topics; list the "
@@ -113,21 +122,28 @@ def watch(
     _check_log_dir(cfg.log_dir, f"{source}: ikkuna.log_dir")
 
     # ---- attach: any failure from here on undoes everything attached so far
-    exporter = Exporter(cfg.depth, include, bus=bus, publish_in_eval=cfg.publish_in_eval)
+    exporter = Exporter(
+        cfg.depth,
+        include,
+        bus=bus,
+        publish_in_eval=cfg.publish_in_eval,
+        config=cfg,
+        registry=registry,
+    )
     try:
         exporter.set_model(model)
         if loss_fn is not None:
             exporter.set_loss(loss_fn)
+        module_types = {key: info.type for key, info in exporter.modules.items()}
         for name, backend_cls in zip(cfg.backends, backend_classes, strict=True):
             options = cfg.backend_options.get(name, {})
             try:
                 backend = backend_cls(log_dir=cfg.log_dir, **options)
             except ValueError as exc:  # an option of the right name with a wrong value
                 raise ConfigError(f"{source}: ikkuna.backend_options.{name}: {exc}") from None
+            backend.describe_modules(module_types)
             bus.add_backend(backend)
-        exporter.config = cfg
-        exporter.registry = registry
-        exporter._on_close.append(lambda: registry.hook.ikkuna_run_finished(exporter=exporter))
+        exporter.on_close(lambda: registry.hook.ikkuna_run_finished(exporter=exporter))
         registry.hook.ikkuna_run_started(exporter=exporter)
     except BaseException as exc:
         _undo(exporter, exc)

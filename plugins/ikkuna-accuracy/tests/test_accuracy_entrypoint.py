@@ -29,6 +29,68 @@ def test_entry_point_is_installed_and_loads_by_name() -> None:
     assert registry.subscriber("loss") is Loss
 
 
+def test_hooks_give_flags_defaults_and_the_runs_test_loader() -> None:
+    registry = ikkuna_core.load_plugins(["accuracy"])
+    assert [(f.option, f.subscriber, p) for f, p in registry.flags] == [
+        ("--train-accuracy", "train_accuracy", "accuracy"),
+        ("--test-accuracy", "test_accuracy", "accuracy"),
+    ]
+    assert [e for e, _ in registry.default_subscribers] == [
+        {"name": "loss"}, {"name": "train_accuracy"}, {"name": "test_accuracy", "subsample": 10}
+    ]
+    loader = [(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))]
+    context = ikkuna_core.RunContext(test_loader=loader)
+    assert registry.subscriber_options("test_accuracy", {}, context) == {"loader": loader}
+    own = [(torch.ones(1, 2), torch.ones(1, dtype=torch.long))]
+    assert registry.subscriber_options("test_accuracy", {"loader": own}, context) == {
+        "loader": own
+    }  # what the configuration says wins
+    assert registry.subscriber_options("test_accuracy", {"dataset": "digits"}, context) == {
+        "dataset": "digits"
+    }
+    assert registry.subscriber_options("loss", {}, context) == {}
+
+
+def test_test_accuracy_evaluates_the_runs_test_loader(tmp_path: Path) -> None:
+    """No `loader`, no `dataset`: the loader comes from the run, through watch()'s context."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(1)
+    x_test, y_test = torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
+    loader = [(x_test[i : i + 10], y_test[i : i + 10]) for i in range(0, 40, 10)]
+    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+    config = {
+        "plugins": ["accuracy"],
+        "backends": [],
+        "on_error": "raise",
+        "subscribers": [{"name": "test_accuracy", "subsample": 2}],
+    }
+    with pytest.raises(ikkuna_core.ConfigError, match="needs held-out data"):
+        ikkuna_core.watch(model, nn.CrossEntropyLoss(), config=config)  # no context
+
+    exporter = ikkuna_core.watch(
+        model, nn.CrossEntropyLoss(), config=config,
+        context=ikkuna_core.RunContext(test_loader=loader),
+    )
+    (subscriber,) = exporter.bus.subscribers
+    assert subscriber.options.loader is loader
+    from ikkuna_core.testing import MemoryBackend
+
+    backend = exporter.bus.add_backend(MemoryBackend())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    expected = {}
+    for step in range(4):
+        optimizer.zero_grad()
+        exporter.loss_fn(model(x), y).backward()
+        optimizer.step()
+        if step % 2 == 0:
+            with torch.no_grad():
+                expected[step] = float((model(x_test).argmax(1) == y_test).float().mean())
+    exporter.close()
+    written = {r.step: r.value for r in backend.scalars if r.tag == "test_accuracy"}
+    assert written == pytest.approx(expected)
+
+
 def test_a_loader_cannot_come_from_a_configuration_file(tmp_path: Path) -> None:
     config = tmp_path / "run.toml"
     config.write_text(
@@ -65,7 +127,7 @@ subsample = 2
 
 
 def test_toml_run_writes_accuracies_and_losses(tmp_path: Path) -> None:
-    from ikkuna_core.data import load_dataset
+    from ikkuna_train.data import load_dataset
 
     log_dir = tmp_path / "run"
     config = tmp_path / "ikkuna.toml"

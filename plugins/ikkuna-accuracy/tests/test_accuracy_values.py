@@ -4,6 +4,7 @@ independently (own forward hooks, a hook-free copy of the model) during real SGD
 from __future__ import annotations
 
 import collections
+import sys
 
 import numpy as np
 import pytest
@@ -200,7 +201,7 @@ def test_test_accuracy_max_batches_and_top_k() -> None:
 
 
 def test_test_accuracy_resolves_a_dataset_lazily() -> None:
-    from ikkuna_core.data import load_dataset
+    from ikkuna_train.data import load_dataset
 
     sub = TestAccuracy(dataset="digits", image_size=8, batch_size=64, max_batches=3, subsample=3)
     assert sub._dataset_loader is None  # nothing loaded before the first evaluation
@@ -227,9 +228,9 @@ def test_test_accuracy_options() -> None:
     assert TestAccuracy(loader=loader).options.subsample == 100
     assert TestAccuracy(loader=loader).options.topics == ["batch_finished"]
     assert "loader" not in TestAccuracy(loader=loader).options.model_dump()
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="needs held-out data: a `loader`.*RunContext"):
         TestAccuracy()
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="`loader` or `dataset`, not both"):
         TestAccuracy(loader=loader, dataset="digits")
     with pytest.raises(ValueError, match="(?i)unknown dataset"):
         TestAccuracy(dataset="imagenet-42")
@@ -268,3 +269,13 @@ def test_loss_and_running_mean(window: int, subsample: int) -> None:
     assert Loss().options.window == 50
     with pytest.raises(ValueError):
         Loss(window=0)
+
+
+def test_dataset_names_need_ikkuna_train(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dataset` is a soft dependency on ikkuna-train: without it the error says so."""
+    monkeypatch.setitem(sys.modules, "ikkuna_train", None)  # import raises ImportError
+    monkeypatch.delitem(sys.modules, "ikkuna_train.data", raising=False)
+    with pytest.raises(ValueError, match=r"`dataset` option needs the ikkuna-train distribution"):
+        TestAccuracy(dataset="digits")
+    loader = [(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))]
+    assert TestAccuracy(loader=loader).loader is loader  # a loader needs nothing else

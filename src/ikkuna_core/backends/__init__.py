@@ -4,7 +4,8 @@ Built in: ``tensorboard`` (event files) and ``matplotlib`` (PNG figures). Each i
 library only when it is constructed, so ``import ikkuna_core`` stays light.
 
 Tag naming: a metric's tag is its topic, followed by the module key for per-module metrics:
-``norm/weight_gradients/layer1.0.conv1``, ``train_accuracy``, ``loss/loss/running_mean``.
+``max_abs/weight_gradients/layer1.0.conv1`` (a subscriber ``max_abs`` of the topic
+``weight_gradients``, module ``layer1.0.conv1``), ``my_metric``, ``my_metric/top5``.
 """
 
 from .base import Backend, HistogramRecord, ScalarRecord

@@ -4,7 +4,7 @@ host, written in batches at each flush."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -55,6 +55,10 @@ class Backend(ABC):
 
     def write_text(self, tag: str, text: str, step: int) -> None:  # noqa: B027
         """Record a piece of text (Markdown); backends that cannot show text ignore it."""
+
+    def describe_modules(self, modules: Mapping[str, str]) -> None:  # noqa: B027
+        """Told the class name of every watched module by key (``{"layer1.0.conv1":
+        "Conv2d"}``) once the model is known, to label figures; optional."""
 
     def flush(self) -> None:  # noqa: B027 - optional for backends that buffer nothing
         """Make what was written so far durable."""

@@ -1,9 +1,13 @@
 """matplotlib backend: PNG figures written headless (Agg), one per metric topic, redrawn as
 training goes.
 
-Scalars: ``<topic>.png`` with one line per module. Histograms: ``<topic>.png`` with one
-"colorful dimension" panel per module (training step on x, value on y, colour = log count),
-so a glance shows how a distribution drifts, saturates or dies over the run.
+Scalars: ``<topic>.png`` with one line per module (coloured along viridis in model order,
+with a colour bar instead of a legend when there are many) or per key (``train`` blue,
+``test`` orange); sparse series get markers, so a single point is visible. Histograms:
+``<topic>.png`` with one "colorful dimension" panel per module (training step on x, value on
+y, colour = log count), so a glance shows how a distribution drifts, saturates or dies over
+the run. Modules are labelled with their class, ``layer1.0.conv1 (Conv2d)``, once
+:meth:`MatplotlibBackend.describe_modules` has told the backend the classes.
 
 Memory is bounded whatever the run's length: each tag keeps at most ``max_points`` scalar
 points and ``max_columns`` histogram columns. When a tag's store is full, neighbours are
@@ -17,22 +21,38 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 import numpy as np
 from pydantic import Field
 
 from .base import Backend, HistogramRecord, ScalarRecord
 
-__all__ = ["MatplotlibBackend", "colorful_dimension", "figure_path"]
+__all__ = ["MatplotlibBackend", "colorful_dimension", "figure_path", "series_color"]
 
 _MAX_LEGEND = 12
 _IMAGE_BINS = 64
 #: A scalar series with at most this many points is drawn with markers, so that a sparse
 #: series (a test accuracy every few hundred steps, a single point) is visible.
-_MARKER_POINTS = 60
+_MARKER_POINTS = 30
+
+
+def series_color(key: str, index: int, count: int, per_module: bool) -> Any:
+    """The colour of line ``index`` of ``count`` in one plot: modules along viridis in
+    model order; otherwise ``train`` blue, ``test`` orange, the rest from tab10. Shared by
+    the figures and dashboards, so a metric looks the same everywhere."""
+    from matplotlib import colormaps
+
+    if per_module:
+        return colormaps["viridis"](0.9 * index / max(count - 1, 1)) if count > 1 else "tab:blue"
+    last = key.rsplit("/", 1)[-1].lower()
+    if "train" in last:
+        return "tab:blue"
+    if "test" in last:
+        return "tab:orange"
+    return ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")[index % 5]
 
 
 def figure_path(log_dir: str | Path, topic: str) -> Path:
@@ -77,6 +97,7 @@ class MatplotlibBackend(Backend):
         self._dirty: set[str] = set()
         self._last_draw = 0
         self._last_step = 0
+        self._module_types: dict[str, str] = {}
 
     def write_scalars(self, records: Sequence[ScalarRecord]) -> None:
         for r in records:
@@ -141,35 +162,67 @@ class MatplotlibBackend(Backend):
         self._last_draw = self._last_step
         return written
 
-    def _scalar_figure(self, topic: str) -> object:
+    def describe_modules(self, modules: Mapping[str, str]) -> None:
+        self._module_types = dict(modules)
+
+    def _in_model_order(self, keys: Mapping[str, object]) -> list[str]:
+        """Modules in the model's order (results arrive in backward order), others after."""
+        order = {key: i for i, key in enumerate(self._module_types)}
+        return sorted(keys, key=lambda k: order.get(k, len(order)))
+
+    def _label(self, key: str) -> str:
+        kind = self._module_types.get(key)
+        return f"{key} ({kind})" if kind else key
+
+    def figure(self, topic: str) -> Any:
+        """The matplotlib Figure of ``topic`` as :meth:`draw` saves it (close it with
+        ``matplotlib.pyplot.close`` when done)."""
+        if topic in self._scalars:
+            return self._scalar_figure(topic)
+        if topic in self._hists:
+            return self._histogram_figure(topic)
+        raise KeyError(f"nothing recorded for topic {topic!r}")
+
+    def _scalar_figure(self, topic: str) -> Any:
         plt = self._plt
         series = self._scalars[topic]
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-        cmap = plt.get_cmap("viridis")
         n = len(series)
-        for i, key in enumerate(series):
+        per_module = any(key in self._module_types for key in series)
+        for i, key in enumerate(self._in_model_order(series)):
             steps, means, lows, highs = self.scalar_points(topic, key)
-            color = cmap(i / max(n - 1, 1)) if n > 1 else "tab:blue"
+            color = series_color(key, i, n, per_module)
             sparse = series[key].width == 1 and len(steps) <= _MARKER_POINTS
             marker = "o" if sparse else None
-            ax.plot(steps, means, label=key, color=color, linewidth=1.2, marker=marker, ms=3)
+            ax.plot(steps, means, label=self._label(key), color=color, linewidth=1.2,
+                    marker=marker, ms=4)
             if series[key].width > 1:  # merged points: show the range they stand for
                 ax.fill_between(steps, lows, highs, color=color, alpha=0.2, linewidth=0)
         ax.set_title(topic)
         ax.set_xlabel("training step")
+        # per module: the metric's name (``max_abs`` of ``max_abs/weights``); per key: the last
+        # part (``error`` of ``epoch/error``)
+        ax.set_ylabel(topic.split("/")[0] if per_module else topic.rsplit("/", 1)[-1])
         ax.grid(alpha=0.3)
-        if 1 < n <= _MAX_LEGEND:
-            ax.legend(fontsize="small", loc="best")
+        if n > _MAX_LEGEND and per_module:
+            bar = fig.colorbar(
+                plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, (n - 1) / 0.9)),
+                ax=ax,
+                pad=0.01,
+            )
+            bar.set_label(f"module, in model order ({n})")
+        elif n > 1 or next(iter(series)) != topic:
+            ax.legend(fontsize="small", loc="best", ncols=1 if n <= _MAX_LEGEND else 2)
         return fig
 
-    def _histogram_figure(self, topic: str) -> object:
+    def _histogram_figure(self, topic: str) -> Any:
         plt = self._plt
         series = self._hists[topic]
         n = len(series)
         cols = min(n, 4)
         rows = math.ceil(n / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), dpi=90, squeeze=False)
-        for ax, key in zip(axes.flat, series, strict=False):
+        for ax, key in zip(axes.flat, self._in_model_order(series), strict=False):
             image, bounds, lo, hi = self.histogram_image(topic, key)
             ax.pcolormesh(
                 bounds,
@@ -178,8 +231,9 @@ class MatplotlibBackend(Backend):
                 cmap="magma",
                 shading="flat",
             )
-            ax.set_title(key, fontsize="small")
-            ax.set_xlabel("step", fontsize="small")
+            ax.set_title(self._label(key), fontsize="small")
+            ax.set_xlabel("training step", fontsize="small")
+            ax.set_ylabel("value", fontsize="small")
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
         fig.suptitle(topic)

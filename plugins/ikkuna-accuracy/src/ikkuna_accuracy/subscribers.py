@@ -135,14 +135,16 @@ class TestAccuracyOptions(SubscriberOptions):
         default=None,
         exclude=True,
         description="(Python only) any re-iterable of (inputs, labels) batches, e.g. a "
-        "DataLoader; give it or `dataset`",
+        "DataLoader; without it and `dataset`, the run's test loader (RunContext) is used",
     )
     dataset: str | None = Field(
-        default=None, description="name of an ikkuna_core.data dataset whose test split is used"
+        default=None,
+        description="name of an ikkuna-train dataset whose test split is used (needs the "
+        "ikkuna-train distribution)",
     )
     batch_size: int = Field(default=256, ge=1, description="batch size for `dataset`")
     data_dir: str = Field(default="data", description="where `dataset`'s files are")
-    download: bool = Field(default=True, description="download `dataset` when it is missing")
+    download: bool = Field(default=False, description="download `dataset` when it is missing")
     image_size: int | None = Field(
         default=None, ge=1, description="resize `dataset`'s images (as the training data was)"
     )
@@ -172,16 +174,34 @@ class TestAccuracyOptions(SubscriberOptions):
     @classmethod
     def _known_dataset(cls, value: str | None) -> str | None:
         if value is not None:
-            from ikkuna_core.data import dataset_info
-
-            value = dataset_info(value).name  # raises ValueError for unknown names
+            value = _train_data().dataset_info(value).name  # ValueError for unknown names
         return value
 
     @model_validator(mode="after")
     def _one_source(self) -> TestAccuracyOptions:
-        if (self.loader is None) == (self.dataset is None):
-            raise ValueError("test_accuracy needs exactly one of `loader` and `dataset`")
+        if self.loader is not None and self.dataset is not None:
+            raise ValueError("test_accuracy takes `loader` or `dataset`, not both")
+        if self.loader is None and self.dataset is None:
+            raise ValueError(
+                "test_accuracy needs held-out data: a `loader` (from Python), a `dataset` "
+                "name (needs ikkuna-train), or a run that provides its test loader "
+                "(`ikkuna train` does; in Python: ikkuna_core.watch(..., "
+                "context=ikkuna_core.RunContext(test_loader=...)))"
+            )
         return self
+
+
+def _train_data() -> Any:
+    """``ikkuna_train.data``, where the ``dataset`` names come from: a soft dependency."""
+    try:
+        import ikkuna_train.data
+    except ImportError as exc:
+        raise ValueError(
+            f"test_accuracy's `dataset` option needs the ikkuna-train distribution, which "
+            f"cannot be imported ({exc}); install it (from a clone of Ikkuna: pip install "
+            "./plugins/ikkuna-train), or give a `loader` instead"
+        ) from None
+    return ikkuna_train.data
 
 
 class TestAccuracy(_AccuracyNaming):
@@ -203,17 +223,15 @@ class TestAccuracy(_AccuracyNaming):
 
     @property
     def loader(self) -> Iterable[Any]:
-        """The held-out batches: the ``loader`` option, or ``dataset``'s test split, loaded
-        the first time it is needed."""
+        """The held-out batches: the ``loader`` option (or the run's test loader), or
+        ``dataset``'s test split, loaded the first time it is needed."""
         if self.options.loader is not None:
             return self.options.loader  # type: ignore[no-any-return]
         if self._dataset_loader is None:
             from torch.utils.data import DataLoader
 
-            from ikkuna_core.data import load_dataset
-
             assert self.options.dataset is not None
-            test_set = load_dataset(
+            test_set = _train_data().load_dataset(
                 self.options.dataset,
                 train=False,
                 data_dir=self.options.data_dir,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ikkuna_core import Subscriber, hookimpl
+from ikkuna_core.commands import SubscriberFlag
 
 from .subscribers import DeadFraction, Histogram
 
@@ -10,3 +13,13 @@ from .subscribers import DeadFraction, Histogram
 @hookimpl
 def ikkuna_subscribers() -> list[type[Subscriber]]:
     return [Histogram, DeadFraction]
+
+
+@hookimpl
+def ikkuna_subscriber_flags() -> list[SubscriberFlag]:
+    return [SubscriberFlag("--histogram", "histogram", "histogram of every layer's activations")]
+
+
+@hookimpl
+def ikkuna_default_subscribers() -> list[dict[str, Any]]:
+    return [{"name": "histogram", "topics": ["activations"]}, {"name": "dead_fraction"}]

@@ -1,11 +1,17 @@
-"""A real plugin for the core's tests: one subscriber, one backend, one topic, run hooks."""
+"""A real plugin for the core's tests: one subscriber, one backend, one topic, a command, a
+flag, default subscribers, run hooks (every hook of ikkuna_core.hookspecs)."""
 
 from __future__ import annotations
+
+import argparse
+from typing import Any
 
 import torch
 from pydantic import Field
 
 import ikkuna_core as ik
+from ikkuna_core.commands import CLIError, Command, SubscriberFlag
+from ikkuna_core.plugins import PluginRegistry
 from ikkuna_core.testing import MemoryBackend
 
 CALLS: list[str] = []
@@ -45,6 +51,45 @@ def ikkuna_backends() -> list[type]:
 @ik.hookimpl
 def ikkuna_topics() -> list[ik.TopicSpec]:
     return [ik.TopicSpec(name="curvature", kind="module", doc="test topic")]
+
+
+def _configure_hello(parser: argparse.ArgumentParser, registry: PluginRegistry) -> None:
+    parser.add_argument("who", help="whom to greet")
+    parser.add_argument("--times", type=int, default=1)
+
+
+def _hello(args: argparse.Namespace) -> int:
+    if args.times < 1:
+        raise CLIError(f"--times must be >= 1, got {args.times}")
+    for _ in range(args.times):
+        print(f"hello {args.who}")
+    return 0
+
+
+@ik.hookimpl
+def ikkuna_commands() -> list[Command]:
+    return [Command("hello", "greet someone (a test plugin's command)", _configure_hello, _hello)]
+
+
+@ik.hookimpl
+def ikkuna_subscriber_flags() -> list[SubscriberFlag]:
+    return [SubscriberFlag("--scaled-mean", "scaled_mean", "mean of the weights, times 2",
+                           {"topics": ["weights"], "scale": 2.0})]
+
+
+@ik.hookimpl
+def ikkuna_default_subscribers() -> list[dict[str, Any]]:
+    return [{"name": "scaled_mean", "topics": ["weights"]}]
+
+
+@ik.hookimpl
+def ikkuna_subscriber_options(
+    name: str, options: dict[str, Any], context: ik.RunContext
+) -> dict[str, Any] | None:
+    """scaled_mean without a `scale` scales by the number of test batches the run has."""
+    if name != "scaled_mean" or "scale" in options or context.test_loader is None:
+        return None
+    return {"scale": float(len(list(context.test_loader)))}
 
 
 @ik.hookimpl

@@ -7,11 +7,14 @@ reservoir sampling). Panels, in order:
 2. **Accuracy**: every scalar tag containing ``accuracy``,
 3. one panel per per-layer metric (``norm/weight_gradients``, ``ratio/weight_updates/weights``,
    ...) with one line per layer, coloured along a colormap in model order,
-4. one "colorful dimension" image per histogram tag (training step on x, value on y,
-   colour = log count), so a glance shows distributions drifting, saturating or dying.
+4. "colorful dimension" images of histogram tags (training step on x, value on y,
+   colour = log count), so a glance shows distributions drifting, saturating or dying; at
+   most :data:`MAX_HISTOGRAM_PANELS`, shared among the histogram topics and spread evenly
+   over each one's modules in model order (first to last layer).
 
 Tags are ``<topic>`` or ``<topic>/<key>``; tags that share everything up to their last
-``/`` form one panel whose lines are the keys.
+``/`` form one panel whose lines are the keys. The dashboard is written as PNG, JPEG, PDF or
+SVG, after the output's suffix.
 
 matplotlib and tensorboard are imported only when a report is made.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +32,30 @@ from typing import Any
 
 import numpy as np
 
-from .backends.matplotlib import colorful_dimension
+from ikkuna_core.backends.matplotlib import colorful_dimension, series_color
 
-__all__ = ["ReportError", "RunLogs", "find_run_dir", "load_run", "make_report", "render_dashboard"]
+__all__ = [
+    "FORMATS",
+    "ReportError",
+    "RunLogs",
+    "check_output",
+    "find_run_dir",
+    "load_run",
+    "make_report",
+    "render_dashboard",
+]
 
 EVENT_GLOB = "events.out.tfevents.*"
 #: At most this many histogram images are drawn; the rest are named in the footer.
 MAX_HISTOGRAM_PANELS = 12
+#: Output suffixes and the image format written for each.
+FORMATS: dict[str, str] = {
+    ".png": "png",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".pdf": "pdf",
+    ".svg": "svg",
+}
 _COLUMNS = 3
 
 
@@ -204,7 +225,7 @@ def _title(logs: RunLogs) -> tuple[str, str]:
         return f"Ikkuna run {logs.log_dir}", ""
     head = f"{hp.get('model', '?')} on {hp.get('dataset', '?')}"
     bits = [
-        f"{meta.get('steps', '?')} steps, {meta.get('epochs', '?')} epochs",
+        f"{_count(meta.get('steps'), 'step')}, {_count(meta.get('epochs'), 'epoch')}",
         f"{hp.get('optimizer', '?')} lr={hp.get('lr', '?')}",
         f"batch {hp.get('batch_size', '?')}",
         f"seed {hp.get('seed', '?')}",
@@ -217,17 +238,87 @@ def _title(logs: RunLogs) -> tuple[str, str]:
     return head, "   ·   ".join(bits)
 
 
+def _count(n: Any, word: str) -> str:
+    """``1 step``, ``12 steps``, ``? steps``."""
+    return f"{n} {word}" if n == 1 else f"{'?' if n is None else n} {word}s"
+
+
+def _module_order(logs: RunLogs) -> dict[str, int]:
+    modules = logs.meta.get("modules")
+    return {key: i for i, key in enumerate(modules)} if isinstance(modules, dict) else {}
+
+
+def pick_histograms(logs: RunLogs, limit: int = MAX_HISTOGRAM_PANELS) -> list[str]:
+    """At most ``limit`` histogram tags: the slots shared evenly among the histogram topics,
+    each topic's spread evenly over its modules in model order, first and last included
+    (a model's depth, not the first names in alphabetical order)."""
+    order = _module_order(logs)
+    topics: dict[str, list[str]] = {}
+    for tag in logs.histograms:
+        topics.setdefault(tag.rpartition("/")[0], []).append(tag)
+    for tags in topics.values():
+        tags.sort(key=lambda t: (order.get(t.rpartition("/")[2], len(order)), _natural(t)))
+    names = sorted(topics, key=_natural)
+    quota = dict.fromkeys(names, 0)
+    left = min(limit, len(logs.histograms))
+    while left:
+        for name in names:
+            if left and quota[name] < len(topics[name]):
+                quota[name] += 1
+                left -= 1
+    chosen = []
+    for name in names:
+        tags, k = topics[name], quota[name]
+        if k:
+            spread = {round(j * (len(tags) - 1) / max(k - 1, 1)) for j in range(k)}
+            chosen += [tags[i] for i in sorted(spread)]
+    return chosen
+
+
+def check_output(out: str | Path) -> Path:
+    """Check, before anything is drawn, that the dashboard can be written to ``out``: a
+    known suffix (:data:`FORMATS`) and a writable directory. Raises :class:`ReportError`;
+    leaves nothing behind."""
+    path = Path(out)
+    if path.suffix.lower() not in FORMATS:
+        raise ReportError(
+            f"cannot write a dashboard to {path}: unknown image type "
+            f"{path.suffix or '(no suffix)'!r}; end the name in one of {', '.join(FORMATS)}"
+        )
+    if path.is_dir():
+        raise ReportError(
+            f"{path} is a directory; give the file to write, e.g. {path / 'dashboard.png'}"
+        )
+    folder = path.parent
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]  # innermost first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ReportError(f"cannot write {path} ({exc.strerror or exc})") from None
+    finally:
+        for created in missing:
+            try:
+                created.rmdir()
+            except OSError:
+                break
+    return path
+
+
 def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
-    """Draw the dashboard of ``logs`` into the PNG ``out`` (written atomically)."""
+    """Draw the dashboard of ``logs`` into ``out`` (written atomically), as PNG, JPEG, PDF
+    or SVG after its suffix."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
     from matplotlib import colormaps
 
+    path = check_output(out)
     panels = _scalar_panels(list(logs.scalars))
-    hist_tags = sorted(logs.histograms, key=_natural)
-    shown_hists = hist_tags[:MAX_HISTOGRAM_PANELS]
+    hist_tags = list(logs.histograms)
+    shown_hists = pick_histograms(logs)
     n = len(panels) + len(shown_hists)
     cols = min(_COLUMNS, max(n, 1))
     rows = max(math.ceil(n / cols), 1)
@@ -251,10 +342,7 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
             points = logs.scalars[tag]
             steps = np.array([p[0] for p in points])
             values = np.array([p[1] for p in points], dtype=np.float64)
-            if panel.kind == "layers":
-                color = cmap(0.9 * i / max(many - 1, 1)) if many > 1 else "tab:blue"
-            else:
-                color = _split_color(tag, i)
+            color = series_color(tag, i, many, panel.kind == "layers")
             if panel.kind != "layers" and tag.startswith("final/"):
                 ax.plot(
                     steps,
@@ -297,7 +385,7 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
         if many <= 12:
             ax.legend(fontsize=7, loc="best", framealpha=0.8)
         else:
-            sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, many - 1))
+            sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, (many - 1) / 0.9))
             bar = fig.colorbar(sm, ax=ax, pad=0.01)
             bar.set_label("layer (model order)", fontsize=7)
             bar.ax.tick_params(labelsize=6)
@@ -336,23 +424,12 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
     fig.text(0.5, 0.06 / height, footer, ha="center", va="bottom", fontsize=8, color="0.4")
     fig.tight_layout(rect=(0, 0.3 / height, 1, 1 - 0.8 / height), h_pad=1.5)
 
-    path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", facecolor="white")
+    fig.savefig(tmp, format=FORMATS[path.suffix.lower()], facecolor="white")
     plt.close(fig)
     tmp.replace(path)
     return path
-
-
-def _split_color(tag: str, index: int) -> Any:
-    """Train lines blue, test lines orange, anything else from the rest of tab10."""
-    last = tag.rsplit("/", 1)[-1].lower()
-    if "train" in last or tag.lower().startswith("train"):
-        return "tab:blue"
-    if "test" in last or tag.lower().startswith("test"):
-        return "tab:orange"
-    return ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")[index % 5]
 
 
 def _positive(logs: RunLogs, panel: _Panel) -> bool:

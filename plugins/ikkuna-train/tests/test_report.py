@@ -1,4 +1,4 @@
-"""Tests for ikkuna_core.report: reading TensorBoard logs back and drawing the dashboard.
+"""Tests for ikkuna_train.report: reading TensorBoard logs back and drawing the dashboard.
 
 The logs here are written directly with ``SummaryWriter``, independent of the Trainer, so
 every value the report reads back is known."""
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ikkuna_core.backends.matplotlib import colorful_dimension
-from ikkuna_core.report import (
+from ikkuna_train.report import (
     MAX_HISTOGRAM_PANELS,
     ReportError,
     _scalar_panels,
@@ -165,7 +165,7 @@ def test_histogram_panels_are_capped(tmp_path: Path) -> None:
 
 
 def test_colorful_dimension_keeps_each_steps_mass() -> None:
-    from ikkuna_core.report import Histogram
+    from ikkuna_train.report import Histogram
 
     hists = [
         Histogram(0, np.array([0.0, 1.0, 2.0]), np.array([3.0, 1.0])),
@@ -215,3 +215,57 @@ def test_event_file_without_metrics(tmp_path: Path) -> None:
     writer.close()
     with pytest.raises(ReportError, match="hold no scalars or histograms"):
         make_report(tmp_path)
+
+
+def _logs_with_histograms(tags: list[str], modules: list[str] | None = None):
+    from ikkuna_train.report import Histogram, RunLogs
+
+    one = [Histogram(0, np.array([0.0, 1.0]), np.array([1.0]))]
+    meta = {"modules": dict.fromkeys(modules, "Conv2d")} if modules else {}
+    return RunLogs(log_dir=Path("."), histograms=dict.fromkeys(tags, one), meta=meta)
+
+
+def test_histogram_panels_spread_over_the_models_depth() -> None:
+    from ikkuna_train.report import pick_histograms
+
+    # 30 modules in model order; alphabetically "layer10" would come before "layer2"
+    modules = [f"layer{i}" for i in range(30)]
+    logs = _logs_with_histograms([f"histogram/activations/{m}" for m in sorted(modules)],
+                                 modules)
+    chosen = [t.rsplit("/", 1)[1] for t in pick_histograms(logs, limit=6)]
+    assert chosen == ["layer0", "layer6", "layer12", "layer17", "layer23", "layer29"]
+
+    # two topics share the slots; a topic with fewer modules than its share gives the rest
+    tags = [f"histogram/activations/{m}" for m in modules] + ["histogram/weights/layer0"]
+    chosen = pick_histograms(_logs_with_histograms(tags, modules), limit=4)
+    assert chosen == [
+        "histogram/activations/layer0",
+        "histogram/activations/layer14",
+        "histogram/activations/layer29",
+        "histogram/weights/layer0",
+    ]
+    # without run.json, natural order (net.2 before net.10)
+    logs = _logs_with_histograms([f"h/a/net.{i}" for i in (10, 2, 1)])
+    assert pick_histograms(logs, limit=2) == ["h/a/net.1", "h/a/net.10"]
+
+
+def test_title_counts_steps_and_epochs_in_words(tmp_path: Path) -> None:
+    from ikkuna_train.report import RunLogs, _title
+
+    meta = {"hparams": {"model": "VGG", "dataset": "MNIST"}, "steps": 1, "epochs": 1}
+    assert _title(RunLogs(log_dir=tmp_path, meta=meta))[1].startswith("1 step, 1 epoch   ")
+    meta = {**meta, "steps": 12, "epochs": 2}
+    assert _title(RunLogs(log_dir=tmp_path, meta=meta))[1].startswith("12 steps, 2 epochs   ")
+
+
+def test_report_formats_follow_the_suffix(tmp_path: Path) -> None:
+    from PIL import Image
+
+    write_run(tmp_path / "run")
+    out = make_report(tmp_path / "run", tmp_path / "dash.jpeg")
+    with Image.open(out) as image:
+        assert image.format == "JPEG"
+    assert make_report(tmp_path / "run", tmp_path / "dash.pdf").read_bytes()[:5] == b"%PDF-"
+    with pytest.raises(ReportError, match=r"unknown image type '.gif'; end the name in one of"):
+        make_report(tmp_path / "run", tmp_path / "dash.gif")
+    assert not (tmp_path / "dash.gif").exists()

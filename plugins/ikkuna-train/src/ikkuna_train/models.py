@@ -5,8 +5,9 @@ for 28x28 (MNIST-like, usually one channel) and 32x32 (CIFAR-like, usually three
 inputs. Adaptive pooling before the classifier heads lets every convolutional model handle
 both sizes without changing its layer definitions.
 
-Use :func:`get_model` to build a model by name (case-insensitive) and :func:`init_weights` to
-re-initialise its parameters with a named scheme.
+Use :func:`get_model` to build a model by name (case-insensitive; the thesis's names in
+:data:`ALIASES` are accepted too) and :func:`init_weights` to re-initialise its parameters
+with a named scheme.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "ALIASES",
     "MODELS",
     "VGG",
     "AlexNetMini",
@@ -26,6 +28,7 @@ __all__ = [
     "ResNet",
     "ThreeC3D",
     "get_model",
+    "canonical_model_name",
     "init_weights",
     "resnet18",
     "resnet34",
@@ -347,21 +350,38 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+#: Other names for models of :data:`MODELS`: the thesis's class names (its ``ResNet`` is the
+#: ResNet-18) and this module's class names.
+ALIASES: dict[str, str] = {
+    "ResNet": "ResNet18",
+    "FullyConnectedModel": "FullyConnected",
+    "ThreeC3D": "3c3d",
+}
+
+
+def canonical_model_name(name: str) -> str | None:
+    """The key of :data:`MODELS` that ``name`` (case-insensitive, or an alias) means, or
+    None."""
+    lookup = {key.lower(): key for key in MODELS}
+    lookup.update({alias.lower(): key for alias, key in ALIASES.items()})
+    return lookup.get(str(name).lower())
+
+
 def get_model(
     name: str,
     input_shape: Shape = DEFAULT_INPUT_SHAPE,
     num_classes: int = 10,
     **kwargs: object,
 ) -> nn.Module:
-    """Build the model registered as ``name`` (case-insensitive) in :data:`MODELS`.
+    """Build the model registered as ``name`` (case-insensitive, or one of :data:`ALIASES`)
+    in :data:`MODELS`.
 
     Extra keyword arguments are passed on to the model's constructor.
     """
-    lookup = {key.lower(): factory for key, factory in MODELS.items()}
-    factory = lookup.get(name.lower())
-    if factory is None:
+    key = canonical_model_name(name)
+    if key is None:
         raise ValueError(f"Unknown model {name!r}; available models: {', '.join(MODELS)}")
-    return factory(input_shape=tuple(input_shape), num_classes=num_classes, **kwargs)
+    return MODELS[key](input_shape=tuple(input_shape), num_classes=num_classes, **kwargs)
 
 
 INIT_SCHEMES = ("kaiming", "xavier", "default")

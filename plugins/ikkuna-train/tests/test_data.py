@@ -1,4 +1,4 @@
-"""Tests for ikkuna_core.data: digits, torchvision-format files, errors and seeded loaders."""
+"""Tests for ikkuna_train.data: digits, torchvision-format files, errors and seeded loaders."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ikkuna_core.data import (
+from ikkuna_train.data import (
     DATASETS,
     DatasetInfo,
     DatasetUnavailableError,
@@ -66,7 +66,7 @@ def test_unknown_dataset_lists_available() -> None:
 
 def test_import_is_lazy() -> None:
     code = (
-        "import sys, ikkuna_core.data; "
+        "import sys, ikkuna_train.data; "
         "print(sorted(m for m in ('torchvision', 'sklearn') if m in sys.modules))"
     )
     src = str(Path(__file__).resolve().parents[1] / "src")
@@ -283,7 +283,8 @@ def test_missing_files_without_download(tmp_path: Path, name: str, folder: tuple
     assert isinstance(info.value, RuntimeError)
     assert name in message
     assert str(tmp_path.joinpath(*folder)) in message
-    assert "digits" in message and "internet" in message
+    assert "digits" in message and "--download" in message and "download=True" in message
+    assert not tmp_path.joinpath(*folder).exists()  # nothing made while finding out
 
 
 def test_mnist_missing_single_file(tmp_path: Path) -> None:
@@ -361,3 +362,28 @@ def test_make_loaders_mnist_files(tmp_path: Path) -> None:
     labels = torch.cat([y for _, y in test_loader]).tolist()
     assert labels == written[False][1].tolist()
     assert sorted(torch.cat([y for _, y in train_loader]).tolist()) == sorted(written[True][1])
+
+
+@pytest.mark.parametrize("name", ["MNIST", "CIFAR10"])
+def test_a_failed_download_leaves_nothing_behind(tmp_path: Path, monkeypatch, name: str) -> None:
+    """torchvision's own download code runs and fails the way it does offline; the folders
+    and partial files it made are removed, what was there stays."""
+    import urllib.request
+
+    attempts = []
+
+    def offline(request, *args, **kwargs):
+        attempts.append(getattr(request, "full_url", request))
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "mine.txt").write_text("kept")
+    with pytest.raises(DatasetUnavailableError, match="download failed"):
+        load_dataset(name, train=True, data_dir=data, download=True)
+    assert attempts  # torchvision did try the network
+    assert sorted(p.name for p in data.rglob("*")) == ["mine.txt"]
+    with pytest.raises(DatasetUnavailableError, match="download failed"):
+        load_dataset(name, train=True, data_dir=tmp_path / "new", download=True)
+    assert not (tmp_path / "new").exists()

@@ -1,5 +1,6 @@
-"""Tests for ikkuna_core.trainer: name look-ups, seeding, devices, and tiny real training runs
-whose logged metrics are checked against values computed here, independently."""
+"""Tests for ikkuna_train.trainer: name look-ups, seeding, devices, log directories, and tiny
+real training runs whose logged metrics are checked against values computed here,
+independently."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ import torch
 from torch import nn
 
 from ikkuna_core import ConfigError
-from ikkuna_core.data import make_loaders
-from ikkuna_core.models import get_model
 from ikkuna_core.plugins import installed_entry_points
-from ikkuna_core.trainer import (
+from ikkuna_train.data import make_loaders
+from ikkuna_train.models import get_model
+from ikkuna_train.trainer import (
     DEFAULT_LR,
     OPTIMIZERS,
     HyperParameters,
+    LogDirError,
     Trainer,
     UsageError,
+    check_log_dir,
     default_device,
     make_optimizer,
     resolve_dataset,
@@ -34,7 +37,7 @@ from ikkuna_core.trainer import (
 INSTALLED = {ep.name for ep in installed_entry_points()}
 
 
-pytestmark = pytest.mark.usefixtures("installed_plugins", "one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def needs(*plugins: str) -> pytest.MarkDecorator:
@@ -78,6 +81,8 @@ def reload_model(path: Path) -> nn.Module:
 def test_names_resolve_case_insensitively() -> None:
     assert resolve_model("fullyconnected") == "FullyConnected"
     assert resolve_model("RESNET18") == "ResNet18"
+    assert resolve_model("ResNet") == "ResNet18"  # the thesis's names, as written
+    assert resolve_model("FullyConnectedModel") == "FullyConnected"
     assert resolve_dataset("Digits") == "digits"
     assert resolve_dataset("cifar10") == "CIFAR10"
     assert [resolve_optimizer(n.lower()) for n in OPTIMIZERS] == list(OPTIMIZERS)
@@ -231,7 +236,9 @@ def test_run_logs_what_the_saved_model_really_scores(tmp_path: Path) -> None:
 
 
 @needs("accuracy")
-def test_test_accuracy_subscriber_is_given_the_trainers_test_loader(tmp_path: Path) -> None:
+def test_test_accuracy_takes_the_trainers_test_loader_from_the_run_context(
+    tmp_path: Path,
+) -> None:
     config = {
         "log_dir": tmp_path,
         "backends": ["tensorboard"],
@@ -319,3 +326,56 @@ def test_training_is_device_agnostic(tmp_path: Path, device: str) -> None:
     assert {p.device.type for p in result.model.parameters()} == {device}
     own, _ = own_metrics(reload_model(result.model_path), trainer.test_loader)
     assert result.test_accuracy == pytest.approx(own, abs=1e-6)
+
+
+# ------------------------------------------------------------------------ log directory
+
+
+def test_check_log_dir(tmp_path: Path) -> None:
+    fresh = tmp_path / "a" / "b"
+    assert check_log_dir(fresh) == [] and not (tmp_path / "a").exists()  # probe left nothing
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LogDirError, match="is a file, not a directory"):
+        check_log_dir(tmp_path / "file")
+    run = tmp_path / "run"
+    (run / "figures").mkdir(parents=True)
+    (run / "notes.md").write_text("mine")  # not a run's file
+    assert check_log_dir(run) == []
+    (run / "figures" / "x.png").write_bytes(b"png")
+    (run / "events.out.tfevents.1.host").write_bytes(b"")
+    with pytest.raises(LogDirError, match=r"already holds a run \(events.out.tfevents.1.host, "
+                                          r"figures/x.png\)"):
+        check_log_dir(run)
+    assert check_log_dir(run, overwrite=True) == [
+        run / "events.out.tfevents.1.host", run / "figures" / "x.png"
+    ]
+
+
+def test_overwrite_replaces_only_the_earlier_runs_files(tmp_path: Path) -> None:
+    config = {"log_dir": tmp_path, "backends": ["tensorboard", "matplotlib"]}
+    Trainer(HyperParameters(batch_size=512, max_steps=2), config).run()
+    (tmp_path / "notes.md").write_text("mine")
+    old = {p.name for p in tmp_path.glob("events.out.tfevents.*")}
+    with pytest.raises(LogDirError, match="already holds a run"):
+        Trainer(HyperParameters(batch_size=512, max_steps=2), config)
+    config["backends"] = ["tensorboard"]
+    Trainer(HyperParameters(batch_size=512, max_steps=1), config, overwrite=True).run()
+    new = {p.name for p in tmp_path.glob("events.out.tfevents.*")}
+    assert len(new) == 1 and not new & old
+    assert not list((tmp_path / "figures").glob("*.png"))  # the first run's figures are gone
+    assert (tmp_path / "notes.md").read_text() == "mine"
+    assert json.loads((tmp_path / "run.json").read_text())["steps"] == 1
+
+
+def test_epochs_follow_max_steps(tmp_path: Path) -> None:
+    # digits: 1437 training images; batch 500 -> 3 steps per epoch
+    config = {"backends": [], "log_dir": tmp_path}
+    trainer = Trainer(HyperParameters(batch_size=500, max_steps=7), config)
+    assert (trainer.hparams.epochs, trainer.total_steps) == (3, 7)
+    trainer.exporter.close()
+    trainer = Trainer(HyperParameters(batch_size=500), config)
+    assert (trainer.hparams.epochs, trainer.total_steps) == (10, 30)
+    trainer.exporter.close()
+    trainer = Trainer(HyperParameters(batch_size=500, epochs=1, max_steps=7), config)
+    assert (trainer.hparams.epochs, trainer.total_steps) == (1, 3)
+    trainer.exporter.close()

@@ -2,9 +2,11 @@
 
 ``digits`` is scikit-learn's bundled 8x8 handwritten digits set, upscaled to 28x28; it needs
 no files and works offline. ``MNIST``, ``FashionMNIST``, ``CIFAR10`` and ``CIFAR100`` come
-from :mod:`torchvision.datasets` and are read from (or downloaded into) ``data_dir`` using
-torchvision's directory layout. Every dataset yields ``(image, label)`` pairs where the image
-is a normalised float32 ``C x H x W`` tensor and the label an ``int``.
+from :mod:`torchvision.datasets` and are read from ``data_dir`` using torchvision's directory
+layout; they are downloaded there only when asked (``download=True``, ``ikkuna train
+--download``), and a failed download leaves no folder behind. Every dataset yields
+``(image, label)`` pairs where the image is a normalised float32 ``C x H x W`` tensor and the
+label an ``int``.
 
 torchvision and scikit-learn are imported inside the functions that need them, so importing
 this module stays cheap.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,7 +121,7 @@ def load_dataset(
     *,
     train: bool,
     data_dir: str | Path = "data",
-    download: bool = True,
+    download: bool = False,
     image_size: int | None = None,
 ) -> Dataset:
     """Load the train or test split of dataset ``name`` (case-insensitive).
@@ -126,7 +129,7 @@ def load_dataset(
     ``image_size`` resizes images to ``image_size x image_size`` (bilinear); by default
     ``digits`` and the MNIST-style sets are 28x28 and CIFAR 32x32. Raises
     :class:`DatasetUnavailableError` when torchvision's files are missing and downloading is
-    disabled or fails.
+    disabled or fails (a failed download removes the folders it created).
     """
     key = _canonical(name)
     if key == "digits":
@@ -175,8 +178,9 @@ def _unavailable(key: str, data_dir: Path, train: bool, reason: str) -> DatasetU
     files = ", ".join(_required_files(key, train))
     return DatasetUnavailableError(
         f"Dataset {key} is not available: {reason}. torchvision expects its files in "
-        f"{location}{os.sep} ({files}). Connect to the internet and pass download=True, copy "
-        f"the files there, or use `--dataset digits`, which works offline."
+        f"{location}{os.sep} ({files}). Download them (ikkuna train --download; in Python "
+        f"download=True) while online, copy them there, or use `--dataset digits`, which "
+        f"works offline."
     )
 
 
@@ -195,10 +199,19 @@ def _load_torchvision(
 
     if not present:
         if not download:
-            raise _unavailable(key, data_dir, train, "files missing and download=False")
+            raise _unavailable(key, data_dir, train, "its files are missing")
+        before = set(data_dir.iterdir()) if data_dir.is_dir() else set()
+        created = _missing_folders(location)
         try:
             return cls(root=str(data_dir), train=train, download=True, transform=transform)
         except (URLError, OSError, RuntimeError) as err:
+            # Remove what this attempt made: its folders and partial archives.
+            new = set(data_dir.iterdir()) - before if data_dir.is_dir() else set()
+            for path in [*created, *new]:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
             raise _unavailable(key, data_dir, train, f"download failed ({err})") from err
 
     # Files are present: never hit the network, let torchvision verify them.
@@ -214,6 +227,16 @@ def _load_torchvision(
             stacklevel=3,
         )
     return _read_cifar_batches(key, location, train=train, image_size=image_size)
+
+
+def _missing_folders(location: Path) -> list[Path]:
+    """``location`` and its ancestors that do not exist yet, outermost first."""
+    missing = []
+    for folder in [location, *location.parents]:
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing[::-1]
 
 
 class _UInt8ImageDataset(Dataset):
@@ -257,7 +280,7 @@ def make_loaders(
     *,
     batch_size: int,
     data_dir: str | Path = "data",
-    download: bool = True,
+    download: bool = False,
     seed: int = 0,
     image_size: int | None = None,
     num_workers: int = 0,

@@ -2,8 +2,9 @@
 
 The Trainer is the thesis' training loop made reusable. It looks up the model, dataset and
 optimizer by name, initialises the weights, hooks the Exporter in through
-:func:`ikkuna_core.watch`, trains batch by batch, evaluates after every epoch, and writes
-what a finished run leaves behind into its log directory:
+:func:`ikkuna_core.watch` (handing the subscribers its loaders through a
+:class:`ikkuna_core.RunContext`), trains batch by batch, evaluates after every epoch, and
+writes what a finished run leaves behind into its log directory:
 
 - the backends' output (TensorBoard event files, ``figures/*.png``),
 - ``model.pt`` (the trained ``state_dict``) and ``run.json`` (hyper-parameters, final
@@ -17,8 +18,11 @@ Besides the subscribers' metrics, the Trainer reports its own, under network top
 - ``final/accuracy`` and ``final/loss`` with keys ``train`` and ``test`` (whole sets, eval
   mode, the final model), once at the end.
 
+A log directory that already holds a run is refused (``overwrite=True`` replaces that run),
+so two runs never mix in one TensorBoard directory.
+
 ```python
-from ikkuna_core.trainer import HyperParameters, Trainer
+from ikkuna_train import HyperParameters, Trainer
 
 result = Trainer(HyperParameters(epochs=2), config={"subscribers": [{"name": "norm"}]}).run()
 print(result.test_accuracy, result.log_dir)
@@ -31,7 +35,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
+import os
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -42,18 +49,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import IkkunaConfig, load_config
+from ikkuna_core import IkkunaConfig, RunContext, load_config
 
 __all__ = [
+    "DEFAULT_EPOCHS",
     "DEFAULT_LR",
     "OPTIMIZERS",
+    "RUN_FILES",
+    "TRAINER_TOPICS",
     "EpochStats",
     "HyperParameters",
+    "LogDirError",
     "TrainResult",
     "Trainer",
     "UsageError",
+    "check_log_dir",
     "default_device",
+    "default_threads",
     "evaluate",
+    "previous_run",
     "make_optimizer",
     "resolve_dataset",
     "resolve_device",
@@ -66,6 +80,16 @@ __all__ = [
 OPTIMIZERS: tuple[str, ...] = ("SGD", "Adam", "AdamW", "RMSprop")
 #: Learning rate used when none is given.
 DEFAULT_LR: dict[str, float] = {"SGD": 0.05, "Adam": 1e-3, "AdamW": 1e-3, "RMSprop": 1e-3}
+#: Epochs of a run that gives neither ``epochs`` nor ``max_steps``.
+DEFAULT_EPOCHS = 10
+#: What a run leaves in its log directory; any of them there means the directory holds a run.
+RUN_FILES: tuple[str, ...] = (
+    "events.out.tfevents.*",
+    "run.json",
+    "model.pt",
+    "dashboard.png",
+    "figures/*.png",
+)
 #: The Trainer's own metric topics (all network topics, keys ``train`` and ``test``).
 TRAINER_TOPICS: dict[str, str] = {
     "epoch/accuracy": "Trainer: accuracy after each epoch (train: running mean; test: test set)",
@@ -77,6 +101,11 @@ TRAINER_TOPICS: dict[str, str] = {
 
 class UsageError(ValueError):
     """A hyper-parameter is invalid; the message names it and what would be valid."""
+
+
+class LogDirError(UsageError):
+    """The log directory cannot take this run: it is a file, cannot be written, or already
+    holds a run."""
 
 
 # --------------------------------------------------------------------------- look-ups
@@ -96,14 +125,22 @@ def _pick(kind: str, name: str, choices: Iterable[str]) -> str:
 
 
 def resolve_model(name: str) -> str:
-    """Canonical spelling of a model name from :data:`ikkuna_core.models.MODELS`."""
-    from .models import MODELS
+    """Canonical spelling of a model name from :data:`ikkuna_train.models.MODELS` (the
+    thesis's names in :data:`~ikkuna_train.models.ALIASES` are accepted too)."""
+    from .models import ALIASES, MODELS, canonical_model_name
 
-    return _pick("model", name, MODELS)
+    key = canonical_model_name(name)
+    if key is not None:
+        return key
+    try:
+        return _pick("model", name, MODELS)
+    except UsageError as exc:
+        also = ", ".join(f"{alias} (= {key})" for alias, key in ALIASES.items())
+        raise UsageError(f"{exc}; also accepted: {also}") from None
 
 
 def resolve_dataset(name: str) -> str:
-    """Canonical spelling of a dataset name from :data:`ikkuna_core.data.DATASETS`."""
+    """Canonical spelling of a dataset name from :data:`ikkuna_train.data.DATASETS`."""
     from .data import DATASETS
 
     return _pick("dataset", name, DATASETS)
@@ -156,6 +193,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def default_threads() -> int:
+    """torch CPU threads when none are asked for: half the CPUs this process may use, at
+    least 1 and at most 8. torch's own default (every core) oversubscribes a machine that
+    is doing anything else; on a busy 2-core machine it made the quickstart 6.5x slower
+    than one thread, and small models gain nothing from more."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // 2))
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's (every device's) random number generators."""
     random.seed(seed)
@@ -171,14 +220,17 @@ class HyperParameters:
     """Everything that defines a training run besides the Ikkuna configuration.
 
     ``lr=None`` takes the optimizer's :data:`DEFAULT_LR`; ``device=None`` takes
-    :func:`default_device`; ``max_steps`` stops training after that many steps in total;
-    ``threads`` sets torch's CPU threads (process-wide; ``None`` keeps torch's choice).
+    :func:`default_device`. ``max_steps`` is the number of training steps; without
+    ``epochs`` the run takes as many epochs as that needs (the last one partly), with both
+    it stops at whichever limit comes first, and with neither it trains
+    :data:`DEFAULT_EPOCHS` epochs. ``download`` lets torchvision datasets be downloaded.
+    ``threads`` sets torch's CPU threads (process-wide; ``None``: :func:`default_threads`).
     """
 
     model: str = "FullyConnected"
     dataset: str = "digits"
     batch_size: int = 128
-    epochs: int = 10
+    epochs: int | None = None
     optimizer: str = "Adam"
     lr: float | None = None
     seed: int = 0
@@ -186,7 +238,7 @@ class HyperParameters:
     init: str = "kaiming"
     max_steps: int | None = None
     data_dir: str = "data"
-    download: bool = True
+    download: bool = False
     num_workers: int = 0
     threads: int | None = None
 
@@ -220,6 +272,7 @@ class HyperParameters:
             init=init,
             lr=lr,
             device=device,
+            threads=default_threads() if self.threads is None else self.threads,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -325,10 +378,12 @@ class Trainer:
     """Builds a run from :class:`HyperParameters` and an Ikkuna configuration, then trains.
 
     ``config`` is anything :func:`ikkuna_core.load_config` accepts (TOML path, dict, or
-    :class:`~ikkuna_core.IkkunaConfig`). A ``test_accuracy`` subscriber that names neither a
-    ``loader`` nor a ``dataset`` is given the Trainer's test loader.
-    ``progress=True`` shows a tqdm bar on stderr (``None``: only when stderr is a terminal).
-    ``on_epoch`` is called with each :class:`EpochStats`.
+    :class:`~ikkuna_core.IkkunaConfig`). The subscribers are offered the Trainer's train and
+    test loaders through a :class:`~ikkuna_core.RunContext` (a held-out accuracy takes the
+    test loader from there). ``progress=True`` shows a tqdm bar on stderr (``None``: only
+    when stderr is a terminal). ``on_epoch`` is called with each :class:`EpochStats`.
+    A log directory that already holds a run raises :class:`LogDirError`;
+    ``overwrite=True`` replaces that run's files instead (once everything is validated).
 
     Nothing is written until every name and option has been validated. A Trainer runs
     once: :meth:`run` closes its Exporter.
@@ -343,13 +398,17 @@ class Trainer:
         progress: bool | None = False,
         on_epoch: Callable[[EpochStats], None] | None = None,
         save_model: bool = True,
+        overwrite: bool = False,
     ) -> None:
-        from . import watch
+        from ikkuna_core import watch
+
         from .data import make_loaders
         from .models import get_model, init_weights
 
-        self.hparams = hp = (hparams or HyperParameters()).resolved()
+        hp = (hparams or HyperParameters()).resolved()
         cfg = load_config(config)
+        previous = check_log_dir(Path(cfg.log_dir), overwrite=overwrite)
+        self.config = cfg
         self.progress = progress
         self.on_epoch = on_epoch
         self.save_model = save_model
@@ -358,8 +417,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
 
-        if hp.threads is not None:
-            torch.set_num_threads(hp.threads)
+        assert hp.threads is not None  # resolved
+        torch.set_num_threads(hp.threads)
         seed_everything(hp.seed)
         self.train_loader, self.test_loader, self.data_info = make_loaders(
             hp.dataset,
@@ -369,17 +428,21 @@ class Trainer:
             seed=hp.seed,
             num_workers=hp.num_workers,
         )
-        cfg = self._with_test_loader(cfg)
-        self.config = cfg
+        self.steps_per_epoch = len(self.train_loader)
+        self.hparams = hp = replace(hp, epochs=self._epochs(hp))
         seed_everything(hp.seed)  # the same weights whatever loading the data consumed
         model = get_model(
             hp.model, input_shape=self.data_info.input_shape, num_classes=self.data_info.num_classes
         )
+        _check_depth(cfg.depth, model, hp.model)
         init_weights(model, hp.init)
         self.model = model.to(self.device)
         self.optimizer = make_optimizer(hp.optimizer, self.model.parameters(), hp.lr)
         loss_fn = nn.CrossEntropyLoss()
-        self.exporter = watch(self.model, loss_fn, cfg, registry=registry)
+        context = RunContext(test_loader=self.test_loader, train_loader=self.train_loader)
+        self.exporter = watch(self.model, loss_fn, cfg, registry=registry, context=context)
+        for path in previous:  # validated and attached: only now replace the earlier run
+            path.unlink(missing_ok=True)
         self.loss_fn = self.exporter.loss_fn or loss_fn
         self.bus = self.exporter.bus
         for topic, doc in TRAINER_TOPICS.items():
@@ -391,21 +454,12 @@ class Trainer:
         self._write_hparams_text()
 
     # --------------------------------------------------------------- set-up
-    def _with_test_loader(self, cfg: IkkunaConfig) -> IkkunaConfig:
-        entries = []
-        changed = False
-        for entry in cfg.subscribers:
-            opts = entry.options
-            if entry.name == "test_accuracy" and "loader" not in opts and "dataset" not in opts:
-                entries.append({"name": entry.name, **opts, "loader": self.test_loader})
-                changed = True
-            else:
-                entries.append({"name": entry.name, **opts})
-        if not changed:
-            return cfg
-        data = cfg.model_dump(exclude={"subscribers"}, exclude_unset=False)
-        data["subscribers"] = entries
-        return IkkunaConfig.model_validate(data)
+    def _epochs(self, hp: HyperParameters) -> int:
+        if hp.epochs is not None:
+            return hp.epochs
+        if hp.max_steps is not None:
+            return math.ceil(hp.max_steps / max(self.steps_per_epoch, 1))
+        return DEFAULT_EPOCHS
 
     def _write_hparams_text(self) -> None:
         """Record the hyper-parameters in TensorBoard's TEXT tab, when it is a backend."""
@@ -423,8 +477,8 @@ class Trainer:
     @property
     def total_steps(self) -> int:
         """Steps :meth:`run` will take."""
-        per_epoch = len(self.train_loader)  # type: ignore[arg-type]
-        total = per_epoch * self.hparams.epochs
+        assert self.hparams.epochs is not None  # resolved in __init__
+        total = self.steps_per_epoch * self.hparams.epochs
         return min(total, self.hparams.max_steps) if self.hparams.max_steps else total
 
     # ------------------------------------------------------------- training
@@ -502,7 +556,8 @@ class Trainer:
         )
 
     def _publish(self, topic: str, values: Mapping[str, float]) -> None:
-        self.bus.log_scalars(topic, dict(values))
+        scalars: dict[str | None, float | torch.Tensor] = {k: v for k, v in values.items()}
+        self.bus.log_scalars(topic, scalars)
 
     def run(self) -> TrainResult:
         """Train for the configured epochs (or ``max_steps``), evaluate the final model on
@@ -510,9 +565,10 @@ class Trainer:
         ``run.json`` in the log directory."""
         start = time.perf_counter()
         bar = self._progress_bar()
+        epochs = self.hparams.epochs or DEFAULT_EPOCHS
         try:
             epoch = 0
-            while epoch < self.hparams.epochs and not self._done():
+            while epoch < epochs and not self._done():
                 self.train_epoch(epoch, bar)
                 epoch += 1
             train_acc, train_loss = self.evaluate(self.train_loader)
@@ -588,3 +644,57 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     return f"<{type(value).__name__}>"
+
+
+def _check_depth(depth: int, model: nn.Module, name: str) -> None:
+    """A ``depth`` deeper than the model's deepest module would silently watch its leaves."""
+    deepest = max((n.count(".") + 1 for n, _ in model.named_modules() if n), default=0)
+    if depth > deepest:
+        raise UsageError(
+            f"depth {depth} is deeper than {name}, whose modules go {deepest} level"
+            f"{'s' if deepest != 1 else ''} down; use -1 (the leaf modules) or 1 to {deepest}"
+        )
+
+
+# ------------------------------------------------------------------------ log directory
+
+
+def previous_run(log_dir: Path) -> list[Path]:
+    """The files of an earlier run in ``log_dir`` (see :data:`RUN_FILES`); empty if none."""
+    if not log_dir.is_dir():
+        return []
+    return sorted(p for pattern in RUN_FILES for p in log_dir.glob(pattern) if p.is_file())
+
+
+def check_log_dir(log_dir: str | Path, *, overwrite: bool = False) -> list[Path]:
+    """Check, before anything is written, that a run can use ``log_dir``: it must be a
+    directory (or not exist yet), be writable, and hold no earlier run unless
+    ``overwrite``. Returns the earlier run's files, which the caller replaces. Raises
+    :class:`LogDirError`; leaves nothing behind."""
+    path = Path(log_dir)
+    if path.exists() and not path.is_dir():
+        raise LogDirError(f"log directory {path} is a file, not a directory; choose another one")
+    previous = previous_run(path)
+    if previous and not overwrite:
+        shown = ", ".join(str(p.relative_to(path)) for p in previous[:3])
+        more = f" and {len(previous) - 3} more" if len(previous) > 3 else ""
+        raise LogDirError(
+            f"log directory {path} already holds a run ({shown}{more}); a second run there "
+            "would mix with it in TensorBoard and the figures. Choose another --log-dir, or "
+            "pass --overwrite to replace that run"
+        )
+    missing = [p for p in [path, *path.parents] if not p.exists()]  # innermost first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise LogDirError(f"cannot write to log directory {path} ({reason})") from None
+    finally:
+        for folder in missing:  # the probe leaves nothing behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+    return previous

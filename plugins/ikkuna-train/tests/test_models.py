@@ -1,4 +1,4 @@
-"""Tests for the demonstration models in ikkuna_core.models."""
+"""Tests for the demonstration models in ikkuna_train.models."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ikkuna_core.models import (
+from ikkuna_train.models import (
     MODELS,
     DenseNet,
     FullyConnected,
