@@ -147,7 +147,7 @@ class MessageBus:
                     "already a topic of this bus; choose another publish_as"
                 )
         subscriber._bind(self)
-        out_kind = "module" if "module" in kinds else "network"
+        out_kind = subscriber.output_kind or ("module" if "module" in kinds else "network")
         for out in outputs:
             self.register_topic(out, out_kind, doc=f"published by subscriber {subscriber.name!r}")
         self.subscriptions.append(

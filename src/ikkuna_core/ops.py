@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 #: Elements per concatenation in :func:`moments` (bounds its temporary memory).
-_CHUNK = 1 << 26
+_CHUNK = 1 << 25
 
 
 def _device_groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -154,13 +154,23 @@ def _moments(ts: list[torch.Tensor], correction: int) -> tuple[torch.Tensor, tor
         return mean, var
     lengths = constant(numels, torch.long, device)
     starts = constant(list(itertools.accumulate(numels[:-1], initial=0)), torch.long, device)
+    ends = constant(list(itertools.accumulate(numels)), torch.long, device)
     shift = flat.index_select(0, starts)
-    shifted = flat - shift.repeat_interleave(lengths, output_size=flat.numel())
-    s1 = torch.segment_reduce(shifted, "sum", lengths=lengths).double()
-    s2 = torch.segment_reduce(shifted * shifted, "sum", lengths=lengths).double()
+    shifted = (flat - shift.repeat_interleave(lengths, output_size=flat.numel())).double()
+    # segment sums as differences of a running sum: no host synchronisation (segment_reduce
+    # has one on CUDA) and the same result on every run (unlike atomic scatter-adds)
+    s1 = _segment_sums(shifted, ends)
+    s2 = _segment_sums(shifted * shifted, ends)
     mean = shift.double() + s1 / n
     var = (s2 - s1 * s1 / n).clamp_min(0) / (n - correction)
     return mean, var
+
+
+def _segment_sums(values: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Sums of consecutive segments of ``values`` ending (exclusively) at ``ends``."""
+    running = torch.cumsum(values, 0)
+    at_ends = running.index_select(0, ends - 1)
+    return torch.diff(at_ends, prepend=at_ends.new_zeros(1))
 
 
 class Histograms(NamedTuple):

@@ -21,7 +21,7 @@ backends and, as topics of their own (``norm/weight_gradients``), to other subsc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -75,6 +75,9 @@ class Subscriber:
     Options: ClassVar[type[SubscriberOptions]] = SubscriberOptions
     default_topics: ClassVar[tuple[str, ...]] = ()
     synchronized: ClassVar[bool] = False
+    #: What the results describe: "network" for one value per step whatever the input (a
+    #: whole-network norm), "module" for values per module; None: what the inputs describe.
+    output_kind: ClassVar[Literal["module", "network"] | None] = None
 
     def __init__(self, **options: object) -> None:
         if not self.name:

@@ -1,10 +1,13 @@
-"""ikkuna-norms: p-norms, spectral norms, norm ratios, means and variances of any topic.
+"""ikkuna-norms: p-norms (per module and whole-network), spectral norms, norm ratios, means
+and variances of any topic.
 
 Enable it with ``plugins = ["norms"]`` in a run configuration; its subscribers are ``norm``,
-``spectral_norm``, ``ratio``, ``mean`` and ``variance``.
+``global_norm``, ``spectral_norm``, ``ratio``, ``mean`` and ``variance``.
 """
 
 from .subscribers import (
+    GlobalNorm,
+    GlobalNormOptions,
     Mean,
     MeanOptions,
     Norm,
@@ -18,6 +21,8 @@ from .subscribers import (
 )
 
 __all__ = [
+    "GlobalNorm",
+    "GlobalNormOptions",
     "Mean",
     "MeanOptions",
     "Norm",

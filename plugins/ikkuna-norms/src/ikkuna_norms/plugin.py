@@ -7,12 +7,12 @@ from typing import Any
 from ikkuna_core import Subscriber, hookimpl
 from ikkuna_core.commands import SubscriberFlag
 
-from .subscribers import Mean, Norm, Ratio, SpectralNorm, Variance
+from .subscribers import GlobalNorm, Mean, Norm, Ratio, SpectralNorm, Variance
 
 
 @hookimpl
 def ikkuna_subscribers() -> list[type[Subscriber]]:
-    return [Norm, SpectralNorm, Ratio, Mean, Variance]
+    return [Norm, GlobalNorm, SpectralNorm, Ratio, Mean, Variance]
 
 
 @hookimpl

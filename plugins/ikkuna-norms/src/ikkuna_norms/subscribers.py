@@ -18,6 +18,8 @@ from pydantic import Field, field_validator
 from ikkuna_core import StepBundle, Subscriber, TensorOptions, ops
 
 __all__ = [
+    "GlobalNorm",
+    "GlobalNormOptions",
     "Mean",
     "MeanOptions",
     "Norm",
@@ -72,6 +74,37 @@ class Norm(Subscriber):
         for topic in step.topics:
             values = ops.norms(step[topic].tensors(), self.options.p)
             self.publish_scalars(step, values, topic=topic)
+
+
+# ----------------------------------------------------------------------------- global norm
+class GlobalNormOptions(NormOptions):
+    pass
+
+
+class GlobalNorm(Subscriber):
+    """The p-norm of all payloads of its topics together, one value per step, as
+    ``torch.nn.utils.clip_grad_norm_`` computes it: the norm of the per-tensor norms. With the
+    default topics it is the total gradient norm that gradient clipping compares with its
+    threshold; a parameter shared by two modules (tied weights) is one tensor and counts once.
+    Published as ``global_norm/<topics>`` (network level: the tag has no module)."""
+
+    name = "global_norm"
+    Options = GlobalNormOptions
+    default_topics: ClassVar[tuple[str, ...]] = ("weight_gradients", "bias_gradients")
+    output_kind = "network"
+    options: GlobalNormOptions
+
+    def output_topics(self) -> list[str]:
+        return [self.output_topic()]
+
+    def _topic_for(self, input_topic: str, suffix: str | None = None) -> str:
+        return self.output_topic(suffix)
+
+    def compute_step(self, step: StepBundle) -> None:
+        tensors = [t for topic in step.topics for t in step[topic].tensors()]
+        per_tensor = ops.norms(tensors, self.options.p)
+        total = torch.linalg.vector_norm(per_tensor, ord=self.options.p)
+        self.publish_scalars(step, total.reshape(1), [None])
 
 
 # ------------------------------------------------------------------------------ mean/var
