@@ -103,6 +103,7 @@ IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]
     "all": (["norms", "histograms", "accuracy"], ALL, {}),
     "all-sub10": (["norms", "histograms", "accuracy"], [{**s, "subsample": 10} for s in ALL], {}),
     "all-bg": (["norms", "histograms", "accuracy"], ALL, {"background": True}),
+    "curvature": (["curvature"], [{"name": "hessian_max_eigenvalue", "subsample": 50}], {}),
 }
 
 
@@ -135,6 +136,7 @@ VARIANTS: dict[str, str] = {
     "all": "ikkuna: norms + histograms as above + train_accuracy + loss, every step",
     "all-sub10": "ikkuna: as 'all', subsample=10 on every subscriber",
     "all-bg": "ikkuna: as 'all', background=true (metrics on a background thread)",
+    "curvature": "ikkuna: hessian_max_eigenvalue (Lanczos, warm-started) every 50 steps",
     "tb-norms": "hand-written SummaryWriter: add_scalar of grad/weight/update norms per weight",
     "tb-all": "hand-written: tb-norms + add_histogram of weight grads and leaf activations"
     " + loss + train accuracy",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 import time
@@ -84,13 +85,20 @@ def explicit_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
     return torch.autograd.functional.hessian(loss, flat, vectorize=True)
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    times, value = [], None
+def timed(fn: Callable[[], float], repeats: int) -> tuple[float, list[float]]:
+    """Median seconds of ``repeats`` calls and every call's value."""
+    times, values = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        value = fn()
+        values.append(fn())
         times.append(time.perf_counter() - start)
-    return statistics.median(times), value
+    return statistics.median(times), values
+
+
+def spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.6g}"
+    return f"{statistics.mean(values):.6g} ± {statistics.stdev(values):.2g}"
 
 
 def main() -> dict[str, Any]:
@@ -116,13 +124,16 @@ def main() -> dict[str, Any]:
 
     h = explicit_hessian(model, x, y)
     eigenvalues = torch.linalg.eigvalsh(h)
+    # Hutchinson's standard deviation for one Rademacher probe: sqrt(2 (|H|_F^2 - sum H_ii^2))
+    per_probe = math.sqrt(2 * float((h**2).sum() - (h.diagonal() ** 2).sum()))
     reference = {"max_eigenvalue": float(eigenvalues[-1]), "min_eigenvalue": float(eigenvalues[0]),
-                 "trace": float(h.trace())}
+                 "trace": float(h.trace()), "hutchinson_std_one_probe": per_probe}
 
     # ---------------------------------------------------------------- a plain step's backward
-    def plain_step() -> None:
+    def plain_step() -> float:
         model.zero_grad()
         loss_fn(model(x), y).backward()
+        return 0.0
 
     plain_s, _ = timed(plain_step, args.repeats)
 
@@ -131,20 +142,27 @@ def main() -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     rng_before = torch.get_rng_state()
     grads_before = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    iterations: list[int] = []
 
-    def ikkuna_max_ev() -> ops.EigenResult:
-        return ops.hessian_max_eigenvalue(
+    def ikkuna_max_ev() -> float:
+        result = ops.hessian_max_eigenvalue(
             model, loss_fn, x, y, max_iterations=eig_options.max_iterations,
             tolerance=eig_options.tolerance, generator=gen,
         )
+        iterations.append(result.iterations)
+        return float(result.eigenvalue)
 
-    def ikkuna_trace() -> ops.TraceResult:
-        operator = ops.hessian_operator(model, loss_fn, x, y)
-        return ops.hutchinson_trace(operator, operator.numel, probes=trace_options.probes,
-                                    generator=gen)
+    def ikkuna_trace(probes: int) -> Callable[[], float]:
+        def run() -> float:
+            operator = ops.hessian_operator(model, loss_fn, x, y)
+            return float(ops.hutchinson_trace(operator, operator.numel, probes=probes,
+                                              generator=gen).trace)
 
-    ik_ev_s, ev = timed(ikkuna_max_ev, args.repeats)
-    ik_tr_s, tr = timed(ikkuna_trace, args.repeats)
+        return run
+
+    ik_ev_s, ik_ev = timed(ikkuna_max_ev, args.repeats)
+    ik_tr_s, ik_tr = timed(ikkuna_trace(trace_options.probes), args.repeats)
+    ik_tr100_s, ik_tr100 = timed(ikkuna_trace(100), args.repeats)
     ik_rng_untouched = torch.equal(rng_before, torch.get_rng_state())
     grads_untouched = all(
         torch.equal(a, p.grad) for a, p in zip(grads_before, model.parameters(), strict=True)
@@ -171,7 +189,7 @@ def main() -> dict[str, Any]:
             info = {"batch_size": x.shape[0], "loss": loss, "optimizer": cp_optimizer}
             with cp(global_step, info=info):
                 loss.backward(create_graph=cp.create_graph(global_step))
-            value = cp.get_output()[type(quantity).__name__][global_step]
+            value = cp.get_output()[global_step][type(quantity).__name__]
             return float(sum(value)) if isinstance(value, list) else float(value)
 
         return step
@@ -181,46 +199,52 @@ def main() -> dict[str, Any]:
     cp_rng_untouched = torch.equal(rng_before, torch.get_rng_state())
     cp_tr_s, cp_tr = timed(cockpit_step(quantities.HessTrace(linear(1))), args.repeats)
 
+    ms = 1e3
     result = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "parameters": n_params,
         "batch": x.shape[0],
-        "plain_forward_backward_ms": plain_s * 1e3,
+        "repeats": args.repeats,
+        "plain_forward_backward_ms": plain_s * ms,
         "reference": reference,
         "ikkuna": {
-            "max_eigenvalue": float(ev.eigenvalue),
-            "max_eigenvalue_iterations": ev.iterations,
-            "max_eigenvalue_residual": float(ev.residual),
-            "max_eigenvalue_extra_ms": ik_ev_s * 1e3,
-            "trace": float(tr.trace),
-            "trace_stderr": float(tr.stderr),
-            "trace_probes": trace_options.probes,
-            "trace_extra_ms": ik_tr_s * 1e3,
+            "max_eigenvalue": ik_ev,
+            "max_eigenvalue_iterations": iterations,
+            "max_eigenvalue_ms": ik_ev_s * ms,
+            f"trace_{trace_options.probes}_probes": ik_tr,
+            f"trace_{trace_options.probes}_probes_ms": ik_tr_s * ms,
+            "trace_100_probes": ik_tr100,
+            "trace_100_probes_ms": ik_tr100_s * ms,
             "rng_untouched": ik_rng_untouched,
             "grads_untouched": grads_untouched,
         },
         "cockpit": {
             "HessMaxEV": cp_ev,
-            "HessMaxEV_extra_ms": (cp_ev_s - plain_s) * 1e3,
+            "HessMaxEV_extra_ms": (cp_ev_s - plain_s) * ms,
             "HessTrace": cp_tr,
-            "HessTrace_extra_ms": (cp_tr_s - plain_s) * 1e3,
+            "HessTrace_extra_ms": (cp_tr_s - plain_s) * ms,
             "rng_untouched_by_HessMaxEV": cp_rng_untouched,
         },
     }
     print(json.dumps(result, indent=2))
-    ref, ik, cp = reference, result["ikkuna"], result["cockpit"]
+    ref = reference
     print(
-        "\n| | explicit Hessian | Ikkuna | Cockpit |\n|---|---:|---:|---:|\n"
-        f"| largest eigenvalue | {ref['max_eigenvalue']:.6g} | {ik['max_eigenvalue']:.6g} "
-        f"| {cp['HessMaxEV']:.6g} |\n"
-        f"| trace | {ref['trace']:.6g} | {ik['trace']:.6g} ± {ik['trace_stderr']:.2g} "
-        f"| {cp['HessTrace']:.6g} |\n"
-        f"| eigenvalue: extra ms per evaluation | | {ik['max_eigenvalue_extra_ms']:.1f} "
-        f"| {cp['HessMaxEV_extra_ms']:.1f} |\n"
-        f"| trace: extra ms per evaluation | | {ik['trace_extra_ms']:.1f} "
-        f"| {cp['HessTrace_extra_ms']:.1f} |\n"
-        f"| (plain forward + backward: {plain_s * 1e3:.1f} ms) | | | |"
+        f"\n| {n_params} parameters, batch {x.shape[0]}, {args.repeats} evaluations | value "
+        "(mean ± std over the evaluations) | extra ms per evaluation |\n|---|---:|---:|\n"
+        f"| largest eigenvalue, explicit Hessian | {ref['max_eigenvalue']:.6g} | |\n"
+        f"| Ikkuna `hessian_max_eigenvalue` (defaults, cold start) | {spread(ik_ev)} "
+        f"| {ik_ev_s * ms:.1f} |\n"
+        f"| Cockpit `HessMaxEV` | {spread(cp_ev)} | {(cp_ev_s - plain_s) * ms:.1f} |\n"
+        f"| trace, explicit Hessian | {ref['trace']:.6g} | |\n"
+        f"| Ikkuna `hessian_trace`, {trace_options.probes} probes (default; expected std "
+        f"{per_probe / math.sqrt(trace_options.probes):.2g}) | {spread(ik_tr)} "
+        f"| {ik_tr_s * ms:.1f} |\n"
+        f"| Ikkuna `hessian_trace`, 100 probes (expected std {per_probe / 10:.2g}) "
+        f"| {spread(ik_tr100)} | {ik_tr100_s * ms:.1f} |\n"
+        f"| Cockpit `HessTrace` | {spread(cp_tr)} | {(cp_tr_s - plain_s) * ms:.1f} |\n"
+        f"\nplain forward + backward: {plain_s * ms:.1f} ms; training's RNG untouched: Ikkuna "
+        f"{ik_rng_untouched}, Cockpit HessMaxEV {cp_rng_untouched}"
     )
     return result
 

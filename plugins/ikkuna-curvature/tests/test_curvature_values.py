@@ -324,3 +324,27 @@ def test_on_cuda_the_values_are_the_cpu_ones() -> None:
         assert backend.scalar("condition_number/weights/0", step) == pytest.approx(
             float(torch.linalg.cond(w.reshape(w.shape[0], -1))), rel=1e-6
         )
+
+
+class _Branching(nn.Module):
+    """Python control flow on a tensor value: vmap cannot batch it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        return out if out.sum() > 0 else -out
+
+
+def test_noise_scale_where_vmap_fails_says_why_and_disables_itself() -> None:
+    torch.manual_seed(0)
+    model = _Branching()
+    x, y = torch.randn(N, 6), torch.randint(0, 3, (N,))
+    sub = GradientNoiseScale(subsample=1)
+    with pytest.warns(RuntimeWarning, match="torch.func.vmap cannot compute") as caught:
+        backend = run(model, x, y, [sub, ConditionNumber(subsample=1)], steps=2)
+    assert len([w for w in caught if "gradient_noise_scale" in str(w.message)]) == 1
+    assert not sub.enabled
+    assert backend.tags() == {"condition_number/weights/linear"}
