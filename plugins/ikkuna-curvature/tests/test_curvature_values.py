@@ -84,13 +84,13 @@ def explicit_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
 
 def run(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, subscribers: list[ik.Subscriber],
-    steps: int = 2, lr: float = 0.0,
+    steps: int = 2, lr: float = 0.0, **exporter_options: object,
 ) -> MemoryBackend:
     """Train ``steps`` SGD steps with the subscribers watching. With the default ``lr = 0``
     the parameters never move, so the reference values hold whenever in the step the
     subscribers run."""
     bus = ik.MessageBus(on_error="raise")
-    exporter = ik.Exporter(bus=bus)
+    exporter = ik.Exporter(bus=bus, **exporter_options)  # type: ignore[arg-type]
     exporter.set_model(model)
     loss_fn = exporter.set_loss(nn.CrossEntropyLoss())
     for s in subscribers:
@@ -118,6 +118,31 @@ def test_max_eigenvalue_matches_the_explicit_hessian(kind: str) -> None:
     cold = backend.scalar("hessian_max_eigenvalue/iterations", 0)
     warm = backend.scalar("hessian_max_eigenvalue/iterations", 1)
     assert 1 <= warm < cold <= 60
+
+
+@pytest.mark.parametrize(("include", "depth"), [((nn.Linear,), -1), (None, 1)])
+def test_the_hessian_is_taken_over_the_watched_parameters(
+    include: tuple[type[nn.Module], ...] | None, depth: int
+) -> None:
+    model, x, y = problem("cnn")
+    h = explicit_hessian(model, x, y)
+    if include is None:
+        # depth 1 of a nested model: the convolutions' block is one watched module whose
+        # parameters are its submodules': every parameter is watched
+        model = nn.Sequential(nn.Sequential(*model[:4]), *model[4:])
+        block = h
+    else:  # only the Linear layer's weight and bias: that block of the Hessian
+        sizes = [p.numel() for p in model.parameters()]
+        start = sum(sizes[:-2])
+        block = h[start:, start:]
+    top = float(torch.linalg.eigvalsh(block)[-1])
+    backend = run(
+        model, x, y, [HessianMaxEigenvalue(subsample=1, max_iterations=60)], steps=1,
+        include=include, depth=depth,
+    )
+    assert backend.scalar("hessian_max_eigenvalue", 0) == pytest.approx(top, rel=1e-2)
+    if include is not None:
+        assert top < float(torch.linalg.eigvalsh(h)[-1]) * 0.99  # a different number
 
 
 def test_lanczos_on_a_known_spectrum_reports_its_true_residual() -> None:
@@ -348,3 +373,12 @@ def test_noise_scale_where_vmap_fails_says_why_and_disables_itself() -> None:
     assert len([w for w in caught if "gradient_noise_scale" in str(w.message)]) == 1
     assert not sub.enabled
     assert backend.tags() == {"condition_number/weights/linear"}
+
+
+def test_noise_scale_skips_a_batch_of_one_example() -> None:
+    model, x, y = problem("mlp")
+    sub = GradientNoiseScale(subsample=1)
+    backend = run(model, x[:1], y[:1], [sub, HessianTrace(subsample=1, probes=2)], steps=2)
+    assert sub.enabled
+    assert {t for t in backend.tags() if t.startswith("gradient_noise_scale")} == set()
+    assert [backend.scalar("hessian_trace", s) for s in (0, 1)]

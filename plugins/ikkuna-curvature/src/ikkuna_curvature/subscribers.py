@@ -134,13 +134,13 @@ class _LossCurvature(Subscriber):
 
 def watched_parameters(model: nn.Module, exporter: Exporter) -> list[nn.Parameter]:
     """The trainable parameters of the modules the exporter watches (its ``depth`` and
-    ``include``), each once, in module order."""
+    ``include``), their submodules' included, each once, in module order."""
     depth = getattr(exporter, "depth", -1)
     include = getattr(exporter, "include", None)
     seen: set[int] = set()
     params = []
     for _, module in select_modules(model, depth, include):
-        for p in module.parameters(recurse=False):
+        for p in module.parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
@@ -282,6 +282,8 @@ class GradientNoiseScale(_LossCurvature):
 
     def compute(self, bundle: MessageBundle) -> None:
         model, loss_fn, inputs, labels, params = self._problem(bundle)
+        if inputs.dim() == 0 or inputs.shape[0] < 2:
+            return  # a batch of one example (an epoch's last, say) has no spread
         try:
             with self.exporter.silenced():
                 result = ops.gradient_noise_scale(
