@@ -312,21 +312,6 @@ def test_options_defaults_and_errors() -> None:
         ConditionNumber(topics=["batch_started"])
 
 
-def test_a_background_bus_is_refused_with_a_reason() -> None:
-    model, x, y = problem("mlp")
-    bus = ik.MessageBus(on_error="warn", background=True)
-    exporter = ik.Exporter(bus=bus)
-    exporter.set_model(model)
-    loss_fn = exporter.set_loss(nn.CrossEntropyLoss())
-    sub = bus.register_subscriber(HessianTrace(subsample=1))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loss_fn(model(x), y).backward()
-        exporter.close()
-    assert not sub.enabled
-    assert any("set background = false" in str(w.message) for w in caught)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_the_values_are_the_cpu_ones() -> None:
     model, x, y = problem("cnn")

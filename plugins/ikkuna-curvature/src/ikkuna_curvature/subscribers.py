@@ -108,11 +108,6 @@ class _LossCurvature(Subscriber):
         self, bundle: MessageBundle
     ) -> tuple[nn.Module, ops.LossFn, torch.Tensor, torch.Tensor, list[nn.Parameter]]:
         """The model, the loss, the step's batch and the watched trainable parameters."""
-        if getattr(self.bus, "background", False):
-            raise RuntimeError(
-                f"{self.name} runs the model, which a background thread must not do while "
-                "training goes on; set background = false"
-            )
         exporter = self.exporter
         model, loss_fn = exporter.model, exporter.loss_fn
         if model is None or loss_fn is None:
