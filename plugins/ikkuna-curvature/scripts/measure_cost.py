@@ -21,10 +21,10 @@ import time
 from typing import Any
 
 import torch
+from ikkuna_core.models import get_model
 from torch import nn
 
 import ikkuna_core as ik
-from ikkuna_core.models import get_model
 from ikkuna_core.testing import MemoryBackend
 
 
