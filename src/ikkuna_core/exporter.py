@@ -601,18 +601,16 @@ class Exporter:
     def _capture(index: int, call: int, tensor: torch.Tensor, mode: int) -> _Entry:
         """A stash entry: a sample (a copy), a copy of a tensor seen changing in place
         before, a reference and its version, or, the first time, a copy and the original."""
-        compiling = torch.compiler.is_compiling()
-        if mode == _FULL and not compiling:
+        if mode > 0:
+            return (index, call, ops.sample(tensor.detach(), mode), -1, None)
+        if mode == _FULL and not torch.compiler.is_compiling():
             return (index, call, tensor, tensor._version, None)
-        with torch.no_grad():
-            if compiling and mode <= 0:
-                # a compiled graph keeps no version counters: copy whole tensors
-                return (index, call, tensor.detach().clone(), -1, None)
-            if mode > 0:
-                return (index, call, ops.sample(tensor, mode), -1, None)
-            if mode == _CLONE:
-                return (index, call, tensor.detach().clone(), -1, None)
-            return (index, call, tensor.detach().clone(), tensor._version, tensor)
+        copy = tensor.detach().clone()
+        if mode == _PROBE and not torch.compiler.is_compiling():
+            return (index, call, copy, tensor._version, tensor)
+        # a copy: the tensor changes in place later in a step, or (compiled) the graph keeps
+        # no version counters to tell
+        return (index, call, copy, -1, None)
 
     def _on_layer_gradient(self, fwd: _Forward, index: int, call: int, grad: torch.Tensor) -> None:
         if fwd is not self._fwd or fwd.lgrad_plan is None:

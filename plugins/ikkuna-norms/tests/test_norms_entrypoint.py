@@ -15,10 +15,11 @@ from torch import nn
 
 import ikkuna_core
 from ikkuna_core.backends.matplotlib import figure_path
-from ikkuna_norms import Mean, Norm, Ratio, SpectralNorm, Variance
+from ikkuna_norms import GlobalNorm, Mean, Norm, Ratio, SpectralNorm, Variance
 
 SUBSCRIBERS = {
     "norm": Norm,
+    "global_norm": GlobalNorm,
     "spectral_norm": SpectralNorm,
     "ratio": Ratio,
     "mean": Mean,

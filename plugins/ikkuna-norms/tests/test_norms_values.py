@@ -14,7 +14,7 @@ from torch import nn
 
 from ikkuna_core import MessageBus, UnknownTopicError
 from ikkuna_core.testing import MemoryBackend, train_steps
-from ikkuna_norms import Mean, Norm, Ratio, SpectralNorm, Variance
+from ikkuna_norms import GlobalNorm, Mean, Norm, Ratio, SpectralNorm, Variance
 
 STEPS = 3
 
@@ -254,3 +254,50 @@ def test_spectral_norm_skips_vectors() -> None:
     assert backend.tags() == {"spectral_norm/weights/1"}
     want = np.linalg.norm(ref.topic("weights", 1)["1"], ord=2)
     assert backend.scalar("spectral_norm/weights/1", 1) == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("p", [2, "inf", 1])
+def test_global_norm_equals_clip_grad_norm_total(p: object) -> None:
+    """``global_norm`` is the total norm ``clip_grad_norm_`` computes over every gradient;
+    computed independently from ``p.grad`` with torch's own function."""
+    model = make_model()
+    totals: list[float] = []
+
+    def record(step: int) -> None:
+        grads = [q.grad for q in model.parameters()]
+        order = math.inf if p == "inf" else float(p)
+        totals.append(float(torch.nn.utils.get_total_norm(grads, norm_type=order)))
+
+    backend = MemoryBackend()
+    x, y = make_data()
+    sub = GlobalNorm(p=p)
+    exporter = train_steps(model, [sub], steps=STEPS, inputs=x, targets=y, backend=backend,
+                           on_step=record)
+    exporter.close()
+    assert sub.output_topics() == ["global_norm/weight_gradients/bias_gradients"]
+    assert exporter.bus.topics["global_norm/weight_gradients/bias_gradients"].kind == "network"
+    assert [r.tag for r in backend.scalars] == ["global_norm/weight_gradients/bias_gradients"] * 3
+    for step in range(STEPS):
+        got = backend.scalar("global_norm/weight_gradients/bias_gradients", step)
+        assert got == pytest.approx(totals[step], rel=1e-5)
+
+
+def test_global_norm_counts_a_tied_parameter_once() -> None:
+    """An embedding tied to the output layer: one tensor, one gradient, counted once."""
+    torch.manual_seed(0)
+    embed = nn.Embedding(10, 6)
+    head = nn.Linear(6, 10, bias=False)
+    head.weight = embed.weight
+    model = nn.Sequential(embed, nn.Flatten(), nn.Unflatten(1, (3, 6)), head, nn.Flatten(1))
+    x = torch.randint(0, 10, (4, 3))
+    y = torch.randint(0, 10, (4, 30)).float().softmax(1)
+    backend = MemoryBackend()
+    expected: list[float] = []
+    exporter = train_steps(
+        model, [GlobalNorm()], steps=2, inputs=x, targets=y, backend=backend,
+        on_step=lambda s: expected.append(float(torch.linalg.vector_norm(embed.weight.grad))),
+    )
+    exporter.close()
+    for step in range(2):
+        got = backend.scalar("global_norm/weight_gradients/bias_gradients", step)
+        assert got == pytest.approx(expected[step], rel=1e-5)

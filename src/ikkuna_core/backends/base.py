@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
 __all__ = ["Backend", "HistogramRecord", "ScalarRecord"]
 
 
-@dataclass(frozen=True)
-class ScalarRecord:
+class ScalarRecord(NamedTuple):
+    """One scalar value of one step, on the host (immutable, cheap to make)."""
+
     topic: str
     key: str | None
     tag: str
@@ -23,8 +23,10 @@ class ScalarRecord:
     value: float
 
 
-@dataclass(frozen=True)
-class HistogramRecord:
+class HistogramRecord(NamedTuple):
+    """One histogram of one step, on the host: ``counts[i]`` values fell in
+    ``edges[i]..edges[i + 1]``; ``num`` finite values in all, ``nonfinite`` NaN/inf ones."""
+
     topic: str
     key: str | None
     tag: str

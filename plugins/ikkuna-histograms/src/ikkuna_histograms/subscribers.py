@@ -75,14 +75,19 @@ class Histogram(Subscriber):
         return self.options.max_samples or None
 
     def compute_step(self, step: StepBundle) -> None:
-        for topic in step.topics:
-            hists = ops.histograms(
-                step[topic].tensors(),
-                bins=self.options.bins,
-                range=self.options.range,
-                max_samples=self.options.max_samples or None,
-            )
-            self.publish_histograms(step, hists, topic=topic)
+        # every topic's tensors in one segmented computation, then one message per topic
+        tensors = [step[topic].tensors() for topic in step.topics]
+        hists = ops.histograms(
+            [t for group in tensors for t in group],
+            bins=self.options.bins,
+            range=self.options.range,
+            max_samples=self.options.max_samples or None,
+        )
+        start = 0
+        for topic, group in zip(step.topics, tensors, strict=True):
+            rows = slice(start, start + len(group))
+            self.publish_histograms(step, ops.Histograms(*(f[rows] for f in hists)), topic=topic)
+            start += len(group)
 
 
 class DeadFractionOptions(TensorOptions):

@@ -71,9 +71,13 @@ class Norm(Subscriber):
     options: NormOptions
 
     def compute_step(self, step: StepBundle) -> None:
-        for topic in step.topics:
-            values = ops.norms(step[topic].tensors(), self.options.p)
-            self.publish_scalars(step, values, topic=topic)
+        # every topic's tensors in one fused reduction, then one message per topic
+        tensors = [step[topic].tensors() for topic in step.topics]
+        values = ops.norms([t for group in tensors for t in group], self.options.p)
+        start = 0
+        for topic, group in zip(step.topics, tensors, strict=True):
+            self.publish_scalars(step, values[start : start + len(group)], topic=topic)
+            start += len(group)
 
 
 # ----------------------------------------------------------------------------- global norm
