@@ -1331,7 +1331,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         default=",".join(DEFAULT_VARIANTS),
-        help="comma-separated, from " + ", ".join(VARIANTS) + " (default: all but curvature, whose cost needs --steps x --rounds >= 50)",
+        help="comma-separated, from " + ", ".join(VARIANTS)
+        + " (default: all but curvature, whose cost needs --steps x --rounds >= 50)",
     )
     parser.add_argument("--steps", type=int, help="consecutive steps per variant and round")
     parser.add_argument("--rounds", type=int, help="rounds of interleaved variants")
