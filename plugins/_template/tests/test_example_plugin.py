@@ -10,12 +10,13 @@ from torch import nn
 
 import ikkuna_core
 from ikkuna_core.testing import MemoryBackend, train_steps
-from ikkuna_example import MeanAbs
+from ikkuna_example import MaxAbs, MeanAbs
 
 
 def test_installed_entry_point_provides_the_subscriber() -> None:
     registry = ikkuna_core.load_plugins(["example"])
     assert registry.subscriber("mean_abs") is MeanAbs
+    assert registry.subscriber("max_abs") is MaxAbs
 
 
 @pytest.mark.parametrize("power", [1.0, 2.0])
@@ -46,3 +47,23 @@ def test_options_are_validated() -> None:
         MeanAbs(power=0)
     with pytest.raises(ValueError):
         MeanAbs(powr=2)
+
+
+def test_step_level_max_abs_matches_numpy() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(10, 1, 4, 4), torch.randint(0, 3, (10,))
+    grads: list[dict[str, np.ndarray]] = []
+
+    def record(step: int) -> None:
+        grads.append({k: model.get_submodule(k).weight.grad.numpy().copy() for k in ("1", "3")})
+
+    backend = MemoryBackend()
+    exporter = train_steps(
+        model, [MaxAbs()], steps=2, inputs=x, targets=y, backend=backend, on_step=record
+    )
+    exporter.close()
+    for step, by_module in enumerate(grads):
+        for key, grad in by_module.items():
+            got = backend.scalar(f"max_abs/weight_gradients/{key}", step)
+            assert got == pytest.approx(np.abs(grad).max(), rel=1e-6)

@@ -1,7 +1,8 @@
-"""ikkuna-example: a template plugin with one subscriber, ``mean_abs``."""
+"""ikkuna-example: a template plugin with two subscribers, ``mean_abs`` (per module) and
+``max_abs`` (step level)."""
 
-from .subscribers import MeanAbs, MeanAbsOptions
+from .subscribers import MaxAbs, MeanAbs, MeanAbsOptions
 
-__all__ = ["MeanAbs", "MeanAbsOptions"]
+__all__ = ["MaxAbs", "MeanAbs", "MeanAbsOptions"]
 
 __version__ = "0.1.0"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from ikkuna_core import Subscriber, hookimpl
 
-from .subscribers import MeanAbs
+from .subscribers import MaxAbs, MeanAbs
 
 
 @hookimpl
 def ikkuna_subscribers() -> list[type[Subscriber]]:
     """The subscriber classes this plugin provides; a configuration refers to each by its
     ``name``, which must not clash with another installed plugin's."""
-    return [MeanAbs]
+    return [MeanAbs, MaxAbs]

@@ -1,4 +1,6 @@
-"""One example subscriber: options, defaults, a computation that stays on the device."""
+"""Two example subscribers: the per-module path (``mean_abs``: options, defaults, a
+computation that stays on the device) and the step-level path (``max_abs``: every module's
+payloads of a step reduced together, a few kernel launches per step whatever the model)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from ikkuna_core import MessageBundle, Subscriber, SubscriberOptions
+from ikkuna_core import MessageBundle, StepBundle, Subscriber, SubscriberOptions, ops
 
 
 class MeanAbsOptions(SubscriberOptions):
@@ -32,3 +34,19 @@ class MeanAbs(Subscriber):
         value = x.detach().float().abs().pow(self.options.power).mean()
         # Keep the value a tensor: no .item()/.cpu()/float(), so no host synchronisation.
         self.publish_scalar(bundle, value)
+
+
+class MaxAbs(Subscriber):
+    """The largest ``|x|`` of each subscribed topic, per module, published as
+    ``max_abs/<topic>`` — written for the step-level path: one call per step with all
+    modules' payloads, one fused reduction (``ops.norms`` with p = inf), one message per
+    topic. Prefer this shape when a metric reduces every module the same way."""
+
+    name = "max_abs"
+    default_topics: ClassVar[tuple[str, ...]] = ("weight_gradients",)
+
+    def compute_step(self, step: StepBundle) -> None:
+        for topic in step.topics:
+            payloads = step[topic]  # .keys, .modules and .data: one entry per module
+            values = ops.norms(payloads.tensors(), p=float("inf"))  # one value per module
+            self.publish_scalars(step, values, topic=topic)  # keys: the topic's keys
