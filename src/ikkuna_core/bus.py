@@ -217,6 +217,15 @@ class MessageBus:
         if (step + 1) % self.flush_every == 0:
             self.flush(wait=False)
 
+    def deliver_event(self, stamp: Stamp, topic: str) -> None:
+        """Hand an event that happens between steps (``epoch_finished``) to the subscriptions
+        of that topic due at ``stamp``'s step."""
+        due = tuple(s for s in self.active(stamp[0]) if topic in s.topics)
+        if due:
+            payloads = {topic: TopicPayloads(topic=topic, keys=[None], modules=[None], data=[None])}
+            with torch.no_grad():
+                self._run(stamp, payloads, due)
+
     def _run(
         self, stamp: Stamp, payloads: dict[str, TopicPayloads], active: Sequence[Subscription]
     ) -> None:

@@ -343,8 +343,7 @@ class Exporter:
         if self._open:
             self._finish_step()
         stamp = (max(self.global_step, 0), self.epoch, max(self.batch_index, 0))
-        if "epoch_finished" in self.bus.wanted_topics(stamp[0]):
-            self.bus.deliver(stamp, {"epoch_finished": _event("epoch_finished")})
+        self.bus.deliver_event(stamp, "epoch_finished")
         self.bus.flush()
         self.epoch += 1
         self.batch_index = -1
