@@ -89,6 +89,7 @@ class MessageBus:
         self.exporter: Exporter | None = None
         self._listeners: list[Callable[[], None]] = []
         self._active_cache: dict[int, tuple[Subscription, ...]] = {}
+        self._period = 1  # the subscriptions' subsample periods repeat after this many steps
         self._consumed: frozenset[str] = frozenset()
         self._collecting: tuple[Subscriber, dict[str, _Collected]] | None = None
         self._pending: list[ScalarsMessage | HistogramsMessage] = []
@@ -181,6 +182,7 @@ class MessageBus:
     def _changed(self) -> None:
         self._active_cache.clear()
         self._consumed = frozenset(t for s in self.subscriptions for t in s.topics)
+        self._period = math.lcm(1, *(s.subsample for s in self.subscriptions))
         for cb in self._listeners:
             cb()
 
@@ -190,8 +192,7 @@ class MessageBus:
 
     def active(self, step: int) -> tuple[Subscription, ...]:
         """The subscriptions due at ``step`` (after subsampling), in registration order."""
-        subs = self.subscriptions
-        period = math.lcm(1, *(s.subsample for s in subs))
+        subs, period = self.subscriptions, self._period
         phase = step % period if period <= 10_000 else step
         cached = self._active_cache.get(phase)
         if cached is None or any(not s.subscriber.enabled for s in cached):
@@ -222,9 +223,8 @@ class MessageBus:
         of that topic due at ``stamp``'s step."""
         due = tuple(s for s in self.active(stamp[0]) if topic in s.topics)
         if due:
-            payloads = {topic: TopicPayloads(topic=topic, keys=[None], modules=[None], data=[None])}
             with torch.no_grad():
-                self._run(stamp, payloads, due)
+                self._run(stamp, {topic: TopicPayloads.event(topic)}, due)
 
     def _run(
         self, stamp: Stamp, payloads: dict[str, TopicPayloads], active: Sequence[Subscription]

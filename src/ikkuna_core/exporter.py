@@ -822,9 +822,9 @@ class Exporter:
                 out[topic] = TopicPayloads(topic=topic, keys=[None], modules=[None], data=[data])
         for topic in ("batch_started", "batch_finished"):
             if topic in wanted:
-                out[topic] = _event(topic)
+                out[topic] = TopicPayloads.event(topic)
         if self.batch_index == 0 and "epoch_started" in wanted:
-            out["epoch_started"] = _event("epoch_started")
+            out["epoch_started"] = TopicPayloads.event("epoch_started")
         return out
 
     def _valid(self, entry: tuple[torch.Tensor, int], topic: str, index: int) -> Any:
@@ -867,10 +867,6 @@ class Exporter:
         while len(keys) <= call:
             keys.append(f"{keys[0]}#{len(keys)}")
         return keys[call]
-
-
-def _event(topic: str) -> TopicPayloads:
-    return TopicPayloads(topic=topic, keys=[None], modules=[None], data=[None])
 
 
 def modules_of(names: Iterable[str]) -> tuple[type[nn.Module], ...]:

@@ -211,6 +211,11 @@ class TopicPayloads(BaseModel):
     def __len__(self) -> int:
         return len(self.keys)
 
+    @classmethod
+    def event(cls, topic: str) -> TopicPayloads:
+        """The payloads of an event topic (``batch_finished``…): one entry, no tensor."""
+        return cls(topic=topic, keys=[None], modules=[None], data=[None])
+
     def tensors(self) -> list[torch.Tensor]:
         """The payloads, for topics whose payloads are all tensors."""
         out = [t for t in self.data if t is not None]
