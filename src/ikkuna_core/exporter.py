@@ -63,6 +63,8 @@ __all__ = ["Exporter", "select_modules", "unwrap_model"]
 
 ROOT_NAME = "model"
 _LOSS_TOPICS = frozenset({"network_output", "input_labels", "loss"})
+_GRADIENTS = frozenset(GRADIENT_TOPICS.values())
+_UPDATES = frozenset(UPDATE_TOPICS.values())
 # Capture modes of a forward topic per module; k > 0: a sample of k entries (a copy).
 _SKIP = -1  # no subscriber wants it
 _FULL = 0  # a reference, whose version is checked at the end of the step
@@ -712,6 +714,8 @@ class Exporter:
 
     def _read_grads(self, params: list[int]) -> None:
         wanted = self._wanted
+        if wanted.isdisjoint(_GRADIENTS):
+            return
         for i in params:
             p = self._params[i]
             if GRADIENT_TOPICS[p.kind] in wanted:
@@ -721,6 +725,8 @@ class Exporter:
 
     def _snapshot_params(self, params: list[int]) -> None:
         wanted = self._wanted
+        if wanted.isdisjoint(_UPDATES):
+            return
         chosen = [i for i in params if UPDATE_TOPICS[self._params[i].kind] in wanted]
         if not chosen:
             return
