@@ -8,7 +8,7 @@ backends = ["tensorboard"]
 log_dir = "runs/exp1"
 
 [[ikkuna.subscribers]]
-name = "norm"                           # a subscriber's `name`
+name = "max_abs"                        # a subscriber's `name`
 topics = ["weight_gradients"]
 subsample = 10
 ```

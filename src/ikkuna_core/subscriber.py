@@ -15,7 +15,7 @@ pydantic model (``Options``; every subscriber accepts ``topics``, ``subsample`` 
   :meth:`Subscriber.publish_scalars` / :meth:`Subscriber.publish_histograms`.
 
 Either way, a subscriber's results of a step travel as one message per output topic, to the
-backends and, as topics of their own (``norm/weight_gradients``), to other subscribers.
+backends and, as topics of their own (``max_abs/weight_gradients``), to other subscribers.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class Subscriber:
 
     def output_topic(self, suffix: str | None = None) -> str:
         """The topic results are published under: ``publish_as`` if given, otherwise the
-        subscriber's name followed by its input topics (``norm/weight_gradients``)."""
+        subscriber's name followed by its input topics (``max_abs/weight_gradients``)."""
         base = self.options.publish_as or "/".join([self.name, *self.options.topics])
         return f"{base}/{suffix}" if suffix else base
 
