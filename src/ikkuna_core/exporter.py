@@ -247,8 +247,10 @@ class Exporter:
         # optimizers expected to step in each step (those that stepped in the last one)
         self._expected: weakref.WeakSet[Any] = weakref.WeakSet()
         self._seen_optimizer = False
+        self._has_optimizer: bool | None = None  # see _optimizer_exists
         self._watched_forward = False
         self._steps_without_forward = 0
+        self._steps_without_loss = 0
 
     # ------------------------------------------------------------------ setup
     def set_model(self, model: nn.Module) -> None:
@@ -522,7 +524,9 @@ class Exporter:
             if self._inside is not None:  # a closure's forward inside optimizer.step()
                 if not self._open:
                     self._open_step()
-            elif self._open and (self._stepped or not self._expected):
+            elif self._open and (
+                self._stepped or not (self._expected or self._optimizer_exists())
+            ):
                 self._finish_step()  # a loop without optimizer, or one that skipped a step
                 self._open_step()
             elif not self._open:
@@ -671,6 +675,25 @@ class Exporter:
             cached = self._optimizers[optimizer] = (signature, found)
         return cached[1]
 
+    def _optimizer_exists(self) -> bool:
+        """Whether a live torch optimizer holds some watched parameter. Asked once, when the
+        first step sees a second training forward before any optimizer step: gradient
+        accumulation (the same step: an optimizer step will end it) or a loop without an
+        optimizer (each forward a step)? Without this, the first step of an accumulating loop
+        published a half-accumulated gradient (test_real_loops). Looked up among the objects
+        the garbage collector tracks, once per Exporter."""
+        if self._has_optimizer is None:
+            import gc
+
+            optimizer = torch.optim.Optimizer
+            # type(), not isinstance(): isinstance may run code of arbitrary objects' own
+            # (deprecated module attributes warn when their __class__ is read)
+            self._has_optimizer = any(
+                issubclass(type(obj), optimizer) and bool(self._optimizer_params(obj))
+                for obj in gc.get_objects()
+            )
+        return self._has_optimizer
+
     def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._closed or self._silent:
             return
@@ -681,13 +704,19 @@ class Exporter:
             if not self._seen_optimizer:
                 self._seen_optimizer = True
                 self._sync_hooks()  # gradients now come from here
-            closure = (args[0] if args else kwargs.get("closure")) is not None
+            # torch hands the hook the step's arguments with the optimizer itself first
+            # (args[0] is never the closure): reading args[0] took every step for a closure
+            # step, so a second optimizer opened a step of its own (test_real_loops).
+            closure = (args[1] if len(args) > 1 else kwargs.get("closure")) is not None
             if not self._open:
-                if not closure:
+                if not (closure or optimizer in self._expected or self.global_step < 0):
                     # an optimizer stepping after the step it belongs to has ended (the
                     # second of two optimizers, on the first step): expect it from now on
                     self._expected.add(optimizer)
                     return
+                # a step without a watched forward (the model's own forward is never called,
+                # or step(closure) runs it): it opens here. Before, such a step never opened
+                # and nothing at all was published (test_real_loops).
                 self._open_step()
             self._inside, self._closure = optimizer, closure
             if not closure:
@@ -763,18 +792,47 @@ class Exporter:
                 "a LightningModule's training_step calls), or use the Lightning callback",
             )
 
+    def _note_missing_loss(self, topics: frozenset[str]) -> None:
+        """Steps whose forward ran but whose loss was never seen: the loss topics cannot be
+        published. Said once, at the second such step (a close() right after a forward
+        does not count as a mistake)."""
+        self._steps_without_loss += 1
+        if self._steps_without_loss != 2:
+            return
+        missing = sorted(topics)
+        if self.loss_fn is None:
+            self.bus._warn_once(
+                "no-loss",
+                f"{missing} are subscribed but no loss function is set and the model's output "
+                "carries no loss, so they are never published. Watch the loss: "
+                "loss_fn = exporter.set_loss(loss_fn) (or ik.watch(model, loss_fn, ...)) and "
+                "compute the loss with the returned callable; or let the model compute it, as "
+                "Hugging Face models do: an output with 'loss' and 'logits' fields, the labels "
+                "passed as the labels= keyword",
+            )
+        else:
+            self.bus._warn_once(
+                "loss-not-called",
+                f"{missing} are subscribed but the loss function given to set_loss was not "
+                "called in the step, so they are never published. Compute the "
+                "loss with the callable set_loss returned (exporter.loss_fn): a plain "
+                "function is wrapped, not changed in place",
+            )
+
     # ------------------------------------------------------------ end of step
     def _finish_step(self) -> None:
         """Hand the step's payloads to the bus and forget them."""
         self._open = False
         self._act_plan = self._lgrad_plan = None
-        self._loss_pending = False
+        loss_missing, self._loss_pending = self._loss_pending, False
         self._inside = None
         if self._stepped:
             self._expected = weakref.WeakSet(self._stepped)
         stamp, wanted = self._stamp, self._wanted
         if not self._forwards and self._stepped and wanted & (FORWARD_TOPICS | _LOSS_TOPICS):
             self._note_missing_forward()
+        if loss_missing and self._forwards:
+            self._note_missing_loss(wanted & _LOSS_TOPICS)
         fwd, grads, updates = self._fwd, self._grads, self._updates
         self._fwd = _Forward(len(self._module_objs))
         self._grads, self._updates = {}, {}
