@@ -35,6 +35,7 @@ error goes through the bus's error policy.
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -248,6 +249,8 @@ class Exporter:
         self._expected: weakref.WeakSet[Any] = weakref.WeakSet()
         self._seen_optimizer = False
         self._has_optimizer: bool | None = None  # see _optimizer_exists
+        self._sharded = False  # some parameter is a DTensor (FSDP2): see _gathered
+        self._driven = False  # forwards are announced by an integration: _external_forward
         self._watched_forward = False
         self._steps_without_forward = 0
         self._steps_without_loss = 0
@@ -276,6 +279,7 @@ class Exporter:
             self._module_objs.append((info, module))
             self._call_keys.append([name])
         self._discover_parameters(inner)
+        self._sharded = any(_is_dtensor(p.tensor) for p in self._params)
         self._handles.append(
             model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True)
         )
@@ -513,10 +517,32 @@ class Exporter:
 
     @torch.compiler.disable  # step bookkeeping: never traced (counters would recompile)
     def _on_forward_start(self, module: nn.Module, args: tuple[Any, ...], kwargs: Any) -> None:
+        if not self._driven:
+            self._forward_started(module.training, args, kwargs)
+
+    def _external_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A training forward announced by an integration (the Lightning callback, at each
+        training batch), for code that never calls the watched model's own forward (a
+        LightningModule whose training_step calls ``self.net``): it counts like a forward of
+        the model (a new step, or a micro-batch of the open one), forward topics are captured
+        from the watched modules, and ``args``/``kwargs`` (the batch) give ``input_data``.
+        From the first call on, the model's own forward no longer counts."""
+        self._driven = True
+        model = self._require_model()
+        self._forward_started(model.training, args, kwargs)
+
+    def _external_loss(self, loss: torch.Tensor) -> None:
+        """The step's loss, announced by an integration (Lightning's on_before_backward), for
+        a loss computed without a watched loss function. The first of the step counts, as
+        for a watched loss; a watched loss function that already reported wins."""
+        if self._loss_pending and not self._closed:
+            self._stash_loss((), {}, loss)
+
+    def _forward_started(self, training: bool, args: tuple[Any, ...], kwargs: Any) -> None:
         if self._silent or self._closed:
             return
         try:
-            if not (module.training and torch.is_grad_enabled()) and not self.publish_in_eval:
+            if not (training and torch.is_grad_enabled()) and not self.publish_in_eval:
                 self._act_plan = self._lgrad_plan = None
                 self._loss_pending = False
                 return
@@ -765,7 +791,12 @@ class Exporter:
                 buf = self._snapshot[i] = torch.empty_like(t, requires_grad=False)
             bufs.append(buf)
         with torch.no_grad():
-            torch._foreach_copy_(bufs, [self._params[i].tensor for i in chosen])
+            sources = [self._params[i].tensor for i in chosen]
+            if self._sharded:  # DTensors (FSDP2) have no _foreach_copy_: one copy_ each
+                for buf, source in zip(bufs, sources, strict=True):
+                    buf.copy_(source)
+            else:
+                torch._foreach_copy_(bufs, sources)
         for i, buf in zip(chosen, bufs, strict=True):
             self._updates[i] = buf
 
@@ -776,7 +807,12 @@ class Exporter:
         bufs = [self._updates[i] for i in chosen]
         with torch.no_grad():
             # buf <- after - before, in place: the snapshot becomes the update.
-            torch._foreach_sub_(bufs, [self._params[i].tensor for i in chosen])
+            after = [self._params[i].tensor for i in chosen]
+            if self._sharded:  # DTensors (FSDP2): pointwise ops, one tensor at a time
+                for buf, tensor in zip(bufs, after, strict=True):
+                    buf.sub_(tensor).neg_()
+                return
+            torch._foreach_sub_(bufs, after)
             torch._foreach_neg_(bufs)
 
     def _note_missing_forward(self) -> None:
@@ -841,6 +877,8 @@ class Exporter:
             return
         try:
             payloads = self._payloads(wanted, fwd, grads, updates)
+            if self._sharded:
+                payloads = _gathered(payloads)
         except Exception as exc:  # noqa: BLE001 - never stop training
             self.bus.internal_error("collecting the step's payloads", exc, stamp[0])
             payloads = {}
@@ -928,6 +966,33 @@ class Exporter:
         while len(keys) <= call:
             keys.append(f"{keys[0]}#{len(keys)}")
         return keys[call]
+
+
+def _is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (none can exist before
+    that module is imported, so this never imports it)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def _gathered(payloads: dict[str, TopicPayloads]) -> dict[str, TopicPayloads]:
+    """The payloads with every sharded tensor (a DTensor: FSDP2's ``fully_shard``, tensor
+    parallelism) replaced by the full tensor, gathered from all ranks, so that every metric
+    is of the whole parameter, never silently of this rank's shard. A collective: every rank
+    runs it at the same steps, for the same topics in the same (sorted) order. It costs one
+    all-gather per sharded payload at published steps (``subsample`` bounds it) and, for a
+    moment, the memory of the full tensors of the subscribed topics."""
+    with torch.no_grad():
+        for topic in sorted(payloads):
+            found = payloads[topic]
+            if any(_is_dtensor(t) for t in found.data):
+                payloads[topic] = TopicPayloads(
+                    topic=topic,
+                    keys=found.keys,
+                    modules=found.modules,
+                    data=[t.full_tensor() if _is_dtensor(t) else t for t in found.data],
+                )
+    return payloads
 
 
 def _event(topic: str) -> TopicPayloads:
