@@ -73,8 +73,9 @@ def _local_grads(reference: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict
 
 
 def ddp(rank: int, out: Path) -> dict[str, Any]:
-    import ikkuna_core as ik
     from torch.nn.parallel import DistributedDataParallel
+
+    import ikkuna_core as ik
 
     net = _mlp()
     reference = copy.deepcopy(net)
@@ -108,10 +109,11 @@ def ddp(rank: int, out: Path) -> dict[str, Any]:
 
 
 def fsdp(rank: int) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
     import ikkuna_core as ik
     from ikkuna_core.testing import MemoryBackend
     from ikkuna_norms import Norm
-    from torch.distributed.fsdp import fully_shard
 
     net = _mlp()
     reference = copy.deepcopy(net)

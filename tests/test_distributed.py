@@ -120,7 +120,7 @@ def test_ddp_ranks_all_writes_each_rank_to_its_own_directory(ranks):
 
 def test_fsdp2_publishes_full_parameters_never_shards(ranks):
     _, results = ranks
-    for rank, result in enumerate(results):
+    for result in results:
         run = result["fsdp"]
         assert {key for _, key, _ in run["seen"]} == KEYS
         for step, ref in enumerate(run["steps"]):

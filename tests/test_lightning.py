@@ -141,7 +141,7 @@ def test_trainer_with_the_callback_publishes_what_the_training_step_did(
         assert torch.equal(seen[("input_data", None, step)], module.batches[step])
         torch.testing.assert_close(seen[("loss", None, step)], module.losses[step])
     # 4 batches per epoch: epoch 0 ends after step 3; max_steps ends fit during epoch 1
-    assert [s for t, _, s in recorder.order if t == "epoch_finished"][0] == 3
+    assert next(s for t, _, s in recorder.order if t == "epoch_finished") == 3
     written = _scalars(tmp_path)
     for step in steps:
         expected = float(module.clipped[step]["net.0.weight"].norm())

@@ -435,7 +435,7 @@ def test_step_with_a_closure(optimizer, recorder_cls):
     for step in range(3):
         x, y = _batch(step)
 
-        def closure() -> torch.Tensor:
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
             nonlocal calls
             calls += 1
             opt.zero_grad()

@@ -791,7 +791,7 @@ class Exporter:
                 buf = self._snapshot[i] = torch.empty_like(t, requires_grad=False)
             bufs.append(buf)
         with torch.no_grad():
-            sources = [self._params[i].tensor for i in chosen]
+            sources: list[torch.Tensor] = [self._params[i].tensor for i in chosen]
             if self._sharded:  # DTensors (FSDP2) have no _foreach_copy_: one copy_ each
                 for buf, source in zip(bufs, sources, strict=True):
                     buf.copy_(source)
@@ -807,7 +807,7 @@ class Exporter:
         bufs = [self._updates[i] for i in chosen]
         with torch.no_grad():
             # buf <- after - before, in place: the snapshot becomes the update.
-            after = [self._params[i].tensor for i in chosen]
+            after: list[torch.Tensor] = [self._params[i].tensor for i in chosen]
             if self._sharded:  # DTensors (FSDP2): pointwise ops, one tensor at a time
                 for buf, tensor in zip(bufs, after, strict=True):
                     buf.sub_(tensor).neg_()
@@ -990,7 +990,8 @@ def _gathered(payloads: dict[str, TopicPayloads]) -> dict[str, TopicPayloads]:
                     topic=topic,
                     keys=found.keys,
                     modules=found.modules,
-                    data=[t.full_tensor() if _is_dtensor(t) else t for t in found.data],
+                    data=[t.full_tensor() if _is_dtensor(t) else t  # type: ignore[union-attr]
+                          for t in found.data],
                 )
     return payloads
 
