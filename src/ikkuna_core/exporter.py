@@ -8,8 +8,12 @@ after ``optimizer.step()`` of the optimizers that hold the model's parameters (s
 torch's global optimizer hooks, so no user code is needed); with several optimizers, after the
 last of those that stepped in the previous step. Further forwards before the optimizer step
 (gradient accumulation) belong to the same step; forward topics are taken from its first
-forward. Without any optimizer step, the next training forward, ``epoch_finished()`` or
-``close()`` ends the step. Forwards in eval mode, under ``torch.no_grad()``, or inside
+forward. A step that no forward opened (``optimizer.step(closure)``, or training code that
+never calls the watched model's own forward) opens at the optimizer's pre-step hook; an
+integration (the Lightning callback) may announce the forwards itself. Without any
+optimizer step, the next training forward, ``epoch_finished()`` or ``close()`` ends the
+step; a first step that sees a second forward is gradient accumulation when some optimizer
+holds the model's parameters. Forwards in eval mode, under ``torch.no_grad()``, or inside
 :meth:`Exporter.silenced` publish nothing and count no step.
 
 When each topic is read:
@@ -712,8 +716,8 @@ class Exporter:
             import gc
 
             optimizer = torch.optim.Optimizer
-            # type(), not isinstance(): isinstance may run code of arbitrary objects' own
-            # (deprecated module attributes warn when their __class__ is read)
+            # type(), not isinstance(): isinstance reads __class__, which some objects
+            # compute (deprecated torch attributes warn when it is read)
             self._has_optimizer = any(
                 issubclass(type(obj), optimizer) and bool(self._optimizer_params(obj))
                 for obj in gc.get_objects()
@@ -740,9 +744,10 @@ class Exporter:
                     # second of two optimizers, on the first step): expect it from now on
                     self._expected.add(optimizer)
                     return
-                # a step without a watched forward (the model's own forward is never called,
-                # or step(closure) runs it): it opens here. Before, such a step never opened
-                # and nothing at all was published (test_real_loops).
+                # a step no watched forward opened (step(closure) runs the forward later, or
+                # the training code never calls the watched model's own forward) opens here:
+                # with a closure, for an optimizer that stepped in the last step, or at the
+                # very first step (test_real_loops)
                 self._open_step()
             self._inside, self._closure = optimizer, closure
             if not closure:
