@@ -402,3 +402,29 @@ def test_evaluate_restores_each_modules_mode():
     exporter.evaluate(data()[0])
     assert model.training and not model[1].training and model[0].training
     exporter.close()
+
+
+def test_a_failing_subscriber_stops_training_with_its_own_error():
+    """on_error="raise": the SubscriberError comes out of optimizer.step() as it is (naming
+    subscriber, topic and step), not wrapped as an internal error of the Exporter."""
+
+    class Broken(ik.Subscriber):
+        name = "broken"
+
+        def compute(self, bundle):
+            raise ZeroDivisionError("division by zero")
+
+    model = small_cnn()
+    exporter = ik.Exporter(bus=ik.MessageBus(on_error="raise"))
+    exporter.set_model(model)
+    exporter.bus.register_subscriber(Broken(topics=["weights"]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, _ = data()
+    model(x).sum().backward()
+    with pytest.raises(ik.SubscriberError) as err:
+        opt.step()
+    assert str(err.value) == (
+        "subscriber 'broken' failed at step 0 on topic 'weights': ZeroDivisionError: "
+        "division by zero"
+    )
+    exporter.close()

@@ -16,7 +16,8 @@ import ikkuna_core as ik
 def test_import_stays_light():
     code = (
         "import sys, ikkuna_core, ikkuna_core.plugins, ikkuna_core.testing;"
-        "heavy = [m for m in ('matplotlib', 'tensorboard', 'torchvision', 'sklearn')"
+        "heavy = [m for m in ('matplotlib', 'tensorboard', 'torchvision', 'sklearn',"
+        " 'torch._dynamo')"
         " if m in sys.modules]; print(heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -93,6 +93,12 @@ class IkkunaConfig(BaseModel):
         default="warn", description="a failing subscriber stops training, or is disabled"
     )
     publish_in_eval: bool = Field(default=False, strict=True)
+    ranks: Literal["rank0", "all"] = Field(
+        default="rank0",
+        description="in a distributed run (torch.distributed): 'rank0' = only rank 0 writes "
+        "(the other ranks compute, attach no backend); 'all' = every rank writes to "
+        "<log_dir>/rank<r>",
+    )
 
     @field_validator("depth")
     @classmethod

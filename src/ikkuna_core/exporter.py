@@ -8,8 +8,12 @@ after ``optimizer.step()`` of the optimizers that hold the model's parameters (s
 torch's global optimizer hooks, so no user code is needed); with several optimizers, after the
 last of those that stepped in the previous step. Further forwards before the optimizer step
 (gradient accumulation) belong to the same step; forward topics are taken from its first
-forward. Without any optimizer step, the next training forward, ``epoch_finished()`` or
-``close()`` ends the step. Forwards in eval mode, under ``torch.no_grad()``, or inside
+forward. A step that no forward opened (``optimizer.step(closure)``, or training code that
+never calls the watched model's own forward) opens at the optimizer's pre-step hook; an
+integration (the Lightning callback) may announce the forwards itself. Without any
+optimizer step, the next training forward, ``epoch_finished()`` or ``close()`` ends the
+step; a first step that sees a second forward is gradient accumulation when some optimizer
+holds the model's parameters. Forwards in eval mode, under ``torch.no_grad()``, or inside
 :meth:`Exporter.silenced` publish nothing and count no step.
 
 When each topic is read:
@@ -35,6 +39,7 @@ error goes through the bus's error policy.
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -50,6 +55,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import ops
 from .bus import MessageBus, Stamp, Subscription
+from .errors import IkkunaError
 from .messages import ModuleInfo, TopicPayloads, key_of
 from .topics import (
     FORWARD_TOPICS,
@@ -75,6 +81,14 @@ _PROBE = -3  # first capture: a copy and a reference, to learn which of the two 
 def _check_depth(depth: int) -> None:
     if depth == 0 or depth < -1:
         raise ValueError(f"depth must be -1 (leaves) or >= 1, got {depth}")
+
+
+def _outside_graphs(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook`` kept out of ``torch.compile``'s graphs: the step bookkeeping it does (counters,
+    the open step) would otherwise be specialised into the graph and recompile it every
+    step. Wrapped when a model is watched, so that ``import ikkuna_core`` does not import
+    torch's compiler."""
+    return torch.compiler.disable(hook)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -249,8 +263,12 @@ class Exporter:
         # optimizers expected to step in each step (those that stepped in the last one)
         self._expected: weakref.WeakSet[Any] = weakref.WeakSet()
         self._seen_optimizer = False
+        self._has_optimizer: bool | None = None  # see _optimizer_exists
+        self._sharded = False  # some parameter is a DTensor (FSDP2): see _gathered
+        self._driven = False  # forwards are announced by an integration: _external_forward
         self._watched_forward = False
         self._steps_without_forward = 0
+        self._steps_without_loss = 0
 
     # ------------------------------------------------------------------ setup
     def set_model(self, model: nn.Module) -> None:
@@ -276,8 +294,11 @@ class Exporter:
             self._module_objs.append((info, module))
             self._call_keys.append([name])
         self._discover_parameters(inner)
+        self._sharded = any(_is_dtensor(p.tensor) for p in self._params)
         self._handles.append(
-            model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True)
+            model.register_forward_pre_hook(
+                _outside_graphs(self._on_forward_start), with_kwargs=True
+            )
         )
         self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_pre))
         self._handles.append(register_optimizer_step_post_hook(self._on_optimizer_post))
@@ -454,7 +475,7 @@ class Exporter:
         want_output = bool(topics & _LOSS_TOPICS)
         if want_output and self._loss_handle is None:
             self._loss_handle = self.model.register_forward_hook(
-                self._on_forward_end, with_kwargs=True
+                _outside_graphs(self._on_forward_end), with_kwargs=True
             )
         elif not want_output and self._loss_handle is not None:
             self._loss_handle.remove()
@@ -510,12 +531,33 @@ class Exporter:
         self._forwards = 0
         self._stepped = []
 
-    @torch.compiler.disable  # step bookkeeping: never traced (counters would recompile)
     def _on_forward_start(self, module: nn.Module, args: tuple[Any, ...], kwargs: Any) -> None:
+        if not self._driven:
+            self._forward_started(module.training, args, kwargs)
+
+    def _external_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """A training forward announced by an integration (the Lightning callback, at each
+        training batch), for code that never calls the watched model's own forward (a
+        LightningModule whose training_step calls ``self.net``): it counts like a forward of
+        the model (a new step, or a micro-batch of the open one), forward topics are captured
+        from the watched modules, and ``args``/``kwargs`` (the batch) give ``input_data``.
+        From the first call on, the model's own forward no longer counts."""
+        self._driven = True
+        model = self._require_model()
+        self._forward_started(model.training, args, kwargs)
+
+    def _external_loss(self, loss: torch.Tensor) -> None:
+        """The step's loss, announced by an integration (Lightning's on_before_backward), for
+        a loss computed without a watched loss function. The first of the step counts, as
+        for a watched loss; a watched loss function that already reported wins."""
+        if self._loss_pending and not self._closed:
+            self._stash_loss((), {}, loss)
+
+    def _forward_started(self, training: bool, args: tuple[Any, ...], kwargs: Any) -> None:
         if self._silent or self._closed:
             return
         try:
-            if not (module.training and torch.is_grad_enabled()) and not self.publish_in_eval:
+            if not (training and torch.is_grad_enabled()) and not self.publish_in_eval:
                 self._act_plan = self._lgrad_plan = None
                 self._loss_pending = False
                 return
@@ -523,7 +565,9 @@ class Exporter:
             if self._inside is not None:  # a closure's forward inside optimizer.step()
                 if not self._open:
                     self._open_step()
-            elif self._open and (self._stepped or not self._expected):
+            elif self._open and (
+                self._stepped or not (self._expected or self._optimizer_exists())
+            ):
                 self._finish_step()  # a loop without optimizer, or one that skipped a step
                 self._open_step()
             elif not self._open:
@@ -535,6 +579,8 @@ class Exporter:
                 self._loss_pending = False
                 return
             self._begin_capture(args, kwargs)
+        except IkkunaError:
+            raise  # a subscriber's or backend's error under on_error="raise": as it is
         except Exception as exc:  # noqa: BLE001 - never stop training
             self._act_plan = self._lgrad_plan = None
             self.bus.internal_error("the model's forward pre-hook", exc, self.global_step)
@@ -618,6 +664,8 @@ class Exporter:
             return  # the backward of a forward whose step has ended
         try:
             fwd.lgrads.append(self._capture(index, call, grad, fwd.lgrad_plan[index]))
+        except IkkunaError:
+            raise  # a subscriber's or backend's error under on_error="raise": as it is
         except Exception as exc:  # noqa: BLE001 - never stop training
             self.bus.internal_error(
                 f"the layer-gradient hook of {self._module_objs[index][0].name!r}",
@@ -625,7 +673,6 @@ class Exporter:
                 self.global_step,
             )
 
-    @torch.compiler.disable
     def _on_forward_end(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: Any, output: Any
     ) -> None:
@@ -670,6 +717,25 @@ class Exporter:
             cached = self._optimizers[optimizer] = (signature, found)
         return cached[1]
 
+    def _optimizer_exists(self) -> bool:
+        """Whether a live torch optimizer holds some watched parameter. Asked once, when the
+        first step sees a second training forward before any optimizer step: gradient
+        accumulation (the same step: an optimizer step will end it) or a loop without an
+        optimizer (each forward a step)? Without this, the first step of an accumulating loop
+        published a half-accumulated gradient (test_real_loops). Looked up among the objects
+        the garbage collector tracks, once per Exporter."""
+        if self._has_optimizer is None:
+            import gc
+
+            optimizer = torch.optim.Optimizer
+            # type(), not isinstance(): isinstance reads __class__, which some objects
+            # compute (deprecated torch attributes warn when it is read)
+            self._has_optimizer = any(
+                issubclass(type(obj), optimizer) and bool(self._optimizer_params(obj))
+                for obj in gc.get_objects()
+            )
+        return self._has_optimizer
+
     def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._closed or self._silent:
             return
@@ -680,18 +746,27 @@ class Exporter:
             if not self._seen_optimizer:
                 self._seen_optimizer = True
                 self._sync_hooks()  # gradients now come from here
-            closure = (args[0] if args else kwargs.get("closure")) is not None
+            # torch hands the hook the step's arguments with the optimizer itself first
+            # (args[0] is never the closure): reading args[0] took every step for a closure
+            # step, so a second optimizer opened a step of its own (test_real_loops).
+            closure = (args[1] if len(args) > 1 else kwargs.get("closure")) is not None
             if not self._open:
-                if not closure:
+                if not (closure or optimizer in self._expected or self.global_step < 0):
                     # an optimizer stepping after the step it belongs to has ended (the
                     # second of two optimizers, on the first step): expect it from now on
                     self._expected.add(optimizer)
                     return
+                # a step no watched forward opened (step(closure) runs the forward later, or
+                # the training code never calls the watched model's own forward) opens here:
+                # with a closure, for an optimizer that stepped in the last step, or at the
+                # very first step (test_real_loops)
                 self._open_step()
             self._inside, self._closure = optimizer, closure
             if not closure:
                 self._read_grads(params)
             self._snapshot_params(params)
+        except IkkunaError:
+            raise  # a subscriber's or backend's error under on_error="raise": as it is
         except Exception as exc:  # noqa: BLE001 - never stop training
             self._inside = None
             self.bus.internal_error("the optimizer pre-step hook", exc, self.global_step)
@@ -709,6 +784,8 @@ class Exporter:
             stepped = set(map(id, self._stepped))
             if all(id(o) in stepped for o in self._expected):
                 self._finish_step()
+        except IkkunaError:
+            raise  # a subscriber's or backend's error under on_error="raise": as it is
         except Exception as exc:  # noqa: BLE001 - never stop training
             self.bus.internal_error("the optimizer post-step hook", exc, self.global_step)
 
@@ -739,7 +816,12 @@ class Exporter:
                 buf = self._snapshot[i] = torch.empty_like(t, requires_grad=False)
             bufs.append(buf)
         with torch.no_grad():
-            torch._foreach_copy_(bufs, [self._params[i].tensor for i in chosen])
+            sources: list[torch.Tensor] = [self._params[i].tensor for i in chosen]
+            if self._sharded:  # DTensors (FSDP2) have no _foreach_copy_: one copy_ each
+                for buf, source in zip(bufs, sources, strict=True):
+                    buf.copy_(source)
+            else:
+                torch._foreach_copy_(bufs, sources)
         for i, buf in zip(chosen, bufs, strict=True):
             self._updates[i] = buf
 
@@ -750,7 +832,12 @@ class Exporter:
         bufs = [self._updates[i] for i in chosen]
         with torch.no_grad():
             # buf <- after - before, in place: the snapshot becomes the update.
-            torch._foreach_sub_(bufs, [self._params[i].tensor for i in chosen])
+            after: list[torch.Tensor] = [self._params[i].tensor for i in chosen]
+            if self._sharded:  # DTensors (FSDP2): pointwise ops, one tensor at a time
+                for buf, tensor in zip(bufs, after, strict=True):
+                    buf.sub_(tensor).neg_()
+                return
+            torch._foreach_sub_(bufs, after)
             torch._foreach_neg_(bufs)
 
     def _note_missing_forward(self) -> None:
@@ -766,18 +853,47 @@ class Exporter:
                 "a LightningModule's training_step calls), or use the Lightning callback",
             )
 
+    def _note_missing_loss(self, topics: frozenset[str]) -> None:
+        """Steps whose forward ran but whose loss was never seen: the loss topics cannot be
+        published. Said once, at the second such step (a close() right after a forward
+        does not count as a mistake)."""
+        self._steps_without_loss += 1
+        if self._steps_without_loss != 2:
+            return
+        missing = sorted(topics)
+        if self.loss_fn is None:
+            self.bus._warn_once(
+                "no-loss",
+                f"{missing} are subscribed but no loss function is set and the model's output "
+                "carries no loss, so they are never published. Watch the loss: "
+                "loss_fn = exporter.set_loss(loss_fn) (or ik.watch(model, loss_fn, ...)) and "
+                "compute the loss with the returned callable; or let the model compute it, as "
+                "Hugging Face models do: an output with 'loss' and 'logits' fields, the labels "
+                "passed as the labels= keyword",
+            )
+        else:
+            self.bus._warn_once(
+                "loss-not-called",
+                f"{missing} are subscribed but the loss function given to set_loss was not "
+                "called in the step, so they are never published. Compute the "
+                "loss with the callable set_loss returned (exporter.loss_fn): a plain "
+                "function is wrapped, not changed in place",
+            )
+
     # ------------------------------------------------------------ end of step
     def _finish_step(self) -> None:
         """Hand the step's payloads to the bus and forget them."""
         self._open = False
         self._act_plan = self._lgrad_plan = None
-        self._loss_pending = False
+        loss_missing, self._loss_pending = self._loss_pending, False
         self._inside = None
         if self._stepped:
             self._expected = weakref.WeakSet(self._stepped)
         stamp, wanted = self._stamp, self._wanted
         if not self._forwards and self._stepped and wanted & (FORWARD_TOPICS | _LOSS_TOPICS):
             self._note_missing_forward()
+        if loss_missing and self._forwards:
+            self._note_missing_loss(wanted & _LOSS_TOPICS)
         fwd, grads, updates = self._fwd, self._grads, self._updates
         self._fwd = _Forward(len(self._module_objs))
         self._grads, self._updates = {}, {}
@@ -786,6 +902,10 @@ class Exporter:
             return
         try:
             payloads = self._payloads(wanted, fwd, grads, updates)
+            if self._sharded:
+                payloads = _gathered(payloads)
+        except IkkunaError:
+            raise  # a subscriber's or backend's error under on_error="raise": as it is
         except Exception as exc:  # noqa: BLE001 - never stop training
             self.bus.internal_error("collecting the step's payloads", exc, stamp[0])
             payloads = {}
@@ -873,6 +993,34 @@ class Exporter:
         while len(keys) <= call:
             keys.append(f"{keys[0]}#{len(keys)}")
         return keys[call]
+
+
+def _is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (none can exist before
+    that module is imported, so this never imports it)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def _gathered(payloads: dict[str, TopicPayloads]) -> dict[str, TopicPayloads]:
+    """The payloads with every sharded tensor (a DTensor: FSDP2's ``fully_shard``, tensor
+    parallelism) replaced by the full tensor, gathered from all ranks, so that every metric
+    is of the whole parameter, never silently of this rank's shard. A collective: every rank
+    runs it at the same steps, for the same topics in the same (sorted) order. It costs one
+    all-gather per sharded payload at published steps (``subsample`` bounds it) and, for a
+    moment, the memory of the full tensors of the subscribed topics."""
+    with torch.no_grad():
+        for topic in sorted(payloads):
+            found = payloads[topic]
+            if any(_is_dtensor(t) for t in found.data):
+                payloads[topic] = TopicPayloads(
+                    topic=topic,
+                    keys=found.keys,
+                    modules=found.modules,
+                    data=[t.full_tensor() if _is_dtensor(t) else t  # type: ignore[union-attr]
+                          for t in found.data],
+                )
+    return payloads
 
 
 def modules_of(names: Iterable[str]) -> tuple[type[nn.Module], ...]:

@@ -331,6 +331,8 @@ def load_plugins(
                 "Ikkuna: pip install ./plugins/<folder>), then see `ikkuna plugins`"
             )
     env = _env_selection() if environment else None
+    if env:
+        _warn_unknown_env(env - available, available)
     for ep in eps:
         info = _describe(ep)
         enabled = (requested is None or ep.name in requested) and (env is None or ep.name in env)
@@ -361,6 +363,27 @@ def load_plugins(
             if strict:
                 warnings.warn(f"{exc}; skipped", PluginWarning, stacklevel=2)
     return registry
+
+
+#: Names from IKKUNA_PLUGINS already reported as not installed (said once per process).
+_UNKNOWN_ENV_REPORTED: set[str] = set()
+
+
+def _warn_unknown_env(unknown: set[str], available: set[str]) -> None:
+    """``IKKUNA_PLUGINS`` names plugins that are not installed (a typo, a missing pip
+    install): nothing of theirs loads. Said once per process and name."""
+    new = sorted(unknown - _UNKNOWN_ENV_REPORTED)
+    if not new:
+        return
+    _UNKNOWN_ENV_REPORTED.update(new)
+    warnings.warn(
+        f"{ENV_VAR} names plugin(s) {', '.join(map(repr, new))} that are not installed, so "
+        f"nothing of them is loaded; installed plugins: "
+        f"{', '.join(sorted(available)) or '(none)'}. Fix the name, or install the plugin "
+        "with pip (from a clone of Ikkuna: pip install ./plugins/<folder>)",
+        PluginWarning,
+        stacklevel=3,
+    )
 
 
 def _core_version() -> str | None:

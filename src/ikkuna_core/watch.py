@@ -43,6 +43,11 @@ def watch(
     provides to the subscribers (a :class:`RunContext`: its test loader, say); the plugins
     take from it what their subscribers need.
 
+    In a distributed run (``torch.distributed`` initialised: DDP, FSDP, Lightning), every
+    rank watches and computes (subscribers may need every rank, e.g. for sharded
+    parameters), and only rank 0 attaches the backends, unless ``ranks = "all"``: then each
+    rank writes to ``<log_dir>/rank<r>``.
+
     All or nothing: the configuration and the log directory are validated before anything
     is attached or written (a :class:`ConfigError` naming the key), and if a later step fails
     (a backend's constructor, a plugin's ``ikkuna_run_started``) every hook attached so far is
@@ -130,15 +135,20 @@ def watch(
         config=cfg,
         registry=registry,
     )
+    rank, world = distributed_rank()
+    writes = rank == 0 or cfg.ranks == "all"
+    log_dir = cfg.log_dir / f"rank{rank}" if world > 1 and cfg.ranks == "all" else cfg.log_dir
     try:
         exporter.set_model(model)
         if loss_fn is not None:
             exporter.set_loss(loss_fn)
         module_types = {key: info.type for key, info in exporter.modules.items()}
         for name, backend_cls in zip(cfg.backends, backend_classes, strict=True):
+            if not writes:
+                break  # ranks = "rank0": this rank's subscribers compute, nothing is written
             options = cfg.backend_options.get(name, {})
             try:
-                backend = backend_cls(log_dir=cfg.log_dir, **options)
+                backend = backend_cls(log_dir=log_dir, **options)
             except ValueError as exc:  # an option of the right name with a wrong value
                 raise ConfigError(f"{source}: ikkuna.backend_options.{name}: {exc}") from None
             backend.describe_modules(module_types)
@@ -149,6 +159,15 @@ def watch(
         _undo(exporter, exc)
         raise
     return exporter
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in torch.distributed's default process group
+    (DDP, FSDP, Lightning's strategies); (0, 1) when it is not initialised."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _make_subscriber(

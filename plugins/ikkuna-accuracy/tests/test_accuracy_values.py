@@ -118,6 +118,35 @@ def test_accuracy_options_and_shapes() -> None:
     assert (int(hits), total) == (2, 2)
 
 
+def test_sequence_scores_padding_and_shifted_labels() -> None:
+    """Language-model logits (N, T, C), classes last, against a numpy computation: padding
+    labels (-100) are not counted; with shift_labels the scores at t predict label t + 1."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 7, generator=g)
+    labels = torch.randint(0, 7, (3, 6), generator=g)
+    labels[0, 4:] = -100
+    labels[2, :2] = -100
+    scores, lab = logits.numpy(), labels.numpy()
+    for shift in (False, True):
+        s, y = (scores[:, :-1], lab[:, 1:]) if shift else (scores, lab)
+        keep = y != -100
+        want = ((s.argmax(-1) == y) & keep).sum(), keep.sum()
+        hits, total = correct_and_total(logits, labels, ignore_index=-100, shift_labels=shift)
+        assert (int(hits), int(total)) == (int(want[0]), int(want[1]))
+        top3 = (np.argsort(-s, axis=-1)[..., :3] == y[..., None]).any(-1) & keep
+        hits, total = correct_and_total(logits, labels, 3, ignore_index=-100,
+                                        shift_labels=shift)
+        assert int(hits) == int(top3.sum()) and int(total) == int(keep.sum())
+    # without ignore_index every position counts (a padding label is never a hit)
+    hits, total = correct_and_total(logits, labels)
+    assert total == 18 and int(hits) == int((scores.argmax(-1) == lab).sum())
+    with pytest.raises(ValueError, match="shift_labels needs"):
+        correct_and_total(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long),
+                          shift_labels=True)
+    options = TrainAccuracy(shift_labels=True).options
+    assert options.shift_labels and options.ignore_index == -100
+
+
 # -------------------------------------------------------------------------- test accuracy
 class MessageCounter(Subscriber):
     """Counts the messages of its topics per step (what the Exporter publishes)."""

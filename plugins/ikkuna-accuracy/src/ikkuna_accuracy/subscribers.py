@@ -26,25 +26,50 @@ __all__ = [
 ]
 
 
-def correct_and_total(output: torch.Tensor, labels: torch.Tensor, k: int = 1) -> tuple[
-    torch.Tensor, int
-]:
+def correct_and_total(
+    output: torch.Tensor,
+    labels: torch.Tensor,
+    k: int = 1,
+    *,
+    ignore_index: int | None = None,
+    shift_labels: bool = False,
+) -> tuple[torch.Tensor, int | torch.Tensor]:
     """Number of top-``k`` hits (a 0-d tensor on the output's device) and number of
     predictions. ``output``: class scores ``(N, C)`` or ``(N, C, d1, ...)`` (one prediction
-    per position); ``labels``: class indices ``(N)``/``(N, d1, ...)``, or one-hot / class
-    probabilities shaped like ``output`` (their argmax is the label)."""
+    per position), or sequence scores ``(N, T, C)`` with labels ``(N, T)`` (classes last, as
+    language models return them); ``labels``: class indices ``(N)``/``(N, d1, ...)``, or
+    one-hot / class probabilities shaped like ``output`` (their argmax is the label).
+
+    ``ignore_index``: labels of this value (padding) are not predictions; then the count is
+    a 0-d tensor on the device (no host synchronisation). ``shift_labels``: a causal language
+    model's scores at position t predict the label at t + 1 (as GPT-2 shifts internally):
+    scores ``(N, T, C)`` without their last position against labels without their first."""
     if output.dim() < 2:
         raise ValueError(
             f"accuracy needs class scores shaped (N, C, ...), got a tensor of shape "
             f"{tuple(output.shape)}"
         )
+    if shift_labels:
+        if output.dim() != 3 or tuple(labels.shape) != tuple(output.shape[:2]):
+            raise ValueError(
+                f"shift_labels needs sequence scores (N, T, C) and labels (N, T), got scores "
+                f"{tuple(output.shape)} and labels {tuple(labels.shape)}"
+            )
+        output, labels = output[:, :-1], labels[:, 1:]
     if labels.dim() == output.dim():
         labels = labels.argmax(dim=1)
+    elif (
+        output.dim() > 2
+        and tuple(labels.shape) != (output.shape[0], *output.shape[2:])
+        and tuple(labels.shape) == tuple(output.shape[:-1])
+    ):
+        output = output.movedim(-1, 1)  # classes last: (N, T, C) sequence scores
     expected = (output.shape[0], *output.shape[2:])
     if tuple(labels.shape) != expected:
         raise ValueError(
             f"labels of shape {tuple(labels.shape)} do not match outputs of shape "
-            f"{tuple(output.shape)} (expected labels shaped {expected})"
+            f"{tuple(output.shape)} (expected labels shaped {expected}, or (N, T) for "
+            "(N, T, C) sequence scores)"
         )
     labels = labels.to(output.device)
     k = min(k, output.shape[1])
@@ -52,7 +77,10 @@ def correct_and_total(output: torch.Tensor, labels: torch.Tensor, k: int = 1) ->
         hit = output.argmax(dim=1) == labels
     else:
         hit = (output.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1)
-    return hit.sum(), hit.numel()
+    if ignore_index is None:
+        return hit.sum(), hit.numel()
+    counted = labels != ignore_index
+    return (hit & counted).sum(), counted.sum()
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
@@ -94,6 +122,16 @@ class _AccuracyNaming(Subscriber):
 # -------------------------------------------------------------------------- train accuracy
 class TrainAccuracyOptions(SubscriberOptions):
     top_k: int = Field(default=1, ge=1, description="a hit is a label among the k best scores")
+    ignore_index: int | None = Field(
+        default=-100,
+        description="labels of this value (padding) are not counted; -100 as in torch's "
+        "cross_entropy and Hugging Face models; None counts every label",
+    )
+    shift_labels: bool = Field(
+        default=False,
+        description="causal language models: the scores at position t predict the label at "
+        "t + 1, as GPT-2 shifts its labels internally (scores (N, T, C), labels (N, T))",
+    )
 
     @field_validator("topics")
     @classmethod
@@ -107,7 +145,9 @@ class TrainAccuracyOptions(SubscriberOptions):
 
 class TrainAccuracy(_AccuracyNaming):
     """Accuracy of the current training batch, from the model output and the labels passed
-    to the loss (one synchronized bundle per step)."""
+    to the loss (one synchronized bundle per step); labels equal to ``ignore_index`` (-100,
+    padding) are not counted, and ``shift_labels`` compares a causal language model's
+    predictions with the next token."""
 
     name = "train_accuracy"
     Options = TrainAccuracyOptions
@@ -120,7 +160,13 @@ class TrainAccuracy(_AccuracyNaming):
         output, labels = bundle[out_topic], bundle[label_topic]
         if output is None or labels is None:
             raise ValueError(f"topics {self.options.topics} must both carry tensors")
-        correct, total = correct_and_total(output.detach(), labels.detach(), self.options.top_k)
+        correct, total = correct_and_total(
+            output.detach(),
+            labels.detach(),
+            self.options.top_k,
+            ignore_index=self.options.ignore_index,
+            shift_labels=self.options.shift_labels,
+        )
         self.publish_scalar(bundle, correct.to(torch.float32) / total)
 
 
@@ -266,7 +312,7 @@ class TestAccuracy(_AccuracyNaming):
                 output = _first_tensor(exporter.evaluate(inputs))
                 hits, n = correct_and_total(output, labels, self.options.top_k)
                 correct = hits if correct is None else correct + hits
-                total += n
+                total += int(n)  # a Python int already: no ignore_index here
         finally:
             for module, training in modes:
                 module.training = training
