@@ -18,7 +18,8 @@ export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/-$//')
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -x plugins/tests/test_plugins_on_cuda.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -rs plugins/tests/test_plugins_on_cuda.py \
+    plugins/ikkuna-curvature/tests plugins/ikkuna-train/tests/test_trainer.py -k "cuda or CUDA or gpu" \
     2>&1 | tail -15
 timeout 260 python3 benchmarks/overhead.py --device cuda --problems resnet50 \
     --variants plain,plain-again,exporter,norms,all,all-sub10,fused,quickstart \
