@@ -317,7 +317,17 @@ def test_no_host_synchronisation_in_the_message_path(recorder_cls, monkeypatch):
         loss_fn(model(x), y).backward()
         opt.step()
     monkeypatch.undo()
-    assert rec.topic_count("weight_updates") > 0
+    # everything was published, once: every topic of every module at both steps
+    parameter_topics = [t for t in ik.MODULE_TOPICS if t not in ("activations", "layer_gradients")]
+    network = ["input_data", "input_labels", "network_output", "loss", "batch_started",
+               "batch_finished"]
+    expected = {("epoch_started", None, 0)}
+    for step in range(2):
+        expected |= {(t, k, step) for t in parameter_topics for k in ("0", "1", "5")}
+        expected |= {(t, str(k), step) for t in ("activations", "layer_gradients")
+                     for k in range(len(model))}
+        expected |= {(t, None, step) for t in network}
+    assert sorted(rec.order, key=str) == sorted(expected, key=str)
     exporter.close()
 
 
