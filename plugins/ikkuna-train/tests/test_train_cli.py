@@ -338,6 +338,8 @@ def test_flags_add_subscribers_to_the_config_file(tmp_path: Path, own_record: Ow
         "--test-accuracy",
         "--train-accuracy",
         "--no-report",
+        "--device",
+        "cpu",
     )
     assert code == 0, err
     doc = json.loads((log_dir / "run.json").read_text())
@@ -609,6 +611,7 @@ def test_report_goes_on_when_an_unnamed_plugin_fails_to_import(
         "ikkuna_core.plugins.installed_entry_points",
         lambda: sorted([*only_the_train_plugin(), broken], key=lambda ep: ep.name),
     )
+    monkeypatch.delenv("IKKUNA_PLUGINS")  # every installed plugin: these two
     warning = (
         "ikkuna: warning: plugin 'broken' (distribution None None, ikkuna_no_such_module_xyz) "
         "failed to import: ModuleNotFoundError: No module named 'ikkuna_no_such_module_xyz'; "
@@ -834,7 +837,7 @@ def test_plain_pytorch_example(tmp_path: Path) -> None:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "IKKUNA_PLUGINS"}
+    env = dict(os.environ)  # IKKUNA_PLUGINS: the project's plugins (conftest.py)
     env["PYTHONWARNINGS"] = "ignore"
     env["OMP_NUM_THREADS"] = "1"
     return env
@@ -846,7 +849,8 @@ def test_installed_console_script(tmp_path: Path) -> None:
         pytest.skip("the ikkuna console script is not installed next to this Python")
     log_dir = tmp_path / "run"
     proc = subprocess.run(
-        [script, "train", "--max-steps", "3", "-b", "64", "-v", "tb", "--log-dir", str(log_dir)],
+        [script, "train", "--max-steps", "3", "-b", "64", "-v", "tb", "--log-dir", str(log_dir),
+         "--device", "cpu"],  # its accuracy is compared with one computed on the CPU
         capture_output=True,
         text=True,
         timeout=300,
