@@ -13,6 +13,7 @@ import torch.optim.optimizer as torch_optimizer
 from torch import nn
 
 import ikkuna_core as ik
+from ikkuna_core.plugins import installed_entry_points
 
 
 class Recorder(ik.Subscriber):
@@ -43,15 +44,17 @@ def _no_installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _read_project_plugins() -> dict[str, str]:
-    """The entry-point names of this repository's plugins (``plugins/ikkuna-*``), each with
-    its distribution's name, read from their pyproject.toml files."""
+    """The entry-point names of this repository's plugins (``plugins/ikkuna-*``) that are
+    installed, each with its distribution's name (from their pyproject.toml files)."""
     found: dict[str, str] = {}
     root = Path(__file__).resolve().parents[1]
     for pyproject in sorted((root / "plugins").glob("ikkuna-*/pyproject.toml")):
         project = tomllib.loads(pyproject.read_text())["project"]
         for name in project.get("entry-points", {}).get("ikkuna", {}):
             found[name] = project["name"]
-    return found
+    installed = {(ep.name, ep.dist.metadata["Name"] if ep.dist else None)
+                 for ep in installed_entry_points()}
+    return {name: dist for name, dist in found.items() if (name, dist) in installed}
 
 
 PROJECT_PLUGINS = _read_project_plugins()
@@ -66,7 +69,7 @@ def installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def project_plugins() -> dict[str, str]:
-    """{entry-point name: distribution} of this repository's plugins."""
+    """{entry-point name: distribution} of this repository's installed plugins."""
     return dict(PROJECT_PLUGINS)
 
 

@@ -49,6 +49,7 @@ def test_a_plugin_that_fails_to_import_is_a_warning_and_the_command_goes_on(
     """Nobody asked for it by name: `ikkuna schema` works and says what is broken."""
     broken = EntryPoint(name="broken", value="ikkuna_no_such_module_xyz", group="ikkuna")
     monkeypatch.setattr("ikkuna_core.plugins.installed_entry_points", lambda: [broken])
+    monkeypatch.delenv("IKKUNA_PLUGINS")  # every installed plugin: this one
     code, out, err = run_cli("schema")
     assert code == 0 and json.loads(out)["title"] == "Ikkuna message contract"
     assert err.splitlines() == [
@@ -110,6 +111,7 @@ def test_plugins_json_lists_installed_distributions_with_real_versions(
 def test_plugins_shows_a_plugin_that_fails_to_load(monkeypatch: pytest.MonkeyPatch) -> None:
     broken = EntryPoint(name="broken", value="ikkuna_no_such_module_xyz", group="ikkuna")
     monkeypatch.setattr("ikkuna_core.plugins.installed_entry_points", lambda: [broken])
+    monkeypatch.delenv("IKKUNA_PLUGINS")  # every installed plugin: this one
     code, out, _ = run_cli("plugins", "--json")
     assert code == 0
     (entry,) = [p for p in json.loads(out) if p["name"] == "broken"]

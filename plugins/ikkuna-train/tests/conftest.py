@@ -52,5 +52,6 @@ def _the_projects_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     IKKUNA_PLUGINS says, sees only theirs, so that another plugin installed beside them (a
     broken one warns on stderr; a working one adds flags and default subscribers) changes
     nothing the tests compare. Tests of other plugins install their own (test_plugins.py)."""
-    monkeypatch.setenv("IKKUNA_PLUGINS", ",".join(sorted(PROJECT_PLUGINS)))
+    installed = sorted(ep.name for ep in _project_entry_points())
+    monkeypatch.setenv("IKKUNA_PLUGINS", ",".join(installed))
     monkeypatch.setattr(ikkuna_core.plugins, "installed_entry_points", _project_entry_points)

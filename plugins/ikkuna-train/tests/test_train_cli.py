@@ -579,6 +579,7 @@ def test_a_flag_comes_only_with_its_plugin(
     """With no metric plugin installed, the flags are not there (the real uninstall is in
     test_installed_plugins.py)."""
     monkeypatch.setattr("ikkuna_core.plugins.installed_entry_points", only_the_train_plugin)
+    monkeypatch.delenv("IKKUNA_PLUGINS")  # every installed plugin: that one
     code, out, _ = run_cli("train", "--help")
     assert code == 0 and not re.search(rf"^\s+{flag}\b", out, re.M)  # no such option
     code, out, err = run_cli("train", flag, "--log-dir", tmp_path / "run")
@@ -594,6 +595,7 @@ def test_without_metric_plugins_the_run_has_no_subscribers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("ikkuna_core.plugins.installed_entry_points", only_the_train_plugin)
+    monkeypatch.delenv("IKKUNA_PLUGINS")  # every installed plugin: that one
     code, out, err = run_cli("train", "--max-steps", 2, "-v", "tb", "--log-dir", tmp_path / "r",
                              "--no-report")
     assert code == 0, err
