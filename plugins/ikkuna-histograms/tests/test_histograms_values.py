@@ -164,6 +164,7 @@ def test_histogram_of_a_sample_of_a_large_tensor() -> None:
         assert 200 * flat.min() <= record.sum <= 200 * flat.max()
     assert sampled == 5
 
+
 def test_sampling_leaves_the_global_rng_and_training_untouched() -> None:
     """The sample comes from a generator of its own: with the histogram subscriber sampling
     every tensor (max_samples below each one's size), torch's global RNG state and the trained
