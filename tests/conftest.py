@@ -1,8 +1,11 @@
-"""Shared fixtures: a subscriber that records clones of every payload it receives."""
+"""Shared fixtures: a subscriber that records clones of every payload it receives; the
+project's own plugins, by name."""
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ import torch.optim.optimizer as torch_optimizer
 from torch import nn
 
 import ikkuna_core as ik
+from ikkuna_core.plugins import installed_entry_points
 
 
 class Recorder(ik.Subscriber):
@@ -39,10 +43,34 @@ def _no_installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IKKUNA_PLUGINS", "")
 
 
+def _read_project_plugins() -> dict[str, str]:
+    """The entry-point names of this repository's plugins (``plugins/ikkuna-*``) that are
+    installed, each with its distribution's name (from their pyproject.toml files)."""
+    found: dict[str, str] = {}
+    root = Path(__file__).resolve().parents[1]
+    for pyproject in sorted((root / "plugins").glob("ikkuna-*/pyproject.toml")):
+        project = tomllib.loads(pyproject.read_text())["project"]
+        for name in project.get("entry-points", {}).get("ikkuna", {}):
+            found[name] = project["name"]
+    installed = {(ep.name, ep.dist.metadata["Name"] if ep.dist else None)
+                 for ep in installed_entry_points()}
+    return {name: dist for name, dist in found.items() if (name, dist) in installed}
+
+
+PROJECT_PLUGINS = _read_project_plugins()
+
+
 @pytest.fixture
 def installed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
-    """For tests of the installed plugins: undoes ``_no_installed_plugins``."""
-    monkeypatch.delenv("IKKUNA_PLUGINS", raising=False)
+    """For tests of the installed plugins: the project's own, by name (``IKKUNA_PLUGINS``),
+    so that another plugin installed beside them (a broken one, say) is never loaded."""
+    monkeypatch.setenv("IKKUNA_PLUGINS", ",".join(sorted(PROJECT_PLUGINS)))
+
+
+@pytest.fixture
+def project_plugins() -> dict[str, str]:
+    """{entry-point name: distribution} of this repository's installed plugins."""
+    return dict(PROJECT_PLUGINS)
 
 
 @pytest.fixture

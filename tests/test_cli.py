@@ -49,6 +49,7 @@ def test_a_plugin_that_fails_to_import_is_a_warning_and_the_command_goes_on(
     """Nobody asked for it by name: `ikkuna schema` works and says what is broken."""
     broken = EntryPoint(name="broken", value="ikkuna_no_such_module_xyz", group="ikkuna")
     monkeypatch.setattr("ikkuna_core.plugins.installed_entry_points", lambda: [broken])
+    monkeypatch.delenv("IKKUNA_PLUGINS")  # every installed plugin: this one
     code, out, err = run_cli("schema")
     assert code == 0 and json.loads(out)["title"] == "Ikkuna message contract"
     assert err.splitlines() == [
@@ -61,7 +62,11 @@ def test_a_plugin_that_fails_to_import_is_a_warning_and_the_command_goes_on(
 # --------------------------------------------------------- plugins, topics, schema
 
 
-def test_plugins_json_lists_installed_distributions_with_real_versions() -> None:
+def test_plugins_json_lists_installed_distributions_with_real_versions(
+    project_plugins: dict[str, str],
+) -> None:
+    """Every installed plugin is listed; the project's (named in IKKUNA_PLUGINS by the
+    fixture) are loaded, any other installed beside them is listed but never imported."""
     code, out, _ = run_cli("plugins", "--json")
     assert code == 0
     listed = {p["name"]: p for p in json.loads(out)}
@@ -76,6 +81,10 @@ def test_plugins_json_lists_installed_distributions_with_real_versions() -> None
         assert entry["distribution"] == dist
         assert entry["version"] == version(dist)
         assert entry["value"] == ep.value
+        if ep.name not in project_plugins:
+            assert (entry["enabled"], entry["loaded"], entry["error"]) == (False, False, None)
+            continue
+        assert dist == project_plugins[ep.name]
         assert entry["loaded"] and entry["error"] is None, entry
         assert entry["hooks"] and all(h.startswith("ikkuna_") for h in entry["hooks"])
     provided = {
@@ -95,12 +104,14 @@ def test_plugins_json_lists_installed_distributions_with_real_versions() -> None
     code, text, _ = run_cli("plugins")
     assert code == 0
     for ep in eps:
-        assert f"{ep.name}  [loaded]  {ep.dist.metadata['Name']} {ep.dist.version}" in text
+        status = "loaded" if ep.name in project_plugins else "not enabled"
+        assert f"{ep.name}  [{status}]  {ep.dist.metadata['Name']} {ep.dist.version}" in text
 
 
 def test_plugins_shows_a_plugin_that_fails_to_load(monkeypatch: pytest.MonkeyPatch) -> None:
     broken = EntryPoint(name="broken", value="ikkuna_no_such_module_xyz", group="ikkuna")
     monkeypatch.setattr("ikkuna_core.plugins.installed_entry_points", lambda: [broken])
+    monkeypatch.delenv("IKKUNA_PLUGINS")  # every installed plugin: this one
     code, out, _ = run_cli("plugins", "--json")
     assert code == 0
     (entry,) = [p for p in json.loads(out) if p["name"] == "broken"]

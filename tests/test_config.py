@@ -121,6 +121,39 @@ def test_watch_builds_the_run_from_toml(tmp_path, registry):
         assert e.value == pytest.approx(expected[e.step])
 
 
+def test_flush_every_from_the_configuration_reaches_the_bus(tmp_path, registry):
+    """``flush_every = 3``: the backend receives records only after every third step (then
+    those of the three steps), and the rest at close."""
+    from ikkuna_core.testing import MemoryBackend
+
+    registry.backends["memory"] = (MemoryBackend, "test")
+    path = tmp_path / "ikkuna.toml"
+    path.write_text(
+        f'[ikkuna]\nbackends = ["memory"]\nlog_dir = "{(tmp_path / "run").as_posix()}"\n'
+        'flush_every = 3\n[[ikkuna.subscribers]]\nname = "abs_max"\n'
+        'topics = ["weight_gradients"]\n'
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).to("cpu")
+    exporter = ik.watch(model, nn.CrossEntropyLoss(), config=path, registry=registry)
+    (memory,) = exporter.bus.backends
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    expected, received = {}, []
+    for step in range(7):
+        opt.zero_grad()
+        exporter.loss_fn(model(x), y).backward()
+        expected[step] = float(model[2].weight.grad.abs().max())
+        opt.step()
+        received.append(sorted({r.step for r in memory.scalars}))
+    assert received == [[], [], [0, 1, 2], [0, 1, 2], [0, 1, 2], [0, 1, 2, 3, 4, 5],
+                        [0, 1, 2, 3, 4, 5]]
+    exporter.close()
+    written = {r.step: r.value for r in memory.scalars if r.tag == "abs_max/weight_gradients/2"}
+    assert written == pytest.approx(expected)
+    assert memory.closed
+
+
 @pytest.mark.parametrize(
     ("config", "expected"),
     [

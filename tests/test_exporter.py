@@ -57,6 +57,8 @@ def test_parameter_topics_equal_grads_and_updates(recorder_cls):
         grads = {n: m.weight.grad.clone() for n, m in (("0", conv), ("5", lin))}
         bias_grads = {n: m.bias.grad.clone() for n, m in (("0", conv), ("5", lin))}
         before = {n: m.weight.detach().clone() for n, m in (("0", conv), ("5", lin))}
+        biased = {n: model.get_submodule(n) for n in ("0", "1", "5")}  # conv, batch norm, linear
+        bias_before = {n: m.bias.detach().clone() for n, m in biased.items()}
         opt.step()
         for name, module in (("0", conv), ("5", lin)):
             assert torch.equal(rec.seen[("weight_gradients", name, step)], grads[name])
@@ -66,6 +68,13 @@ def test_parameter_topics_equal_grads_and_updates(recorder_cls):
             )
             assert torch.equal(rec.seen[("weights", name, step)], module.weight.detach())
         assert torch.equal(rec.seen[("biases", "1", step)], model[1].bias.detach())
+        # bias_updates: after minus before of each bias. (The conv bias hardly moves: the
+        # batch norm after it cancels its gradient; the two others do, so a wrong sign shows.)
+        for name, module in biased.items():
+            update = module.bias.detach() - bias_before[name]
+            if name != "0":
+                assert update.abs().max() > 1e-4, name
+            torch.testing.assert_close(rec.seen[("bias_updates", name, step)], update)
     exporter.close()
 
 
@@ -116,6 +125,52 @@ def test_network_topics_and_step_counting(recorder_cls):
     assert torch.equal(rec.seen[("network_output", None, 5)], out.detach())
     assert torch.equal(rec.seen[("loss", None, 5)], loss.detach())
     exporter.close()
+
+
+def test_an_optimizer_of_other_tensors_neither_ends_nor_counts_steps(recorder_cls):
+    """A step ends with the optimizer holding the model's parameters. A second optimizer
+    over unrelated tensors (a temperature, another model trained beside it) steps before it,
+    after it and between the steps: the step count and every published value are those of
+    the model's own optimizer."""
+    model = small_cnn()
+    exporter, rec = watched(
+        model, ["weight_gradients", "weight_updates", "weights", "loss", "batch_finished"],
+        recorder_cls,
+    )
+    loss_fn = exporter.set_loss(nn.CrossEntropyLoss())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    temperature = nn.Parameter(torch.ones(()))
+    side = nn.Linear(3, 1)  # trained beside the model, never watched
+    other = torch.optim.SGD([temperature, *side.parameters()], lr=0.01)
+    x, y = data()
+    lin = model[5]
+    steps = 3
+    for step in range(steps):
+        opt.zero_grad()
+        other.zero_grad()
+        loss = loss_fn(model(x) / temperature, y)
+        loss.backward()
+        other.step()  # before the model's optimizer
+        grad = lin.weight.grad.clone()
+        before = lin.weight.detach().clone()
+        opt.step()
+        for _ in range(2):  # after it, alone: no forward of the watched model
+            other.zero_grad()
+            side(torch.ones(2, 3)).sum().backward()
+            other.step()
+        assert exporter.global_step == step
+        assert torch.equal(rec.seen[("weight_gradients", "5", step)], grad)
+        torch.testing.assert_close(rec.seen[("weight_updates", "5", step)],
+                                   lin.weight.detach() - before)
+        assert torch.equal(rec.seen[("weights", "5", step)], lin.weight.detach())
+        assert torch.equal(rec.seen[("loss", None, step)], loss.detach())
+    exporter.close()
+    assert exporter.global_step == steps - 1
+    assert [k[2] for k in rec.order if k[0] == "batch_finished"] == list(range(steps))
+    for topic in ("weights", "weight_gradients", "weight_updates"):  # once a step, the model's
+        assert sorted(k[1:] for k in rec.order if k[0] == topic) == [
+            (key, s) for key in ("0", "1", "5") for s in range(steps)
+        ], topic
 
 
 def test_bundles_carry_epoch_and_batch_index():
@@ -262,7 +317,17 @@ def test_no_host_synchronisation_in_the_message_path(recorder_cls, monkeypatch):
         loss_fn(model(x), y).backward()
         opt.step()
     monkeypatch.undo()
-    assert rec.topic_count("weight_updates") > 0
+    # everything was published, once: every topic of every module at both steps
+    parameter_topics = [t for t in ik.MODULE_TOPICS if t not in ("activations", "layer_gradients")]
+    network = ["input_data", "input_labels", "network_output", "loss", "batch_started",
+               "batch_finished"]
+    expected = {("epoch_started", None, 0)}
+    for step in range(2):
+        expected |= {(t, k, step) for t in parameter_topics for k in ("0", "1", "5")}
+        expected |= {(t, str(k), step) for t in ("activations", "layer_gradients")
+                     for k in range(len(model))}
+        expected |= {(t, None, step) for t in network}
+    assert sorted(rec.order, key=str) == sorted(expected, key=str)
     exporter.close()
 
 

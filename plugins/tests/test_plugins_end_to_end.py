@@ -1,7 +1,8 @@
 """The issue's "done means": with ikkuna-norms, ikkuna-histograms and ikkuna-accuracy
 installed, one configuration enabling the three by name trains a small conv net on 1x8x8
 inputs and produces, read back from the TensorBoard event file, scalars and histograms of
-every subscriber they provide, plus the matplotlib figures."""
+every subscriber they provide, plus the matplotlib figures. Every value written is compared
+with one computed here from the model itself (own forward hooks, parameter clones, p.grad)."""
 
 from __future__ import annotations
 
@@ -93,7 +94,14 @@ def test_three_plugins_enabled_by_name(tmp_path: Path) -> None:
         nn.Linear(256, 16),
         nn.ReLU(),
         nn.Linear(16, 10),
-    )
+    ).to("cpu")
+    outputs: dict[str, np.ndarray] = {}  # each module's output in the training forward
+    for key in MODULES:
+        model.get_submodule(key).register_forward_hook(
+            lambda m, a, out, key=key: outputs.__setitem__(
+                key, out.detach().numpy().astype(np.float64)
+            ) if m.training and torch.is_grad_enabled() else None
+        )
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
     digits = load_dataset("digits", train=False, image_size=8)
@@ -107,7 +115,9 @@ def test_three_plugins_enabled_by_name(tmp_path: Path) -> None:
     ]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     expected: dict[str, dict[int, float]] = {}
-    weights_seen: list[np.ndarray] = []
+    spectral: dict[str, dict[int, float]] = {}
+    histograms: dict[str, list[np.ndarray]] = {}  # the values each histogram bins, by step
+    losses: list[float] = []
 
     def expect(tag: str, step: int, value: float) -> None:
         expected.setdefault(tag, {})[step] = float(value)
@@ -121,13 +131,35 @@ def test_three_plugins_enabled_by_name(tmp_path: Path) -> None:
         optimizer.step()
         expect("train_accuracy", step, (out.argmax(1) == y).float().mean())
         expect("loss/loss", step, loss.detach())
+        losses.append(float(loss.detach()))
+        expect("loss/loss/running_mean", step, np.mean(losses[-3:]))  # window = 3
         for key in WEIGHTED:
             module = model.get_submodule(key)
-            w = module.weight.detach()
-            update = w - before[key]
-            expect(f"norm/weight_gradients/{key}", step, module.weight.grad.norm())
+            w = module.weight.detach().double()
+            update = w - before[key].double()
+            grad = module.weight.grad.double()
+            expect(f"norm/weight_gradients/{key}", step, grad.norm())
+            expect(f"norm/weight_updates/{key}", step, update.norm())
+            expect(f"norm/weights/{key}", step, w.norm())
             expect(f"ratio/norm/weight_updates/norm/weights/{key}", step, update.norm() / w.norm())
-        weights_seen.append(model[5].weight.detach().numpy().copy())
+            matrix = w.reshape(w.shape[0], -1).numpy()
+            spectral.setdefault(f"spectral_norm/weights/{key}", {})[step] = float(
+                np.linalg.norm(matrix, ord=2)
+            )
+            for topic, values in (("weight_gradients", grad), ("weight_updates", update),
+                                  ("weights", w)):
+                histograms.setdefault(f"histogram/{topic}/{key}", []).append(values.numpy())
+        for key in MODULES:
+            act = outputs[key]
+            expect(f"mean/activations/{key}", step, act.mean())
+            expect(f"variance/activations/{key}", step, act.var(ddof=1))
+            histograms.setdefault(f"histogram/activations/{key}", []).append(act)
+        for key in RELUS:
+            act = outputs[key]
+            expect(f"dead_fraction/activations/{key}", step, np.mean(act == 0))
+            per_unit = np.moveaxis(act, 1, 0).reshape(act.shape[1], -1)
+            expect(f"dead_fraction/activations/units/{key}", step,
+                   np.mean(np.all(per_unit == 0, axis=1)))
         if step % 2 == 0:
             model.eval()
             with torch.no_grad():
@@ -169,18 +201,33 @@ def test_three_plugins_enabled_by_name(tmp_path: Path) -> None:
     for tag in histogram_tags:
         assert [e.step for e in acc.Histograms(tag)] == list(range(STEPS)), tag
 
+    assert set(expected) | set(spectral) == scalar_tags  # every scalar has its own value
     for tag, by_step in expected.items():
         written = {e.step: e.value for e in acc.Scalars(tag)}
-        assert written == pytest.approx(by_step, rel=1e-5), tag
-    for step, weights in enumerate(weights_seen):
-        h = acc.Histograms("histogram/weights/5")[step].histogram_value
-        values = weights.astype(np.float64).ravel()
-        counts, edges = np.histogram(values, bins=20, range=(-0.5, 0.5))
-        # binned in float32: only a value within rounding of an edge may change bins
-        near = np.min(np.abs(values[:, None] - edges[None, :]), axis=1) <= 1e-6
-        assert np.abs(np.array(h.bucket) - counts).sum() <= 2 * np.count_nonzero(near)
-        assert h.num == values.size
-        np.testing.assert_allclose(h.bucket_limit, edges[1:], rtol=1e-9, atol=1e-12)
+        assert written == pytest.approx(by_step, rel=1e-5, abs=1e-7), tag
+    for tag, by_step in spectral.items():  # power iteration: close, and never above
+        for e in acc.Scalars(tag):
+            assert e.value == pytest.approx(by_step[e.step], rel=5e-3), (tag, e.step)
+            assert e.value <= by_step[e.step] * (1 + 1e-5), (tag, e.step)
+
+    assert set(histograms) == histogram_tags
+    for tag, by_step in histograms.items():
+        fixed = tag.startswith("histogram/weights/")  # bins = 20, range = [-0.5, 0.5]
+        for step, array in enumerate(by_step):
+            h = acc.Histograms(tag)[step].histogram_value
+            values = array.ravel()
+            lo, hi = (-0.5, 0.5) if fixed else (values.min(), values.max())
+            counts, edges = np.histogram(values, bins=20 if fixed else 32, range=(lo, hi))
+            # binned in float32: only a value within rounding of an edge may change bins
+            tol = 1e-6 * (hi - lo + abs(lo) + abs(hi))
+            near = np.min(np.abs(values[:, None] - edges[None, :]), axis=1) <= tol
+            assert np.abs(np.array(h.bucket) - counts).sum() <= 2 * np.count_nonzero(near), tag
+            assert h.num == values.size, tag
+            np.testing.assert_allclose(h.bucket_limit, edges[1:], rtol=1e-9, atol=1e-12)
+            if not fixed:
+                assert (h.min, h.max) == pytest.approx((lo, hi), rel=1e-6), tag
+                assert h.sum == pytest.approx(values.sum(), rel=1e-4,
+                                              abs=1e-6 * np.abs(values).sum()), tag
 
     network = {"train_accuracy", "test_accuracy", "loss/loss", "loss/loss/running_mean"}
     per_module = (scalar_tags | histogram_tags) - network

@@ -158,9 +158,57 @@ def test_histogram_of_a_sample_of_a_large_tensor() -> None:
         sampled += 1
         assert record.num == record.counts.sum() == 200
         assert flat.min() <= record.min <= record.max <= flat.max()
-        # every sampled value is one of the tensor's values: its sum lies within the extremes
+        # every sampled value is one of the tensor's values: the extremes are two of them, the
+        # sum lies within 200 times the extremes
+        assert record.min in flat and record.max in flat
         assert 200 * flat.min() <= record.sum <= 200 * flat.max()
     assert sampled == 5
+
+
+def test_sampling_leaves_the_global_rng_and_training_untouched() -> None:
+    """The sample comes from a generator of its own: with the histogram subscriber sampling
+    every tensor (max_samples below each one's size), torch's global RNG state and the trained
+    parameters end bit for bit as in an unwatched run, on a model whose dropout draws from
+    that global RNG at every step. (The tensor sizes appear in no other test: a sample's
+    positions are drawn once per size, so a size seen before would draw nothing here.)"""
+    from ikkuna_core import Exporter, MessageBus
+
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(19, 23, generator=g), torch.randint(0, 10, (19,), generator=g)
+    topics = ["activations", "layer_gradients", "weights", "weight_gradients", "weight_updates"]
+
+    def train(watch: bool) -> tuple[nn.Module, torch.Tensor, MemoryBackend | None]:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(23, 37), nn.ReLU(), nn.Dropout(0.3), nn.Linear(37, 10)
+        ).to("cpu")
+        backend = None
+        if watch:
+            exporter = Exporter(bus=MessageBus(on_error="raise"))
+            exporter.set_model(model)
+            exporter.bus.register_subscriber(Histogram(topics=topics, bins=8, max_samples=11))
+            backend = exporter.bus.add_backend(MemoryBackend())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(1)
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        state = torch.get_rng_state()
+        if watch:
+            exporter.close()
+        return model, state, backend
+
+    plain, plain_state, _ = train(watch=False)
+    watched, watched_state, backend = train(watch=True)
+    assert backend is not None
+    # every histogram really is of an 11-entry sample (each tensor has more entries)
+    assert len(backend.histograms) == 3 * (4 + 4 + 2 + 2 + 2)
+    assert {r.num for r in backend.histograms} == {11}
+    assert torch.equal(watched_state, plain_state)
+    for (name, p), q in zip(plain.named_parameters(), watched.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
 
 class Log(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:

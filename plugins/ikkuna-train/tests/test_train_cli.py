@@ -13,9 +13,12 @@ import runpy
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from importlib.metadata import EntryPoint
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,15 +113,144 @@ def config_file(tmp_path: Path, body: str, name: str = "run.toml") -> Path:
     return path
 
 
+class OwnRecord:
+    """What a run trained in this process did, seen through torch's global hooks, no Ikkuna
+    code involved: for each optimizer step, every parameter (by dotted name) before and after
+    the step and its gradient, every module's output in the step's training forward, and the
+    loss module's output, labels and value."""
+
+    def __init__(self) -> None:
+        from torch.nn.modules.module import register_module_forward_hook
+        from torch.optim.optimizer import (
+            register_optimizer_step_post_hook,
+            register_optimizer_step_pre_hook,
+        )
+
+        self.steps: list[dict[str, Any]] = []
+        self._current: dict[str, Any] = {}
+        self._outputs: dict[int, torch.Tensor] = {}  # id(module) -> output, this forward
+        self._names: dict[int, str] = {}  # id(parameter) -> dotted name
+        self.handles = [
+            register_module_forward_hook(self._forward),
+            register_optimizer_step_pre_hook(self._pre),
+            register_optimizer_step_post_hook(self._post),
+        ]
+
+    def _forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return  # evaluation
+        if isinstance(module, torch.nn.CrossEntropyLoss):
+            if "loss" not in self._current:  # the step's first loss
+                self._current["loss"] = tuple(t.detach().clone() for t in (*args[:2], output))
+            return
+        if "outputs" in self._current:
+            return  # a later forward of the step
+        if isinstance(output, torch.Tensor):
+            self._outputs[id(module)] = output.detach().clone()
+        if type(module).__name__ == "FullyConnected":  # the model: its hook runs last
+            names = {id(m): n for n, m in module.named_modules()}
+            self._current["outputs"] = {names[i]: t for i, t in self._outputs.items()}
+            self._names = {id(p): n for n, p in module.named_parameters()}
+            self._outputs = {}
+
+    def _params(self, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        return {self._names[id(p)]: p for g in optimizer.param_groups for p in g["params"]}
+
+    def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        params = self._params(optimizer)
+        self._current["before"] = {n: p.detach().clone() for n, p in params.items()}
+        self._current["grads"] = {n: p.grad.clone() for n, p in params.items()}
+
+    def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._current["after"] = {n: p.detach().clone() for n, p in self._params(optimizer).items()}
+        self.steps.append(self._current)
+        self._current = {}
+
+    def value(self, tag: str, step: int) -> float:
+        """The value ``tag`` of the quickstart's subscribers should have at ``step``."""
+        s = self.steps[step]
+        out, labels, loss = s["loss"]
+        if tag == "loss/loss":
+            return float(loss)
+        if tag == "loss/loss/running_mean":  # window = 50
+            return float(np.mean([float(t["loss"][2]) for t in self.steps[: step + 1][-50:]]))
+        if tag == "train_accuracy":
+            return float((out.argmax(1) == labels).double().mean())
+        metric, _, key = tag.rpartition("/")
+        if metric == "dead_fraction/activations":
+            return float((s["outputs"][key] == 0).double().mean())
+        w = s["after"][f"{key}.weight"].double()
+        if metric == "norm/weight_gradients":
+            return float(s["grads"][f"{key}.weight"].double().norm())
+        if metric == "spectral_norm/weights":
+            return float(torch.linalg.matrix_norm(w, ord=2))
+        if metric == "ratio/weight_updates/weights":
+            return float((w - s["before"][f"{key}.weight"].double()).norm() / w.norm())
+        raise KeyError(tag)
+
+
+def assert_quickstart_values(log_dir: Path, record: OwnRecord, steps: int) -> None:
+    """Each quickstart subscriber whose plugin is installed wrote, at every step, the value
+    the run's own tensors give (test accuracy aside: the trained model's is checked on its
+    own)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, histograms = read_events(log_dir)
+    assert len(record.steps) == steps
+    for name, (plugin, tag) in QUICKSTART_TAGS.items():
+        if plugin not in INSTALLED:
+            continue
+        assert tag in scalars or tag in histograms, f"{name}: {tag} missing"
+        if name in ("test_accuracy", "histogram"):
+            continue
+        assert scalars[tag] == [
+            (step, pytest.approx(record.value(tag, step), rel=rel_tolerance(tag), abs=1e-7))
+            for step in range(steps)
+        ], tag
+    if "accuracy" in INSTALLED:
+        assert scalars["loss/loss/running_mean"] == [
+            (step, pytest.approx(record.value("loss/loss/running_mean", step), rel=1e-5))
+            for step in range(steps)
+        ]
+    if "histograms" in INSTALLED:
+        acc = EventAccumulator(str(log_dir), size_guidance={"histograms": 0})
+        acc.Reload()
+        events = acc.Histograms("histogram/activations/net.1")
+        assert [e.step for e in events] == list(range(steps))
+        for e in events:
+            act = record.steps[e.step]["outputs"]["net.1"].double()
+            h = e.histogram_value
+            assert h.num == act.numel()  # 64 x 256: not above max_samples, all binned
+            assert (h.min, h.max) == pytest.approx((float(act.min()), float(act.max())))
+            assert h.sum == pytest.approx(float(act.sum()), rel=1e-4, abs=1e-3)
+
+
+def rel_tolerance(tag: str) -> float:
+    """How close a logged value must be to :meth:`OwnRecord.value`: the spectral norm is a
+    few power iterations a step; a norm of float32 values is summed in float32 (over net.1's
+    200,704 weights, Adam's first update of nearly equal entries is off by ~7e-5 relative
+    from the float64 value computed here)."""
+    return 5e-3 if tag.startswith("spectral_norm") else 2e-4 if tag.startswith("ratio") else 1e-5
+
+
+@pytest.fixture
+def own_record() -> Iterator[OwnRecord]:
+    record = OwnRecord()
+    yield record
+    for handle in record.handles:
+        handle.remove()
+
+
 # ------------------------------------------------------------------ the quickstart run
 
 
-def test_quickstart_run(tmp_path: Path) -> None:
+def test_quickstart_run(tmp_path: Path, own_record: OwnRecord) -> None:
     """`ikkuna train` with every default, cut short (12 steps of 64 images): one run, checked
     from every side (one test, so that parallel test workers do not each train it)."""
     log_dir = tmp_path / "run"
     code, out, err = run_cli(
-        "train", "--max-steps", 12, "-b", 64, "--seed", 1, "--log-dir", log_dir, "--progress"
+        "train", "--max-steps", 12, "-b", 64, "--seed", 1, "--log-dir", log_dir, "--progress",
+        "--device", "cpu",
     )
     assert code == 0, err
 
@@ -150,14 +282,12 @@ def test_quickstart_run(tmp_path: Path) -> None:
     assert out.startswith(first)
     assert len(epoch_lines(out)) == 1 and "step     12/12" in out
 
-    # every plugin's metrics are in the TensorBoard logs
-    scalars, histograms = read_events(log_dir)
-    for name, (plugin, tag) in QUICKSTART_TAGS.items():
-        if plugin in INSTALLED:
-            assert tag in scalars or tag in histograms, f"{name}: {tag} missing"
+    # every plugin's metrics are in the TensorBoard logs, with the values the run's own
+    # tensors give (seen through torch's hooks)
+    scalars, _ = read_events(log_dir)
+    assert_quickstart_values(log_dir, own_record, 12)
     if "accuracy" in INSTALLED:
         assert [s for s, _ in scalars["test_accuracy"]] == [0, 10]  # subsample = 10
-        assert [s for s, _ in scalars["train_accuracy"]] == list(range(12))
 
     # the logged final test accuracy is the saved model's, computed here
     own = own_test_accuracy(log_dir / "model.pt")
@@ -187,7 +317,7 @@ def test_report_command_errors(tmp_path: Path) -> None:
 
 
 @needs(*ALL_PLUGINS)
-def test_flags_add_subscribers_to_the_config_file(tmp_path: Path) -> None:
+def test_flags_add_subscribers_to_the_config_file(tmp_path: Path, own_record: OwnRecord) -> None:
     cfg = config_file(tmp_path, 'backends = ["tensorboard"]\n')
     log_dir = tmp_path / "run"
     code, _, err = run_cli(
@@ -208,6 +338,8 @@ def test_flags_add_subscribers_to_the_config_file(tmp_path: Path) -> None:
         "--test-accuracy",
         "--train-accuracy",
         "--no-report",
+        "--device",
+        "cpu",
     )
     assert code == 0, err
     doc = json.loads((log_dir / "run.json").read_text())
@@ -228,6 +360,11 @@ def test_flags_add_subscribers_to_the_config_file(tmp_path: Path) -> None:
         "test_accuracy",
     ):
         assert [s for s, _ in scalars[tag]] == [0, 2, 4], tag  # -s 2
+        if tag != "test_accuracy":
+            assert [v for _, v in scalars[tag]] == [
+                pytest.approx(own_record.value(tag, s), rel=rel_tolerance(tag), abs=1e-7)
+                for s in (0, 2, 4)
+            ], tag
     assert "histogram/activations/net.1" in histograms
 
 
@@ -442,6 +579,7 @@ def test_a_flag_comes_only_with_its_plugin(
     """With no metric plugin installed, the flags are not there (the real uninstall is in
     test_installed_plugins.py)."""
     monkeypatch.setattr("ikkuna_core.plugins.installed_entry_points", only_the_train_plugin)
+    monkeypatch.delenv("IKKUNA_PLUGINS")  # every installed plugin: that one
     code, out, _ = run_cli("train", "--help")
     assert code == 0 and not re.search(rf"^\s+{flag}\b", out, re.M)  # no such option
     code, out, err = run_cli("train", flag, "--log-dir", tmp_path / "run")
@@ -457,6 +595,7 @@ def test_without_metric_plugins_the_run_has_no_subscribers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("ikkuna_core.plugins.installed_entry_points", only_the_train_plugin)
+    monkeypatch.delenv("IKKUNA_PLUGINS")  # every installed plugin: that one
     code, out, err = run_cli("train", "--max-steps", 2, "-v", "tb", "--log-dir", tmp_path / "r",
                              "--no-report")
     assert code == 0, err
@@ -474,6 +613,7 @@ def test_report_goes_on_when_an_unnamed_plugin_fails_to_import(
         "ikkuna_core.plugins.installed_entry_points",
         lambda: sorted([*only_the_train_plugin(), broken], key=lambda ep: ep.name),
     )
+    monkeypatch.delenv("IKKUNA_PLUGINS")  # every installed plugin: these two
     warning = (
         "ikkuna: warning: plugin 'broken' (distribution None None, ikkuna_no_such_module_xyz) "
         "failed to import: ModuleNotFoundError: No module named 'ikkuna_no_such_module_xyz'; "
@@ -638,7 +778,7 @@ def test_example_config_is_the_quickstart_set() -> None:
 
 
 @needs(*ALL_PLUGINS)
-def test_example_config_runs(tmp_path: Path) -> None:
+def test_example_config_runs(tmp_path: Path, own_record: OwnRecord) -> None:
     log_dir = tmp_path / "run"
     code, _, err = run_cli(
         "train",
@@ -653,11 +793,11 @@ def test_example_config_runs(tmp_path: Path) -> None:
         "-v",
         "tb",
         "--no-report",
+        "--device",
+        "cpu",
     )
     assert code == 0, err
-    scalars, histograms = read_events(log_dir)
-    for _, tag in QUICKSTART_TAGS.values():
-        assert tag in scalars or tag in histograms, tag
+    assert_quickstart_values(log_dir, own_record, 3)
 
 
 @needs(*ALL_PLUGINS)
@@ -668,10 +808,27 @@ def test_plain_pytorch_example(tmp_path: Path) -> None:
         accuracy = namespace["main"](
             ["--epochs", "2", "--max-steps", "4", "--log-dir", str(tmp_path)]
         )
-    assert 0.0 <= accuracy <= 1.0
+    # the example's loop, unwatched, here: the same seed, data, model, optimizer and steps
+    # train the same weights, whose test accuracy the example reports
+    torch.manual_seed(0)
+    train_loader, test_loader, info = make_loaders("digits", batch_size=64, seed=0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 128),
+                                torch.nn.ReLU(), torch.nn.Linear(128, info.num_classes))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _, (x, y) in zip(range(4), train_loader, strict=False):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    with torch.no_grad():
+        hits = sum(int((model(x).argmax(1) == y).sum()) for x, y in test_loader)
+    assert accuracy == hits / len(test_loader.dataset)
     assert f"test accuracy {accuracy:.4f}" in out.getvalue()
     scalars, histograms = read_events(tmp_path)
-    assert [s for s, _ in scalars["loss/loss"]] == [0, 1, 2, 3]
+    assert scalars["loss/loss"] == [(s, pytest.approx(v, rel=1e-6)) for s, v in enumerate(losses)]
     assert "histogram/activations/1" in histograms  # nn.Sequential: modules named 0, 1, ...
     assert list((tmp_path / "figures").glob("*.png"))
     source = (EXAMPLES / "plain_pytorch.py").read_text()
@@ -682,7 +839,7 @@ def test_plain_pytorch_example(tmp_path: Path) -> None:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "IKKUNA_PLUGINS"}
+    env = dict(os.environ)  # IKKUNA_PLUGINS: the project's plugins (conftest.py)
     env["PYTHONWARNINGS"] = "ignore"
     env["OMP_NUM_THREADS"] = "1"
     return env
@@ -694,7 +851,8 @@ def test_installed_console_script(tmp_path: Path) -> None:
         pytest.skip("the ikkuna console script is not installed next to this Python")
     log_dir = tmp_path / "run"
     proc = subprocess.run(
-        [script, "train", "--max-steps", "3", "-b", "64", "-v", "tb", "--log-dir", str(log_dir)],
+        [script, "train", "--max-steps", "3", "-b", "64", "-v", "tb", "--log-dir", str(log_dir),
+         "--device", "cpu"],  # its accuracy is compared with one computed on the CPU
         capture_output=True,
         text=True,
         timeout=300,

@@ -56,12 +56,13 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def own_metrics(model: nn.Module, loader) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) computed here, without any Ikkuna code."""
-    model.eval()
+def own_metrics(model: nn.Module, loader, device: str = "cpu") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) computed here, without any Ikkuna code, on ``device``."""
+    model.to(device).eval()
     correct, loss, n = 0, 0.0, 0
     with torch.no_grad():
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             out = model(x)
             correct += int((out.argmax(1) == y).sum())
             loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
@@ -244,7 +245,7 @@ def test_test_accuracy_takes_the_trainers_test_loader_from_the_run_context(
         "backends": ["tensorboard"],
         "subscribers": [{"name": "test_accuracy", "subsample": 3}],
     }
-    trainer = Trainer(HyperParameters(batch_size=64, max_steps=7, seed=1), config)
+    trainer = Trainer(HyperParameters(batch_size=64, max_steps=7, seed=1, device="cpu"), config)
     (subscriber,) = trainer.exporter.bus.subscribers
     assert subscriber.options.loader is trainer.test_loader
     result = trainer.run()
@@ -275,7 +276,8 @@ def test_same_seed_same_logged_metrics(tmp_path: Path) -> None:
             "backends": ["tensorboard"],
             "subscribers": _subscribers(),
         }
-        Trainer(HyperParameters(batch_size=32, max_steps=6, seed=seed), config).run()
+        Trainer(HyperParameters(batch_size=32, max_steps=6, seed=seed, device="cpu"),
+                config).run()
         return read_scalars(tmp_path / name)
 
     first, second, other = run(3, "a"), run(3, "b"), run(4, "c")
@@ -324,7 +326,8 @@ def test_training_is_device_agnostic(tmp_path: Path, device: str) -> None:
     trainer = Trainer(HyperParameters(batch_size=64, max_steps=3, device=device), config)
     result = trainer.run()
     assert {p.device.type for p in result.model.parameters()} == {device}
-    own, _ = own_metrics(reload_model(result.model_path), trainer.test_loader)
+    # evaluated here on the run's device: an argmax near a tie may differ between devices
+    own, _ = own_metrics(reload_model(result.model_path), trainer.test_loader, device)
     assert result.test_accuracy == pytest.approx(own, abs=1e-6)
 
 
