@@ -1,15 +1,22 @@
 """What does one ``hessian_max_eigenvalue`` evaluation cost, in steps of plain training?
 
-Trains CIFAR ResNet-18 (``ikkuna_core.models``, batch 32 of fixed random 3x32x32 images, SGD
+Trains CIFAR ResNet-18 (``ikkuna_train.models``, batch 32 of fixed random 3x32x32 images, SGD
 with momentum: the ``resnet18`` problem of benchmarks/overhead.py) with the subscriber
-enabled through its entry point every ``--every`` steps, times every step, and reports the
-median plain step (steps where the subscriber does not run), the extra time of each step
-where it runs, its Lanczos iterations, and the amortised ratio ``1 + extra / (every · plain)``.
-Each figure is given twice: from wall-clock time, and from the process's CPU time (all
-threads), which a busy shared machine disturbs far less.
+enabled through its entry point every ``--every`` steps, times every step, and reports:
 
-    python plugins/ikkuna-curvature/scripts/measure_cost.py            # ~3 minutes on 2 cores
-    python plugins/ikkuna-curvature/scripts/measure_cost.py --steps 151 --tolerance 1e-2
+- the plain step: the median of the steps where the subscriber does not run;
+- each evaluation's extra time in plain steps, with its Lanczos iterations and residual;
+- the first (cold: random start) and the later (warm-started) evaluations' mean cost;
+- the steady-state ratio ``1 + warm / every`` and the ratio amortised over ``--horizon``
+  steps, the cold evaluation included: ``1 + (cold + (horizon / every - 1) warm) / horizon``.
+
+Each figure is given twice: from wall-clock time, and from the process's CPU time (all
+threads), which a busy shared machine disturbs far less. ``--warmup`` plain steps run before
+Ikkuna is attached, so the first evaluation's cost is not inflated by torch's own first-step
+costs.
+
+    python plugins/ikkuna-curvature/scripts/measure_cost.py --threads 1          # ~10 minutes
+    python plugins/ikkuna-curvature/scripts/measure_cost.py --threads 1 --max-iterations 2
 """
 
 from __future__ import annotations
@@ -21,11 +28,11 @@ import time
 from typing import Any
 
 import torch
-from ikkuna_core.models import get_model
 from torch import nn
 
 import ikkuna_core as ik
 from ikkuna_core.testing import MemoryBackend
+from ikkuna_train.models import get_model
 
 
 def _sync(device: torch.device) -> None:
@@ -34,9 +41,11 @@ def _sync(device: torch.device) -> None:
 
 
 def main() -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=101, help="training steps (default 101)")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--steps", type=int, default=151, help="training steps (default 151)")
     parser.add_argument("--every", type=int, default=50, help="subsample (default 50)")
+    parser.add_argument("--warmup", type=int, default=2, help="plain steps before watching")
+    parser.add_argument("--horizon", type=int, default=1000, help="steps to amortise over")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-iterations", type=int, default=None)
     parser.add_argument("--tolerance", type=float, default=None)
@@ -57,21 +66,28 @@ def main() -> dict[str, Any]:
         )
         for _ in range(4)
     ]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    plain_loss = nn.CrossEntropyLoss()
+    for step in range(args.warmup):
+        x, y = batches[step % len(batches)]
+        optimizer.zero_grad()
+        plain_loss(model(x), y).backward()
+        optimizer.step()
+
     entry: dict[str, Any] = {"name": "hessian_max_eigenvalue", "subsample": args.every}
     if args.max_iterations is not None:
         entry["max_iterations"] = args.max_iterations
     if args.tolerance is not None:
         entry["tolerance"] = args.tolerance
     config = {"plugins": ["curvature"], "backends": [], "on_error": "raise", "subscribers": [entry]}
-    exporter = ik.watch(model, nn.CrossEntropyLoss(), config=config)
+    exporter = ik.watch(model, plain_loss, config=config)
     backend = exporter.bus.add_backend(MemoryBackend())
     loss_fn = exporter.loss_fn
     assert loss_fn is not None
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     wall, cpu = [], []
     for step in range(args.steps):
-        x, y = batches[step % len(batches)]
+        x, y = batches[(args.warmup + step) % len(batches)]
         _sync(device)
         start, start_cpu = time.perf_counter(), time.process_time()
         optimizer.zero_grad()
@@ -98,18 +114,21 @@ def main() -> dict[str, Any]:
             for s in evaluated
         ],
     }
+    per_horizon = args.horizon // args.every
     for clock, times in (("wall", wall), ("cpu", cpu)):
-        plain = statistics.median(t for s, t in enumerate(times) if s % args.every and s > 1)
+        plain = statistics.median(t for s, t in enumerate(times) if s % args.every)
         result[f"plain_step_{clock}_s"] = plain
         for e in result["evaluations"]:
             e[f"extra_steps_{clock}"] = (times[e["step"]] - plain) / plain
-        # the first evaluation starts cold (and step 0 pays first-call costs): judge the
-        # warm-started ones
-        warm = [e[f"extra_steps_{clock}"] for e in result["evaluations"][1:]] or [
-            result["evaluations"][0][f"extra_steps_{clock}"]
-        ]
-        result[f"extra_steps_per_warm_evaluation_{clock}"] = statistics.mean(warm)
-        result[f"amortised_ratio_{clock}"] = 1 + statistics.mean(warm) / args.every
+        cold = result["evaluations"][0][f"extra_steps_{clock}"]
+        warm_list = [e[f"extra_steps_{clock}"] for e in result["evaluations"][1:]]
+        warm = statistics.mean(warm_list) if warm_list else cold
+        result[f"cold_evaluation_steps_{clock}"] = cold
+        result[f"warm_evaluation_steps_{clock}"] = warm
+        result[f"steady_ratio_{clock}"] = 1 + warm / args.every
+        result[f"amortised_ratio_{args.horizon}_{clock}"] = (
+            1 + (cold + (per_horizon - 1) * warm) / args.horizon
+        )
     print(json.dumps(result, indent=2))
     return result
 

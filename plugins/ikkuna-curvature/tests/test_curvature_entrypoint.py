@@ -140,21 +140,23 @@ def test_toml_run_writes_checked_values_to_tensorboard(tmp_path: Path) -> None:
     for _ in range(4):
         x = torch.randn(20, 1, 6, 6, generator=g)
         batches.append((x, (x[:, 0, 2:4, 2:4].sum((1, 2)) > 0).long() + (x[:, 0, 0, 0] > 1)))
+    reference = copy.deepcopy(model)
     exporter = ikkuna_core.watch(model, nn.CrossEntropyLoss(), config=config)
     loss_fn = exporter.loss_fn
-    # lr = 0: the parameters never move, so the references below hold whenever in a step
-    # the subscribers evaluate the loss; each step has its own batch.
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    after = []  # subscribers run at the end of the step: at the parameters after its update
     for x, y in batches:
         optimizer.zero_grad()
         loss_fn(model(x), y).backward()
         optimizer.step()
+        after.append({k: v.clone() for k, v in model.state_dict().items()})
     exporter.close()
 
     written = _scalars(log_dir)
     for step in (0, 2):
         x, y = batches[step]
-        h = _hessian(model, x, y)
+        reference.load_state_dict(after[step])
+        h = _hessian(reference, x, y)
         top = float(torch.linalg.eigvalsh(h)[-1])
         assert written["hessian_max_eigenvalue"][step] == pytest.approx(top, rel=1e-2)
         assert written["hessian_max_eigenvalue/residual"][step] <= 1e-4
@@ -163,10 +165,10 @@ def test_toml_run_writes_checked_values_to_tensorboard(tmp_path: Path) -> None:
         assert abs(written["hessian_trace"][step] - float(h.trace())) <= 3 * sigma
         assert 0 < written["hessian_trace/stderr"][step] < 3 * sigma
         assert written["gradient_noise_scale"][step] == pytest.approx(
-            _noise_scale(model, x, y), rel=1e-3
+            _noise_scale(reference, x, y), rel=1e-3
         )
         for key in ("0", "3", "5"):
-            w = model.get_submodule(key).weight.detach().double()
+            w = after[step][f"{key}.weight"].double()
             assert written[f"condition_number/weights/{key}"][step] == pytest.approx(
                 float(torch.linalg.cond(w.reshape(w.shape[0], -1))), rel=1e-6
             )

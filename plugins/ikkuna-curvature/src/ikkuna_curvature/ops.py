@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ikkuna_core import ops as core_ops
+
 __all__ = [
     "EigenResult",
     "HessianOperator",
@@ -55,12 +57,13 @@ def condition_numbers(weights: Sequence[torch.Tensor]) -> torch.Tensor:
                 f"condition_numbers: weight {i} has shape {tuple(w.shape)}; a condition number "
                 "needs a matrix (at least 2 dimensions, reshaped to (out, in*k...))"
             )
-    out = torch.empty(len(weights), dtype=torch.float64, device=weights[0].device)
-    groups: dict[tuple[tuple[int, ...], torch.device], list[int]] = {}
-    for i, w in enumerate(weights):
-        groups.setdefault((tuple(w.shape), w.device), []).append(i)
+    device = weights[0].device
+    groups = core_ops.group_by(weights, lambda w: (tuple(w.shape), w.device))
     eps = torch.finfo(torch.float64).eps
-    for (shape, _), index in groups.items():
+    parts: list[torch.Tensor] = []
+    order: list[int] = []
+    for index in groups.values():
+        shape = weights[index[0]].shape
         rows, cols = shape[0], math.prod(shape[1:])
         stacked = torch.stack(
             [weights[i].detach().reshape(rows, cols).to(torch.float64) for i in index]
@@ -69,8 +72,15 @@ def condition_numbers(weights: Sequence[torch.Tensor]) -> torch.Tensor:
         top, bottom = s[:, 0], s[:, -1]
         full_rank = bottom > top * (max(rows, cols) * eps)
         cond = torch.where(full_rank, top / torch.where(full_rank, bottom, 1.0), math.inf)
-        out[torch.tensor(index, device=out.device)] = cond.to(out.device)
-    return out
+        parts.append(cond.to(device))
+        order += index
+    values = torch.cat(parts)
+    if order == sorted(order):
+        return values
+    inverse = [0] * len(order)
+    for position, i in enumerate(order):
+        inverse[i] = position
+    return values.index_select(0, core_ops.constant(inverse, torch.long, device))
 
 
 # ------------------------------------------------------------------------- state preserving
@@ -216,8 +226,8 @@ def lanczos_max_eigenpair(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     start: torch.Tensor,
     *,
-    max_iterations: int = 30,
-    tolerance: float = 1e-3,
+    max_iterations: int = 20,
+    tolerance: float = 1e-2,
 ) -> EigenResult:
     """The algebraically largest eigenpair of the symmetric operator ``matvec`` by Lanczos
     iteration with full reorthogonalisation, from ``start`` (a warm start: the previous
@@ -226,36 +236,47 @@ def lanczos_max_eigenpair(
     Stops when the Ritz pair's relative residual ``β_k |s_k| / |θ|`` (exact for the computed
     Krylov basis) is at most ``tolerance``; then the Ritz value is within ``tolerance·|θ|``
     of an eigenvalue. The Ritz value never exceeds the largest eigenvalue (it is a Rayleigh
-    quotient), so an unconverged result is a lower bound. Each iteration is one product and
-    one host read of two numbers (the tridiagonal matrix is solved on the host).
+    quotient), so an unconverged result is a lower bound. Each iteration is one product, two
+    matrix-vector products with the basis (classical Gram-Schmidt; a second pass when the
+    first cancelled most of the vector) and one host read of three numbers (the small
+    tridiagonal matrix is solved on the host).
     """
     if max_iterations < 1:
         raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
     norm = float(torch.linalg.vector_norm(start))
     if not math.isfinite(norm) or norm == 0.0:
         raise ValueError("the start vector must be finite and non-zero")
-    q = start / norm
-    basis: list[torch.Tensor] = [q]
+    # The basis as the rows of one preallocated matrix: reorthogonalising against it is two
+    # matrix-vector products, not one pass (and one fresh vector) per basis vector.
+    basis = torch.empty(
+        (max_iterations, start.numel()), dtype=start.dtype, device=start.device
+    )
+    basis[0] = start.reshape(-1) / norm
     alphas: list[float] = []
     betas: list[float] = []
     theta, residual, ritz = 0.0, math.inf, torch.ones(1, dtype=torch.float64)
     converged = False
     iterations = 0
     for j in range(max_iterations):
+        q = basis[j]
         w = matvec(q)
         iterations = j + 1
         alpha_t = torch.dot(w, q)
-        w = w - alpha_t * q
+        w = torch.addcmul(w, q, alpha_t, value=-1)  # a new vector: matvec's stays untouched
         if j > 0:
-            w = w - betas[-1] * basis[-2]
-        for b in basis:  # full reorthogonalisation (modified Gram-Schmidt)
-            w = w - torch.dot(w, b) * b
+            w.sub_(basis[j - 1], alpha=betas[-1])
+        before = torch.linalg.vector_norm(w)
+        done = basis[: j + 1]
+        w.addmv_(done.T, done @ w, alpha=-1)  # full reorthogonalisation, in place
         beta_t = torch.linalg.vector_norm(w)
-        alpha, beta = (float(x) for x in torch.stack([alpha_t, beta_t]).tolist())
-        if not (math.isfinite(alpha) and math.isfinite(beta)):
+        alpha, norm_before, beta = torch.stack([alpha_t, before, beta_t]).tolist()
+        if not all(math.isfinite(x) for x in (alpha, norm_before, beta)):
             raise FloatingPointError(
                 "the Hessian-vector product is not finite (nan/inf in the loss curvature)"
             )
+        if beta < 0.7 * norm_before:  # cancellation: orthogonalise once more
+            w.addmv_(done.T, done @ w, alpha=-1)
+            beta = float(torch.linalg.vector_norm(w))
         alphas.append(alpha)
         t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if len(betas):
@@ -271,14 +292,11 @@ def lanczos_max_eigenpair(
         if residual <= tolerance or invariant:
             converged = True
             break
-        betas.append(beta)
-        q = w / beta
-        basis.append(q)
-    coefficients = ritz.to(device=start.device, dtype=basis[0].dtype)
-    y = torch.zeros_like(basis[0])
-    # without convergence the basis holds one vector more than the tridiagonal matrix
-    for c, b in zip(coefficients, basis[: len(coefficients)], strict=True):
-        y = y + c * b
+        if j + 1 < max_iterations:
+            betas.append(beta)
+            torch.div(w, beta, out=basis[j + 1])
+    coefficients = ritz.to(device=start.device, dtype=basis.dtype)
+    y = basis[: len(coefficients)].T @ coefficients
     y = y / torch.linalg.vector_norm(y)
     return EigenResult(
         eigenvalue=torch.tensor(theta, dtype=torch.float64),
@@ -301,8 +319,8 @@ def hessian_max_eigenvalue(
     *,
     parameters: Iterable[torch.Tensor] | None = None,
     start: torch.Tensor | None = None,
-    max_iterations: int = 30,
-    tolerance: float = 1e-3,
+    max_iterations: int = 20,
+    tolerance: float = 1e-2,
     generator: torch.Generator | None = None,
 ) -> EigenResult:
     """The largest eigenvalue of the loss Hessian with respect to ``parameters`` (default:

@@ -1,11 +1,13 @@
 """The subscribers of the ``curvature`` plugin: thin wiring around :mod:`ikkuna_curvature.ops`.
 
-``condition_number`` is a per-module metric of the ``weights`` topic. The three loss-curvature
-subscribers are network-level: they receive the step's batch (``input_data``, the first tensor
-argument of the model's forward, and ``input_labels``, the target passed to the loss) in one
-synchronized bundle and evaluate the watched parameters' loss Hessian (or per-example
-gradients) at the parameters current when the subscriber runs, on that batch. Every forward
-runs inside ``Exporter.silenced()`` and leaves training untouched (see ``ops``).
+``condition_number`` is a step-level metric of the ``weights`` topic: all weights of a step
+in one call, one batched float64 SVD per distinct shape. The three loss-curvature
+subscribers are network-level: they receive the step's batch (``input_data``, the first
+tensor argument of the model's forward, and ``input_labels``, the target passed to the loss)
+in one synchronized bundle. Subscribers run at the end of the step, after
+``optimizer.step()``, so they evaluate the watched parameters' loss Hessian (or per-example
+gradients) at the **updated** parameters, on the batch that produced the update. Every
+forward runs inside ``Exporter.silenced()`` and leaves training untouched (see ``ops``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ikkuna_core import (
     EVENT_TOPICS,
     Exporter,
     MessageBundle,
+    StepBundle,
     Subscriber,
     SubscriberOptions,
     TensorOptions,
@@ -57,18 +60,28 @@ class ConditionNumber(Subscriber):
     """``sigma_max / sigma_min`` of each module's weight reshaped to ``(out, in*k...)``, from
     singular values in float64; ``inf`` for a rank-deficient matrix. Tensors with fewer
     than two dimensions (biases, normalisation scales) are skipped. Published as
-    ``condition_number/<topic>`` per module."""
+    ``condition_number/<topic>`` per module.
+
+    Step-level: all weights of a step are reduced together, one batched float64
+    ``torch.linalg.svdvals`` per distinct shape (:func:`ikkuna_curvature.ops.condition_numbers`),
+    and published as one vector per topic."""
 
     name = "condition_number"
     Options = ConditionNumberOptions
     default_topics: ClassVar[tuple[str, ...]] = ("weights",)
     options: ConditionNumberOptions
 
-    def compute(self, bundle: MessageBundle) -> None:
-        w = bundle.tensor(bundle.topics[0])
-        if w.dim() < 2:
-            return
-        self.publish_scalar(bundle, ops.condition_numbers([w])[0])
+    def compute_step(self, step: StepBundle) -> None:
+        for topic in step.topics:
+            payloads = step[topic]
+            matrices = [
+                (key, t)
+                for key, t in zip(payloads.keys, payloads.data, strict=True)
+                if t is not None and t.dim() >= 2
+            ]
+            if matrices:
+                values = ops.condition_numbers([t for _, t in matrices])
+                self.publish_scalars(step, values, [key for key, _ in matrices], topic=topic)
 
 
 # --------------------------------------------------------------------- the batch and loss
@@ -92,6 +105,7 @@ class _LossCurvature(Subscriber):
 
     default_topics: ClassVar[tuple[str, ...]] = ("input_data", "input_labels")
     synchronized = True
+    output_kind = "network"
     suffixes: ClassVar[tuple[str, ...]] = ()
 
     def output_topic(self, suffix: str | None = None) -> str:
@@ -150,12 +164,17 @@ def watched_parameters(model: nn.Module, exporter: Exporter) -> list[nn.Paramete
 # ------------------------------------------------------------------ hessian max eigenvalue
 class HessianMaxEigenvalueOptions(_BatchOptions):
     max_iterations: int = Field(
-        default=20, ge=1, description="Lanczos iterations (Hessian-vector products) at most"
+        default=20,
+        ge=2,
+        description="Lanczos iterations (Hessian-vector products) per evaluation, at most; "
+        "at least 2: one product is only the Rayleigh quotient of the start vector, which "
+        "restarting from its own Ritz vector would never improve",
     )
     tolerance: float = Field(
-        default=1e-3,
+        default=1e-2,
         gt=0,
-        description="stop when the relative residual |H y - theta y| / |theta| is below this",
+        description="stop when the relative residual |H y - theta y| / |theta| is at most "
+        "this: then theta is within tolerance * |theta| of an eigenvalue",
     )
     seed: int = Field(default=0, description="seed of the first starting vector")
 
