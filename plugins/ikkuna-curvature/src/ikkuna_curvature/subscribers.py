@@ -107,6 +107,7 @@ class _LossCurvature(Subscriber):
     synchronized = True
     output_kind = "network"
     suffixes: ClassVar[tuple[str, ...]] = ()
+    _generator: torch.Generator | None = None  # per instance once made (_generator_on)
 
     def output_topic(self, suffix: str | None = None) -> str:
         base = self.options.publish_as or self.name
@@ -117,6 +118,13 @@ class _LossCurvature(Subscriber):
 
     def _topic_for(self, input_topic: str, suffix: str | None = None) -> str:
         return self.output_topic(suffix)
+
+    def _generator_on(self, device: torch.device, seed: int) -> torch.Generator:
+        """The subscriber's own random generator on ``device`` (seeded with ``seed`` when first
+        made there), so its random vectors never touch training's random state."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(seed)
+        return self._generator
 
     def _problem(
         self, bundle: MessageBundle
@@ -194,13 +202,10 @@ class HessianMaxEigenvalue(_LossCurvature):
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
         self._vector: torch.Tensor | None = None
-        self._generator: torch.Generator | None = None
 
     def compute(self, bundle: MessageBundle) -> None:
         model, loss_fn, inputs, labels, params = self._problem(bundle)
-        device = params[0].device
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.options.seed)
+        generator = self._generator_on(params[0].device, self.options.seed)
         with self.exporter.silenced():
             result = ops.hessian_max_eigenvalue(
                 model,
@@ -211,7 +216,7 @@ class HessianMaxEigenvalue(_LossCurvature):
                 start=self._vector,
                 max_iterations=self.options.max_iterations,
                 tolerance=self.options.tolerance,
-                generator=self._generator,
+                generator=generator,
             )
         self._vector = result.eigenvector
         if not result.converged:
@@ -249,22 +254,16 @@ class HessianTrace(_LossCurvature):
     suffixes: ClassVar[tuple[str, ...]] = ("stderr",)
     options: HessianTraceOptions
 
-    def __init__(self, **options: object) -> None:
-        super().__init__(**options)
-        self._generator: torch.Generator | None = None
-
     def compute(self, bundle: MessageBundle) -> None:
         model, loss_fn, inputs, labels, params = self._problem(bundle)
-        device = params[0].device
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.options.seed)
+        generator = self._generator_on(params[0].device, self.options.seed)
         with self.exporter.silenced():
             operator = ops.hessian_operator(model, loss_fn, inputs, labels, params)
             result = ops.hutchinson_trace(
                 operator,
                 operator.numel,
                 probes=self.options.probes,
-                generator=self._generator,
+                generator=generator,
                 device=operator.device,
                 dtype=operator.dtype,
             )

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from ikkuna_core.backends.matplotlib import colorful_dimension, series_color
+
+from ._files import probe_writable_dir
 
 __all__ = [
     "FORMATS",
@@ -289,20 +290,10 @@ def check_output(out: str | Path) -> Path:
         raise ReportError(
             f"{path} is a directory; give the file to write, e.g. {path / 'dashboard.png'}"
         )
-    folder = path.parent
-    missing = [p for p in [folder, *folder.parents] if not p.exists()]  # innermost first
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        probe_writable_dir(path.parent)
     except OSError as exc:
         raise ReportError(f"cannot write {path} ({exc.strerror or exc})") from None
-    finally:
-        for created in missing:
-            try:
-                created.rmdir()
-            except OSError:
-                break
     return path
 
 

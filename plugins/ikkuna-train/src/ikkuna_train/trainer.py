@@ -38,7 +38,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -50,6 +49,8 @@ import torch
 from torch import nn
 
 from ikkuna_core import IkkunaConfig, RunContext, load_config
+
+from ._files import probe_writable_dir
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -683,18 +684,9 @@ def check_log_dir(log_dir: str | Path, *, overwrite: bool = False) -> list[Path]
             "would mix with it in TensorBoard and the figures. Choose another --log-dir, or "
             "pass --overwrite to replace that run"
         )
-    missing = [p for p in [path, *path.parents] if not p.exists()]  # innermost first
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        probe_writable_dir(path)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise LogDirError(f"cannot write to log directory {path} ({reason})") from None
-    finally:
-        for folder in missing:  # the probe leaves nothing behind
-            try:
-                folder.rmdir()
-            except OSError:
-                break
     return previous
