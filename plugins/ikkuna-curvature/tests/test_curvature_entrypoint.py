@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib.metadata import distribution
 from pathlib import Path
 
@@ -18,7 +19,6 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from torch.func import functional_call
 
 import ikkuna_core
 from ikkuna_curvature import ConditionNumber, GradientNoiseScale, HessianMaxEigenvalue, HessianTrace
@@ -30,13 +30,8 @@ SUBSCRIBERS = {
     "gradient_noise_scale": GradientNoiseScale,
 }
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: the conftest fixture's reference: explicit_hessian(model, x, y, parameters=None)
+HessianFn = Callable[..., torch.Tensor]
 
 
 def test_entry_point_is_installed_and_loads_by_name() -> None:
@@ -98,22 +93,6 @@ def _scalars(log_dir: Path) -> dict[str, dict[int, float]]:
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
-def _hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    model64 = copy.deepcopy(model).double()
-
-    def loss(theta: torch.Tensor) -> torch.Tensor:
-        params, i = {}, 0
-        for name, shape in zip(names, shapes, strict=True):
-            params[name] = theta[i : i + shape.numel()].view(shape)
-            i += shape.numel()
-        return nn.functional.cross_entropy(functional_call(model64, params, (x.double(),)), y)
-
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
-    return torch.autograd.functional.hessian(loss, flat, vectorize=True)
-
-
 def _noise_scale(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     per = []
     for i in range(x.shape[0]):
@@ -126,7 +105,9 @@ def _noise_scale(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return trace_cov / (float(mean @ mean) - trace_cov / b)
 
 
-def test_toml_run_writes_checked_values_to_tensorboard(tmp_path: Path) -> None:
+def test_toml_run_writes_checked_values_to_tensorboard(
+    tmp_path: Path, explicit_hessian: HessianFn
+) -> None:
     log_dir = tmp_path / "run"
     config = tmp_path / "ikkuna.toml"
     config.write_text(CONFIG.format(log_dir=log_dir.as_posix()))
@@ -156,7 +137,7 @@ def test_toml_run_writes_checked_values_to_tensorboard(tmp_path: Path) -> None:
     for step in (0, 2):
         x, y = batches[step]
         reference.load_state_dict(after[step])
-        h = _hessian(reference, x, y)
+        h = explicit_hessian(reference, x, y)
         top = float(torch.linalg.eigvalsh(h)[-1])
         assert written["hessian_max_eigenvalue"][step] == pytest.approx(top, rel=1e-2)
         assert written["hessian_max_eigenvalue/residual"][step] <= 1e-4

@@ -19,14 +19,6 @@ from ikkuna_core.testing import MemoryBackend
 STEPS = 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def with_batch_norm() -> nn.Module:
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1),

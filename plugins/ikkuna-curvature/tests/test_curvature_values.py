@@ -12,7 +12,6 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
 import ikkuna_core as ik
 from ikkuna_core.testing import MemoryBackend
@@ -26,13 +25,8 @@ from ikkuna_curvature import (
 
 N = 24  # examples per batch
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: the conftest fixture's reference: explicit_hessian(model, x, y, parameters=None)
+HessianFn = Callable[..., torch.Tensor]
 
 
 def mlp() -> nn.Module:
@@ -60,29 +54,6 @@ def problem(kind: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Te
     x = torch.randn(N, *shape, generator=g)
     y = torch.randint(0, 3, (N,), generator=g)
     return model, x, y
-
-
-def explicit_hessian(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-    parameters: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """The full loss Hessian in float64 over all parameters, in ``model.parameters()`` order
-    (the order the plugin flattens them in), at ``parameters`` (default: the model's own)."""
-    names = [n for n, _ in model.named_parameters()]
-    values = parameters or {n: p.detach() for n, p in model.named_parameters()}
-    shapes = [values[n].shape for n in names]
-    flat = torch.cat([values[n].reshape(-1) for n in names]).double()
-    model64 = copy.deepcopy(model).double()
-    loss_fn = nn.CrossEntropyLoss()
-
-    def loss(theta: torch.Tensor) -> torch.Tensor:
-        params, i = {}, 0
-        for name, shape in zip(names, shapes, strict=True):
-            params[name] = theta[i : i + shape.numel()].view(shape)
-            i += shape.numel()
-        return loss_fn(functional_call(model64, params, (x.double(),)), y)
-
-    return torch.autograd.functional.hessian(loss, flat, vectorize=True)
 
 
 def top_eigenvalue(h: torch.Tensor) -> float:
@@ -118,7 +89,7 @@ def run(
 # -------------------------------------------------------------------- top eigenvalue
 @pytest.mark.parametrize(("kind", "lr"), [("mlp", 0.3), ("cnn", 1.0)])
 def test_max_eigenvalue_matches_the_explicit_hessian_after_each_update(
-    kind: str, lr: float
+    kind: str, lr: float, explicit_hessian: HessianFn
 ) -> None:
     model, x, y = problem(kind)
     before = top_eigenvalue(explicit_hessian(model, x, y))
@@ -133,7 +104,9 @@ def test_max_eigenvalue_matches_the_explicit_hessian_after_each_update(
     assert max(abs(a / b - 1) for a, b in zip(tops, [before, *tops[:-1]], strict=False)) > 0.03
 
 
-def test_a_warm_start_saves_iterations_and_a_tight_tolerance_holds() -> None:
+def test_a_warm_start_saves_iterations_and_a_tight_tolerance_holds(
+    explicit_hessian: HessianFn,
+) -> None:
     model, x, y = problem("cnn")
     top = top_eigenvalue(explicit_hessian(model, x, y))
     sub = HessianMaxEigenvalue(subsample=1, max_iterations=60, tolerance=1e-5)
@@ -146,7 +119,9 @@ def test_a_warm_start_saves_iterations_and_a_tight_tolerance_holds() -> None:
     assert 1 <= warm < cold <= 60
 
 
-def test_a_budget_per_evaluation_continues_across_evaluations() -> None:
+def test_a_budget_per_evaluation_continues_across_evaluations(
+    explicit_hessian: HessianFn,
+) -> None:
     """max_iterations = 2 products per evaluation: each evaluation starts from the last one's
     vector, so on a fixed Hessian the value climbs to the top eigenvalue over evaluations,
     and every evaluation publishes its true residual on the way."""
@@ -166,7 +141,7 @@ def test_a_budget_per_evaluation_continues_across_evaluations() -> None:
 
 @pytest.mark.parametrize(("include", "depth"), [((nn.Linear,), -1), (None, 1)])
 def test_the_hessian_is_taken_over_the_watched_parameters(
-    include: tuple[type[nn.Module], ...] | None, depth: int
+    include: tuple[type[nn.Module], ...] | None, depth: int, explicit_hessian: HessianFn
 ) -> None:
     model, x, y = problem("cnn")
     if include is None:
@@ -227,7 +202,9 @@ def test_not_converging_warns_once_naming_the_options() -> None:
 
 # ------------------------------------------------------------------------------ trace
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_trace_within_the_hutchinson_error_and_reproducible(kind: str) -> None:
+def test_trace_within_the_hutchinson_error_and_reproducible(
+    kind: str, explicit_hessian: HessianFn
+) -> None:
     model, x, y = problem(kind)
     probes, seed = 30, 7
     backend, after = run(
@@ -364,7 +341,7 @@ def test_options_defaults_and_errors() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_the_values_are_the_cpu_ones() -> None:
+def test_on_cuda_the_values_are_the_cpu_ones(explicit_hessian: HessianFn) -> None:
     model, x, y = problem("cnn")
     y = (x.reshape(N, -1)[:, :3].sum(1) > 0).long()
     reference = copy.deepcopy(model)
