@@ -52,8 +52,7 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Overhead benchmark against plain training, hand-written TensorBoard code and Cockpit."""
     _install_project(session)
-    # cockpit imports pkg_resources, which setuptools 81 removed
-    session.install("cockpit-for-pytorch", "setuptools<81")
+    session.install("cockpit-for-pytorch")
     session.run("python", "benchmarks/overhead.py", *session.posargs)
 
 
