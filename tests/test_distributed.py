@@ -90,6 +90,17 @@ def test_ddp_publishes_the_all_reduced_gradient_on_every_rank(ranks):
                                results[1]["ddp"]["rank0"]["seen"][ident])
 
 
+def _assert_gradient_norms(
+    written: dict[tuple[str, int], float], seen: dict[tuple[str, str, int], torch.Tensor]
+) -> None:
+    """Every written ``norm/weight_gradients/<key>`` value is the norm of the gradient the
+    rank's recorder saw at that step (after the all-reduce)."""
+    for (tag, step), value in written.items():
+        key = tag.rsplit("/", 1)[1]
+        assert value == pytest.approx(float(seen[("weight_gradients", key, step)].norm()),
+                                      rel=1e-5)
+
+
 def test_ddp_only_rank_zero_writes_by_default(ranks):
     out, results = ranks
     assert results[0]["ddp"]["rank0"]["backends"] == ["TensorBoardBackend"]
@@ -98,10 +109,7 @@ def test_ddp_only_rank_zero_writes_by_default(ranks):
     written = _scalars(out / "rank0")
     seen = results[0]["ddp"]["rank0"]["seen"]
     assert {tag for tag, _ in written} == {f"norm/weight_gradients/{k}" for k in KEYS}
-    for (tag, step), value in written.items():
-        key = tag.rsplit("/", 1)[1]
-        assert value == pytest.approx(float(seen[("weight_gradients", key, step)].norm()),
-                                      rel=1e-5)
+    _assert_gradient_norms(written, seen)
 
 
 def test_ddp_ranks_all_writes_each_rank_to_its_own_directory(ranks):
@@ -112,10 +120,7 @@ def test_ddp_ranks_all_writes_each_rank_to_its_own_directory(ranks):
         written = _scalars(out / "all" / f"rank{rank}")
         seen = results[rank]["ddp"]["all"]["seen"]
         assert len(written) == 2 * len(KEYS)
-        for (tag, step), value in written.items():
-            key = tag.rsplit("/", 1)[1]
-            assert value == pytest.approx(float(seen[("weight_gradients", key, step)].norm()),
-                                          rel=1e-5)
+        _assert_gradient_norms(written, seen)
 
 
 def test_fsdp2_publishes_full_parameters_never_shards(ranks):
