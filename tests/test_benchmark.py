@@ -1,6 +1,6 @@
 """Smoke tests of the overhead benchmark (benchmarks/overhead.py): every variant trains a
 step or two of the tiny MLP problem, the interleaving machinery writes a well-formed JSON
-report with finite ratios, and the soak mode samples memory."""
+report with finite ratios, and the soak mode samples memory, once per backend."""
 
 from __future__ import annotations
 
@@ -146,3 +146,32 @@ def test_soak_samples_memory_and_the_snapshot() -> None:
     assert 0 < result["snapshot_over_params"] <= 1
     assert np.isfinite(result["median_step_ms"])
     assert "parameter snapshot" in bench.soak_markdown(result)
+
+
+# --soak covers both backends (issue 11: memory) and reports MiB per 1,000 steps for each
+def test_soak_runs_once_per_backend_and_reports_mib(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "soak.json"
+    try:
+        result = bench.main(
+            ["--soak", "--soak-steps", "12", "--soak-every", "4", "--out", str(out)]
+        )
+    except bench.SkipVariant as exc:
+        pytest.skip(str(exc))
+    assert list(result["soak"]) == ["tensorboard", "matplotlib"]
+    saved = json.loads(out.read_text())
+    for backend, one in saved["soak"].items():
+        assert one["backend"] == backend
+        assert [s["step"] for s in one["samples"]] == [0, 4, 8, 12]
+        mib = one["slope_rss_mib_per_1000_steps"]
+        assert math.isfinite(mib)
+        assert mib == pytest.approx(one["slope_rss_bytes_per_1000_steps"] / 2**20)
+    printed = capsys.readouterr().out
+    for backend in ("tensorboard", "matplotlib"):
+        assert f"{backend}: RSS " in printed and "MiB per 1,000 steps" in printed
+
+
+def test_unknown_soak_backend_is_refused() -> None:
+    with pytest.raises(SystemExit, match="--soak-backends: choose from tensorboard, matplotlib"):
+        bench.main(["--soak", "--soak-backends", "wandb"])
