@@ -20,6 +20,7 @@ import torch
 from .backends.base import HistogramRecord, ScalarRecord
 from .errors import BackendError, IkkunaError, SubscriberError
 from .messages import HistogramsMessage, ModuleInfo, ScalarsMessage, StepBundle, TopicPayloads
+from .ops import Histograms, group_by
 from .topics import TopicSpec, builtin_topics
 
 if TYPE_CHECKING:
@@ -530,21 +531,16 @@ def _payloads_of(
     message: ScalarsMessage | HistogramsMessage, modules: dict[str | None, ModuleInfo | None]
 ) -> TopicPayloads:
     """A result as the payloads of a derived topic, for the subscribers that consume it."""
-    data: list[torch.Tensor | None]
-    if isinstance(message, ScalarsMessage):
-        data, stacked = list(message.data.unbind(0)), message.data
-    else:
-        data, stacked = list(message.counts.unbind(0)), None
+    values = message.data if isinstance(message, ScalarsMessage) else message.counts
     return TopicPayloads(
         topic=message.topic,
         keys=message.keys,
         modules=[modules.get(k) for k in message.keys],
-        data=data,
-        stacked=stacked,
+        data=list(values.unbind(0)),
     )
 
 
-_HIST_FIELDS = ("counts", "edges", "min", "max", "num", "sum", "sum_squares", "nonfinite")
+_HIST_FIELDS = Histograms._fields  # a HistogramsMessage carries these, from ops.histograms
 
 
 class _Transfer:
@@ -564,14 +560,11 @@ class _Transfer:
                 tensors.append(m.data)
             else:
                 tensors.extend(getattr(m, f) for f in _HIST_FIELDS)
-        self.count = len(tensors)
-        self._where: list[tuple[int, int, int]] = []  # (part, offset, numel) per tensor
         self._parts: list[tuple[torch.Tensor, Any, torch.device]] = []
         self._packed: list[torch.Tensor] = []
-        by_device: dict[torch.device, list[int]] = {}
-        for i, t in enumerate(tensors):
-            by_device.setdefault(t.device, []).append(i)
-        self._where = [(0, 0, 0)] * len(tensors)
+        # (part, offset, numel) per tensor; one part per device
+        self._where: list[tuple[int, int, int]] = [(0, 0, 0)] * len(tensors)
+        by_device = group_by(tensors, lambda t: t.device)
         for part, (device, idx) in enumerate(by_device.items()):
             flat = [tensors[i].reshape(-1) for i in idx]
             offset = 0

@@ -203,10 +203,6 @@ class TopicPayloads(BaseModel):
     keys: list[str | None]
     modules: list[ModuleInfo | None]
     data: list[Tensor | None]
-    stacked: Tensor | None = Field(
-        default=None,
-        description="for derived scalar topics: the values as one tensor, shape (len(keys),)",
-    )
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -225,18 +221,11 @@ class TopicPayloads(BaseModel):
 
     def select(self, indices: list[int]) -> TopicPayloads:
         """These payloads restricted to ``indices`` (in that order)."""
-        stacked = None
-        if self.stacked is not None:
-            from .ops import constant
-
-            index = constant(indices, torch.long, self.stacked.device)
-            stacked = self.stacked.index_select(0, index)
         return TopicPayloads(
             topic=self.topic,
             keys=[self.keys[i] for i in indices],
             modules=[self.modules[i] for i in indices],
             data=[self.data[i] for i in indices],
-            stacked=stacked,
         )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Hashable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -36,6 +36,8 @@ __all__ = [
 
 #: Elements per concatenation in :func:`moments` (bounds its temporary memory).
 _CHUNK = 1 << 25
+
+_Key = TypeVar("_Key", bound=Hashable)
 
 
 def _device_groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -332,11 +334,11 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
 
 
 def group_by(
-    tensors: Sequence[torch.Tensor], key: Callable[[torch.Tensor], Hashable]
-) -> dict[Hashable, list[int]]:
+    tensors: Sequence[torch.Tensor], key: Callable[[torch.Tensor], _Key]
+) -> dict[_Key, list[int]]:
     """Indices of ``tensors`` grouped by ``key(tensor)``, e.g. ``lambda t: (t.shape,
     t.device, t.dtype)`` to stack same-shaped matrices for one batched matmul."""
-    groups: dict[Hashable, list[int]] = {}
+    groups: dict[_Key, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault(key(t), []).append(i)
     return groups
