@@ -45,10 +45,16 @@ def _device_groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
     first = tensors[0].device
     if all(t.device == first for t in tensors):
         return [list(range(len(tensors)))]
-    groups: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.device, []).append(i)
-    return list(groups.values())
+    return list(group_by(tensors, lambda t: t.device).values())
+
+
+def _input_order(groups: list[list[int]], device: torch.device) -> torch.Tensor:
+    """The index that puts rows computed group after group (``groups``, as from
+    :func:`_device_groups`) back in input order, as a cached constant on ``device``."""
+    position = [0] * sum(len(idx) for idx in groups)
+    for row, i in enumerate(i for idx in groups for i in idx):
+        position[i] = row
+    return constant(position, torch.long, device)
 
 
 def _per_device(
@@ -60,9 +66,8 @@ def _per_device(
     if len(groups) == 1:
         return fn(list(tensors))
     device = tensors[0].device
-    parts = [(idx, fn([tensors[i] for i in idx]).to(device)) for idx in groups]
-    order = torch.tensor([i for idx, _ in parts for i in idx], device=device).argsort()
-    return torch.cat([rows for _, rows in parts]).index_select(0, order)
+    rows = [fn([tensors[i] for i in idx]).to(device) for idx in groups]
+    return torch.cat(rows).index_select(0, _input_order(groups, device))
 
 
 _CONSTANTS: dict[tuple[tuple[float, ...], torch.dtype, torch.device], torch.Tensor] = {}
@@ -258,13 +263,12 @@ def histograms(
         raise ValueError("histograms needs at least one tensor")
     groups = _device_groups(tensors)
     if len(groups) > 1:
-        parts = [(idx, histograms([tensors[i] for i in idx], bins, range, max_samples))
-                 for idx in groups]
+        parts = [histograms([tensors[i] for i in idx], bins, range, max_samples) for idx in groups]
         device = tensors[0].device
-        order = torch.tensor([i for idx, _ in parts for i in idx], device=device).argsort()
+        order = _input_order(groups, device)
         return Histograms(*(
-            torch.cat([getattr(h, f).to(device) for _, h in parts]).index_select(0, order)
-            for f in Histograms._fields
+            torch.cat([part.to(device) for part in fields]).index_select(0, order)
+            for fields in zip(*parts, strict=True)
         ))
     flat = [
         sample(t, max_samples) if max_samples is not None and t.numel() > max_samples
