@@ -76,7 +76,8 @@ class Subscriber:
     default_topics: ClassVar[tuple[str, ...]] = ()
     synchronized: ClassVar[bool] = False
     #: What the results describe: "network" for one value per step whatever the input (a
-    #: whole-network norm), "module" for values per module; None: what the inputs describe.
+    #: whole-network norm; published under one topic, :meth:`output_topic`), "module" for
+    #: values per module; None: what the inputs describe.
     output_kind: ClassVar[Literal["module", "network"] | None] = None
 
     def __init__(self, **options: object) -> None:
@@ -141,7 +142,12 @@ class Subscriber:
         return list(dict.fromkeys(self._topic_for(t) for t in self.options.topics))
 
     def _topic_for(self, input_topic: str, suffix: str | None = None) -> str:
-        if self.synchronized or self.options.publish_as or len(self.options.topics) <= 1:
+        if (
+            self.synchronized
+            or self.output_kind == "network"  # one value for all its inputs: one topic
+            or self.options.publish_as
+            or len(self.options.topics) <= 1
+        ):
             return self.output_topic(suffix)
         base = f"{self.name}/{input_topic}"
         return f"{base}/{suffix}" if suffix else base

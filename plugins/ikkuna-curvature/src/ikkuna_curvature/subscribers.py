@@ -116,9 +116,6 @@ class _LossCurvature(Subscriber):
     def output_topics(self) -> list[str]:
         return [self.output_topic(), *(self.output_topic(s) for s in self.suffixes)]
 
-    def _topic_for(self, input_topic: str, suffix: str | None = None) -> str:
-        return self.output_topic(suffix)
-
     def _generator_on(self, device: torch.device, seed: int) -> torch.Generator:
         """The subscriber's own random generator on ``device`` (seeded with ``seed`` when first
         made there), so its random vectors never touch training's random state."""

@@ -98,12 +98,6 @@ class GlobalNorm(Subscriber):
     output_kind = "network"
     options: GlobalNormOptions
 
-    def output_topics(self) -> list[str]:
-        return [self.output_topic()]
-
-    def _topic_for(self, input_topic: str, suffix: str | None = None) -> str:
-        return self.output_topic(suffix)
-
     def compute_step(self, step: StepBundle) -> None:
         tensors = [t for topic in step.topics for t in step[topic].tensors()]
         per_tensor = ops.norms(tensors, self.options.p)
