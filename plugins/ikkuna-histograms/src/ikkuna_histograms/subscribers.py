@@ -83,11 +83,10 @@ class Histogram(Subscriber):
             range=self.options.range,
             max_samples=self.options.max_samples or None,
         )
-        start = 0
-        for topic, group in zip(step.topics, tensors, strict=True):
-            rows = slice(start, start + len(group))
-            self.publish_histograms(step, ops.Histograms(*(f[rows] for f in hists)), topic=topic)
-            start += len(group)
+        sizes = [len(group) for group in tensors]
+        per_topic = zip(*(field.split(sizes) for field in hists), strict=True)
+        for topic, fields in zip(step.topics, per_topic, strict=True):
+            self.publish_histograms(step, ops.Histograms(*fields), topic=topic)
 
 
 class DeadFractionOptions(TensorOptions):

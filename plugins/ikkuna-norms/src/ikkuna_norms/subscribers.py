@@ -74,10 +74,9 @@ class Norm(Subscriber):
         # every topic's tensors in one fused reduction, then one message per topic
         tensors = [step[topic].tensors() for topic in step.topics]
         values = ops.norms([t for group in tensors for t in group], self.options.p)
-        start = 0
-        for topic, group in zip(step.topics, tensors, strict=True):
-            self.publish_scalars(step, values[start : start + len(group)], topic=topic)
-            start += len(group)
+        per_topic = values.split([len(group) for group in tensors])
+        for topic, topic_values in zip(step.topics, per_topic, strict=True):
+            self.publish_scalars(step, topic_values, topic=topic)
 
 
 # ----------------------------------------------------------------------------- global norm
@@ -182,8 +181,8 @@ class Ratio(Subscriber):
 
     def compute_step(self, step: StepBundle) -> None:
         top, bottom = self.options.topics
-        num = ops.norms(step[top].tensors())
-        den = ops.norms(step[bottom].tensors())
+        a, b = step[top].tensors(), step[bottom].tensors()
+        num, den = ops.norms(a + b).split([len(a), len(b)])  # one fused reduction
         if self.options.eps:
             den = den + self.options.eps
         self.publish_scalars(step, num / den, topic=top)
