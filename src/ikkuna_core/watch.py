@@ -93,12 +93,7 @@ def watch(
             options = registry.subscriber_options(entry.name, entry.options, run_context)
         except PluginError as exc:
             raise ConfigError(f"{where} ({entry.name!r}): {exc}") from None
-        subscriber = _make_subscriber(cls, options, source, i)
-        if not subscriber.options.topics:
-            raise ConfigError(
-                f"{where}.topics: subscriber {entry.name!r} has no default topics; list the "
-                "topics it reads, e.g. topics = ['weight_gradients'] (`ikkuna topics` lists them)"
-            )
+        subscriber = _make_subscriber(cls, options, source, i)  # it checks topics is not empty
         _check_publish_as(bus, subscriber, where)
         try:
             bus.register_subscriber(subscriber)

@@ -380,7 +380,7 @@ def _merge_columns(a: _Column, b: _Column) -> _Column:
         edges, counts, grid = b.edges, b.counts, b.grid
     elif a.grid and a.edges[0] <= b.edges[0] and b.edges[-1] <= a.edges[-1]:
         edges, counts = a.edges, a.counts + _spread(b.edges, b.counts, a.edges)
-    elif a.edges.shape == b.edges.shape and np.array_equal(a.edges, b.edges):
+    elif np.array_equal(a.edges, b.edges):  # False for different shapes too
         edges, counts = a.edges, a.counts + b.counts
     else:
         lo = min(a.edges[0], b.edges[0])

@@ -169,14 +169,13 @@ class TensorBoardBackend(Backend):
     def __init__(self, log_dir: str | Path, flush_secs: float = 10.0) -> None:
         super().__init__(log_dir)
         try:
-            from tensorboard.compat.proto import event_pb2, summary_pb2
+            from tensorboard.compat.proto import event_pb2
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError(
                 "the 'tensorboard' backend needs the tensorboard package: "
                 "pip install 'ikkuna-core[tensorboard]'"
             ) from exc
         self._event_pb2 = event_pb2
-        self._summary_pb2 = summary_pb2
         self.flush_secs = flush_secs
         self.writer = EventFileWriter(self.log_dir)
         self._values: dict[int, list[bytes]] = {}
