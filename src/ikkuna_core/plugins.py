@@ -23,6 +23,7 @@ import pluggy
 from . import builtin, hookspecs
 from .backends.base import Backend
 from .commands import CORE_COMMANDS, Command, SubscriberFlag
+from .config import ConfigError
 from .context import RunContext
 from .messages import TopicSpec
 from .subscriber import Subscriber
@@ -34,6 +35,7 @@ __all__ = [
     "PluginInfo",
     "PluginRegistry",
     "PluginWarning",
+    "UnknownPluginError",
     "installed_entry_points",
     "load_plugins",
 ]
@@ -45,6 +47,11 @@ BUILTIN_NAME = "builtin"
 
 class PluginError(RuntimeError):
     """A plugin could not be loaded or conflicts with another, or a name is unknown."""
+
+
+class UnknownPluginError(ConfigError, PluginError):
+    """A plugin asked for by name is not installed: a configuration error that callers
+    catching PluginError (as before) still catch."""
 
 
 class PluginWarning(UserWarning):
@@ -324,7 +331,7 @@ def load_plugins(
     if requested is not None:
         unknown = [n for n in requested if n not in available]
         if unknown:
-            raise PluginError(
+            raise UnknownPluginError(
                 f"unknown plugin(s) {', '.join(map(repr, unknown))}; installed plugins: "
                 f"{', '.join(sorted(available)) or '(none)'}; a plugin is a distribution "
                 "that registers an 'ikkuna' entry point: install it with pip (from a clone of "

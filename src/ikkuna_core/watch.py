@@ -17,15 +17,10 @@ from .bus import MessageBus, UnknownTopicError
 from .config import ConfigError, IkkunaConfig, key_path, load_config
 from .context import RunContext
 from .exporter import Exporter, modules_of, select_modules
-from .plugins import PluginError, PluginRegistry, load_plugins
+from .plugins import PluginError, PluginRegistry, UnknownPluginError, load_plugins
 from .subscriber import Subscriber
 
 __all__ = ["watch"]
-
-
-class UnknownPluginError(ConfigError, PluginError):
-    """``ikkuna.plugins`` names a plugin that is not installed: a configuration error that
-    callers catching PluginError (as before) still catch."""
 
 
 def watch(
@@ -60,9 +55,7 @@ def watch(
     if registry is None:
         try:
             registry = load_plugins(cfg.plugins)
-        except PluginError as exc:
-            if not str(exc).startswith("unknown plugin"):
-                raise
+        except UnknownPluginError as exc:
             raise UnknownPluginError(f"{source}: ikkuna.plugins: {exc}") from None
     registry.hook.ikkuna_configure(config=cfg)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ikkuna_core.commands import EXIT_FAILURE, CLIError, Command, SubscriberFlag
-from ikkuna_core.plugins import PluginRegistry, PluginWarning
+from ikkuna_core.plugins import PluginRegistry, PluginWarning, UnknownPluginError
 
 __all__ = ["REPORT", "TRAIN"]
 
@@ -315,7 +315,8 @@ def _build_config(args: argparse.Namespace, hp: Any) -> tuple[Any, Any, list[str
     try:
         registry = load_plugins(enabled)
     except PluginError as exc:
-        hint = "" if "unknown plugin" in str(exc) else "; enable only the others: --plugins A,B"
+        unknown = isinstance(exc, UnknownPluginError)
+        hint = "" if unknown else "; enable only the others: --plugins A,B"
         raise CLIError(_one_line(str(exc)) + hint) from None
     for flag, plugin in chosen:
         if flag.subscriber not in registry.subscribers:  # installed, but not enabled
