@@ -69,6 +69,7 @@ __all__ = ["Exporter", "select_modules", "unwrap_model"]
 
 ROOT_NAME = "model"
 _LOSS_TOPICS = frozenset({"network_output", "input_labels", "loss"})
+_VALUES = frozenset(VALUE_TOPICS.values())
 _GRADIENTS = frozenset(GRADIENT_TOPICS.values())
 _UPDATES = frozenset(UPDATE_TOPICS.values())
 # Capture modes of a forward topic per module; k > 0: a sample of k entries (a copy).
@@ -925,9 +926,9 @@ class Exporter:
             if indices is None:
                 continue
             chosen: list[tuple[int, torch.Tensor]]
-            if topic in VALUE_TOPICS.values():
+            if topic in _VALUES:
                 chosen = [(i, params[i].tensor) for i in indices]
-            elif topic in GRADIENT_TOPICS.values():
+            elif topic in _GRADIENTS:
                 chosen = [(i, g) for i in indices if (i in grads and
                           (g := self._valid(grads[i], topic, i)) is not None)]
             else:
