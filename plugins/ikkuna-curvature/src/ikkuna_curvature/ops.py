@@ -60,8 +60,7 @@ def condition_numbers(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     device = weights[0].device
     groups = core_ops.group_by(weights, lambda w: (tuple(w.shape), w.device))
     eps = torch.finfo(torch.float64).eps
-    parts: list[torch.Tensor] = []
-    order: list[int] = []
+    out = torch.empty(len(weights), dtype=torch.float64, device=device)
     for index in groups.values():
         shape = weights[index[0]].shape
         rows, cols = shape[0], math.prod(shape[1:])
@@ -72,15 +71,8 @@ def condition_numbers(weights: Sequence[torch.Tensor]) -> torch.Tensor:
         top, bottom = s[:, 0], s[:, -1]
         full_rank = bottom > top * (max(rows, cols) * eps)
         cond = torch.where(full_rank, top / torch.where(full_rank, bottom, 1.0), math.inf)
-        parts.append(cond.to(device))
-        order += index
-    values = torch.cat(parts)
-    if order == sorted(order):
-        return values
-    inverse = [0] * len(order)
-    for position, i in enumerate(order):
-        inverse[i] = position
-    return values.index_select(0, core_ops.constant(inverse, torch.long, device))
+        out[core_ops.constant(index, torch.long, device)] = cond.to(device)
+    return out
 
 
 # ------------------------------------------------------------------------- state preserving
@@ -438,13 +430,12 @@ def gradient_noise_scale(
         )
     params = _trainable(parameters, model)
     ids = {id(p) for p in params}
-    names = [n for n, p in model.named_parameters() if id(p) in ids]
-    if len(names) != len(params):
+    watched: dict[str, torch.Tensor] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for n, p in model.named_parameters():
+        (watched if id(p) in ids else rest)[n] = p.detach()
+    if len(watched) != len(params):
         raise ValueError("parameters must be parameters of the model")
-    watched = {n: p.detach() for n, p in model.named_parameters() if id(p) in ids}
-    rest: dict[str, torch.Tensor] = {
-        n: p.detach() for n, p in model.named_parameters() if id(p) not in ids
-    }
     rest.update(_buffer_copies(model))
 
     def example_loss(
