@@ -511,14 +511,10 @@ def _print_summary(result: Any, dashboard: Path | None) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from .report import ReportError, check_output, find_run_dir, make_report
+    from .report import ReportError, make_report
 
     try:
-        if args.output is not None:
-            check_output(args.output)  # before reading anything
-        else:
-            check_output(find_run_dir(args.log_dir) / "dashboard.png")
-        path = make_report(args.log_dir, args.output)
+        path = make_report(args.log_dir, args.output)  # checks the output before reading
     except ReportError as exc:
         raise CLIError(str(exc)) from None
     size = _image_size(path)

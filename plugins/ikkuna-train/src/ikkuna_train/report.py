@@ -434,7 +434,12 @@ def _spread(logs: RunLogs, panel: _Panel) -> float:
 
 def make_report(log_dir: str | Path, out: str | Path | None = None) -> Path:
     """Read the run in ``log_dir`` and write its dashboard to ``out`` (default
-    ``<run dir>/dashboard.png``); returns the path written."""
-    logs = load_run(log_dir)
-    target = Path(out) if out is not None else logs.log_dir / "dashboard.png"
-    return render_dashboard(logs, target)
+    ``<run dir>/dashboard.png``); returns the path written. Whether the dashboard can be
+    written is checked before any log is read."""
+    if out is not None:
+        target = check_output(out)
+        run_dir = find_run_dir(log_dir)
+    else:
+        run_dir = find_run_dir(log_dir)
+        target = check_output(run_dir / "dashboard.png")
+    return render_dashboard(load_run(run_dir), target)
