@@ -6,11 +6,21 @@ import tempfile
 from pathlib import Path
 
 
+def missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, innermost first."""
+    missing = []
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
 def probe_writable_dir(folder: Path) -> None:
     """Check that a file can be written in ``folder``: create it (and its missing parents),
     write and delete a temporary file there, then remove the folders this created, so the
     probe leaves nothing behind. Raises :class:`OSError` when it cannot."""
-    missing = [p for p in [folder, *folder.parents] if not p.exists()]  # innermost first
+    missing = missing_folders(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

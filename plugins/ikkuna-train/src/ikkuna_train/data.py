@@ -34,6 +34,8 @@ from urllib.error import URLError
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from ._files import missing_folders
+
 __all__ = [
     "DATASETS",
     "DatasetInfo",
@@ -201,7 +203,7 @@ def _load_torchvision(
         if not download:
             raise _unavailable(key, data_dir, train, "its files are missing")
         before = set(data_dir.iterdir()) if data_dir.is_dir() else set()
-        created = _missing_folders(location)
+        created = missing_folders(location)[::-1]  # outermost first
         try:
             return cls(root=str(data_dir), train=train, download=True, transform=transform)
         except (URLError, OSError, RuntimeError) as err:
@@ -227,16 +229,6 @@ def _load_torchvision(
             stacklevel=3,
         )
     return _read_cifar_batches(key, location, train=train, image_size=image_size)
-
-
-def _missing_folders(location: Path) -> list[Path]:
-    """``location`` and its ancestors that do not exist yet, outermost first."""
-    missing = []
-    for folder in [location, *location.parents]:
-        if folder.exists():
-            break
-        missing.append(folder)
-    return missing[::-1]
 
 
 class _UInt8ImageDataset(Dataset):
