@@ -149,11 +149,9 @@ class _LossCurvature(Subscriber):
 def watched_parameters(model: nn.Module, exporter: Exporter) -> list[nn.Parameter]:
     """The trainable parameters of the modules the exporter watches (its ``depth`` and
     ``include``), their submodules' included, each once, in module order."""
-    depth = getattr(exporter, "depth", -1)
-    include = getattr(exporter, "include", None)
     seen: set[int] = set()
     params = []
-    for _, module in select_modules(model, depth, include):
+    for _, module in select_modules(model, exporter.depth, exporter.include):
         for p in module.parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))

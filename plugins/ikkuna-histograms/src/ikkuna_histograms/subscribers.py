@@ -140,20 +140,20 @@ class DeadFraction(Subscriber):
     def compute_step(self, step: StepBundle) -> None:
         for topic in step.topics:
             payloads = step[topic]
+            all_tensors = payloads.tensors()  # a TensorOptions topic: every payload a tensor
             chosen = [
-                i for i, (module, x) in enumerate(zip(payloads.modules, payloads.data, strict=True))
-                if x is not None and x.numel() and (module is None or self.wants_module(module))
+                i for i, (module, x) in enumerate(zip(payloads.modules, all_tensors, strict=True))
+                if x.numel() and (module is None or self.wants_module(module))
             ]
             if not chosen:
                 continue
             keys = [payloads.keys[i] for i in chosen]
-            tensors = [payloads.data[i] for i in chosen]
-            self.publish_scalars(step, ops.zero_fractions(tensors), keys, topic=topic)  # type: ignore[arg-type]
+            tensors = [all_tensors[i] for i in chosen]
+            self.publish_scalars(step, ops.zero_fractions(tensors), keys, topic=topic)
             dim = self.options.unit_dim
             if self.options.units:
                 unit_keys, dead = [], []
                 for key, x in zip(keys, tensors, strict=True):
-                    assert x is not None
                     if x.dim() > dim:
                         units = x.shape[dim]
                         alive = (x != 0).movedim(dim, 0).reshape(units, -1).any(dim=1)
