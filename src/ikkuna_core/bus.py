@@ -306,7 +306,7 @@ class MessageBus:
     def _message(
         self, subscriber: Subscriber, topic: str, got: _Collected, stamp: Stamp
     ) -> ScalarsMessage | HistogramsMessage:
-        tags = [topic if k is None else f"{topic}/{k}" for k in got.keys]
+        tags = _tags(topic, got.keys)
         step, epoch, batch = stamp
         if got.scalars:
             values = got.scalars
@@ -389,7 +389,7 @@ class MessageBus:
         self._pending.append(
             ScalarsMessage(
                 topic=topic, global_step=step, epoch=epoch, batch_index=batch, keys=keys,
-                tags=[topic if k is None else f"{topic}/{k}" for k in keys], data=data,
+                tags=_tags(topic, keys), data=data,
             )
         )
 
@@ -525,6 +525,11 @@ def _aligned(
         t: p.select([pos[k] for k in common])
         for t, p, pos in zip(topics, ordered, positions, strict=True)
     }
+
+
+def _tags(topic: str, keys: Sequence[str | None]) -> list[str]:
+    """Backend tags: ``<topic>/<key>``, ``<topic>`` for the key None (a network value)."""
+    return [topic if k is None else f"{topic}/{k}" for k in keys]
 
 
 def _payloads_of(

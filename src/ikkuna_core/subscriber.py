@@ -204,15 +204,9 @@ class Subscriber:
         """Report one scalar per key at once: ``values[i]`` for ``keys[i]``. ``topic`` is the
         input topic the values were computed from (default: the step's first); ``keys``
         default to that topic's keys."""
-        source = topic or step.topics[0]
-        if keys is None:
-            keys = step[source].keys
         values = values.detach().reshape(-1)
-        if values.numel() != len(keys):
-            raise ValueError(
-                f"subscriber {self.name!r}: {values.numel()} values for {len(keys)} keys"
-            )
-        self.bus._collect_scalars(self, self._topic_for(source, suffix), list(keys), values)
+        out, key_list = self._destination(step, values.numel(), "values", keys, topic, suffix)
+        self.bus._collect_scalars(self, out, key_list, values)
 
     def publish_histograms(
         self,
@@ -225,15 +219,28 @@ class Subscriber:
     ) -> None:
         """Report stacked histograms (from :func:`ikkuna_core.ops.histograms`): row ``i``
         for ``keys[i]``; ``topic`` and ``keys`` as for :meth:`publish_scalars`."""
+        out, key_list = self._destination(
+            step, hists.counts.shape[0], "histograms", keys, topic, suffix
+        )
+        self.bus._collect_histograms(self, out, key_list, hists)
+
+    def _destination(
+        self,
+        step: StepBundle,
+        count: int,
+        what: str,
+        keys: Sequence[str | None] | None,
+        topic: str | None,
+        suffix: str | None,
+    ) -> tuple[str, list[str | None]]:
+        """The output topic and the keys of ``count`` results computed from ``topic`` (default:
+        the step's first), ``keys`` defaulting to that topic's; one key per result."""
         source = topic or step.topics[0]
         if keys is None:
             keys = step[source].keys
-        if hists.counts.shape[0] != len(keys):
-            raise ValueError(
-                f"subscriber {self.name!r}: {hists.counts.shape[0]} histograms for "
-                f"{len(keys)} keys"
-            )
-        self.bus._collect_histograms(self, self._topic_for(source, suffix), list(keys), hists)
+        if count != len(keys):
+            raise ValueError(f"subscriber {self.name!r}: {count} {what} for {len(keys)} keys")
+        return self._topic_for(source, suffix), list(keys)
 
     # -------------------------------------------------------------- plumbing
     def _bind(self, bus: MessageBus) -> None:
