@@ -39,6 +39,7 @@ error goes through the bus's error policy.
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -54,7 +55,8 @@ from torch.optim.optimizer import (
 from torch.utils.hooks import RemovableHandle
 
 from . import ops
-from .bus import MessageBus, Stamp, Subscription
+from ._exporter.clock import Act, Ended, StepClock
+from .bus import MessageBus, Subscription
 from .errors import IkkunaError
 from .messages import ModuleInfo, TopicPayloads, key_of
 from .topics import (
@@ -69,6 +71,7 @@ __all__ = ["Exporter", "select_modules", "unwrap_model"]
 
 ROOT_NAME = "model"
 _LOSS_TOPICS = frozenset({"network_output", "input_labels", "loss"})
+_TOKENS = itertools.count()  # the clock's names of optimizers
 _VALUES = frozenset(VALUE_TOPICS.values())
 _GRADIENTS = frozenset(GRADIENT_TOPICS.values())
 _UPDATES = frozenset(UPDATE_TOPICS.values())
@@ -222,9 +225,7 @@ class Exporter:
         self.bus.add_listener(self._sync_hooks)
         self.model: nn.Module | None = None
         self.modules: dict[str, ModuleInfo] = {}
-        self.global_step = -1  # index of the current (or last) training step
-        self.epoch = 0
-        self.batch_index = -1
+        self.clock = StepClock(self._optimizer_exists)
         self.loss_fn: Callable[..., torch.Tensor] | None = None
         self.config: Any = config  # the IkkunaConfig of a run started by watch()
         self.registry: Any = registry  # the PluginRegistry of a run started by watch()
@@ -234,9 +235,10 @@ class Exporter:
         self._params: list[_Param] = []
         self._param_index: dict[int, int] = {}  # id(tensor) -> index in _params
         self._by_topic: dict[str, list[int]] = {}  # parameter topic -> indices in _params
-        self._optimizers: weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], list[int]]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # optimizer -> (its param groups' sizes, watched parameter indices, clock token)
+        self._optimizers: weakref.WeakKeyDictionary[
+            Any, tuple[tuple[int, ...], list[int], int]
+        ] = weakref.WeakKeyDictionary()
         self._handles: list[RemovableHandle] = []
         self._forward_handles: list[RemovableHandle] = []
         self._loss_handle: RemovableHandle | None = None
@@ -245,31 +247,34 @@ class Exporter:
         self._clone: set[tuple[str, int]] = set()  # (topic, module) changed in place before
         self._probed: set[tuple[str, int]] = set()  # (topic, module) known either way
         self._learned_plans: dict[Any, tuple[int, ...]] = {}
-        self._closed = False
-        self._silent = False
         # the open step
-        self._open = False
-        self._stamp: Stamp = (0, 0, 0)
         self._wanted: frozenset[str] = frozenset()
-        self._forwards = 0
         self._fwd = _Forward(0)
         self._act_plan: tuple[int, ...] | None = None  # capture modes in this forward
         self._lgrad_plan: tuple[int, ...] | None = None
-        self._loss_pending = False  # the step's first loss call is still to come
         self._grads: dict[int, tuple[torch.Tensor, int]] = {}
         self._updates: dict[int, torch.Tensor] = {}
-        self._stepped: list[Any] = []
-        self._inside: Any = None  # the optimizer whose step() is running
-        self._closure = False
-        # optimizers expected to step in each step (those that stepped in the last one)
-        self._expected: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._seen_optimizer = False
-        self._has_optimizer: bool | None = None  # see _optimizer_exists
         self._sharded = False  # some parameter is a DTensor (FSDP2): see _gathered
-        self._driven = False  # forwards are announced by an integration: _external_forward
-        self._watched_forward = False
         self._steps_without_forward = 0
         self._steps_without_loss = 0
+
+    @property
+    def global_step(self) -> int:
+        """Index of the current (or last) training step; -1 before the first."""
+        return self.clock.global_step
+
+    @property
+    def epoch(self) -> int:
+        return self.clock.epoch
+
+    @property
+    def batch_index(self) -> int:
+        """Index of the current (or last) step in its epoch; -1 before the epoch's first."""
+        return self.clock.batch_index
+
+    @property
+    def _closed(self) -> bool:
+        return self.clock.closed
 
     # ------------------------------------------------------------------ setup
     def set_model(self, model: nn.Module) -> None:
@@ -353,7 +358,7 @@ class Exporter:
         @functools.wraps(loss_fn)
         def watched_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
             loss = loss_fn(*args, **kwargs)
-            if self._loss_pending:
+            if self.clock.loss():
                 self._stash_loss(args, kwargs, loss)
             return loss
 
@@ -364,26 +369,22 @@ class Exporter:
     def epoch_finished(self) -> None:
         """Close the running step, publish ``epoch_finished`` and start a new epoch."""
         self._check_open()
-        if self._open:
-            self._finish_step()
-        stamp = (max(self.global_step, 0), self.epoch, max(self.batch_index, 0))
-        self.bus.deliver_event(stamp, "epoch_finished")
+        self._act(self.clock.epoch_finished())
+        self.bus.deliver_event(self.clock.now(), "epoch_finished")
         self.bus.flush()
-        self.epoch += 1
-        self.batch_index = -1
+        self.clock.next_epoch()
 
     @contextmanager
     def silenced(self) -> Iterator[None]:
         """Forwards inside this block publish nothing and count no step (the thesis'
         ``should_train=False``). Used by subscribers that evaluate the model."""
-        saved = (self._silent, self._act_plan, self._lgrad_plan, self._loss_pending)
-        self._silent, self._act_plan, self._lgrad_plan, self._loss_pending = (
-            True, None, None, False
-        )
+        saved = (self._act_plan, self._lgrad_plan)
+        self._act_plan = self._lgrad_plan = None
         try:
-            yield
+            with self.clock.silenced():
+                yield
         finally:
-            self._silent, self._act_plan, self._lgrad_plan, self._loss_pending = saved
+            self._act_plan, self._lgrad_plan = saved
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model in eval mode without autograd and without messages; every module's
@@ -403,11 +404,9 @@ class Exporter:
         if self._closed:
             return
         try:
-            if self._open:
-                self._finish_step()
+            self._act(self.clock.close())
         finally:
             self._remove_hooks()
-            self._closed = True
             try:
                 self.bus.close()
             finally:
@@ -428,7 +427,6 @@ class Exporter:
         self._forward_handles.clear()
         self._snapshot.clear()
         self._act_plan = self._lgrad_plan = None
-        self._loss_pending = False
 
     def on_close(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` when the Exporter closes, after the backends (how ``watch``
@@ -483,7 +481,7 @@ class Exporter:
             self._loss_handle = None
         # Until an optimizer shows up, gradients are taken when they are accumulated (loops
         # without an optimizer); the optimizer's pre-step hook then takes over.
-        kinds = set() if self._seen_optimizer else {
+        kinds = set() if self.clock.grads_from_optimizer else {
             kind for kind, topic in GRADIENT_TOPICS.items() if topic in topics
         }
         for i, p in enumerate(self._params):
@@ -523,63 +521,45 @@ class Exporter:
         return plans
 
     # -------------------------------------------------------------- steps
-    def _open_step(self) -> None:
-        self.global_step += 1
-        self.batch_index += 1
-        self._open = True
-        self._stamp = (self.global_step, self.epoch, self.batch_index)
-        self._wanted = self.bus.wanted_topics(self.global_step)
-        self._forwards = 0
-        self._stepped = []
+    def _act(self, act: Act) -> None:
+        """Do what the clock decided: end the open step, open the next."""
+        if act & Act.END:
+            assert self.clock.last_ended is not None
+            self._finish_step(self.clock.last_ended)
+        if act & Act.OPEN:
+            self._wanted = self.bus.wanted_topics(self.global_step)
 
     def _on_forward_start(self, module: nn.Module, args: tuple[Any, ...], kwargs: Any) -> None:
-        if not self._driven:
-            self._forward_started(module.training, args, kwargs)
+        self._forward_started(module.training, args, kwargs, external=False)
 
-    def _external_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def announce_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """A training forward announced by an integration (the Lightning callback, at each
         training batch), for code that never calls the watched model's own forward (a
         LightningModule whose training_step calls ``self.net``): it counts like a forward of
         the model (a new step, or a micro-batch of the open one), forward topics are captured
         from the watched modules, and ``args``/``kwargs`` (the batch) give ``input_data``.
         From the first call on, the model's own forward no longer counts."""
-        self._driven = True
         model = self._require_model()
-        self._forward_started(model.training, args, kwargs)
+        self._forward_started(model.training, args, kwargs, external=True)
 
-    def _external_loss(self, loss: torch.Tensor) -> None:
+    def announce_loss(self, loss: torch.Tensor) -> None:
         """The step's loss, announced by an integration (Lightning's on_before_backward), for
         a loss computed without a watched loss function. The first of the step counts, as
         for a watched loss; a watched loss function that already reported wins."""
-        if self._loss_pending and not self._closed:
+        if self.clock.loss():
             self._stash_loss((), {}, loss)
 
-    def _forward_started(self, training: bool, args: tuple[Any, ...], kwargs: Any) -> None:
-        if self._silent or self._closed:
-            return
+    def _forward_started(
+        self, training: bool, args: tuple[Any, ...], kwargs: Any, *, external: bool
+    ) -> None:
         try:
-            if not (training and torch.is_grad_enabled()) and not self.publish_in_eval:
+            training = (training and torch.is_grad_enabled()) or self.publish_in_eval
+            act = self.clock.forward(training=training, external=external)
+            self._act(act)
+            if act & Act.CAPTURE and self._wanted:
+                self._begin_capture(args, kwargs)
+            elif act & (Act.CAPTURE | Act.NO_CAPTURE):
                 self._act_plan = self._lgrad_plan = None
-                self._loss_pending = False
-                return
-            self._watched_forward = True
-            if self._inside is not None:  # a closure's forward inside optimizer.step()
-                if not self._open:
-                    self._open_step()
-            elif self._open and (
-                self._stepped or not (self._expected or self._optimizer_exists())
-            ):
-                self._finish_step()  # a loop without optimizer, or one that skipped a step
-                self._open_step()
-            elif not self._open:
-                self._open_step()
-            self._forwards += 1
-            if self._forwards > 1 or not self._wanted:
-                # a later micro-batch of the same step: forward topics come from the first
-                self._act_plan = self._lgrad_plan = None
-                self._loss_pending = False
-                return
-            self._begin_capture(args, kwargs)
         except IkkunaError:
             raise  # a subscriber's or backend's error under on_error="raise": as it is
         except Exception as exc:  # noqa: BLE001 - never stop training
@@ -592,7 +572,6 @@ class Exporter:
         self._act_plan = self._learned_plan("activations", act)
         self._lgrad_plan = self._learned_plan("layer_gradients", lgrad)
         self._fwd = fwd = _Forward(len(self._module_objs), self._lgrad_plan)
-        self._loss_pending = bool(wanted & _LOSS_TOPICS)
         if "input_data" in wanted:
             data = _first_tensor(args)
             if data is None and kwargs:
@@ -679,21 +658,20 @@ class Exporter:
     ) -> None:
         """Models that compute their own loss (``model(**batch).loss``, Hugging Face): the
         output's ``loss`` and ``logits`` and the ``labels`` keyword are the loss topics."""
-        if not self._loss_pending or self.loss_fn is not None:
+        if not self.clock.loss_pending or self.loss_fn is not None:
             return
         loss = _field(output, "loss")
-        if isinstance(loss, torch.Tensor):
+        if isinstance(loss, torch.Tensor) and self.clock.loss():
             logits = _field(output, "logits")
             self._stash_loss((logits, kwargs.get("labels")), {}, loss)
 
     def _on_loss_module(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], loss: Any
     ) -> None:
-        if self._loss_pending:
+        if self.clock.loss():
             self._stash_loss(args, kwargs, loss)
 
     def _stash_loss(self, args: Sequence[Any], kwargs: dict[str, Any], loss: Any) -> None:
-        self._loss_pending = False
         network = self._fwd.network
         output = args[0] if len(args) > 0 else kwargs.get("input")
         target = args[1] if len(args) > 1 else kwargs.get("target")
@@ -703,88 +681,77 @@ class Exporter:
                 network[topic] = self._stash_network(topic, value)
 
     def _on_grad_accumulated(self, index: int, tensor: torch.Tensor) -> None:
-        if self._open and tensor.grad is not None:
+        if self.clock.open and tensor.grad is not None:
             self._grads[index] = (tensor.grad, tensor.grad._version)
 
     # ------------------------------------------------------------ optimizer
-    def _optimizer_params(self, optimizer: Any) -> list[int]:
-        """Indices (in ``self._params``) of the watched parameters ``optimizer`` holds."""
+    def _optimizer_params(self, optimizer: Any) -> tuple[list[int], int]:
+        """Indices (in ``self._params``) of the watched parameters ``optimizer`` holds, and
+        the optimizer's token for the clock (which forgets it when the optimizer is gone)."""
         groups = optimizer.param_groups
         signature = tuple(len(g["params"]) for g in groups)
         cached = self._optimizers.get(optimizer)
         if cached is None or cached[0] != signature:
             index = self._param_index
             found = sorted({index[id(p)] for g in groups for p in g["params"] if id(p) in index})
-            cached = self._optimizers[optimizer] = (signature, found)
-        return cached[1]
+            if cached is None:
+                token = next(_TOKENS)
+                weakref.finalize(optimizer, self.clock.forget, token)
+            else:
+                token = cached[2]
+            cached = self._optimizers[optimizer] = (signature, found, token)
+        return cached[1], cached[2]
 
     def _optimizer_exists(self) -> bool:
-        """Whether a live torch optimizer holds some watched parameter. Asked once, when the
-        first step sees a second training forward before any optimizer step: gradient
-        accumulation (the same step: an optimizer step will end it) or a loop without an
-        optimizer (each forward a step)? Without this, the first step of an accumulating loop
-        published a half-accumulated gradient (test_real_loops). Looked up among the objects
-        the garbage collector tracks, once per Exporter."""
-        if self._has_optimizer is None:
-            import gc
+        """Whether a live torch optimizer holds some watched parameter: the clock asks once,
+        when the first step sees a second training forward before any optimizer step
+        (gradient accumulation, or a loop without an optimizer?). Looked up among the
+        objects the garbage collector tracks, once per Exporter."""
+        import gc
 
-            optimizer = torch.optim.Optimizer
-            # type(), not isinstance(): isinstance reads __class__, which some objects
-            # compute (deprecated torch attributes warn when it is read)
-            self._has_optimizer = any(
-                issubclass(type(obj), optimizer) and bool(self._optimizer_params(obj))
-                for obj in gc.get_objects()
-            )
-        return self._has_optimizer
+        optimizer = torch.optim.Optimizer
+        # type(), not isinstance(): isinstance reads __class__, which some objects
+        # compute (deprecated torch attributes warn when it is read)
+        return any(
+            issubclass(type(obj), optimizer) and bool(self._optimizer_params(obj)[0])
+            for obj in gc.get_objects()
+        )
 
     def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._closed or self._silent:
+        if self._closed or self.clock.silent:
             return
         try:
-            params = self._optimizer_params(optimizer)
+            params, token = self._optimizer_params(optimizer)
             if not params:
                 return  # not an optimizer of this model
-            if not self._seen_optimizer:
-                self._seen_optimizer = True
-                self._sync_hooks()  # gradients now come from here
             # torch hands the hook the step's arguments with the optimizer itself first
-            # (args[0] is never the closure): reading args[0] took every step for a closure
-            # step, so a second optimizer opened a step of its own (test_real_loops).
             closure = (args[1] if len(args) > 1 else kwargs.get("closure")) is not None
-            if not self._open:
-                if not (closure or optimizer in self._expected or self.global_step < 0):
-                    # an optimizer stepping after the step it belongs to has ended (the
-                    # second of two optimizers, on the first step): expect it from now on
-                    self._expected.add(optimizer)
-                    return
-                # a step no watched forward opened (step(closure) runs the forward later, or
-                # the training code never calls the watched model's own forward) opens here:
-                # with a closure, for an optimizer that stepped in the last step, or at the
-                # very first step (test_real_loops)
-                self._open_step()
-            self._inside, self._closure = optimizer, closure
-            if not closure:
+            act = self.clock.optimizer_pre(token, closure=closure)
+            if act & Act.OPTIMIZER_GRADS:
+                self._sync_hooks()  # gradients now come from here
+            self._act(act)
+            if act & Act.READ_GRADS:
                 self._read_grads(params)
-            self._snapshot_params(params)
+            if act & Act.SNAPSHOT:
+                self._snapshot_params(params)
         except IkkunaError:
             raise  # a subscriber's or backend's error under on_error="raise": as it is
         except Exception as exc:  # noqa: BLE001 - never stop training
-            self._inside = None
+            self.clock.optimizer_failed()
             self.bus.internal_error("the optimizer pre-step hook", exc, self.global_step)
 
     def _on_optimizer_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._inside is not optimizer:
+        cached = self._optimizers.get(optimizer)
+        if cached is None:
             return
-        self._inside = None
         try:
-            params = self._optimizer_params(optimizer)
-            if self._closure:
+            act = self.clock.optimizer_post(cached[2])
+            params = cached[1]
+            if act & Act.READ_GRADS:
                 self._read_grads(params)
-            self._compute_updates(params)
-            self._stepped.append(optimizer)
-            stepped = set(map(id, self._stepped))
-            if all(id(o) in stepped for o in self._expected):
-                self._finish_step()
+            if act & Act.UPDATES:
+                self._compute_updates(params)
+            self._act(act)
         except IkkunaError:
             raise  # a subscriber's or backend's error under on_error="raise": as it is
         except Exception as exc:  # noqa: BLE001 - never stop training
@@ -845,7 +812,7 @@ class Exporter:
         """Optimizer steps of the model's parameters without a forward of the watched model:
         forward topics can never be published. Said once, after three such steps."""
         self._steps_without_forward += 1
-        if self._steps_without_forward == 3 and not self._watched_forward:
+        if self._steps_without_forward == 3 and not self.clock.training_forwards:
             self.bus._warn_once(
                 "no-forward",
                 f"the optimizer stepped 3 times but the watched {type(self.model).__name__} "
@@ -882,18 +849,13 @@ class Exporter:
             )
 
     # ------------------------------------------------------------ end of step
-    def _finish_step(self) -> None:
+    def _finish_step(self, ended: Ended) -> None:
         """Hand the step's payloads to the bus and forget them."""
-        self._open = False
         self._act_plan = self._lgrad_plan = None
-        loss_missing, self._loss_pending = self._loss_pending, False
-        self._inside = None
-        if self._stepped:
-            self._expected = weakref.WeakSet(self._stepped)
-        stamp, wanted = self._stamp, self._wanted
-        if not self._forwards and self._stepped and wanted & (FORWARD_TOPICS | _LOSS_TOPICS):
+        stamp, wanted = ended.stamp, self._wanted
+        if not ended.forwards and ended.stepped and wanted & (FORWARD_TOPICS | _LOSS_TOPICS):
             self._note_missing_forward()
-        if loss_missing and self._forwards:
+        if ended.loss_missing and ended.forwards and wanted & _LOSS_TOPICS:
             self._note_missing_loss(wanted & _LOSS_TOPICS)
         fwd, grads, updates = self._fwd, self._grads, self._updates
         self._fwd = _Forward(len(self._module_objs))
