@@ -5,11 +5,11 @@ imported only by the parts that need them.
 """
 
 from . import ops
-from .bus import MessageBus, Subscription, UnknownTopicError
+from ._bus import Handle, MessageBus, Subscription, UnknownTopicError
+from ._exporter import Exporter, select_modules
 from .config import ConfigError, IkkunaConfig, SubscriberConfig, load_config
 from .context import RunContext
 from .errors import BackendError, IkkunaError, SubscriberError
-from .exporter import Exporter, select_modules
 from .hookspecs import hookimpl
 from .messages import (
     HistogramsMessage,
@@ -34,6 +34,7 @@ __all__ = [
     "BackendError",
     "ConfigError",
     "Exporter",
+    "Handle",
     "HistogramsMessage",
     "IkkunaConfig",
     "IkkunaError",

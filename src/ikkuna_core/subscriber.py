@@ -31,8 +31,8 @@ from .messages import MessageBundle, ModuleInfo, StepBundle
 from .topics import EVENT_TOPICS
 
 if TYPE_CHECKING:
-    from .bus import MessageBus
-    from .exporter import Exporter
+    from ._bus import MessageBus
+    from ._exporter import Exporter
 
 __all__ = ["Subscriber", "SubscriberOptions", "TensorOptions"]
 
@@ -101,6 +101,7 @@ class Subscriber:
             )
         self.enabled = True
         self._bus: MessageBus | None = None
+        self._exporter: Exporter | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"
@@ -161,10 +162,10 @@ class Subscriber:
     @property
     def exporter(self) -> Exporter:
         """The Exporter feeding this subscriber's bus (for silent evaluation forwards)."""
-        exporter = self.bus.exporter
-        if exporter is None:
+        self.bus  # noqa: B018 - not registered on a bus: its error
+        if self._exporter is None:
             raise RuntimeError("this subscriber's bus has no exporter attached")
-        return exporter
+        return self._exporter
 
     # ------------------------------------------------------------ publishing
     def publish_scalar(
@@ -175,7 +176,7 @@ class Subscriber:
         if not isinstance(value, torch.Tensor):
             value = torch.tensor(float(value))
         topic = self._topic_for(bundle.topics[0], suffix)
-        self.bus._collect_scalars(self, topic, [bundle.key], value.detach().reshape(1))
+        self.bus.results.add_scalars(self, topic, [bundle.key], value.detach().reshape(1))
 
     def publish_histogram(
         self,
@@ -190,7 +191,7 @@ class Subscriber:
         :func:`ikkuna_core.ops.histograms`)."""
         hist = ops.histograms([values.detach()], bins=bins, range=range, max_samples=max_samples)
         topic = self._topic_for(bundle.topics[0], suffix)
-        self.bus._collect_histograms(self, topic, [bundle.key], hist)
+        self.bus.results.add_histograms(self, topic, [bundle.key], hist)
 
     def publish_scalars(
         self,
@@ -206,7 +207,7 @@ class Subscriber:
         default to that topic's keys."""
         values = values.detach().reshape(-1)
         out, key_list = self._destination(step, values.numel(), "values", keys, topic, suffix)
-        self.bus._collect_scalars(self, out, key_list, values)
+        self.bus.results.add_scalars(self, out, key_list, values)
 
     def publish_histograms(
         self,
@@ -222,7 +223,7 @@ class Subscriber:
         out, key_list = self._destination(
             step, hists.counts.shape[0], "histograms", keys, topic, suffix
         )
-        self.bus._collect_histograms(self, out, key_list, hists)
+        self.bus.results.add_histograms(self, out, key_list, hists)
 
     def _destination(
         self,
@@ -243,7 +244,12 @@ class Subscriber:
         return self._topic_for(source, suffix), list(keys)
 
     # -------------------------------------------------------------- plumbing
-    def _bind(self, bus: MessageBus) -> None:
+    def bind(self, bus: MessageBus) -> None:
+        """Called by the bus this subscriber is registered on (one bus per subscriber)."""
         if self._bus is not None and self._bus is not bus:
             raise RuntimeError(f"subscriber {self.name!r} is already registered on another bus")
         self._bus = bus
+
+    def watched_by(self, exporter: Exporter) -> None:
+        """Called by the Exporter that feeds this subscriber's bus."""
+        self._exporter = exporter

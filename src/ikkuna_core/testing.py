@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._bus import MessageBus
+from ._exporter import Exporter
 from .backends.base import Backend, HistogramRecord, ScalarRecord
-from .bus import MessageBus
-from .exporter import Exporter
 from .subscriber import Subscriber
 
 __all__ = ["MemoryBackend", "train_steps"]
@@ -84,14 +84,15 @@ def train_steps(
     reference values. Returns the (still open) Exporter."""
     if inputs is None or targets is None:
         raise ValueError("train_steps needs inputs and targets")
-    bus = MessageBus(on_error="raise")
-    exporter = Exporter(depth=depth, bus=bus)
-    exporter.set_model(model)
-    loss = exporter.set_loss(loss_fn or nn.CrossEntropyLoss())
+    exporter = Exporter(
+        model, loss_fn or nn.CrossEntropyLoss(), depth=depth, bus=MessageBus(on_error="raise")
+    )
+    loss = exporter.loss_fn
+    assert loss is not None
     for sub in subscribers:
-        bus.register_subscriber(sub)
+        exporter.subscribe(sub)
     if backend is not None:
-        bus.add_backend(backend)
+        exporter.add_backend(backend)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     model.train()
     for i in range(steps):
@@ -100,5 +101,5 @@ def train_steps(
         optimizer.step()
         if on_step is not None:
             on_step(i)
-    bus.flush()
+    exporter.bus.flush()
     return exporter

@@ -13,10 +13,11 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
-from .bus import MessageBus, UnknownTopicError
+from ._bus import MessageBus, UnknownTopicError
+from ._exporter import Exporter, modules_of, select_modules
+from .backends.base import Backend
 from .config import ConfigError, IkkunaConfig, key_path, load_config
 from .context import RunContext
-from .exporter import Exporter, modules_of, select_modules
 from .plugins import PluginError, PluginRegistry, UnknownPluginError, load_plugins
 from .subscriber import Subscriber
 
@@ -63,6 +64,30 @@ def watch(
     bus = MessageBus(on_error=cfg.on_error, flush_every=cfg.flush_every)
     for topic in registry.topics:
         bus.register_topic(topic.name, topic.kind, topic.doc)
+    include = _include(model, cfg, source)
+    _subscribe_all(bus, cfg, registry, context or RunContext(), source)
+    backend_classes = _backend_classes(cfg, registry, source)
+    _check_log_dir(cfg.log_dir, f"{source}: ikkuna.log_dir")
+
+    # ---- attach: any failure from here on undoes everything attached so far
+    exporter = Exporter(
+        model, loss_fn, depth=cfg.depth, include=include, bus=bus,
+        publish_in_eval=cfg.publish_in_eval, config=cfg, registry=registry,
+    )
+    try:
+        _attach_backends(exporter, cfg, backend_classes, source)
+        exporter.on_close(lambda: registry.hook.ikkuna_run_finished(exporter=exporter))
+        registry.hook.ikkuna_run_started(exporter=exporter)
+    except BaseException as exc:
+        _undo(exporter, exc)
+        raise
+    return exporter
+
+
+def _include(
+    model: nn.Module, cfg: IkkunaConfig, source: str
+) -> tuple[type[nn.Module], ...] | None:
+    """The ``include`` classes; some module of ``model`` must match them and the depth."""
     try:
         include = modules_of(cfg.include) if cfg.include else None
     except ValueError as exc:
@@ -74,8 +99,14 @@ def watch(
             f"depth={cfg.depth} include={cfg.include}; use depth = -1 (leaf modules) or "
             "include classes the model has"
         )
+    return include
 
-    run_context = context if context is not None else RunContext()
+
+def _subscribe_all(
+    bus: MessageBus, cfg: IkkunaConfig, registry: PluginRegistry, context: RunContext,
+    source: str,
+) -> None:
+    """Create and subscribe every configured subscriber; errors name the entry's key."""
     for i, entry in enumerate(cfg.subscribers):
         where = f"{source}: ikkuna.subscribers[{i}]"
         try:
@@ -83,18 +114,24 @@ def watch(
         except PluginError as exc:
             raise ConfigError(f"{where}.name: {exc}") from None
         try:
-            options = registry.subscriber_options(entry.name, entry.options, run_context)
+            options = registry.subscriber_options(entry.name, entry.options, context)
         except PluginError as exc:
             raise ConfigError(f"{where} ({entry.name!r}): {exc}") from None
         subscriber = _make_subscriber(cls, options, source, i)  # it checks topics is not empty
         _check_publish_as(bus, subscriber, where)
         try:
-            bus.register_subscriber(subscriber)
+            bus.subscribe(subscriber)
         except UnknownTopicError as exc:
             raise ConfigError(f"{where}.topics: {exc}") from None
         except ValueError as exc:  # e.g. a derived topic clashing with a topic's kind
             raise ConfigError(f"{where} ({entry.name!r}): {exc}") from None
-    backend_classes = []
+
+
+def _backend_classes(
+    cfg: IkkunaConfig, registry: PluginRegistry, source: str
+) -> list[type[Backend]]:
+    """The configured backend classes, their options checked against their constructors."""
+    classes = []
     for i, name in enumerate(cfg.backends):
         try:
             backend_cls = registry.backend(name)
@@ -106,47 +143,32 @@ def watch(
         except TypeError as exc:
             raise ConfigError(f"{source}: ikkuna.backend_options.{name}: {exc}") from None
         _check_backend_options(backend_cls, cfg.backend_options.get(name, {}), source, name)
-        backend_classes.append(backend_cls)
+        classes.append(backend_cls)
     unused = sorted(set(cfg.backend_options) - set(cfg.backends))
     if unused:
         raise ConfigError(
             f"{source}: ikkuna.backend_options: {unused} are not in ikkuna.backends {cfg.backends}"
         )
-    _check_log_dir(cfg.log_dir, f"{source}: ikkuna.log_dir")
+    return classes
 
-    # ---- attach: any failure from here on undoes everything attached so far
-    exporter = Exporter(
-        cfg.depth,
-        include,
-        bus=bus,
-        publish_in_eval=cfg.publish_in_eval,
-        config=cfg,
-        registry=registry,
-    )
+
+def _attach_backends(
+    exporter: Exporter, cfg: IkkunaConfig, classes: list[type[Backend]], source: str
+) -> None:
+    """Create the backends on the ranks that write (``ranks``), each told the modules."""
     rank, world = distributed_rank()
-    writes = rank == 0 or cfg.ranks == "all"
+    if not (rank == 0 or cfg.ranks == "all"):
+        return  # ranks = "rank0": this rank's subscribers compute, nothing is written
     log_dir = cfg.log_dir / f"rank{rank}" if world > 1 and cfg.ranks == "all" else cfg.log_dir
-    try:
-        exporter.set_model(model)
-        if loss_fn is not None:
-            exporter.set_loss(loss_fn)
-        module_types = {key: info.type for key, info in exporter.modules.items()}
-        for name, backend_cls in zip(cfg.backends, backend_classes, strict=True):
-            if not writes:
-                break  # ranks = "rank0": this rank's subscribers compute, nothing is written
-            options = cfg.backend_options.get(name, {})
-            try:
-                backend = backend_cls(log_dir=log_dir, **options)
-            except ValueError as exc:  # an option of the right name with a wrong value
-                raise ConfigError(f"{source}: ikkuna.backend_options.{name}: {exc}") from None
-            backend.describe_modules(module_types)
-            bus.add_backend(backend)
-        exporter.on_close(lambda: registry.hook.ikkuna_run_finished(exporter=exporter))
-        registry.hook.ikkuna_run_started(exporter=exporter)
-    except BaseException as exc:
-        _undo(exporter, exc)
-        raise
-    return exporter
+    module_types = {key: info.type for key, info in exporter.modules.items()}
+    for name, backend_cls in zip(cfg.backends, classes, strict=True):
+        options = cfg.backend_options.get(name, {})
+        try:
+            backend = backend_cls(log_dir=log_dir, **options)
+        except ValueError as exc:  # an option of the right name with a wrong value
+            raise ConfigError(f"{source}: ikkuna.backend_options.{name}: {exc}") from None
+        backend.describe_modules(module_types)
+        exporter.add_backend(backend)
 
 
 def distributed_rank() -> tuple[int, int]:

@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._exporter import Exporter
 from ..config import IkkunaConfig
 from ..context import RunContext
-from ..exporter import Exporter
 from ..plugins import PluginRegistry
 from ..watch import watch
 
