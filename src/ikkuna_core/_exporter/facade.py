@@ -17,14 +17,10 @@ from torch import nn
 
 from .._bus import Handle, MessageBus
 from ..backends.base import Backend
-from ..messages import ModuleInfo, TopicPayloads
-from .capture import Capture
-from .clock import Act, Ended, StepClock
-from .diagnostics import Diagnostics
-from .hooks import Callbacks, Hooks, guard
-from .loss import LossWatch
-from .params import Parameters, gathered
-from .selection import check_depth, select_modules, unwrap_model
+from ..messages import ModuleInfo
+from .clock import Act, StepClock
+from .driver import StepDriver
+from .selection import check_depth, select_modules
 
 __all__ = ["Exporter"]
 
@@ -67,11 +63,7 @@ class Exporter:
         self.clock = StepClock(self._optimizer_exists)
         self._on_close: list[Callable[[], None]] = []
         self._watched: list[tuple[ModuleInfo, nn.Module]] = []
-        self._params: Parameters | None = None
-        self._hooks: Hooks | None = None
-        self._capture = Capture([], self._report)
-        self._loss = LossWatch(self.clock, self._capture)
-        self._diagnostics = Diagnostics(self.bus.warn_once)
+        self._driver: StepDriver | None = None
         self.bus.set_clock(self.clock.now)
         self.bus.add_listener(self._subscriptions_changed)
         self._subscriptions_changed()
@@ -81,8 +73,8 @@ class Exporter:
                 if loss_fn is not None:
                     self._watch_loss(loss_fn)
             except BaseException:
-                if self._hooks is not None:
-                    self._hooks.remove()  # all or nothing
+                if self._driver is not None:
+                    self._driver.remove()  # all or nothing
                 raise
         elif loss_fn is not None:
             raise TypeError("Exporter: loss_fn needs a model: Exporter(model, loss_fn, ...)")
@@ -110,12 +102,12 @@ class Exporter:
     @property
     def snapshots(self) -> list[torch.Tensor]:
         """The parameter copies kept for update topics (diagnostics: their memory)."""
-        return [] if self._params is None else list(self._params.snapshot.values())
+        return [] if self._driver is None else list(self._driver.params.snapshot.values())
 
     @property
     def hook_count(self) -> int:
         """Number of hooks currently installed (diagnostics: pay only for what is used)."""
-        return 0 if self._hooks is None else self._hooks.count
+        return 0 if self._driver is None else self._driver.hooks.count
 
     # ---------------------------------------------------------- registration
     def subscribe(self, subscriber: _S) -> Handle[_S]:
@@ -154,14 +146,16 @@ class Exporter:
     def silenced(self) -> Iterator[None]:
         """Forwards inside this block publish nothing and count no step (the thesis'
         ``should_train=False``). Used by subscribers that evaluate the model."""
-        capture = self._capture
-        saved = (capture.act_plan, capture.lgrad_plan)
-        capture.stop()
+        capture = None if self._driver is None else self._driver.capture
+        saved = None if capture is None else (capture.act_plan, capture.lgrad_plan)
+        if capture is not None:
+            capture.stop()
         try:
             with self.clock.silenced():
                 yield
         finally:
-            capture.act_plan, capture.lgrad_plan = saved
+            if capture is not None and saved is not None:
+                capture.act_plan, capture.lgrad_plan = saved
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model in eval mode without autograd and without messages; every module's
@@ -183,13 +177,15 @@ class Exporter:
         the model, forward topics are captured from the watched modules, and
         ``args``/``kwargs`` (the batch) give ``input_data``. From the first call on, the
         model's own forward no longer counts."""
-        self._forward(self._require_model().training, args, kwargs, external=True)
+        training = self._require_model().training
+        self._require_driver().forward(training, args, kwargs, external=True)
 
     def announce_loss(self, loss: torch.Tensor) -> None:
         """The step's loss, announced by an integration (Lightning's on_before_backward), for
         a loss computed without a watched loss function; the first of the step counts, and
         a watched loss function that already reported wins."""
-        self._loss.announce(loss)
+        if self._driver is not None:
+            self._driver.loss.announce(loss)
 
     def close(self) -> None:
         """Finish the running step, flush and close the backends, and remove every hook."""
@@ -198,11 +194,8 @@ class Exporter:
         try:
             self._act(self.clock.close())
         finally:
-            if self._hooks is not None:
-                self._hooks.remove()
-            if self._params is not None:
-                self._params.snapshot.clear()
-            self._capture.stop()
+            if self._driver is not None:
+                self._driver.remove()
             try:
                 self.bus.close()
             finally:
@@ -235,33 +228,13 @@ class Exporter:
         for name, module in selected:
             info = self.modules[name] = ModuleInfo(name=name, type=type(module).__name__)
             self._watched.append((info, module))
-        infos = [info for info, _ in self._watched]
-        self._params = Parameters(unwrap_model(model), infos, self.include is not None,
-                                  self.clock.forget)
-        self._capture = Capture(infos, self._report)
-        self._loss = LossWatch(self.clock, self._capture)
-        callbacks = Callbacks(
-            forward_start=self._on_forward_start, forward_end=self._loss.on_forward_end,
-            module_forward=self._capture.on_module_forward,
-            grad_accumulated=self._on_grad_accumulated,
-            optimizer_pre=self._on_optimizer_pre, optimizer_post=self._on_optimizer_post,
-        )
-        self._hooks = Hooks(model, [m for _, m in self._watched],
-                            [(p.kind, p.tensor) for p in self._params.params], callbacks)
-        self._subscriptions_changed()
+        self._driver = StepDriver(model, self._watched, self.include is not None, self.clock,
+                                  self.bus, self.publish_in_eval)
+        self._driver.sync()
 
     def _watch_loss(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        """Watch a loss called as ``loss_fn(output, target)``: an ``nn.Module`` loss is
-        hooked in place, a plain function wrapped; ``self.loss_fn`` is what to call."""
         self._check_open()
-        if self._hooks is None:
-            raise RuntimeError("no model: Exporter(model, loss_fn) watches a loss")
-        if isinstance(loss_fn, nn.Module):
-            self._hooks.watch_loss(loss_fn, self._loss.on_loss_module)
-            self._loss.watched = True
-            self.loss_fn = loss_fn
-        else:
-            self.loss_fn = self._loss.wrap(loss_fn)
+        self.loss_fn = self._require_driver().watch_loss(loss_fn)
         return self.loss_fn
 
     def _subscriptions_changed(self) -> None:
@@ -271,100 +244,15 @@ class Exporter:
             bind = getattr(subscriber, "watched_by", None)
             if bind is not None:
                 bind(self)
-        if self._hooks is not None and not self.clock.closed:
-            self._hooks.sync(self.bus.subscribed_topics(), self.clock.grads_from_optimizer)
+        if self._driver is not None:
+            self._driver.sync()
 
-    # ----------------------------------------------------------------- hooks
-    def _on_forward_start(self, module: nn.Module, args: tuple[Any, ...], kwargs: Any) -> None:
-        self._forward(module.training, args, kwargs, external=False)
-
-    def _forward(
-        self, training: bool, args: tuple[Any, ...], kwargs: Any, *, external: bool
-    ) -> None:
-        capture = self._capture
-        with guard(self._report, "the model's forward pre-hook", capture.stop):
-            training = (training and torch.is_grad_enabled()) or self.publish_in_eval
-            act = self.clock.forward(training=training, external=external)
-            self._act(act)
-            if act & Act.CAPTURE and capture.wanted:
-                capture.begin(self.bus.capture_plans(self.global_step, capture.modules),
-                              args, kwargs)
-            elif act & (Act.CAPTURE | Act.NO_CAPTURE):
-                capture.stop()
-
-    def _on_grad_accumulated(self, index: int, tensor: torch.Tensor) -> None:
-        if self.clock.open and self._params is not None:
-            self._params.accumulated(index, tensor)
-
-    def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        params = self._params
-        if self.clock.closed or self.clock.silent or params is None:
-            return
-        with guard(self._report, "the optimizer pre-step hook", self.clock.optimizer_failed):
-            indices, token = params.of_optimizer(optimizer)
-            if not indices:
-                return  # not an optimizer of this model
-            # torch hands the hook the step's arguments with the optimizer itself first
-            closure = (args[1] if len(args) > 1 else kwargs.get("closure")) is not None
-            act = self.clock.optimizer_pre(token, closure=closure)
-            if act & Act.OPTIMIZER_GRADS:
-                self._subscriptions_changed()  # gradients now come from here
-            self._act(act)
-            if act & Act.READ_GRADS:
-                params.read_grads(indices, self._capture.wanted)
-            if act & Act.SNAPSHOT:
-                params.take_snapshot(indices, self._capture.wanted)
-
-    def _on_optimizer_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        params = self._params
-        seen = None if params is None else params.seen(optimizer)
-        if params is None or seen is None:
-            return
-        with guard(self._report, "the optimizer post-step hook"):
-            indices, token = seen
-            act = self.clock.optimizer_post(token)
-            if act & Act.READ_GRADS:
-                params.read_grads(indices, self._capture.wanted)
-            if act & Act.UPDATES:
-                params.take_updates(indices)
-            self._act(act)
-
-    # ------------------------------------------------------------- the step
     def _act(self, act: Act) -> None:
-        """Do what the clock decided: end the open step, open the next."""
-        if act & Act.END:
-            assert self.clock.last_ended is not None
-            self._finish_step(self.clock.last_ended)
-        if act & Act.OPEN:
-            self._capture.wanted = self.bus.wanted_topics(self.global_step)
-
-    def _finish_step(self, ended: Ended) -> None:
-        """Hand the step's payloads to the bus and forget them."""
-        capture = self._capture
-        capture.stop()
-        stamp, wanted = ended.stamp, self._capture.wanted
-        self._diagnostics.step_ended(
-            ended, wanted, model=type(self.model).__name__,
-            training_forwards=self.clock.training_forwards, loss_watched=self.loss_fn is not None,
-        )
-        stash = capture.take()
-        grads, updates = ({}, {}) if self._params is None else self._params.take_step()
-        payloads: dict[str, TopicPayloads] = {}
-        if wanted:
-            def report(where: str, exc: BaseException) -> None:
-                self.bus.internal_error(where, exc, stamp[0])
-
-            with guard(report, "collecting the step's payloads"):
-                payloads = _payloads(wanted, self._capture.payloads(stash, wanted), self._params,
-                                     grads, updates, self._capture.valid, self.batch_index)
-        self.bus.deliver(stamp, payloads)
-
-    # ------------------------------------------------------------ internals
-    def _report(self, where: str, exc: BaseException) -> None:
-        self.bus.internal_error(where, exc, self.global_step)
+        if self._driver is not None:
+            self._driver.act(act)
 
     def _optimizer_exists(self) -> bool:
-        return self._params is not None and self._params.optimizer_exists()
+        return self._driver is not None and self._driver.params.optimizer_exists()
 
     def _check_open(self) -> None:
         if self.clock.closed:
@@ -375,23 +263,11 @@ class Exporter:
             raise RuntimeError("no model: create the Exporter with one, Exporter(model, ...)")
         return self.model
 
+    def _require_driver(self) -> StepDriver:
+        if self._driver is None:
+            raise RuntimeError("no model: create the Exporter with one, Exporter(model, ...)")
+        return self._driver
+
 
 def _deprecated(old: str, new: str) -> None:
     warnings.warn(f"ikkuna: {old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
-
-
-def _payloads(
-    wanted: frozenset[str], forward: dict[str, TopicPayloads], params: Parameters | None,
-    grads: Any, updates: Any, valid: Any, batch_index: int,
-) -> dict[str, TopicPayloads]:
-    """A step's payloads: the parameter topics, the ``forward`` ones, the events."""
-    out = {} if params is None else params.payloads(wanted, grads, updates, valid)
-    out.update(forward)
-    for topic in ("batch_started", "batch_finished"):
-        if topic in wanted:
-            out[topic] = TopicPayloads.event(topic)
-    if batch_index == 0 and "epoch_started" in wanted:
-        out["epoch_started"] = TopicPayloads.event("epoch_started")
-    if params is not None and params.sharded:
-        out = gathered(out)
-    return out
