@@ -165,7 +165,7 @@ class MessageBus:
                     f"subscriber {subscriber.name!r} would publish its results under its own "
                     f"input topic {out!r}; choose another publish_as"
                 )
-            if out in self._topics and not self._derived_by_other(out, subscriber):
+            if out in self._topics and not _derived_by_other(self.subscriptions, out, subscriber):
                 raise ValueError(
                     f"subscriber {subscriber.name!r} would publish under {out!r}, which is "
                     "already a topic of this bus; choose another publish_as"
@@ -179,14 +179,6 @@ class MessageBus:
         ))
         self._changed()
         return Handle(subscriber, lambda: self._unsubscribe(subscriber))
-
-    def _derived_by_other(self, topic: str, subscriber: Consumer) -> bool:
-        """Two subscribers of the same class may publish into one derived topic (e.g. two
-        ``norm`` subscribers with different subsample on different topics)."""
-        return any(
-            type(s.subscriber) is type(subscriber) and topic in s.subscriber.output_topics()
-            for s in self.subscriptions
-        )
 
     def _unsubscribe(self, subscriber: object) -> None:
         self.subscriptions = [s for s in self.subscriptions if s.subscriber is not subscriber]
@@ -232,13 +224,8 @@ class MessageBus:
         key = (active, id(modules))
         plans = self._plans.get(key)
         if plans is None:
-            found: list[Plan] = []
-            for topic in ("activations", "layer_gradients"):
-                subs = [s.subscriber for s in active if topic in s.topics]
-                plan = [_mode([s.sample_size(topic) for s in subs if s.wants_module(info)])
-                        for info in modules] if subs else []
-                found.append(tuple(plan) if any(m != -1 for m in plan) else None)
-            plans = self._plans[key] = (found[0], found[1])
+            plans = self._plans[key] = (_plan(active, modules, "activations"),
+                                        _plan(active, modules, "layer_gradients"))
         return plans
 
     # ------------------------------------------------------------- delivery
@@ -301,28 +288,17 @@ class MessageBus:
             return found
         aligned = _aligned(found, sub.topics)
         if aligned is None:
-            self._incomplete(sub, available, stamp)
+            self._note_incomplete(sub, available, stamp)
             return None
         sub.completed += 1
         return aligned
 
-    def _incomplete(
+    def _note_incomplete(
         self, sub: Subscription, available: dict[str, TopicPayloads], stamp: Stamp
     ) -> None:
         sub.incomplete += 1
-        if sub.completed or sub.incomplete != _INCOMPLETE_WARN_AFTER:
-            return
-        missing = [t for t in sub.topics if t not in available or not len(available[t])]
-        why = f"{missing} had no payload" if missing else "its topics never had a key in common"
-        self.policy.warn_once(
-            f"incomplete:{id(sub)}",
-            f"subscriber {sub.subscriber.name!r} (synchronized over {list(sub.topics)}) has not "
-            f"received one complete set in {sub.incomplete} steps up to step {stamp[0]}: {why}. "
-            "Check that the model's own forward runs (not a submodule's), that the loss goes "
-            "through the watched loss function (exporter.loss_fn, formerly exporter.set_loss), "
-            "and that every topic is "
-            "published at the same steps",
-        )
+        if not sub.completed and sub.incomplete == _INCOMPLETE_WARN_AFTER:
+            self.policy.warn_once(f"incomplete:{id(sub)}", _incomplete(sub, available, stamp))
 
     # ----------------------------------------------------------------- errors
     def _subscriber_failed(
@@ -404,6 +380,13 @@ class MessageBus:
         return self.attach_backend(backend).target
 
 
+def _plan(active: Sequence[Subscription], modules: Sequence[ModuleInfo], topic: str) -> Plan:
+    subs = [s.subscriber for s in active if topic in s.topics]
+    plan = [_mode([s.sample_size(topic) for s in subs if s.wants_module(info)])
+            for info in modules] if subs else []
+    return tuple(plan) if any(m != -1 for m in plan) else None
+
+
 def _mode(sizes: list[int | None]) -> int:
     """One module's capture mode from what its subscribers ask for."""
     if not sizes:
@@ -411,6 +394,30 @@ def _mode(sizes: list[int | None]) -> int:
     if None in sizes:
         return 0
     return max(k for k in sizes if k is not None)
+
+
+def _incomplete(sub: Subscription, available: dict[str, TopicPayloads], stamp: Stamp) -> str:
+    """Why a synchronized subscription never received one complete set."""
+    missing = [t for t in sub.topics if t not in available or not len(available[t])]
+    why = f"{missing} had no payload" if missing else "its topics never had a key in common"
+    return (
+        f"subscriber {sub.subscriber.name!r} (synchronized over {list(sub.topics)}) has not "
+        f"received one complete set in {sub.incomplete} steps up to step {stamp[0]}: {why}. "
+        "Check that the model's own forward runs (not a submodule's), that the loss goes "
+        "through the watched loss function (exporter.loss_fn, formerly exporter.set_loss), "
+        "and that every topic is published at the same steps"
+    )
+
+
+def _derived_by_other(
+    subscriptions: list[Subscription], topic: str, subscriber: Consumer
+) -> bool:
+    """Two subscribers of the same class may publish into one derived topic (e.g. two
+    ``norm`` subscribers with different subsample on different topics)."""
+    return any(
+        type(s.subscriber) is type(subscriber) and topic in s.subscriber.output_topics()
+        for s in subscriptions
+    )
 
 
 def _aligned(
