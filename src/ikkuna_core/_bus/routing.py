@@ -104,7 +104,7 @@ class MessageBus:
         self._outbox = Outbox(self.policy)
         self._listeners: list[Callable[[], None]] = []
         self._active_cache: dict[int, tuple[Subscription, ...]] = {}
-        self._plans: dict[tuple[tuple[Subscription, ...], int], tuple[Plan, Plan]] = {}
+        self._plans: dict[tuple[tuple[Subscription, ...], int], tuple[Plan, Plan, Plan]] = {}
         self._period = 1  # the subscriptions' subsample periods repeat after this many steps
         self._consumed: frozenset[str] = frozenset()
 
@@ -216,16 +216,19 @@ class MessageBus:
         """Topics some subscription wants at ``step`` (after subsampling)."""
         return frozenset(t for s in self.active(step) for t in s.topics)
 
-    def capture_plans(self, step: int, modules: Sequence[ModuleInfo]) -> tuple[Plan, Plan]:
-        """Per watched module, how ``activations`` and ``layer_gradients`` are captured at
-        ``step``: skipped, whole, or a sample of k entries, from what the subscriptions due
-        ask for (``sample_size``, ``wants_module``)."""
+    def capture_plans(
+        self, step: int, modules: Sequence[ModuleInfo]
+    ) -> tuple[Plan, Plan, Plan]:
+        """Per watched module, how ``activations``, ``layer_gradients`` and ``inputs`` are
+        captured at ``step``: skipped, whole, or a sample of k entries, from what the
+        subscriptions due ask for (``sample_size``, ``wants_module``)."""
         active = self.active(step)
         key = (active, id(modules))
         plans = self._plans.get(key)
         if plans is None:
             plans = self._plans[key] = (_plan(active, modules, "activations"),
-                                        _plan(active, modules, "layer_gradients"))
+                                        _plan(active, modules, "layer_gradients"),
+                                        _plan(active, modules, "inputs"))
         return plans
 
     # ------------------------------------------------------------- delivery

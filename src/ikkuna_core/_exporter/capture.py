@@ -69,19 +69,20 @@ def output_field(output: Any, name: str) -> Any:
 class Stash:
     """What the current step stashed in the hooks of its first forward and backward."""
 
-    __slots__ = ("acts", "calls", "lgrad_plan", "lgrads", "network")
+    __slots__ = ("acts", "calls", "inputs", "lgrad_plan", "lgrads", "network")
 
     def __init__(self, n_modules: int, lgrad_plan: Plan | None = None) -> None:
         self.calls = [0] * n_modules
         self.lgrad_plan = lgrad_plan
         self.acts: list[Entry] = []
         self.lgrads: list[Entry] = []
+        self.inputs: list[Entry] = []
         self.network: dict[str, Versioned] = {}
 
 
 class Capture:
-    """The forward topics of the watched modules (``activations``, ``layer_gradients``)
-    and the network topics of the step's first forward and loss call."""
+    """The forward topics of the watched modules (``activations``, ``layer_gradients``,
+    ``inputs``) and the network topics of the step's first forward and loss call."""
 
     def __init__(self, modules: Sequence[ModuleInfo], report: Report) -> None:
         self.modules = list(modules)
@@ -89,6 +90,7 @@ class Capture:
         self._call_keys: list[list[str]] = [[m.name] for m in self.modules]
         self.act_plan: Plan | None = None  # capture modes in this forward
         self.lgrad_plan: Plan | None = None
+        self.in_plan: Plan | None = None
         self.stash = Stash(len(self.modules))
         self.wanted: frozenset[str] = frozenset()  # the open step's topics
         self._clone: set[tuple[str, int]] = set()  # (topic, module) changed in place before
@@ -97,12 +99,14 @@ class Capture:
 
     # ---------------------------------------------------------------- a step
     def begin(
-        self, plans: tuple[Plan | None, Plan | None], args: tuple[Any, ...], kwargs: Any
+        self, plans: tuple[Plan | None, Plan | None, Plan | None], args: tuple[Any, ...],
+        kwargs: Any,
     ) -> None:
         """The step's first forward begins: capture per the plans (what the bus asks for,
         with what earlier steps taught) and ``input_data``."""
         self.act_plan = self._learned_plan("activations", plans[0])
         self.lgrad_plan = self._learned_plan("layer_gradients", plans[1])
+        self.in_plan = self._learned_plan("inputs", plans[2])
         self.stash = stash = Stash(len(self.modules), self.lgrad_plan)
         if "input_data" in self.wanted:
             data = first_tensor(args)
@@ -113,7 +117,17 @@ class Capture:
 
     def stop(self) -> None:
         """Capture nothing more (a later micro-batch, an eval forward, the step's end)."""
-        self.act_plan = self.lgrad_plan = None
+        self.act_plan = self.lgrad_plan = self.in_plan = None
+
+    @property
+    def plans(self) -> tuple[Plan | None, Plan | None, Plan | None]:
+        """The capture plans of the running forward (saved and restored around an
+        evaluation)."""
+        return (self.act_plan, self.lgrad_plan, self.in_plan)
+
+    @plans.setter
+    def plans(self, plans: tuple[Plan | None, Plan | None, Plan | None]) -> None:
+        self.act_plan, self.lgrad_plan, self.in_plan = plans
 
     def take(self) -> Stash:
         """The step's stash, forgotten here."""
@@ -135,15 +149,20 @@ class Capture:
         """A watched module's forward hook. Runs for every watched module in every forward:
         keep it short (and traceable by torch.compile): read the plan, stash a reference or
         copy a sample."""
-        act, lgrad = self.act_plan, self.lgrad_plan
-        if act is None and lgrad is None:
+        act, lgrad, inp = self.act_plan, self.lgrad_plan, self.in_plan
+        if act is None and lgrad is None and inp is None:
             return
         out = output if isinstance(output, torch.Tensor) else first_tensor(output)
-        if out is None:
+        x = None if inp is None or inp[index] == _SKIP else first_tensor(args)
+        if out is None and x is None:
             return
         stash = self.stash
         call = stash.calls[index]
         stash.calls[index] = call + 1
+        if x is not None and inp is not None:
+            stash.inputs.append(_capture(index, call, x, inp[index]))
+        if out is None:
+            return
         if act is not None and act[index] != _SKIP:
             stash.acts.append(_capture(index, call, out, act[index]))
         if lgrad is not None and lgrad[index] != _SKIP and out.requires_grad:
@@ -159,7 +178,8 @@ class Capture:
     def payloads(self, stash: Stash, wanted: frozenset[str]) -> dict[str, TopicPayloads]:
         """The forward and network topics of a step's stash (``wanted`` at that step)."""
         out: dict[str, TopicPayloads] = {}
-        for topic, entries in (("activations", stash.acts), ("layer_gradients", stash.lgrads)):
+        for topic, entries in (("activations", stash.acts), ("layer_gradients", stash.lgrads),
+                               ("inputs", stash.inputs)):
             if entries and topic in wanted:
                 out[topic] = self._forward_payloads(topic, entries)
         for topic, entry in stash.network.items():

@@ -147,7 +147,7 @@ class Exporter:
         """Forwards inside this block publish nothing and count no step (the thesis'
         ``should_train=False``). Used by subscribers that evaluate the model."""
         capture = None if self._driver is None else self._driver.capture
-        saved = None if capture is None else (capture.act_plan, capture.lgrad_plan)
+        saved = None if capture is None else capture.plans
         if capture is not None:
             capture.stop()
         try:
@@ -155,7 +155,7 @@ class Exporter:
                 yield
         finally:
             if capture is not None and saved is not None:
-                capture.act_plan, capture.lgrad_plan = saved
+                capture.plans = saved
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model in eval mode without autograd and without messages; every module's
