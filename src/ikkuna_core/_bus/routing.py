@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import torch
 
@@ -37,6 +37,8 @@ _C = TypeVar("_C", bound=Consumer)
 #: Per watched module, how a forward topic is captured: -1 not at all, 0 whole, k > 0 a
 #: sample of k entries; None when no module is.
 Plan = tuple[int, ...] | None
+#: The plans of ``activations``, ``layer_gradients`` and ``inputs``.
+Plans = tuple[Plan, Plan, Plan]
 
 
 class UnknownTopicError(ValueError):
@@ -79,7 +81,32 @@ class Subscription:
         return step % self.subsample == 0 and self.subscriber.enabled
 
 
-class MessageBus:
+class _BusLike(Protocol):
+    def subscribe(self, subscriber: _C) -> Handle[_C]: ...
+    def attach_backend(self, backend: Backend) -> Handle[Backend]: ...
+    def _unsubscribe(self, subscriber: object, added: Sequence[str] = ()) -> None: ...
+
+
+class _OldNames:
+    """The names before the handles, kept for one release."""
+
+    def register_subscriber(self: _BusLike, subscriber: _C) -> _C:
+        """Deprecated: ``exporter.subscribe(subscriber)`` (or ``bus.subscribe``)."""
+        _deprecated("bus.register_subscriber(s)", "exporter.subscribe(s), which returns a handle")
+        return self.subscribe(subscriber).target
+
+    def unregister_subscriber(self: _BusLike, subscriber: object) -> None:
+        """Deprecated: ``handle.remove()`` on the handle ``subscribe`` returned."""
+        _deprecated("bus.unregister_subscriber(s)", "handle.remove() (subscribe returns it)")
+        self._unsubscribe(subscriber)
+
+    def add_backend(self: _BusLike, backend: Backend) -> Backend:
+        """Deprecated: ``exporter.add_backend(backend)`` (or ``bus.attach_backend``)."""
+        _deprecated("bus.add_backend(b)", "exporter.add_backend(b), which returns a handle")
+        return self.attach_backend(backend).target
+
+
+class MessageBus(_OldNames):
     """Delivers steps to subscriptions and metric results to backends.
 
     Each bus has its own topic table, so registering a topic on one bus never changes another.
@@ -104,13 +131,11 @@ class MessageBus:
         self._outbox = Outbox(self.policy)
         self._listeners: list[Callable[[], None]] = []
         self._active_cache: dict[int, tuple[Subscription, ...]] = {}
-        self._plans: dict[tuple[tuple[Subscription, ...], int], tuple[Plan, Plan, Plan]] = {}
+        self._plans: dict[tuple[tuple[Subscription, ...], int], Plans] = {}
         self._period = 1  # the subscriptions' subsample periods repeat after this many steps
         self._consumed: frozenset[str] = frozenset()
 
-    @property
-    def on_error(self) -> str:
-        return self.policy.on_error
+    on_error = property(lambda self: self.policy.on_error, doc="``'warn'`` or ``'raise'``")
 
     @property
     def backends(self) -> list[Backend]:
@@ -172,16 +197,22 @@ class MessageBus:
                 )
         subscriber.bind(self)
         out_kind = subscriber.output_kind or ("module" if "module" in kinds else "network")
+        added = [out for out in outputs if out not in self._topics]
         for out in outputs:
             self.register_topic(out, out_kind, doc=f"published by subscriber {subscriber.name!r}")
         self.subscriptions.append(Subscription(
             subscriber, tuple(topics), subscriber.options.subsample, subscriber.synchronized
         ))
         self._changed()
-        return Handle(subscriber, lambda: self._unsubscribe(subscriber))
+        return Handle(subscriber, lambda: self._unsubscribe(subscriber, added))
 
-    def _unsubscribe(self, subscriber: object) -> None:
+    def _unsubscribe(self, subscriber: object, added: Sequence[str] = ()) -> None:
+        """Remove ``subscriber`` and the topics it ``added`` that no one else publishes."""
         self.subscriptions = [s for s in self.subscriptions if s.subscriber is not subscriber]
+        published = {t for s in self.subscriptions for t in s.subscriber.output_topics()}
+        for topic in added:
+            if topic not in published:
+                self._topics.pop(topic, None)
         self._changed()
 
     def add_listener(self, callback: Callable[[], None]) -> None:
@@ -216,9 +247,7 @@ class MessageBus:
         """Topics some subscription wants at ``step`` (after subsampling)."""
         return frozenset(t for s in self.active(step) for t in s.topics)
 
-    def capture_plans(
-        self, step: int, modules: Sequence[ModuleInfo]
-    ) -> tuple[Plan, Plan, Plan]:
+    def capture_plans(self, step: int, modules: Sequence[ModuleInfo]) -> Plans:
         """Per watched module, how ``activations``, ``layer_gradients`` and ``inputs`` are
         captured at ``step``: skipped, whole, or a sample of k entries, from what the
         subscriptions due ask for (``sample_size``, ``wants_module``)."""
@@ -365,22 +394,6 @@ class MessageBus:
         even when the final write or a backend's close fails; the failures are then raised
         together, as one ExceptionGroup naming each backend."""
         self._outbox.close()
-
-    # ----------------------------------------------------------- deprecated
-    def register_subscriber(self, subscriber: _C) -> _C:
-        """Deprecated: ``exporter.subscribe(subscriber)`` (or ``bus.subscribe``)."""
-        _deprecated("bus.register_subscriber(s)", "exporter.subscribe(s), which returns a handle")
-        return self.subscribe(subscriber).target
-
-    def unregister_subscriber(self, subscriber: object) -> None:
-        """Deprecated: ``handle.remove()`` on the handle ``subscribe`` returned."""
-        _deprecated("bus.unregister_subscriber(s)", "handle.remove() (subscribe returns it)")
-        self._unsubscribe(subscriber)
-
-    def add_backend(self, backend: Backend) -> Backend:
-        """Deprecated: ``exporter.add_backend(backend)`` (or ``bus.attach_backend``)."""
-        _deprecated("bus.add_backend(b)", "exporter.add_backend(b), which returns a handle")
-        return self.attach_backend(backend).target
 
 
 def _plan(active: Sequence[Subscription], modules: Sequence[ModuleInfo], topic: str) -> Plan:
