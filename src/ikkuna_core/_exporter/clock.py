@@ -1,39 +1,7 @@
-"""The step model, written once: a pure state machine (no torch) fed by the events of a
-training loop and answering, for each, what the Exporter does.
-
-A *training step* is one optimizer step. Events, in the words of a training loop:
-
-- **forward began** (the watched model's forward pre-hook, or an integration announcing the
-  batch): in train mode with autograd on it opens a step, unless one is open; the first
-  forward of a step is the one whose forward topics are captured. Further forwards before the
-  optimizer step are gradient accumulation: the same step. A forward in eval mode, under
-  ``torch.no_grad()`` or inside ``Exporter.silenced()`` publishes nothing and counts no step
-  (unless ``publish_in_eval``).
-- **loss called**: the first loss call after the step's first forward is the step's loss.
-- **gradient accumulated** (only until an optimizer has stepped, and in loops without one):
-  the gradients are read when they are accumulated.
-- **optimizer pre-step** (of an optimizer holding watched parameters): gradients are read
-  here (after accumulation, GradScaler's unscaling, clipping, DDP's all-reduce) and the
-  parameters copied for their updates. A step that no forward opened opens here: with
-  ``step(closure)`` (the forward runs inside the step), for an optimizer that stepped in the
-  previous step, or at the very first step. With a closure, gradients are read at the
-  post-step instead (after the closure ran).
-- **optimizer post-step**: the updates are taken; the step ends once every optimizer that
-  stepped in the previous step has stepped again (several optimizers: after the last of
-  them). On the first step nothing says another optimizer follows: the step ends after the
-  first one, and a second optimizer stepping after that is expected from then on.
-- **no optimizer**: the next training forward ends the step. Whether a second forward of the
-  first step is accumulation or a loop without an optimizer is asked once
-  (``optimizer_exists``): accumulation when some optimizer holds the model's parameters.
-- **a skipped optimizer step** (``GradScaler`` found inf/NaN gradients and did not call
-  ``optimizer.step()``): no optimizer event, so that step is no step: its forward merges into
-  the next one, which the next optimizer step ends.
-- **epoch finished**, **close**: end the open step.
-
-The topics read at each of these events are listed in the README ("When is each topic
-read?") and in :mod:`ikkuna_core.topics`; this module is where the rules live, and
-``tests/test_clock.py`` is their table.
-"""
+"""The step model as a pure state machine (no torch): fed by the events of a training loop
+(forward began, loss called, optimizer pre/post-step, epoch end, close), it says when a step
+opens and ends and what the Exporter does at each event (:class:`Act`). The rules are
+described once, in ``docs/step-model.md``; ``tests/test_clock.py`` is their table."""
 
 from __future__ import annotations
 
