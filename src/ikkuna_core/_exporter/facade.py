@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .._bus import Handle, MessageBus
+from .._bus import Consumer, Handle, MessageBus
 from ..backends.base import Backend
 from ..messages import ModuleInfo
 from .clock import Act, StepClock
@@ -24,7 +24,7 @@ from .selection import check_depth, select_modules
 
 __all__ = ["Exporter"]
 
-_S = TypeVar("_S")
+_S = TypeVar("_S", bound=Consumer)
 
 
 class Exporter:
@@ -112,7 +112,7 @@ class Exporter:
     # ---------------------------------------------------------- registration
     def subscribe(self, subscriber: _S) -> Handle[_S]:
         """Subscribe ``subscriber`` on this Exporter's bus; the handle unsubscribes it."""
-        return self.bus.subscribe(subscriber)  # type: ignore[type-var]
+        return self.bus.subscribe(subscriber)
 
     def add_backend(self, backend: Backend) -> Handle[Backend]:
         """Write results to ``backend`` too; the handle stops that (it does not close it)."""
