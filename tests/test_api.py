@@ -43,6 +43,16 @@ class MaxAbs(ik.Subscriber):
         self.publish_histogram(bundle, weights, bins=4, suffix="hist")
 
 
+class MaxAbsPerModule(ik.PerModuleSubscriber):
+    """The same per-module path, the new way."""
+
+    name = "max_abs"
+    default_topics = ("weights",)
+
+    def compute(self, bundle: ik.MessageBundle) -> None:
+        self.publish_scalar(bundle, bundle.tensor("weights").abs().max())
+
+
 class StackedHists(ik.Subscriber):
     """publish_histograms of ik.ops.histograms."""
 
@@ -92,7 +102,7 @@ def test_the_new_way_publishes_and_handles_remove_what_they_added() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         grads = exporter.subscribe(GradNorms())
-        values = exporter.subscribe(MaxAbs())
+        values = exporter.subscribe(MaxAbsPerModule())
         writes = exporter.add_backend(backend)
     assert isinstance(grads, ik.Handle) and isinstance(grads.target, GradNorms)
     base = exporter.hook_count

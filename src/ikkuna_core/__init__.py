@@ -23,7 +23,7 @@ from .messages import (
     message_json_schema,
 )
 from .plugins import PluginError, PluginRegistry, load_plugins
-from .subscriber import Subscriber, SubscriberOptions, TensorOptions
+from .subscriber import PerModuleSubscriber, Subscriber, SubscriberOptions, TensorOptions
 from .topics import EVENT_TOPICS, MODULE_TOPICS, NETWORK_TOPICS, TopicSpec
 from .watch import watch
 
@@ -43,6 +43,7 @@ __all__ = [
     "ModuleInfo",
     "ModuleMessage",
     "NetworkMessage",
+    "PerModuleSubscriber",
     "PluginError",
     "PluginRegistry",
     "RunContext",

@@ -3,16 +3,19 @@
 A subscriber has a ``name`` (used in the run configuration) and declares its options as a
 pydantic model (``Options``; every subscriber accepts ``topics``, ``subsample`` and
 ``publish_as``). It is called once per training step, at the end of the step (after
-``optimizer.step()``), in one of two ways:
+``optimizer.step()``). The contract is :meth:`Subscriber.compute_step`:
 
-- **per module** (the simple path): implement :meth:`Subscriber.compute`, which receives one
-  :class:`~ikkuna_core.MessageBundle` per module (or the network) and topic — or, with
-  ``synchronized = True``, per module holding all topics — and reports with
-  :meth:`Subscriber.publish_scalar` / :meth:`Subscriber.publish_histogram`;
-- **per step** (the fast path): override :meth:`Subscriber.compute_step`, which receives one
-  :class:`~ikkuna_core.StepBundle` holding every module's payloads of every topic, reduce them
-  all at once with :mod:`ikkuna_core.ops`, and report vectors with
-  :meth:`Subscriber.publish_scalars` / :meth:`Subscriber.publish_histograms`.
+- **per step** (the contract, and the fast path): subclass :class:`Subscriber` and implement
+  :meth:`Subscriber.compute_step`, which receives one :class:`~ikkuna_core.StepBundle`
+  holding every module's payloads of every topic; reduce them all at once with
+  :mod:`ikkuna_core.ops`, and report vectors with :meth:`Subscriber.publish_scalars` /
+  :meth:`Subscriber.publish_histograms`;
+- **per module** (the simple path): subclass :class:`PerModuleSubscriber` and implement
+  :meth:`PerModuleSubscriber.compute`, which receives one :class:`~ikkuna_core.MessageBundle`
+  per module (or the network) and topic — or, with ``synchronized = True``, per module
+  holding all topics — and reports with :meth:`Subscriber.publish_scalar` /
+  :meth:`Subscriber.publish_histogram`. (A :class:`Subscriber` that implements ``compute``
+  is called the same way.)
 
 Either way, a subscriber's results of a step travel as one message per output topic, to the
 backends and, as topics of their own (``max_abs/weight_gradients``), to other subscribers.
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
     from ._bus import MessageBus
     from ._exporter import Exporter
 
-__all__ = ["Subscriber", "SubscriberOptions", "TensorOptions"]
+__all__ = ["PerModuleSubscriber", "Subscriber", "SubscriberOptions", "TensorOptions"]
 
 
 class SubscriberOptions(BaseModel):
@@ -253,3 +256,18 @@ class Subscriber:
     def watched_by(self, exporter: Exporter) -> None:
         """Called by the Exporter that feeds this subscriber's bus."""
         self._exporter = exporter
+
+
+class PerModuleSubscriber(Subscriber):
+    """A subscriber computed one module (or the network) at a time: implement
+    :meth:`compute`, which is handed each step's payloads as one
+    :class:`~ikkuna_core.MessageBundle` per module and topic (``synchronized = True``: per
+    module, holding all its topics)."""
+
+    def compute_step(self, step: StepBundle) -> None:
+        for bundle in step.bundles(self.synchronized):
+            self.compute(bundle)
+
+    def compute(self, bundle: MessageBundle) -> None:
+        """Turn one module's bundle into metrics; call ``publish_scalar``/``publish_histogram``."""
+        raise NotImplementedError(f"subscriber {self.name!r} must implement compute(bundle)")
