@@ -21,13 +21,15 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
+@pytest.fixture(autouse=True)
+def _only_gradstats(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IKKUNA_PLUGINS", "gradstats")
+
+
 def _watched(
     model: nn.Module, subscribers: list[dict], flush_every: int = 1
 ) -> tuple[ik.Exporter, MemoryBackend]:
     pytest.importorskip("ikkuna_gradstats")
-    import os
-
-    os.environ["IKKUNA_PLUGINS"] = "gradstats"
     exporter = ik.watch(model, nn.CrossEntropyLoss(), {
         "plugins": ["gradstats"], "backends": [], "subscribers": subscribers,
         "on_error": "raise", "flush_every": flush_every,
