@@ -398,7 +398,7 @@ class GradHist2d(_PerSample):
         xbins, ybins = opts.bins
         xw, yw = (xhi - xlo) / xbins, (yhi - ylo) / ybins
         n = xbins * ybins
-        counts = gsum = gsq = None
+        counts = gsum = gsq = lo = hi = None
         for layer in layers:
             b = layer.batch
             for pname in ("weight", "bias"):
@@ -420,10 +420,20 @@ class GradHist2d(_PerSample):
                     s.index_add_(0, idx, g.reshape(-1).double())
                     q = torch.zeros(n, dtype=torch.float64, device=g.device)
                     q.index_add_(0, idx, g.reshape(-1).double().square())
+                    # the smallest and largest (clamped) gradient in each parameter bin
+                    prow = pidx.reshape(1, -1).expand_as(g).reshape(-1)
+                    flat = g.clamp(xlo, xhi).reshape(-1).double()
+                    mn = torch.full((ybins,), xhi, dtype=torch.float64, device=g.device)
+                    mx = torch.full((ybins,), xlo, dtype=torch.float64, device=g.device)
+                    mn.scatter_reduce_(0, prow, flat, "amin")
+                    mx.scatter_reduce_(0, prow, flat, "amax")
                     counts = c if counts is None else counts + c
                     gsum = s if gsum is None else gsum + s
                     gsq = q if gsq is None else gsq + q
+                    lo = mn if lo is None else torch.minimum(lo, mn)
+                    hi = mx if hi is None else torch.maximum(hi, mx)
         assert counts is not None and gsum is not None and gsq is not None
+        assert lo is not None and hi is not None
         hist = counts.reshape(xbins, ybins)
         gedges = torch.linspace(xlo, xhi, xbins + 1, dtype=torch.float64, device=counts.device)
         pedges = torch.linspace(ylo, yhi, ybins + 1, dtype=torch.float64)
@@ -431,8 +441,10 @@ class GradHist2d(_PerSample):
         rows = hist.t()  # (parameter bins, gradient bins)
         num = rows.sum(1)
         zero = torch.zeros(ybins, dtype=torch.float64, device=counts.device)
+        empty = num == 0
         hists = Histograms(
-            counts=rows, edges=gedges.repeat(ybins, 1), min=zero, max=zero,
+            counts=rows, edges=gedges.repeat(ybins, 1),
+            min=torch.where(empty, zero, lo), max=torch.where(empty, zero, hi),
             num=num.double(), sum=gsum.reshape(xbins, ybins).sum(0),
             sum_squares=gsq.reshape(xbins, ybins).sum(0), nonfinite=zero,
         )
