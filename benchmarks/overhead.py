@@ -125,6 +125,19 @@ QUICKSTART = [
     {"name": "dead_fraction"},
 ]
 
+#: Ikkuna's counterpart of Cockpit's "economy" configuration: Alpha, Distance, InnerTest,
+#: NormTest, OrthoTest (gradstats), GradNorm and UpdateSize (norm), Loss (loss). Cockpit's
+#: GradHist1d (a histogram of individual gradients) has no counterpart and is not run here.
+GRADSTATS = [
+    {"name": "alpha"},  # first: its projections share the others' pass over the layers
+    {"name": "norm_test"},
+    {"name": "inner_test"},
+    {"name": "ortho_test"},
+    {"name": "distance"},
+    {"name": "norm", "topics": ["weight_gradients", "weight_updates"]},
+    {"name": "loss"},
+]
+
 #: Ikkuna variants: (plugins to enable, subscriber entries, other keys of the configuration).
 IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]]] = {
     "exporter": ([], [], {}),
@@ -134,6 +147,7 @@ IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]
     "all-sub10": (["norms", "histograms", "accuracy"], [{**s, "subsample": 10} for s in ALL], {}),
     "quickstart": (["norms", "histograms", "accuracy"], QUICKSTART, {}),
     "curvature": (["curvature"], [{"name": "hessian_max_eigenvalue", "subsample": 50}], {}),
+    "gradstats": (["gradstats", "norms", "accuracy"], GRADSTATS, {}),
 }
 
 
@@ -177,6 +191,11 @@ VARIANTS: dict[str, str] = {
     " + loss + train accuracy",
     "cockpit-norms": "Cockpit: GradNorm, UpdateSize, Distance every step",
     "cockpit-all": "Cockpit: GradNorm, UpdateSize, Distance, GradHist1d every step",
+    "gradstats": "ikkuna: norm_test, inner_test, ortho_test, alpha, distance (gradstats) + "
+    "norm of weight_gradients, weight_updates + loss, every step -> TensorBoard",
+    "cockpit-economy": "Cockpit's economy configuration (Alpha, Distance, GradHist1d, "
+    "GradNorm, InnerTest, Loss, NormTest, OrthoTest, UpdateSize) on every parameter, every "
+    "step",
 }
 #: Run by default; the others only when named in --variants.
 DEFAULT_VARIANTS = [v for v in VARIANTS if v != "curvature"]
@@ -188,6 +207,7 @@ COMPARISONS = [
     ("all", "tb-all"),
     ("norms", "cockpit-norms"),
     ("all", "cockpit-all"),
+    ("gradstats", "cockpit-economy"),
 ]
 #: (device type, problem or None for every problem, variant, largest ratio to plain).
 TARGETS = [
@@ -431,6 +451,10 @@ class Runner:
     def _setup_ikkuna(self) -> None:
         from ikkuna_core import PluginError, watch
 
+        if self.variant == "gradstats" and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()
+        ):  # gradstats refuses them, with that message
+            raise SkipVariant("per-sample gradients are not defined with BatchNorm in training")
         config = ikkuna_config(self.variant, self.log_dir, self.histogram_max_samples)
         config["subscribers"] = [  # test accuracy on two of the benchmark's own batches
             {**s, "loader": self.batches[:2]} if s["name"] == "test_accuracy" else s
@@ -475,6 +499,14 @@ class Runner:
         self.model = extend(self.model)
         self.loss_fn = extend(self.loss_fn)
         every = linear(1)
+        if self.variant == "cockpit-economy":
+            from cockpit.utils.configuration import configuration
+
+            self._individual_loss = nn.CrossEntropyLoss(reduction="none")
+            self.cockpit = cockpit.Cockpit(
+                list(self.model.parameters()), quantities=configuration("economy", every)
+            )
+            return
         chosen = [
             quantities.GradNorm(every),
             quantities.UpdateSize(every),
@@ -538,6 +570,8 @@ class Runner:
             output = self.model(x)
             loss = self.loss_fn(output, y)
         info = {"batch_size": x.shape[0], "loss": loss, "optimizer": self.optimizer}
+        if self.variant == "cockpit-economy":  # Alpha needs the per-sample losses
+            info["individual_losses"] = self._individual_loss(output, y)
         with self.cockpit(step, info=info):
             loss.backward(create_graph=self.cockpit.create_graph(step))
         self.optimizer.step()

@@ -175,3 +175,14 @@ def test_soak_runs_once_per_backend_and_reports_mib(
 def test_unknown_soak_backend_is_refused() -> None:
     with pytest.raises(SystemExit, match="--soak-backends: choose from tensorboard, matplotlib"):
         bench.main(["--soak", "--soak-backends", "wandb"])
+
+
+def test_gradstats_adds_far_fewer_ops_than_cockpit_economy() -> None:
+    """Cockpit's economy quantities from BackPACK's per-sample gradients against gradstats'
+    counterpart (benchmarks/overhead.py GRADSTATS) on the MLP problem, batch 8."""
+    pytest.importorskip("ikkuna_gradstats")
+    pytest.importorskip("backpack")
+    result = bench.count_ops("mlp", ["gradstats", "cockpit-economy"], batch_size=8)
+    added = result["added"]
+    assert 0 < added["gradstats"] <= 450  # measured 370
+    assert added["gradstats"] * 2 < added["cockpit-economy"]  # measured 1,069

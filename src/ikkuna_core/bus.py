@@ -66,6 +66,7 @@ class _Collected:
     keys: list[str | None] = field(default_factory=list)
     scalars: list[torch.Tensor] = field(default_factory=list)
     hists: list[Histograms] = field(default_factory=list)
+    stamp: Stamp | None = None  # an earlier step's, for a value known one step late
 
 
 class MessageBus:
@@ -281,11 +282,15 @@ class MessageBus:
         return got
 
     def _collect_scalars(
-        self, subscriber: Subscriber, topic: str, keys: list[str | None], values: torch.Tensor
+        self, subscriber: Subscriber, topic: str, keys: list[str | None], values: torch.Tensor,
+        stamp: Stamp | None = None,
     ) -> None:
         got = self._collector(subscriber, topic)
         if got.hists:
             raise ValueError(f"topic {topic!r} mixes scalars and histograms")
+        if got.scalars and got.stamp != stamp:
+            raise ValueError(f"topic {topic!r}: values of two steps in one step's results")
+        got.stamp = stamp
         got.keys.extend(keys)
         got.scalars.append(values)
 
@@ -307,7 +312,7 @@ class MessageBus:
         self, subscriber: Subscriber, topic: str, got: _Collected, stamp: Stamp
     ) -> ScalarsMessage | HistogramsMessage:
         tags = _tags(topic, got.keys)
-        step, epoch, batch = stamp
+        step, epoch, batch = got.stamp or stamp
         if got.scalars:
             values = got.scalars
             if len(values) > 1:

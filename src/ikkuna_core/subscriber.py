@@ -200,13 +200,16 @@ class Subscriber:
         *,
         topic: str | None = None,
         suffix: str | None = None,
+        at: StepBundle | None = None,
     ) -> None:
         """Report one scalar per key at once: ``values[i]`` for ``keys[i]``. ``topic`` is the
         input topic the values were computed from (default: the step's first); ``keys``
-        default to that topic's keys."""
+        default to that topic's keys. ``at``: an earlier step's bundle, for values that
+        belong to that step but are known only now (Cockpit's ``Alpha``)."""
         values = values.detach().reshape(-1)
         out, key_list = self._destination(step, values.numel(), "values", keys, topic, suffix)
-        self.bus._collect_scalars(self, out, key_list, values)
+        stamp = None if at is None else (at.global_step, at.epoch, at.batch_index)
+        self.bus._collect_scalars(self, out, key_list, values, stamp)
 
     def publish_histograms(
         self,
