@@ -125,6 +125,15 @@ QUICKSTART = [
     {"name": "dead_fraction"},
 ]
 
+#: The panels ``wandb.watch(model, log="all")`` fills: a histogram of every parameter and of
+#: its gradient (64 bins), published by the W&B backend under wandb.watch's names.
+WANDB_WATCH = {
+    "name": "histogram",
+    "topics": ["weights", "biases", "weight_gradients", "bias_gradients"],
+    "bins": 64,
+}
+WANDB_OPTIONS = {"mode": "offline", "project": "ikkuna-bench", "watch_names": True}
+
 #: Ikkuna variants: (plugins to enable, subscriber entries, other keys of the configuration).
 IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]]] = {
     "exporter": ([], [], {}),
@@ -134,6 +143,11 @@ IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]
     "all-sub10": (["norms", "histograms", "accuracy"], [{**s, "subsample": 10} for s in ALL], {}),
     "quickstart": (["norms", "histograms", "accuracy"], QUICKSTART, {}),
     "curvature": (["curvature"], [{"name": "hessian_max_eigenvalue", "subsample": 50}], {}),
+    "ikkuna-wandb": (
+        ["histograms", "accuracy", "wandb"],
+        [WANDB_WATCH, LOSS],
+        {"backends": ["wandb"], "backend_options": {"wandb": WANDB_OPTIONS}},
+    ),
 }
 
 
@@ -177,9 +191,13 @@ VARIANTS: dict[str, str] = {
     " + loss + train accuracy",
     "cockpit-norms": "Cockpit: GradNorm, UpdateSize, Distance every step",
     "cockpit-all": "Cockpit: GradNorm, UpdateSize, Distance, GradHist1d every step",
+    "wandb-watch": "W&B: wandb.watch(model, log='all', log_freq=1) + run.log(loss) every "
+    "step, offline run",
+    "ikkuna-wandb": "ikkuna: histograms of every parameter and gradient + loss -> the W&B "
+    "backend (watch_names: wandb.watch's panels), offline run",
 }
 #: Run by default; the others only when named in --variants.
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "curvature"]
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("curvature", "wandb-watch", "ikkuna-wandb")]
 PERIOD = {"all-sub10": 10, "quickstart": 10, "curvature": 50}
 
 #: (ikkuna variant, reference variant) pairs doing comparable work.
@@ -188,6 +206,7 @@ COMPARISONS = [
     ("all", "tb-all"),
     ("norms", "cockpit-norms"),
     ("all", "cockpit-all"),
+    ("ikkuna-wandb", "wandb-watch"),
 ]
 #: (device type, problem or None for every problem, variant, largest ratio to plain).
 TARGETS = [
@@ -402,6 +421,7 @@ class Runner:
         self.exporter: Any = None
         self.writer: Any = None
         self.cockpit: Any = None
+        self.wandb_run: Any = None
         self.step_index = 0
         self._closers: list[Callable[[], None]] = []
         self._activations: dict[str, torch.Tensor] = {}
@@ -412,6 +432,8 @@ class Runner:
             self._setup_tensorboard()
         elif variant.startswith("cockpit-"):
             self._setup_cockpit()
+        elif variant == "wandb-watch":
+            self._setup_wandb_watch()
         elif variant == "fused":
             self._fused = _Fused(self.model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
@@ -419,6 +441,7 @@ class Runner:
             "tb": self._step_tensorboard,
             "cockpit": self._step_cockpit,
             "fused": self._step_fused,
+            "wandb": self._step_wandb,
         }.get(variant.split("-")[0], self._step_plain)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -431,6 +454,7 @@ class Runner:
     def _setup_ikkuna(self) -> None:
         from ikkuna_core import PluginError, watch
 
+        os.environ.setdefault("WANDB_SILENT", "true")
         config = ikkuna_config(self.variant, self.log_dir, self.histogram_max_samples)
         config["subscribers"] = [  # test accuracy on two of the benchmark's own batches
             {**s, "loader": self.batches[:2]} if s["name"] == "test_accuracy" else s
@@ -458,6 +482,16 @@ class Runner:
                 self._activations[name] = output.detach()
 
         return hook
+
+    def _setup_wandb_watch(self) -> None:
+        try:
+            import wandb
+        except ImportError as exc:
+            raise SkipVariant(f"wandb is not installed: {exc}") from None
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.wandb_run = wandb.init(mode="offline", project="ikkuna-bench", dir=str(self.log_dir))
+        wandb.watch(self.model, log="all", log_freq=1)
+        self._closers.append(self.wandb_run.finish)
 
     def _setup_cockpit(self) -> None:
         try:
@@ -530,6 +564,15 @@ class Runner:
                 writer.add_scalar("loss", loss.item(), step)
                 accuracy = (output.argmax(dim=1) == y).float().mean().item()
                 writer.add_scalar("train_accuracy", accuracy, step)
+
+    def _step_wandb(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.loss_fn(self.model(x), y)
+        loss.backward()  # wandb.watch's hooks take the gradients' histograms here
+        self.optimizer.step()
+        # what a W&B user writes; it also sends the histograms wandb.watch has gathered
+        self.wandb_run.log({"loss": loss.item()}, step=self.step_index)
 
     def _step_cockpit(self, x: torch.Tensor, y: torch.Tensor) -> None:
         step = self.step_index
