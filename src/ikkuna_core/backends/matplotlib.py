@@ -67,6 +67,7 @@ class MatplotlibBackend(Backend):
     costs tens of milliseconds per figure, so it is kept off most steps."""
 
     name = "matplotlib"
+    files = ("figures/*.png",)
 
     def __init__(
         self,

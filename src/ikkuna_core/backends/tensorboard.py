@@ -165,6 +165,7 @@ class TensorBoardBackend(Backend):
     and the disk every ``flush_secs`` seconds and on close."""
 
     name = "tensorboard"
+    files = ("events.out.tfevents.*",)
 
     def __init__(self, log_dir: str | Path, flush_secs: float = 10.0) -> None:
         super().__init__(log_dir)
