@@ -5,7 +5,12 @@ messages) and every scalar and histogram the bus wrote is found at its step."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -35,10 +40,24 @@ def _offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "wandb-dir").mkdir()
 
 
-def read_wandb_file(path: Path) -> list[Any]:
-    """Every ``Record`` of a ``.wandb`` file: a 7-byte header (``:W&B``, magic 0xBEE1,
+def read_wandb_file(path: Path, timeout: float = 60.0) -> list[Any]:
+    """Every ``Record`` of a ``.wandb`` file, once it is complete (its last record the run's
+    ``exit``: wandb's service may still be writing it when ``run.finish()`` returns)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _read_records(path)
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} has no exit record after {timeout} s")
+        time.sleep(0.2)
+
+
+def _read_records(path: Path) -> list[Any]:
+    """The complete records of a ``.wandb`` file: a 7-byte header (``:W&B``, magic 0xBEE1,
     version 0), then LevelDB-log records in 32 KiB blocks: CRC32 (of the type byte and the
-    data), length, type (1 full, 2 first, 3 middle, 4 last), data."""
+    data), length, type (1 full, 2 first, 3 middle, 4 last), data. A record still being
+    written at the end is left out."""
     data = path.read_bytes()
     assert struct.unpack("<4sHB", data[:7]) == (b":W&B", 0xBEE1, 0)
     block, pos, records, partial = 32768, 7, [], b""
@@ -52,6 +71,8 @@ def read_wandb_file(path: Path) -> list[Any]:
             pos += left
             continue
         chunk = data[pos + 7 : pos + 7 + length]
+        if len(chunk) < length:  # still being written
+            break
         assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc
         pos += 7 + length
         if kind == 1:
@@ -196,3 +217,23 @@ def test_a_bad_mode_is_named_before_anything_is_written(tmp_path: Path) -> None:
     with pytest.raises(ikkuna_core.ConfigError, match=r"backend_options\.wandb\.mode"):
         ikkuna_core.watch(_model(), None, _config(tmp_path / "run", mode="offlin"))
     assert not (tmp_path / "run").exists()
+
+
+def test_no_login_is_a_clear_configuration_error(tmp_path: Path) -> None:
+    # a process of its own: wandb keeps the settings of its first run for the process
+    script = f"""
+import ikkuna_core, torch
+config = {{"plugins": ["wandb"], "backends": ["wandb"], "log_dir": {str(tmp_path / "run")!r}}}
+try:
+    ikkuna_core.watch(torch.nn.Linear(2, 2), None, config)
+except ikkuna_core.ConfigError as exc:
+    print("ConfigError:", exc)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"), WANDB_SILENT="true",
+               WANDB_DIR=str(tmp_path / "wandb-dir"), WANDB_CONFIG_DIR=str(tmp_path / "cfg"))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"ConfigError: .*backend_options\.wandb: could not start a W&B run "
+                     r".*mode = \"offline\"", done.stdout), done.stdout + done.stderr[-2000:]

@@ -112,8 +112,10 @@ class MlflowBackend(Backend):
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
             self.run_id: str = active.info.run_id
             self.joined = True
+            self._local = False
         else:
             artifacts = None
+            self._local = False
             if tracking_uri is not None:
                 uri = tracking_uri
             elif os.environ.get("MLFLOW_TRACKING_URI"):
@@ -122,6 +124,7 @@ class MlflowBackend(Backend):
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 uri = f"sqlite:///{(self.log_dir / 'mlflow.db').absolute()}"
                 artifacts = (self.log_dir / "mlartifacts").absolute().as_uri()
+                self._local = True
             self.tracking_uri = uri
             self.client = MlflowClient(tracking_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
@@ -250,6 +253,27 @@ class MlflowBackend(Backend):
                 self.client.log_artifacts(self.run_id, str(folder), artifact_path="heatmaps")
         if not self.joined:
             self.client.set_terminated(self.run_id)
+        if self._local:
+            _release_local_store(self.tracking_uri)
+
+
+def _release_local_store(uri: str) -> None:
+    """Forget MLflow's in-process caches of the local sqlite store ``uri`` (its engine and
+    store object), so that a later run of this process that replaces the file (a new run in
+    the same log_dir, ``--overwrite``) opens the new file, not a cached connection to the
+    deleted one. Best effort: these are MLflow internals."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    except ImportError:  # pragma: no cover - another MLflow layout
+        return
+    engines = getattr(SqlAlchemyStore, "_engine_map", {})
+    engine = engines.pop(uri, None)
+    if engine is not None:
+        engine.dispose()
+    cached = getattr(type(_tracking_store_registry), "_get_store_with_resolved_uri", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
 
 
 def _text(value: Any) -> str:

@@ -77,9 +77,16 @@ class WandbBackend(Backend):
             self.log_dir.mkdir(parents=True, exist_ok=True)
             rank = _rank()
             name = run_name if rank is None or run_name is None else f"{run_name}-rank{rank}"
-            self.run = wandb.init(
-                project=project or "ikkuna", mode=mode, name=name, dir=str(self.log_dir)
-            )
+            try:
+                self.run = wandb.init(
+                    project=project or "ikkuna", mode=mode, name=name, dir=str(self.log_dir)
+                )
+            except Exception as exc:  # wandb's UsageError, CommError: no login, no network
+                raise ValueError(
+                    f"could not start a W&B run ({type(exc).__name__}: {exc}); log in with "
+                    "`wandb login`, or log without an account: mode = \"offline\" (or "
+                    "WANDB_MODE=offline)"
+                ) from exc
             self.joined = False
         self._steps: dict[int, dict[str, Any]] = {}
         self._closed = False
