@@ -300,7 +300,7 @@ def test_past_twelve_layers_a_metric_is_one_heatmap_in_model_order(
     monkeypatch.setattr(Axes, "pcolormesh", spy)
     out = make_report(tmp_path, tmp_path / "dash.png")
     assert png_size(out)[0] == 2 * 540  # Loss and the heatmap: two panels
-    (ax, values, norm) = [m for m in meshes if m[0].get_title()]  # not the colour bar's
+    ((ax, values, norm),) = [m for m in meshes if m[0].get_title()]  # not the colour bar's
     assert ax.get_title() == "norm/weight_gradients"
     assert values == pytest.approx(want, rel=1e-6)  # rows: blocks.0 .. blocks.19, in order
     assert type(norm).__name__ == "LogNorm"
