@@ -107,11 +107,13 @@ def heatmap_figure(
     *,
     module_types: Mapping[str, str] | None = None,
     ax: Any = None,
+    max_labels: int = 40,
 ) -> Any:
     """Draw ``values`` (modules x step columns, from :meth:`StepGrid.matrix`) as a heatmap:
     the first module at the top, steps across, a log colour scale when the values span
     decades, NaN/inf cells in grey. Draws into ``ax`` when given (returns its figure),
-    otherwise into a new (pyplot-free) Figure sized for the number of modules."""
+    otherwise into a new (pyplot-free) Figure sized for the number of modules. At most
+    ``max_labels`` modules are named on the y axis (evenly spread)."""
     from matplotlib import colormaps
     from matplotlib.colors import LogNorm, Normalize
     from matplotlib.figure import Figure
@@ -137,7 +139,7 @@ def heatmap_figure(
     mesh = ax.pcolormesh(edges, np.arange(n + 1), data, cmap=cmap, norm=norm, shading="flat")
     ax.set_ylim(n, 0)  # forward order down: the input layer on top
     types = module_types or {}
-    every = max(1, math.ceil(n / 40))
+    every = max(1, math.ceil(n / max_labels))
     ticks = list(range(0, n, every))
     ax.set_yticks([t + 0.5 for t in ticks])
     ax.set_yticklabels(

@@ -340,7 +340,9 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
                 for step, value in logs.scalars[tag]:
                     grid.add(label, step, value)
             keys, edges, values = grid.matrix(order)
-            heatmap_figure(panel.title, keys, edges, values, module_types=types, ax=ax)
+            heatmap_figure(
+                panel.title, keys, edges, values, module_types=types, ax=ax, max_labels=16
+            )
             continue
         for i, label in enumerate(labels):
             tag = panel.lines[label]
