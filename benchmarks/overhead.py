@@ -137,6 +137,14 @@ GRADSTATS = [
     {"name": "norm", "topics": ["weight_gradients", "weight_updates"]},
     {"name": "loss"},
 ]
+#: The panels ``wandb.watch(model, log="all")`` fills: a histogram of every parameter and of
+#: its gradient (64 bins), published by the W&B backend under wandb.watch's names.
+WANDB_WATCH = {
+    "name": "histogram",
+    "topics": ["weights", "biases", "weight_gradients", "bias_gradients"],
+    "bins": 64,
+}
+WANDB_OPTIONS = {"mode": "offline", "project": "ikkuna-bench", "watch_names": True}
 
 #: Ikkuna variants: (plugins to enable, subscriber entries, other keys of the configuration).
 IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]]] = {
@@ -148,6 +156,11 @@ IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]
     "quickstart": (["norms", "histograms", "accuracy"], QUICKSTART, {}),
     "curvature": (["curvature"], [{"name": "hessian_max_eigenvalue", "subsample": 50}], {}),
     "gradstats": (["gradstats", "norms", "accuracy"], GRADSTATS, {}),
+    "ikkuna-wandb": (
+        ["histograms", "accuracy", "wandb"],
+        [WANDB_WATCH, LOSS],
+        {"backends": ["wandb"], "backend_options": {"wandb": WANDB_OPTIONS}},
+    ),
 }
 
 
@@ -196,9 +209,13 @@ VARIANTS: dict[str, str] = {
     "cockpit-economy": "Cockpit's economy configuration (Alpha, Distance, GradHist1d, "
     "GradNorm, InnerTest, Loss, NormTest, OrthoTest, UpdateSize) on every parameter, every "
     "step",
+    "wandb-watch": "W&B: wandb.watch(model, log='all', log_freq=1) + run.log(loss) every "
+    "step, offline run",
+    "ikkuna-wandb": "ikkuna: histograms of every parameter and gradient + loss -> the W&B "
+    "backend (watch_names: wandb.watch's panels), offline run",
 }
 #: Run by default; the others only when named in --variants.
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "curvature"]
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("curvature", "wandb-watch", "ikkuna-wandb")]
 PERIOD = {"all-sub10": 10, "quickstart": 10, "curvature": 50}
 
 #: (ikkuna variant, reference variant) pairs doing comparable work.
@@ -208,6 +225,7 @@ COMPARISONS = [
     ("norms", "cockpit-norms"),
     ("all", "cockpit-all"),
     ("gradstats", "cockpit-economy"),
+    ("ikkuna-wandb", "wandb-watch"),
 ]
 #: (device type, problem or None for every problem, variant, largest ratio to plain).
 TARGETS = [
@@ -422,6 +440,7 @@ class Runner:
         self.exporter: Any = None
         self.writer: Any = None
         self.cockpit: Any = None
+        self.wandb_run: Any = None
         self.step_index = 0
         self._closers: list[Callable[[], None]] = []
         self._activations: dict[str, torch.Tensor] = {}
@@ -432,6 +451,8 @@ class Runner:
             self._setup_tensorboard()
         elif variant.startswith("cockpit-"):
             self._setup_cockpit()
+        elif variant == "wandb-watch":
+            self._setup_wandb_watch()
         elif variant == "fused":
             self._fused = _Fused(self.model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
@@ -439,6 +460,7 @@ class Runner:
             "tb": self._step_tensorboard,
             "cockpit": self._step_cockpit,
             "fused": self._step_fused,
+            "wandb": self._step_wandb,
         }.get(variant.split("-")[0], self._step_plain)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -455,6 +477,7 @@ class Runner:
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()
         ):  # gradstats refuses them, with that message
             raise SkipVariant("per-sample gradients are not defined with BatchNorm in training")
+        os.environ.setdefault("WANDB_SILENT", "true")
         config = ikkuna_config(self.variant, self.log_dir, self.histogram_max_samples)
         config["subscribers"] = [  # test accuracy on two of the benchmark's own batches
             {**s, "loader": self.batches[:2]} if s["name"] == "test_accuracy" else s
@@ -482,6 +505,16 @@ class Runner:
                 self._activations[name] = output.detach()
 
         return hook
+
+    def _setup_wandb_watch(self) -> None:
+        try:
+            import wandb
+        except ImportError as exc:
+            raise SkipVariant(f"wandb is not installed: {exc}") from None
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.wandb_run = wandb.init(mode="offline", project="ikkuna-bench", dir=str(self.log_dir))
+        wandb.watch(self.model, log="all", log_freq=1)
+        self._closers.append(self.wandb_run.finish)
 
     def _setup_cockpit(self) -> None:
         try:
@@ -562,6 +595,15 @@ class Runner:
                 writer.add_scalar("loss", loss.item(), step)
                 accuracy = (output.argmax(dim=1) == y).float().mean().item()
                 writer.add_scalar("train_accuracy", accuracy, step)
+
+    def _step_wandb(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.loss_fn(self.model(x), y)
+        loss.backward()  # wandb.watch's hooks take the gradients' histograms here
+        self.optimizer.step()
+        # what a W&B user writes; it also sends the histograms wandb.watch has gathered
+        self.wandb_run.log({"loss": loss.item()}, step=self.step_index)
 
     def _step_cockpit(self, x: torch.Tensor, y: torch.Tensor) -> None:
         step = self.step_index

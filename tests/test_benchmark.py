@@ -62,7 +62,9 @@ def test_every_variant_trains_the_mlp(variant: str, tmp_path: Path) -> None:
             assert 0 < memory["snapshot_bytes"] <= memory["weight_param_bytes"]
     finally:
         runner.close()
-    if not variant.startswith(("plain", "cockpit", "fused")):
+    if variant in ("wandb-watch", "ikkuna-wandb"):
+        assert list(tmp_path.glob("**/run-*.wandb")), "no W&B run written"
+    elif not variant.startswith(("plain", "cockpit", "fused")):
         assert list(tmp_path.glob("**/events.out.tfevents.*")), "no TensorBoard log written"
 
 

@@ -5,7 +5,9 @@ imported only by the parts that need them.
 """
 
 from . import ops
+from .backends.base import Backend, HistogramRecord, ScalarRecord
 from .bus import MessageBus, Subscription, UnknownTopicError
+from .commands import SubscriberFlag
 from .config import ConfigError, IkkunaConfig, SubscriberConfig, load_config
 from .context import RunContext
 from .errors import BackendError, IkkunaError, SubscriberError
@@ -31,9 +33,11 @@ __all__ = [
     "EVENT_TOPICS",
     "MODULE_TOPICS",
     "NETWORK_TOPICS",
+    "Backend",
     "BackendError",
     "ConfigError",
     "Exporter",
+    "HistogramRecord",
     "HistogramsMessage",
     "IkkunaConfig",
     "IkkunaError",
@@ -45,10 +49,12 @@ __all__ = [
     "PluginError",
     "PluginRegistry",
     "RunContext",
+    "ScalarRecord",
     "ScalarsMessage",
     "StepBundle",
     "Subscriber",
     "SubscriberConfig",
+    "SubscriberFlag",
     "SubscriberError",
     "SubscriberOptions",
     "Subscription",

@@ -199,13 +199,18 @@ def configure_train(parser: argparse.ArgumentParser, registry: PluginRegistry) -
     )
     flags = _add_subscriber_flags(parser, registry)
     out = parser.add_argument_group("output")
+    installed = sorted(set(registry.backends) - {"tensorboard", "matplotlib"})
     out.add_argument(
         "-v",
         "--visualisation",
-        choices=sorted(_VISUALISATION),
+        metavar="BACKENDS",
+        type=lambda text: _backends(text, registry),
         default=None,
-        help="backends: tb (TensorBoard), mpl (PNG figures) or both (default: the "
-        "configuration's 'backends'; both when it names none)",
+        help="comma-separated backends: tb (TensorBoard), mpl (PNG figures), both, or any "
+        "installed backend's name"
+        + (f" ({', '.join(installed)})" if installed else "")
+        + ", e.g. -v tb,mlflow (default: the configuration's 'backends'; both when it "
+        "names none)",
     )
     out.add_argument(
         "--log-dir",
@@ -348,7 +353,7 @@ def _build_config(args: argparse.Namespace, hp: Any) -> tuple[Any, Any, list[str
     data["subscribers"] = entries
 
     if args.visualisation is not None:
-        data["backends"] = _VISUALISATION[args.visualisation]
+        data["backends"] = args.visualisation  # checked by the parser: _backends
     elif "backends" not in explicit:
         data["backends"] = _VISUALISATION["both"]
     if args.depth is not None:
@@ -364,6 +369,27 @@ def _build_config(args: argparse.Namespace, hp: Any) -> tuple[Any, Any, list[str
         where = args.config or "the command line"
         raise CLIError(_one_line(str(exc).replace("the configuration dict", where))) from None
     return cfg, registry, notes
+
+
+def _backends(text: str, registry: PluginRegistry) -> list[str]:
+    """The backends ``-v`` names: aliases (tb, mpl, both) and the installed plugins' backend
+    names, comma-separated, each once, in order."""
+    names: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        for name in _VISUALISATION.get(part, [part]):
+            if name not in registry.backends:
+                known = sorted(_VISUALISATION) + sorted(registry.backends)
+                raise argparse.ArgumentTypeError(
+                    f"invalid choice: {part!r} (choose from {', '.join(known)}, or several "
+                    "joined by commas: -v tb,mlflow)"
+                )
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one backend, e.g. -v tb")
+    return names
 
 
 def _one_line(message: str) -> str:
