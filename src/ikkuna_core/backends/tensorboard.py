@@ -151,18 +151,25 @@ class EventFileWriter:
         self._file.write(header + self._masked(header) + data + self._masked(data))
 
     def flush(self) -> None:
+        """Hand the buffered bytes to the operating system."""
         self._file.flush()
+
+    def sync(self) -> None:
+        """Flush, then ask the operating system to put the file on the disk."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if not self._file.closed:
-            self._file.flush()
+            self.sync()
             self._file.close()
 
 
 class TensorBoardBackend(Backend):
     """Writes each step's scalars (``simple_value``) and histograms (``HistogramProto``, bins
-    computed on the training device) as one event. Events reach the file at each bus flush
-    and the disk every ``flush_secs`` seconds and on close."""
+    computed on the training device) as one event. Events reach the operating system at each
+    bus flush (``flush_every`` steps) and are synced to the disk every ``flush_secs`` seconds
+    and on close."""
 
     name = "tensorboard"
 
@@ -199,15 +206,17 @@ class TensorBoardBackend(Backend):
         self.writer.write(event.SerializeToString())
 
     def flush(self) -> None:
-        """One event per step written so far; the file reaches the disk every
-        ``flush_secs``."""
+        """One event per step written so far, handed to the operating system (a crash or a
+        kill of the process loses none of it); ``os.fsync`` every ``flush_secs`` (a crash of
+        the machine)."""
         if self._values:
             now = time.time()
             for step in sorted(self._values):
                 self.writer.write(encode_event(step, now, self._values[step]))
             self._values.clear()
+        self.writer.flush()
         if time.monotonic() - self._last_sync >= self.flush_secs:
-            self.writer.flush()
+            self.writer.sync()
             self._last_sync = time.monotonic()
 
     def close(self) -> None:
