@@ -53,7 +53,7 @@ from torch.optim.optimizer import (
 )
 from torch.utils.hooks import RemovableHandle
 
-from . import ops
+from . import _lifecycle, ops
 from .bus import MessageBus, Stamp, Subscription
 from .errors import IkkunaError
 from .messages import ModuleInfo, TopicPayloads, key_of
@@ -270,6 +270,7 @@ class Exporter:
         self._watched_forward = False
         self._steps_without_forward = 0
         self._steps_without_loss = 0
+        _lifecycle.opened(self)  # closed at exit and on SIGTERM if close() is never called
 
     # ------------------------------------------------------------------ setup
     def set_model(self, model: nn.Module) -> None:
@@ -408,6 +409,7 @@ class Exporter:
         finally:
             self._remove_hooks()
             self._closed = True
+            _lifecycle.closed(self)
             try:
                 self.bus.close()
             finally:
