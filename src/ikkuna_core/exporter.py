@@ -184,9 +184,13 @@ _Entry = tuple[int, int, torch.Tensor, int, torch.Tensor | None]
 class _Forward:
     """What the current step stashed in the hooks of its first forward and backward."""
 
-    __slots__ = ("acts", "calls", "lgrad_plan", "lgrads", "network")
+    __slots__ = ("__weakref__", "acts", "calls", "lgrad_plan", "lgrads", "network", "ref")
 
     def __init__(self, n_modules: int, lgrad_plan: tuple[int, ...] | None = None) -> None:
+        # The layer-gradient hooks hold only this weak reference: an output tensor holding
+        # a hook that held the forward holding that output was a cycle through autograd
+        # the garbage collector cannot see (activations + layer_gradients leaked every step)
+        self.ref = weakref.ref(self)
         self.calls = [0] * n_modules
         self.lgrad_plan = lgrad_plan
         self.acts: list[_Entry] = []
@@ -622,7 +626,7 @@ class Exporter:
         if act is not None and act[index] != _SKIP:
             fwd.acts.append(self._capture(index, call, out, act[index]))
         if lgrad is not None and lgrad[index] != _SKIP and out.requires_grad:
-            out.register_hook(functools.partial(self._on_layer_gradient, fwd, index, call))
+            out.register_hook(functools.partial(self._on_layer_gradient, fwd.ref, index, call))
 
     def _learned_plan(
         self, topic: str, plan: tuple[int, ...] | None
@@ -662,8 +666,11 @@ class Exporter:
         # no version counters to tell
         return (index, call, copy, -1, None)
 
-    def _on_layer_gradient(self, fwd: _Forward, index: int, call: int, grad: torch.Tensor) -> None:
-        if fwd is not self._fwd or fwd.lgrad_plan is None:
+    def _on_layer_gradient(
+        self, ref: weakref.ref[_Forward], index: int, call: int, grad: torch.Tensor
+    ) -> None:
+        fwd = ref()
+        if fwd is not self._fwd or fwd is None or fwd.lgrad_plan is None:
             return  # the backward of a forward whose step has ended
         try:
             fwd.lgrads.append(self._capture(index, call, grad, fwd.lgrad_plan[index]))
