@@ -3,6 +3,7 @@ the error policy for subscribers and backends."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -315,3 +316,25 @@ def test_tensor_options_reject_event_topics_and_bundle_tensor_detaches():
                                            batch_index=0)})
     with pytest.raises(ValueError, match="'batch_started' carries no tensor payload"):
         event.tensor("batch_started")
+
+
+class Scalar(ik.Subscriber):
+    name = "sc"
+
+    def compute(self, bundle):
+        self.publish_scalar(bundle, bundle.tensor(bundle.topics[0]).sum())
+
+
+def test_a_nonfinite_scalar_is_warned_as_what_it_is():
+    """A NaN scalar has no bins and no '<tag>/nonfinite' companion: the warning says the value
+    (issue 16: it claimed a count in a tag that is never written)."""
+    bus = ik.MessageBus(on_error="raise")
+    backend = bus.add_backend(MemoryBackend())
+    bus.register_subscriber(Scalar(topics=["activations"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(bus, 0, activations={"a": torch.tensor([1.0, float("nan")])})
+    messages = [str(w.message) for w in caught]
+    assert messages == ["ikkuna: sc/activations/a at step 0: the value is nan (written as it is)"]
+    assert math.isnan(backend.scalar("sc/activations/a", 0))
+    assert backend.tags() == {"sc/activations/a"}  # no 'nonfinite' tag, as the warning says
