@@ -10,6 +10,7 @@ The tests parse what is written with TensorBoard's protos and its ``EventAccumul
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -187,6 +188,7 @@ class TensorBoardBackend(Backend):
         self.writer = EventFileWriter(self.log_dir)
         self._values: dict[int, list[bytes]] = {}
         self._last_sync = time.monotonic()
+        self._reopened = False  # the event file was removed once and re-created
 
     def write_scalars(self, records: Sequence[ScalarRecord]) -> None:
         values = self._values
@@ -210,6 +212,8 @@ class TensorBoardBackend(Backend):
         kill of the process loses none of it); ``os.fsync`` every ``flush_secs`` (a crash of
         the machine)."""
         if self._values:
+            if not self.writer.path.exists():
+                self._reopen(min(self._values))
             now = time.time()
             for step in sorted(self._values):
                 self.writer.write(encode_event(step, now, self._values[step]))
@@ -218,6 +222,24 @@ class TensorBoardBackend(Backend):
         if time.monotonic() - self._last_sync >= self.flush_secs:
             self.writer.sync()
             self._last_sync = time.monotonic()
+
+    def _reopen(self, step: int) -> None:
+        """The event file is gone (its directory removed during the run): say so once, then
+        re-create the directory and go on in a new file, instead of writing into a removed
+        one that nobody can read."""
+        if not self._reopened:
+            warnings.warn(
+                f"ikkuna: the TensorBoard event file {self.writer.path} was removed during the "
+                f"run (noticed at step {step}); {self.log_dir} is re-created and the events "
+                "from this step on go to a new file there (the earlier ones were in the "
+                "removed file)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._reopened = True
+        with contextlib.suppress(OSError):
+            self.writer.close()
+        self.writer = EventFileWriter(self.log_dir)
 
     def close(self) -> None:
         try:
