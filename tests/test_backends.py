@@ -180,8 +180,9 @@ def test_a_removed_tensorboard_log_dir_is_reported_once_and_re_created(tmp_path)
     import shutil
     import warnings
 
-    from ikkuna_core.backends.base import ScalarRecord
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ikkuna_core.backends.base import ScalarRecord
 
     log_dir = tmp_path / "run"
     backend = TensorBoardBackend(log_dir)
