@@ -441,7 +441,9 @@ class Trainer:
         self.optimizer = make_optimizer(hp.optimizer, self.model.parameters(), hp.lr)
         loss_fn = nn.CrossEntropyLoss()
         context = RunContext(test_loader=self.test_loader, train_loader=self.train_loader)
-        self.exporter = watch(self.model, loss_fn, cfg, registry=registry, context=context)
+        self.exporter = watch(
+            self.model, loss_fn, cfg, registry=registry, context=context, overwrite=overwrite
+        )
         for path in previous:  # validated and attached: only now replace the earlier run
             path.unlink(missing_ok=True)
         self.loss_fn = self.exporter.loss_fn or loss_fn
