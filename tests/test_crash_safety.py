@@ -180,3 +180,24 @@ def test_the_sigterm_handler_is_ours_only_while_an_exporter_is_open() -> None:
         made[0].close()
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_forked_child_does_not_close_its_parents_exporters(tmp_path: Path) -> None:
+    """A DataLoader worker forked from the training process gets SIGTERM at shutdown: the
+    Exporter it inherited is the parent's, so the child must not finish its step or write."""
+    import ikkuna_core as ik
+    from ikkuna_core import _lifecycle
+
+    if not hasattr(os, "fork"):  # pragma: no cover
+        pytest.skip("needs fork")
+    exporter = ik.Exporter()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: closing at exit must leave the parent's Exporter alone
+            _lifecycle.close_open_exporters()
+            os._exit(0 if not exporter._closed else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not exporter._closed
+    finally:
+        exporter.close()

@@ -27,6 +27,7 @@ class _Closable(Protocol):
 
 
 _open: weakref.WeakSet[Any] = weakref.WeakSet()
+_pid = os.getpid()  # a forked child (a DataLoader worker) must not close its parent's files
 _previous: Any = None  # the SIGTERM handler ours replaced, while ours is installed
 _installed = False
 _lock = threading.RLock()  # re-entrant: the handler may run while the main thread holds it
@@ -34,8 +35,11 @@ _lock = threading.RLock()  # re-entrant: the handler may run while the main thre
 
 def opened(exporter: _Closable) -> None:
     """Track a new Exporter until it closes; install the SIGTERM handler if needed."""
-    global _installed, _previous
+    global _installed, _previous, _pid
     with _lock:
+        if os.getpid() != _pid:  # made in a forked child: the parent's Exporters are not its
+            _open.clear()
+            _pid = os.getpid()
         _open.add(exporter)
         if _installed or threading.current_thread() is not threading.main_thread():
             return
@@ -65,7 +69,9 @@ def closed(exporter: _Closable) -> None:
 
 def close_open_exporters() -> None:
     """Close every Exporter still open; a failing close is reported as a warning and does
-    not stop the others."""
+    not stop the others. In a forked child, nothing: the Exporters are its parent's."""
+    if os.getpid() != _pid:
+        return
     for exporter in list(_open):
         try:
             exporter.close()
