@@ -25,9 +25,11 @@ pytest.importorskip("matplotlib")
 #: matplotlib drawing, at step 100, whose fonts and caches are one-off; the window holds the
 #: drawings at 200 and 300).
 STEPS, WARMUP, SAMPLE_EVERY = 300, 120, 20
-#: RSS slope allowed after the warm-up, in MiB per 1,000 steps: the leak issue 16 found grew
-#: 83 MiB per 1,000 steps; allocator noise here is below 1 MiB over the window.
-RSS_SLOPE_MIB = 10.0
+#: RSS slope allowed after the warm-up, in MiB per 1,000 steps. Measured: +0.7 alone, +11.4
+#: beside the rest of the suite (one 1.5 MiB allocator step in the 180-step window); the
+#: leak this test was written for grew ~800 on this configuration (issue 16 measured +83 on
+#: a smaller one), so 30 leaves room for two allocator steps and still catches it.
+RSS_SLOPE_MIB = 30.0
 
 
 def _live_tensors() -> int:
