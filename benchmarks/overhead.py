@@ -1222,6 +1222,7 @@ def default_out(device: torch.device, suffix: str = "") -> Path:
 
 # --------------------------------------------------------------------------------- soak
 SOAK_BACKENDS = ("tensorboard", "matplotlib")
+SOAK_VARIANTS = ("all", "everything")
 
 
 def soak(
@@ -1229,11 +1230,15 @@ def soak(
     every: int = 100,
     device: torch.device | None = None,
     backend: str = "tensorboard",
+    variant: str = "all",
 ) -> dict[str, Any]:
-    """Train the MLP on digits for ``steps`` steps with the three plugins every step, writing
-    to ``backend`` alone (its default options: matplotlib redraws every 500 steps), and
-    sample memory every ``every`` steps: RSS, live tensors (gc), CUDA allocation."""
-    from ikkuna_core import PluginError, watch
+    """Train the MLP on digits for ``steps`` steps with the three plugins every step
+    (``variant = "all"``) or the *everything* configuration (every subscriber of every
+    installed plugin on every topic it accepts: :func:`ikkuna_core.testing.everything`),
+    writing to ``backend`` alone (its default options: matplotlib redraws every 500 steps),
+    and sample memory every ``every`` steps: RSS, live tensors (gc), CUDA allocation."""
+    from ikkuna_core import PluginError, RunContext, watch
+    from ikkuna_core.testing import everything
 
     os.environ.pop("IKKUNA_PLUGINS", None)
     device = device or torch.device("cpu")
@@ -1243,8 +1248,20 @@ def soak(
         # plain training with the `all` configuration attached, but to `backend`
         runner = Runner(problem, "plain", device, work / backend)
         config = {**ikkuna_config("all", runner.log_dir), "backends": [backend]}
+        subscribers: list[dict[str, Any]] = ALL
+        if variant == "everything":
+            x, y = runner.batches[0]
+            context = RunContext(test_loader=runner.batches[:2], train_loader=runner.batches)
+            subscribers = everything(runner.model, x, y, context=context)
+            config = {**config, "plugins": None, "subscribers": subscribers,
+                      "on_error": "warn"}  # NaN variances of one value warn, nothing fails
+        elif variant != "all":
+            raise ValueError(f"soak variant {variant!r}: choose from {', '.join(SOAK_VARIANTS)}")
         try:
-            runner.exporter = watch(runner.model, runner.loss_fn, config)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                runner.exporter = watch(runner.model, runner.loss_fn, config,
+                                        context=context if variant == "everything" else None)
         except PluginError as exc:
             raise SkipVariant(f"plugin missing: {exc}") from None
         runner._closers.append(runner.exporter.close)
@@ -1293,9 +1310,9 @@ def soak(
     rss_slope = slope("rss_bytes")
     return {
         "problem": problem.describe(),
-        "variant": "all",
+        "variant": variant,
         "backend": backend,
-        "subscribers": ALL,
+        "subscribers": subscribers,
         "steps": steps,
         "sample_every": every,
         "median_step_ms": float(np.median(times)) * 1e3,
@@ -1449,6 +1466,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "ResNet-18, batch 8, unless --problems/--batch-size say otherwise)",
     )
     parser.add_argument("--batch-size", type=int, help="with --ops: the batch size (default 8)")
+    parser.add_argument(
+        "--soak-variant",
+        default="all",
+        choices=SOAK_VARIANTS,
+        help="with --soak: the three plugins (all), or every subscriber of every installed "
+        "plugin on every topic it accepts (everything)",
+    )
     parser.add_argument("--soak-steps", type=int, default=2000)
     parser.add_argument("--soak-every", type=int, default=100)
     parser.add_argument(
@@ -1500,7 +1524,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "machine": machine_info(device),
             "created": dt.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(["python", "benchmarks/overhead.py", *sys.argv[1:]]),
-            "soak": {b: soak(args.soak_steps, args.soak_every, device, b) for b in backends},
+            "soak": {
+                b: soak(args.soak_steps, args.soak_every, device, b, args.soak_variant)
+                for b in backends
+            },
         }
         out = args.out or default_out(device, "-soak")
         _write(out, result)

@@ -145,6 +145,9 @@ def test_soak_samples_memory_and_the_snapshot() -> None:
     assert all(s["rss_bytes"] > 0 and s["live_tensors"] > 0 for s in result["samples"])
     assert _finite(result["slope_rss_bytes_per_1000_steps"])
     assert _finite(result["slope_live_tensors_per_1000_steps"])
+    # after the first step the live tensors are a fixed set: a leak of one tensor per step
+    # would be a slope of 1,000
+    assert abs(result["slope_live_tensors_per_1000_steps"]) < 1
     assert 0 < result["snapshot_over_params"] <= 1
     assert np.isfinite(result["median_step_ms"])
     assert "parameter snapshot" in bench.soak_markdown(result)
@@ -169,9 +172,43 @@ def test_soak_runs_once_per_backend_and_reports_mib(
         mib = one["slope_rss_mib_per_1000_steps"]
         assert math.isfinite(mib)
         assert mib == pytest.approx(one["slope_rss_bytes_per_1000_steps"] / 2**20)
+        assert abs(one["slope_live_tensors_per_1000_steps"]) < 1  # no tensor kept per step
     printed = capsys.readouterr().out
     for backend in ("tensorboard", "matplotlib"):
         assert f"{backend}: RSS " in printed and "MiB per 1,000 steps" in printed
+
+
+#: RSS slope a soak may show after its warm-up, MiB per 1,000 steps: TensorBoard measures
+#: +0.2 here; issue 16's leak grew +83.
+SOAK_RSS_SLOPE_MIB = 8.0
+
+
+def test_soak_rss_slope_is_bounded_over_a_few_hundred_steps() -> None:
+    """Long enough for the RSS slope to mean something (TensorBoard: no summaries that fill
+    up first); the bound is ten times the measured noise and a tenth of issue 16's leak."""
+    try:
+        result = bench.soak(steps=200, every=20)
+    except bench.SkipVariant as exc:
+        pytest.skip(str(exc))
+    assert result["slope_rss_mib_per_1000_steps"] < SOAK_RSS_SLOPE_MIB, result["samples"]
+    assert abs(result["slope_live_tensors_per_1000_steps"]) < 1, result["samples"]
+
+
+def test_soak_everything_variant(tmp_path: Path) -> None:
+    """``--soak-variant everything``: every subscriber of every installed plugin."""
+    out = tmp_path / "soak.json"
+    try:
+        result = bench.main(
+            ["--soak", "--soak-variant", "everything", "--soak-backends", "tensorboard",
+             "--soak-steps", "12", "--soak-every", "4", "--out", str(out)]
+        )
+    except bench.SkipVariant as exc:
+        pytest.skip(str(exc))
+    one = result["soak"]["tensorboard"]
+    assert one["variant"] == "everything"
+    names = {s["name"] for s in one["subscribers"]}
+    assert {"norm", "histogram", "loss"} <= names and len(names) >= 10
+    assert abs(one["slope_live_tensors_per_1000_steps"]) < 1
 
 
 def test_unknown_soak_backend_is_refused() -> None:

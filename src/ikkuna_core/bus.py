@@ -430,12 +430,8 @@ class MessageBus:
             self._in_flight.popleft()
             self._write(head.records(self._nonfinite))
 
-    def _nonfinite(self, tag: str, step: int, count: float, total: float) -> None:
-        self._warn_once(
-            f"nonfinite:{tag}",
-            f"{tag} at step {step}: {count:g} non-finite value(s) (NaN/inf) among "
-            f"{total:g}; they are counted in '{tag}/nonfinite', not in the bins",
-        )
+    def _nonfinite(self, tag: str, step: int, what: str) -> None:
+        self._warn_once(f"nonfinite:{tag}", f"{tag} at step {step}: {what}")
 
     def _write(self, records: tuple[list[ScalarRecord], list[HistogramRecord]]) -> None:
         scalars, hists = records
@@ -602,7 +598,7 @@ class _Transfer:
         return all(event is None or event.query() for _, event, _ in self._parts)
 
     def records(
-        self, on_nonfinite: Callable[[str, int, float, float], None]
+        self, on_nonfinite: Callable[[str, int, str], None]
     ) -> tuple[list[ScalarRecord], list[HistogramRecord]]:
         """Wait for the copies, then turn the messages into host-side records (a
         ``<tag>/nonfinite`` scalar beside every histogram that had non-finite values)."""
@@ -625,7 +621,7 @@ class _Transfer:
                 for key, tag, value in zip(m.keys, m.tags, data.tolist(), strict=True):
                     scalars.append(ScalarRecord(m.topic, key, tag, step, value))
                     if not math.isfinite(value):
-                        on_nonfinite(tag, step, 1, 1)
+                        on_nonfinite(tag, step, f"the value is {value} (written as it is)")
                 continue
             fields = {f: next(values) for f in _HIST_FIELDS}
             n = len(m.keys)
@@ -646,7 +642,12 @@ class _Transfer:
                         ScalarRecord(f"{m.topic}/nonfinite", key, f"{tag}/nonfinite", step,
                                      nonfinite)
                     )
-                    on_nonfinite(tag, step, nonfinite, nonfinite + stats["num"][i])
+                    on_nonfinite(
+                        tag, step,
+                        f"{nonfinite:g} non-finite value(s) (NaN/inf) among "
+                        f"{nonfinite + stats['num'][i]:g}; they are counted in "
+                        f"'{tag}/nonfinite', not in the bins",
+                    )
         for host, event, device in self._parts:
             if event is not None:
                 self._pool.setdefault((device, host.numel()), []).append(host)

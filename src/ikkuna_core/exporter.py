@@ -54,7 +54,7 @@ from torch.optim.optimizer import (
 )
 from torch.utils.hooks import RemovableHandle
 
-from . import ops
+from . import _lifecycle, ops
 from .bus import MessageBus, Stamp, Subscription
 from .errors import IkkunaError
 from .messages import ModuleInfo, TopicPayloads, key_of
@@ -185,9 +185,14 @@ _Entry = tuple[int, int, torch.Tensor, int, torch.Tensor | None]
 class _Forward:
     """What the current step stashed in the hooks of its first forward and backward."""
 
-    __slots__ = ("__weakref__", "acts", "calls", "inputs", "lgrad_plan", "lgrads", "network")
+    __slots__ = ("__weakref__", "acts", "calls", "inputs", "lgrad_plan", "lgrads", "network",
+                 "ref")
 
     def __init__(self, n_modules: int, lgrad_plan: tuple[int, ...] | None = None) -> None:
+        # The layer-gradient hooks hold only this weak reference: an output tensor holding
+        # a hook that held the forward holding that output was a cycle through autograd
+        # the garbage collector cannot see (activations + layer_gradients leaked every step)
+        self.ref = weakref.ref(self)
         self.calls = [0] * n_modules
         self.lgrad_plan = lgrad_plan
         self.acts: list[_Entry] = []
@@ -273,6 +278,7 @@ class Exporter:
         self._watched_forward = False
         self._steps_without_forward = 0
         self._steps_without_loss = 0
+        _lifecycle.opened(self)  # closed at exit and on SIGTERM if close() is never called
 
     # ------------------------------------------------------------------ setup
     def set_model(self, model: nn.Module) -> None:
@@ -413,6 +419,7 @@ class Exporter:
         finally:
             self._remove_hooks()
             self._closed = True
+            _lifecycle.closed(self)
             try:
                 self.bus.close()
             finally:
@@ -631,11 +638,7 @@ class Exporter:
         if act is not None and act[index] != _SKIP:
             fwd.acts.append(self._capture(index, call, out, act[index]))
         if lgrad is not None and lgrad[index] != _SKIP and out.requires_grad:
-            # a weak reference: the stash holds this tensor (activations, inputs), and a
-            # cycle through a tensor's hook is never collected (a step's tensors leaked)
-            out.register_hook(
-                functools.partial(self._on_layer_gradient, weakref.ref(fwd), index, call)
-            )
+            out.register_hook(functools.partial(self._on_layer_gradient, fwd.ref, index, call))
 
     def _learned_plan(
         self, topic: str, plan: tuple[int, ...] | None

@@ -340,7 +340,11 @@ def load_plugins(
     env = _env_selection() if environment else None
     if env:
         _warn_unknown_env(env - available, available)
+    by_name: dict[str, list[EntryPoint]] = {}
     for ep in eps:
+        by_name.setdefault(ep.name, []).append(ep)
+    for group in by_name.values():
+        ep = group[0]
         info = _describe(ep)
         enabled = (requested is None or ep.name in requested) and (env is None or ep.name in env)
         info.enabled = enabled
@@ -348,10 +352,8 @@ def load_plugins(
             registry.plugins.setdefault(ep.name, info)
             continue
         try:
-            if ep.name in registry.plugins and registry.plugins[ep.name].loaded:
-                raise PluginError(
-                    f"two installed distributions register the plugin name {ep.name!r}"
-                )
+            if len(group) > 1:
+                raise PluginError(_twins(group))
             try:
                 plugin = ep.load()
             except Exception as exc:
@@ -370,6 +372,20 @@ def load_plugins(
             if strict:
                 warnings.warn(f"{exc}; skipped", PluginWarning, stacklevel=2)
     return registry
+
+
+def _twins(group: list[EntryPoint]) -> str:
+    """The error for a plugin name that several installed distributions register: which one
+    would load depends on the order of ``sys.path``, so neither does."""
+    who = " and ".join(
+        f"{i.distribution} {i.version} ({i.value})" for i in map(_describe, group)
+    )
+    dists = sorted({str(i.distribution) for i in map(_describe, group)})
+    return (
+        f"the plugin name {group[0].name!r} is registered by {len(group)} installed "
+        f"distributions: {who}; neither is loaded. Uninstall all but one "
+        f"(pip uninstall {' or '.join(dists)})"
+    )
 
 
 #: Names from IKKUNA_PLUGINS already reported as not installed (said once per process).

@@ -30,6 +30,7 @@ def watch(
     *,
     registry: PluginRegistry | None = None,
     context: RunContext | None = None,
+    overwrite: bool = False,
 ) -> Exporter:
     """Attach an Exporter to ``model`` with the plugins, subscribers and backends of
     ``config`` (a TOML path, a dict with the keys of the ``[ikkuna]`` table, or an
@@ -37,6 +38,10 @@ def watch(
     function; an ``nn.Module`` loss is watched in place. ``context`` is what your run
     provides to the subscribers (a :class:`RunContext`: its test loader, say); the plugins
     take from it what their subscribers need.
+
+    A log directory that already holds a run (event files, figures) is refused, as
+    ``ikkuna train`` refuses it: two runs in one directory mix their curves.
+    ``overwrite=True`` replaces that run: its files are removed once everything is attached.
 
     In a distributed run (``torch.distributed`` initialised: DDP, FSDP, Lightning), every
     rank watches and computes (subscribers may need every rank, e.g. for sharded
@@ -113,6 +118,18 @@ def watch(
             f"{source}: ikkuna.backend_options: {unused} are not in ikkuna.backends {cfg.backends}"
         )
     _check_log_dir(cfg.log_dir, f"{source}: ikkuna.log_dir")
+    rank, world = distributed_rank()
+    writes = rank == 0 or cfg.ranks == "all"
+    log_dir = cfg.log_dir / f"rank{rank}" if world > 1 and cfg.ranks == "all" else cfg.log_dir
+    previous = previous_run(log_dir) if writes and cfg.backends else []
+    if previous and not overwrite:
+        shown = ", ".join(str(p.relative_to(log_dir)) for p in previous[:3])
+        more = f" and {len(previous) - 3} more" if len(previous) > 3 else ""
+        raise ConfigError(
+            f"{source}: ikkuna.log_dir: {str(log_dir)!r} already holds a run ({shown}{more}); "
+            "a second run there would mix with it in TensorBoard and the figures. Give "
+            "another log_dir, or watch(..., overwrite=True) to replace that run"
+        )
 
     # ---- attach: any failure from here on undoes everything attached so far
     exporter = Exporter(
@@ -123,9 +140,6 @@ def watch(
         config=cfg,
         registry=registry,
     )
-    rank, world = distributed_rank()
-    writes = rank == 0 or cfg.ranks == "all"
-    log_dir = cfg.log_dir / f"rank{rank}" if world > 1 and cfg.ranks == "all" else cfg.log_dir
     try:
         exporter.set_model(model)
         if loss_fn is not None:
@@ -146,7 +160,20 @@ def watch(
     except BaseException as exc:
         _undo(exporter, exc)
         raise
+    for path in previous:  # validated and attached: only now replace the earlier run
+        path.unlink(missing_ok=True)
     return exporter
+
+
+#: What the core's backends leave in a log directory; any of them there means it holds a run.
+RUN_FILES: tuple[str, ...] = ("events.out.tfevents.*", "figures/*.png")
+
+
+def previous_run(log_dir: Path) -> list[Path]:
+    """The files of an earlier run in ``log_dir`` (see :data:`RUN_FILES`); empty if none."""
+    if not log_dir.is_dir():
+        return []
+    return sorted(p for pattern in RUN_FILES for p in log_dir.glob(pattern) if p.is_file())
 
 
 def distributed_rank() -> tuple[int, int]:

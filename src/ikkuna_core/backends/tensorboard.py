@@ -10,6 +10,7 @@ The tests parse what is written with TensorBoard's protos and its ``EventAccumul
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import itertools
@@ -153,20 +154,26 @@ class EventFileWriter:
         self._file.write(header + self._masked(header) + data + self._masked(data))
 
     def flush(self) -> None:
+        """Hand the buffered bytes to the operating system."""
         self._file.flush()
+
+    def sync(self) -> None:
+        """Flush, then ask the operating system to put the file on the disk."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if not self._file.closed:
-            self._file.flush()
+            self.sync()
             self._file.close()
 
 
 class TensorBoardBackend(Backend):
     """Writes each step's scalars (``simple_value``) and histograms (``HistogramProto``, bins
-    computed on the training device) as one event. Events reach the file at each bus flush
-    and the disk every ``flush_secs`` seconds and on close. With ``heatmaps`` (default),
-    each per-module metric of more than 12 modules is also written at close as one depth x
-    step image, ``heatmap/<topic>``."""
+    computed on the training device) as one event. Events reach the operating system at each
+    bus flush (``flush_every`` steps) and are synced to the disk every ``flush_secs`` seconds
+    and on close. With ``heatmaps`` (default), each per-module metric of more than 12 modules
+    is also written at close as one depth x step image, ``heatmap/<topic>``."""
 
     name = "tensorboard"
     files = ("events.out.tfevents.*",)
@@ -192,6 +199,7 @@ class TensorBoardBackend(Backend):
             {} if heatmaps and importlib.util.find_spec("matplotlib") else None
         )
         self._module_types: dict[str, str] = {}
+        self._reopened = False  # the event file was removed once and re-created
         self._last_step = 0
 
     def describe_modules(self, modules: Mapping[str, str]) -> None:
@@ -224,16 +232,38 @@ class TensorBoardBackend(Backend):
         self.writer.write(event.SerializeToString())
 
     def flush(self) -> None:
-        """One event per step written so far; the file reaches the disk every
-        ``flush_secs``."""
+        """One event per step written so far, handed to the operating system (a crash or a
+        kill of the process loses none of it); ``os.fsync`` every ``flush_secs`` (a crash of
+        the machine)."""
         if self._values:
+            if not self.writer.path.exists():
+                self._reopen(min(self._values))
             now = time.time()
             for step in sorted(self._values):
                 self.writer.write(encode_event(step, now, self._values[step]))
             self._values.clear()
+        self.writer.flush()
         if time.monotonic() - self._last_sync >= self.flush_secs:
-            self.writer.flush()
+            self.writer.sync()
             self._last_sync = time.monotonic()
+
+    def _reopen(self, step: int) -> None:
+        """The event file is gone (its directory removed during the run): say so once, then
+        re-create the directory and go on in a new file, instead of writing into a removed
+        one that nobody can read."""
+        if not self._reopened:
+            warnings.warn(
+                f"ikkuna: the TensorBoard event file {self.writer.path} was removed during the "
+                f"run (noticed at step {step}); {self.log_dir} is re-created and the events "
+                "from this step on go to a new file there (the earlier ones were in the "
+                "removed file)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._reopened = True
+        with contextlib.suppress(OSError):
+            self.writer.close()
+        self.writer = EventFileWriter(self.log_dir)
 
     def close(self) -> None:
         try:

@@ -464,7 +464,9 @@ class Trainer:
         # configuration, and deleted once the new run is attached.
         stash = _stash(Path(cfg.log_dir), previous)
         try:
-            self.exporter = watch(self.model, loss_fn, cfg, registry=registry, context=context)
+            self.exporter = watch(
+                self.model, loss_fn, cfg, registry=registry, context=context, overwrite=overwrite
+            )
         except BaseException:
             _unstash(Path(cfg.log_dir), stash)
             raise
