@@ -318,14 +318,14 @@ def test_no_host_synchronisation_in_the_message_path(recorder_cls, monkeypatch):
         opt.step()
     monkeypatch.undo()
     # everything was published, once: every topic of every module at both steps
-    parameter_topics = [t for t in ik.MODULE_TOPICS if t not in ("activations", "layer_gradients")]
+    forward = ("activations", "layer_gradients", "inputs")
+    parameter_topics = [t for t in ik.MODULE_TOPICS if t not in forward]
     network = ["input_data", "input_labels", "network_output", "loss", "batch_started",
                "batch_finished"]
     expected = {("epoch_started", None, 0)}
     for step in range(2):
         expected |= {(t, k, step) for t in parameter_topics for k in ("0", "1", "5")}
-        expected |= {(t, str(k), step) for t in ("activations", "layer_gradients")
-                     for k in range(len(model))}
+        expected |= {(t, str(k), step) for t in forward for k in range(len(model))}
         expected |= {(t, None, step) for t in network}
     assert sorted(rec.order, key=str) == sorted(expected, key=str)
     exporter.close()

@@ -19,7 +19,8 @@ holds the model's parameters. Forwards in eval mode, under ``torch.no_grad()``, 
 When each topic is read:
 
 - first training forward of the step: ``input_data`` (first tensor argument or keyword
-  argument), ``activations`` (module outputs; the first tensor of a tuple output);
+  argument), ``activations`` (module outputs; the first tensor of a tuple output),
+  ``inputs`` (module inputs: the first tensor argument, in the same forward hook);
   ``network_output``, ``input_labels``, ``loss`` at the first loss call (or from a model
   output carrying ``loss`` and ``logits``, as Hugging Face models return)
 - its backward: ``layer_gradients`` (through ``output.register_hook``, which, unlike full
@@ -184,13 +185,14 @@ _Entry = tuple[int, int, torch.Tensor, int, torch.Tensor | None]
 class _Forward:
     """What the current step stashed in the hooks of its first forward and backward."""
 
-    __slots__ = ("acts", "calls", "lgrad_plan", "lgrads", "network")
+    __slots__ = ("acts", "calls", "inputs", "lgrad_plan", "lgrads", "network")
 
     def __init__(self, n_modules: int, lgrad_plan: tuple[int, ...] | None = None) -> None:
         self.calls = [0] * n_modules
         self.lgrad_plan = lgrad_plan
         self.acts: list[_Entry] = []
         self.lgrads: list[_Entry] = []
+        self.inputs: list[_Entry] = []
         self.network: dict[str, tuple[torch.Tensor, int]] = {}
 
 
@@ -241,7 +243,7 @@ class Exporter:
         self._forward_handles: list[RemovableHandle] = []
         self._loss_handle: RemovableHandle | None = None
         self._snapshot: dict[int, torch.Tensor] = {}  # param index -> buffer (-> update)
-        self._plans: dict[tuple[Subscription, ...], tuple[Any, Any]] = {}
+        self._plans: dict[tuple[Subscription, ...], tuple[Any, Any, Any]] = {}
         self._clone: set[tuple[str, int]] = set()  # (topic, module) changed in place before
         self._probed: set[tuple[str, int]] = set()  # (topic, module) known either way
         self._learned_plans: dict[Any, tuple[int, ...]] = {}
@@ -255,6 +257,7 @@ class Exporter:
         self._fwd = _Forward(0)
         self._act_plan: tuple[int, ...] | None = None  # capture modes in this forward
         self._lgrad_plan: tuple[int, ...] | None = None
+        self._in_plan: tuple[int, ...] | None = None
         self._loss_pending = False  # the step's first loss call is still to come
         self._grads: dict[int, tuple[torch.Tensor, int]] = {}
         self._updates: dict[int, torch.Tensor] = {}
@@ -377,14 +380,16 @@ class Exporter:
     def silenced(self) -> Iterator[None]:
         """Forwards inside this block publish nothing and count no step (the thesis'
         ``should_train=False``). Used by subscribers that evaluate the model."""
-        saved = (self._silent, self._act_plan, self._lgrad_plan, self._loss_pending)
-        self._silent, self._act_plan, self._lgrad_plan, self._loss_pending = (
-            True, None, None, False
+        saved = (self._silent, self._act_plan, self._lgrad_plan, self._in_plan,
+                 self._loss_pending)
+        self._silent, self._act_plan, self._lgrad_plan, self._in_plan, self._loss_pending = (
+            True, None, None, None, False
         )
         try:
             yield
         finally:
-            self._silent, self._act_plan, self._lgrad_plan, self._loss_pending = saved
+            (self._silent, self._act_plan, self._lgrad_plan, self._in_plan,
+             self._loss_pending) = saved
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model in eval mode without autograd and without messages; every module's
@@ -428,7 +433,7 @@ class Exporter:
         self._handles.clear()
         self._forward_handles.clear()
         self._snapshot.clear()
-        self._act_plan = self._lgrad_plan = None
+        self._act_plan = self._lgrad_plan = self._in_plan = None
         self._loss_pending = False
 
     def on_close(self, callback: Callable[[], None]) -> None:
@@ -499,7 +504,7 @@ class Exporter:
                 p.handle.remove()
                 p.handle = None
 
-    def _capture_plans(self, step: int) -> tuple[Any, Any]:
+    def _capture_plans(self, step: int) -> tuple[Any, Any, Any]:
         """Per watched module, how the step's forward topics are captured: skipped, whole
         (a reference), or a sample of k entries (a copy), from what the subscriptions due at
         the step ask for (:meth:`Subscriber.sample_size`, :meth:`Subscriber.wants_module`)."""
@@ -507,7 +512,7 @@ class Exporter:
         plans = self._plans.get(active)
         if plans is None:
             found: list[tuple[int, ...] | None] = []
-            for topic in ("activations", "layer_gradients"):
+            for topic in ("activations", "layer_gradients", "inputs"):
                 subs = [s.subscriber for s in active if topic in s.topics]
                 if not subs:
                     found.append(None)
@@ -522,7 +527,7 @@ class Exporter:
                     else:
                         plan.append(max(k for k in sizes if k is not None))
                 found.append(tuple(plan) if any(m != _SKIP for m in plan) else None)
-            plans = self._plans[active] = (found[0], found[1])
+            plans = self._plans[active] = (found[0], found[1], found[2])
         return plans
 
     # -------------------------------------------------------------- steps
@@ -562,7 +567,7 @@ class Exporter:
             return
         try:
             if not (training and torch.is_grad_enabled()) and not self.publish_in_eval:
-                self._act_plan = self._lgrad_plan = None
+                self._act_plan = self._lgrad_plan = self._in_plan = None
                 self._loss_pending = False
                 return
             self._watched_forward = True
@@ -581,14 +586,14 @@ class Exporter:
             self._forwards += 1
             if self._forwards > 1 or not self._wanted:
                 # a later micro-batch of the same step: forward topics come from the first
-                self._act_plan = self._lgrad_plan = None
+                self._act_plan = self._lgrad_plan = self._in_plan = None
                 self._loss_pending = False
                 return
             self._begin_capture(args, kwargs)
         except IkkunaError:
             raise  # a subscriber's or backend's error under on_error="raise": as it is
         except Exception as exc:  # noqa: BLE001 - never stop training
-            self._act_plan = self._lgrad_plan = None
+            self._act_plan = self._lgrad_plan = self._in_plan = None
             self.bus.internal_error("the model's forward pre-hook", exc, self.global_step)
 
     def _gradients_reset(self) -> bool:
@@ -618,9 +623,10 @@ class Exporter:
 
     def _begin_capture(self, args: tuple[Any, ...], kwargs: Any) -> None:
         wanted = self._wanted
-        act, lgrad = self._capture_plans(self.global_step)
+        act, lgrad, inp = self._capture_plans(self.global_step)
         self._act_plan = self._learned_plan("activations", act)
         self._lgrad_plan = self._learned_plan("layer_gradients", lgrad)
+        self._in_plan = self._learned_plan("inputs", inp)
         self._fwd = fwd = _Forward(len(self._module_objs), self._lgrad_plan)
         self._loss_pending = bool(wanted & _LOSS_TOPICS)
         if "input_data" in wanted:
@@ -638,15 +644,20 @@ class Exporter:
     def _on_module_forward(self, index: int, module: nn.Module, args: Any, output: Any) -> None:
         # Runs for every watched module in every forward: keep it short (and traceable by
         # torch.compile): read the plan, stash a reference or copy a sample.
-        act, lgrad = self._act_plan, self._lgrad_plan
-        if act is None and lgrad is None:
+        act, lgrad, inp = self._act_plan, self._lgrad_plan, self._in_plan
+        if act is None and lgrad is None and inp is None:
             return
         out = output if isinstance(output, torch.Tensor) else _first_tensor(output)
-        if out is None:
+        x = None if inp is None or inp[index] == _SKIP else _first_tensor(args)
+        if out is None and x is None:
             return
         fwd = self._fwd
         call = fwd.calls[index]
         fwd.calls[index] = call + 1
+        if x is not None and inp is not None:
+            fwd.inputs.append(self._capture(index, call, x, inp[index]))
+        if out is None:
+            return
         if act is not None and act[index] != _SKIP:
             fwd.acts.append(self._capture(index, call, out, act[index]))
         if lgrad is not None and lgrad[index] != _SKIP and out.requires_grad:
@@ -915,7 +926,7 @@ class Exporter:
     def _finish_step(self) -> None:
         """Hand the step's payloads to the bus and forget them."""
         self._open = False
-        self._act_plan = self._lgrad_plan = None
+        self._act_plan = self._lgrad_plan = self._in_plan = None
         loss_missing, self._loss_pending = self._loss_pending, False
         self._inside = None
         if self._stepped:
@@ -970,7 +981,8 @@ class Exporter:
                     modules=[params[i].info for i, _ in chosen],
                     data=[t for _, t in chosen],
                 )
-        for topic, stash in (("activations", fwd.acts), ("layer_gradients", fwd.lgrads)):
+        for topic, stash in (("activations", fwd.acts), ("layer_gradients", fwd.lgrads),
+                             ("inputs", fwd.inputs)):
             if stash and topic in wanted:
                 out[topic] = self._forward_payloads(topic, stash)
         for topic, entry in fwd.network.items():

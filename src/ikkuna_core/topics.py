@@ -42,6 +42,7 @@ MODULE_TOPICS: tuple[str, ...] = (
     "bias_updates",
     "activations",
     "layer_gradients",
+    "inputs",
 )
 #: Per-network topics published by the Exporter.
 NETWORK_TOPICS: tuple[str, ...] = (
@@ -60,7 +61,7 @@ EVENT_TOPICS: frozenset[str] = frozenset(
 )
 #: Module topics captured in module hooks during forward and backward (all others are read
 #: from the parameters at the optimizer step).
-FORWARD_TOPICS: frozenset[str] = frozenset({"activations", "layer_gradients"})
+FORWARD_TOPICS: frozenset[str] = frozenset({"activations", "layer_gradients", "inputs"})
 
 #: Parameter kind -> topic, for each thing read from a parameter.
 VALUE_TOPICS: dict[str, str] = {"weight": "weights", "bias": "biases"}
@@ -82,6 +83,8 @@ _DOCS: dict[str, str] = {
     "tensor of a tuple output; a module called again in that forward is 'name#1', ...)",
     "layer_gradients": "gradient of the loss w.r.t. each module's output, in the backward of "
     "the step's first forward",
+    "inputs": "each module's input in the step's first training forward (its first tensor "
+    "argument), read in the same forward hook as activations",
     "batch_started": "a training step begins (no payload)",
     "batch_finished": "a training step ends (no payload)",
     "epoch_started": "an epoch begins (no payload)",
