@@ -57,6 +57,33 @@ def test_inf_in_a_later_module_and_the_execution_order_is_learned() -> None:
     assert sub.findings[0][1].kind == "inf"
 
 
+def test_nan_made_by_code_between_two_modules_is_named_at_the_module_it_reaches() -> None:
+    """A NaN made by a function in the parent's forward (no module of its own): the module
+    that received it, its ``inputs`` non-finite while the module before gave a finite
+    output."""
+
+    class Between(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(6, 16), nn.Linear(16, 3)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.first(x)
+            if self.training:
+                self.calls += 1
+                if self.calls == 4:  # step 3
+                    h = torch.log(h)  # NaN where h < 0
+            return self.second(h)
+
+    torch.manual_seed(0)
+    sub = NonFinite()
+    with caught() as found:
+        train(Between(), [sub], 6)
+    assert _only_finding(sub) == (3, "forward", "inputs", "second")
+    assert "made by code between" in health_warnings(found)[0]
+
+
 def test_nan_in_a_modules_backward_input_gradient() -> None:
     sub = NonFinite()
     with caught() as found:
