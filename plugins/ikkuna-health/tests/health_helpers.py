@@ -52,7 +52,8 @@ def _as_set(at: int | set[int]) -> set[int]:
 
 
 class _BadGrad(torch.autograd.Function):
-    """Identity forward; the backward puts ``value`` into the gradient's first entry."""
+    """Identity forward; the backward puts ``value`` into the gradient's first row (a
+    single entry could meet a ReLU's zero upstream and vanish there, harmlessly)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, value: float) -> torch.Tensor:
@@ -62,7 +63,7 @@ class _BadGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad = grad.clone()
-        grad.view(-1)[0] = ctx.value
+        grad[0] = ctx.value
         return grad, None
 
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from ikkuna_core import IkkunaError, StepBundle, Subscriber, TensorOptions, ops
+from ikkuna_core import IkkunaError, StepBundle, Subscriber, TensorOptions, TopicPayloads, ops
 from ikkuna_core.topics import MODULE_TOPICS
 
 from ._host import HostReader
@@ -37,6 +37,13 @@ TOPICS: tuple[str, ...] = tuple(
 _PARAM_GRADIENTS = ("weight_gradients", "bias_gradients")
 _PARAM_VALUES = ("weights", "biases")
 _FORWARD = ("input_data", "inputs", "activations", "network_output", "loss")
+#: Topics read only at a non-finite step (on the CPU) when one of these is subscribed: the
+#: topics a non-finite value of theirs reaches.
+_COVERS: dict[str, set[str]] = {
+    "activations": {"loss", "network_output"},
+    "inputs": {"loss", "network_output"},
+    "layer_gradients": {"weight_gradients", "bias_gradients"},
+}
 
 
 class NonFiniteOptions(TensorOptions):
@@ -253,6 +260,32 @@ class _Step:
     norms: torch.Tensor
     spans: list[tuple[str, list[str | None], list[str | None]]]
     before: tuple[torch.Tensor, list[tuple[str, list[str | None], list[str | None]]]] | None
+    later: _Payloads | None  # payloads reduced only if the step is non-finite (CPU)
+    now: _Payloads | None  # the payloads of ``norms`` when those are L2 norms (CPU)
+
+
+class _Payloads:
+    """Floating-point payloads of some topics, with their (topic, keys, modules) spans."""
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self.spans: list[tuple[str, list[str | None], list[str | None]]] = []
+
+    def add(self, payloads: TopicPayloads) -> None:
+        keys: list[str | None] = []
+        modules: list[str | None] = []
+        for key, info, data in zip(payloads.keys, payloads.modules, payloads.data, strict=True):
+            if data is None or not data.is_floating_point() or data.numel() == 0:
+                continue  # integer tokens and labels are always finite
+            self.tensors.append(data)
+            keys.append(key)
+            modules.append(info.name if info is not None else None)
+        if keys:
+            self.spans.append((payloads.topic, keys, modules))
+
+
+def _on_cpu(payloads: TopicPayloads) -> bool:
+    return all(t is None or t.device.type == "cpu" for t in payloads.data)
 
 
 class NonFinite(Subscriber):
@@ -291,33 +324,36 @@ class NonFinite(Subscriber):
     # ------------------------------------------------------------------ per step
     def compute_step(self, step: StepBundle) -> None:
         self._learn_structure()
-        tensors: list[torch.Tensor] = []
-        spans: list[tuple[str, list[str | None], list[str | None]]] = []
+        now, later = _Payloads(), _Payloads()
+        topics = set(step.topics)
         for topic in step.topics:
-            payloads = step[topic]
-            keys: list[str | None] = []
-            modules: list[str | None] = []
-            for key, info, data in zip(payloads.keys, payloads.modules, payloads.data,
-                                       strict=True):
-                if data is None or not data.is_floating_point() or data.numel() == 0:
-                    continue  # integer tokens and labels are always finite
-                tensors.append(data)
-                keys.append(key)
-                modules.append(info.name if info is not None else None)
-            if keys:
-                spans.append((topic, keys, modules))
-        if not tensors:
+            # On the CPU the activations, inputs and layer gradients (most of a step's bytes)
+            # are read only at a step found non-finite, while its payloads are still alive:
+            # a non-finite forward value reaches the loss, a non-finite layer gradient the
+            # parameter gradients upstream. On an accelerator everything is reduced every
+            # step (cheap there): its sum is known only a step or two later.
+            covered = topics & _COVERS.get(topic, set())
+            (later if covered and _on_cpu(step[topic]) else now).add(step[topic])
+        if not now.tensors:
+            now, later = later, _Payloads()
+        if not now.tensors:
             return
-        norms = ops.norms(tensors, p=math.inf)
+        # the largest |x| is exact (a large finite fp16 value stays finite); on the CPU it is
+        # 15 times slower than the L2 norm, also non-finite for a non-finite tensor: there
+        # the L2 norm is the check, and the largest |x| confirms it at a non-finite step
+        cpu = now.tensors[0].device.type == "cpu"
+        norms = ops.norms(now.tensors, p=2.0 if cpu else math.inf)
         total = norms.sum()
         before = None if self._before is None else (self._before.norms, self._before.spans)
-        record = _Step(step.global_step, step.skipped, norms, spans, before)
+        record = _Step(step.global_step, step.skipped, norms, now.spans, before, later,
+                       now if cpu else None)
         if not step.skipped:
             self._before = record  # its weights are the next step's weights before the update
         # on an accelerator the sum is read once its asynchronous copy has arrived (with
         # action = "raise": waited for at the end of the step)
         for value, done in self._host.put(total, record):
             self._checked(done, value, step)
+        record.later = record.now = None  # the step's payloads are not kept past it
 
     def _checked(self, record: _Step, total: float, step: StepBundle) -> None:
         if math.isfinite(total):
@@ -338,7 +374,13 @@ class NonFinite(Subscriber):
 
     # ---------------------------------------------------------- a non-finite step
     def _examine(self, record: _Step, step: StepBundle) -> None:
-        cur = Flags(record.spans, record.norms.tolist())
+        spans, values = list(record.spans), record.norms.tolist()
+        if record.now is not None:  # L2 norms: exact values now
+            values = ops.norms(record.now.tensors, p=math.inf).tolist()
+        if record.later is not None and record.later.tensors:
+            spans += record.later.spans
+            values += ops.norms(record.later.tensors, p=math.inf).tolist()
+        cur = Flags(spans, values)
         before = None if record.before is None else Flags(record.before[1],
                                                           record.before[0].tolist())
         found = localise(cur, before, self.structure)
