@@ -161,6 +161,11 @@ IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]
         [WANDB_WATCH, LOSS],
         {"backends": ["wandb"], "backend_options": {"wandb": WANDB_OPTIONS}},
     ),
+    # spikes' warm-up (20 steps by default) is shortened so that the steps counted and
+    # timed are its steady state, the spike check read by the host every step; its
+    # threshold keeps the reports of a fresh model's first steps out of the measurement
+    "health": (["health"], [{"name": "nonfinite"},
+                            {"name": "spikes", "warmup": 1, "threshold": 1000.0}], {}),
 }
 
 
@@ -199,6 +204,10 @@ VARIANTS: dict[str, str] = {
     "(16,384-entry samples) + loss and accuracy, one host copy per step, nothing written",
     "curvature": "ikkuna: hessian_max_eigenvalue (Lanczos to its default tolerance, warm-"
     "started) every 50 steps; the first, cold evaluation falls into the warm-up",
+    "health": "ikkuna-health: nonfinite (where a NaN/inf began) + spikes (loss, gradient and "
+    "update norms), every step",
+    "detect-anomaly": "plain training under torch.autograd.set_detect_anomaly(True): the "
+    "reference for finding where a NaN began",
     "tb-norms": "hand-written SummaryWriter: add_scalar of grad/weight/update norms per weight",
     "tb-all": "hand-written: tb-norms + add_histogram of weight grads and leaf activations"
     " + loss + train accuracy",
@@ -236,10 +245,11 @@ TARGETS = [
     ("cuda", "resnet50", "norms", 1.03),
     ("cuda", "resnet50", "all-sub10", 1.03),
     ("cuda", "resnet18", "all", 1.5),
+    ("cpu", "resnet18", "health", 1.03),
     (None, "resnet18", "curvature", 1.05),  # amortised over its 50-step period
 ]
 #: Ikkuna's own aten ops per step (variant minus plain), CIFAR ResNet-18 batch 8 on the CPU.
-OP_TARGETS = {"exporter": 0, "norms": 100, "all": 600}
+OP_TARGETS = {"exporter": 0, "norms": 100, "all": 600, "health": 40}
 
 
 def log(message: str) -> None:
@@ -461,6 +471,7 @@ class Runner:
             "cockpit": self._step_cockpit,
             "fused": self._step_fused,
             "wandb": self._step_wandb,
+            "detect": self._step_detect_anomaly,
         }.get(variant.split("-")[0], self._step_plain)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -558,6 +569,12 @@ class Runner:
             loss = self.loss_fn(self.model(x), y)
         loss.backward()
         self.optimizer.step()
+
+    def _step_detect_anomaly(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        # the step of _step_plain, forward and backward under autograd's anomaly mode (a
+        # context, so that it never leaks into another variant counted in this process)
+        with torch.autograd.set_detect_anomaly(True):
+            self._step_plain(x, y)
 
     def _step_fused(self, x: torch.Tensor, y: torch.Tensor) -> None:
         fused = self._fused
@@ -1501,7 +1518,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.ops:
         chosen = [v for v in args.variants.split(",") if v and v != "plain"]
         if args.variants == ",".join(DEFAULT_VARIANTS):
-            chosen = ["exporter", "norms", "histograms", "all", "all-sub10", "quickstart", "fused"]
+            chosen = ["exporter", "norms", "histograms", "all", "all-sub10", "quickstart", "fused",
+                      "health", "detect-anomaly"]
         name = args.problems.split(",")[0] if args.problems != "3c3d,resnet18,mlp" else "resnet18"
         ops = count_ops(name, chosen, args.batch_size or 8, args.device)
         result = {

@@ -220,6 +220,16 @@ class MessageBus:
         if (step + 1) % self.flush_every == 0:
             self.flush(wait=False)
 
+    def deliver_skipped(self, stamp: Stamp, payloads: dict[str, TopicPayloads]) -> None:
+        """Hand the payloads of a step whose optimizer step was skipped to the subscriptions
+        due at ``stamp``'s step whose subscriber sees skipped steps (the step keeps its
+        number: the next attempt is delivered under it too). Results are written with the
+        next flush."""
+        due = tuple(s for s in self.active(stamp[0]) if s.subscriber.sees_skipped_steps)
+        if due:
+            with torch.no_grad():
+                self._run(stamp, payloads, due, skipped=True)
+
     def deliver_event(self, stamp: Stamp, topic: str) -> None:
         """Hand an event that happens between steps (``epoch_finished``) to the subscriptions
         of that topic due at ``stamp``'s step."""
@@ -229,7 +239,11 @@ class MessageBus:
                 self._run(stamp, {topic: TopicPayloads.event(topic)}, due)
 
     def _run(
-        self, stamp: Stamp, payloads: dict[str, TopicPayloads], active: Sequence[Subscription]
+        self,
+        stamp: Stamp,
+        payloads: dict[str, TopicPayloads],
+        active: Sequence[Subscription],
+        skipped: bool = False,
     ) -> None:
         available = dict(payloads)
         modules: dict[str | None, ModuleInfo | None] | None = None
@@ -249,12 +263,18 @@ class MessageBus:
             if not parts:
                 continue
             bundle = StepBundle(
-                global_step=stamp[0], epoch=stamp[1], batch_index=stamp[2], payloads=parts
+                global_step=stamp[0], epoch=stamp[1], batch_index=stamp[2], payloads=parts,
+                skipped=skipped,
             )
             collected: dict[str, _Collected] = {}
             self._collecting = (sub.subscriber, collected)
             try:
                 sub.subscriber.compute_step(bundle)
+            except IkkunaError:
+                # a subscriber that raises an IkkunaError itself stops the run on purpose
+                # (ikkuna-health's action = "raise"): it propagates as is, whatever on_error
+                self._collecting = None
+                raise
             except Exception as exc:  # noqa: BLE001 - the error policy decides
                 self._collecting = None
                 self._subscriber_failed(sub, exc, stamp, list(parts))

@@ -278,6 +278,7 @@ class Exporter:
         self._watched_forward = False
         self._steps_without_forward = 0
         self._steps_without_loss = 0
+        self._skip_aware = False  # some subscriber sees skipped steps: see _gradients_reset
         _lifecycle.opened(self)  # closed at exit and on SIGTERM if close() is never called
 
     # ------------------------------------------------------------------ setup
@@ -494,8 +495,10 @@ class Exporter:
             self._loss_handle.remove()
             self._loss_handle = None
         # Until an optimizer shows up, gradients are taken when they are accumulated (loops
-        # without an optimizer); the optimizer's pre-step hook then takes over.
-        kinds = set() if self._seen_optimizer else {
+        # without an optimizer); the optimizer's pre-step hook then takes over. A subscriber
+        # that sees skipped steps keeps them: a skipped step's gradients are only seen there.
+        self._skip_aware = any(s.subscriber.sees_skipped_steps for s in self.bus.subscriptions)
+        kinds = set() if self._seen_optimizer and not self._skip_aware else {
             kind for kind, topic in GRADIENT_TOPICS.items() if topic in topics
         }
         for i, p in enumerate(self._params):
@@ -583,6 +586,8 @@ class Exporter:
             ):
                 self._finish_step()  # a loop without optimizer, or one that skipped a step
                 self._open_step()
+            elif self._open and self._skip_aware and not self._stepped and self._gradients_reset():
+                self._deliver_skipped()
             elif not self._open:
                 self._open_step()
             self._forwards += 1
@@ -597,6 +602,31 @@ class Exporter:
         except Exception as exc:  # noqa: BLE001 - never stop training
             self._act_plan = self._lgrad_plan = self._in_plan = None
             self.bus.internal_error("the model's forward pre-hook", exc, self.global_step)
+
+    def _gradients_reset(self) -> bool:
+        """Whether gradients accumulated in this step were reset (``zero_grad``) or changed
+        (GradScaler's unscaling) without an optimizer step: the step was skipped, not
+        accumulated, and the forward now starting is the next attempt at it."""
+        params = self._params
+        return any(
+            params[i].tensor.grad is not grad or grad._version != version
+            for i, (grad, version) in self._grads.items()
+        )
+
+    def _deliver_skipped(self) -> None:
+        """Hand a skipped step's payloads to the subscribers that see skipped steps, then
+        start the step's capture afresh under the same number: its forward, its layer
+        gradients and its gradients as the backward left them (unscaled in place by a
+        GradScaler; a gradient zeroed in place, ``set_to_none=False``, is left out)."""
+        params = self._params
+        grads = {
+            i: (grad, grad._version) for i, (grad, _) in self._grads.items()
+            if params[i].tensor.grad is not grad
+        }
+        fwd, wanted = self._fwd, self._wanted
+        self._fwd = _Forward(len(self._module_objs))
+        self._grads, self._updates, self._forwards = {}, {}, 0
+        self.bus.deliver_skipped(self._stamp, self._payloads(wanted, fwd, grads, {}))
 
     def _begin_capture(self, args: tuple[Any, ...], kwargs: Any) -> None:
         wanted = self._wanted

@@ -79,6 +79,10 @@ class Subscriber:
     #: whole-network norm; published under one topic, :meth:`output_topic`), "module" for
     #: values per module; None: what the inputs describe.
     output_kind: ClassVar[Literal["module", "network"] | None] = None
+    #: True: also called (``step.skipped`` True) with the payloads of a step whose optimizer
+    #: step was then skipped (GradScaler's overflow, user code that skips a bad step), when
+    #: the next training forward shows its gradients were reset without an update.
+    sees_skipped_steps: ClassVar[bool] = False
 
     def __init__(self, **options: object) -> None:
         if not self.name:
