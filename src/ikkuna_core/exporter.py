@@ -776,7 +776,9 @@ class Exporter:
             self._inside, self._closure = optimizer, closure
             if not closure:
                 self._read_grads(params)
+            started = self.bus.cost.clock()
             self._snapshot_params(params)
+            self.bus.cost.own(self.bus.cost.clock() - started)
         except IkkunaError:
             raise  # a subscriber's or backend's error under on_error="raise": as it is
         except Exception as exc:  # noqa: BLE001 - never stop training
@@ -791,7 +793,9 @@ class Exporter:
             params = self._optimizer_params(optimizer)
             if self._closure:
                 self._read_grads(params)
+            started = self.bus.cost.clock()
             self._compute_updates(params)
+            self.bus.cost.own(self.bus.cost.clock() - started)
             self._stepped.append(optimizer)
             stepped = set(map(id, self._stepped))
             if all(id(o) in stepped for o in self._expected):
@@ -895,6 +899,7 @@ class Exporter:
     # ------------------------------------------------------------ end of step
     def _finish_step(self) -> None:
         """Hand the step's payloads to the bus and forget them."""
+        self.bus.cost.step_ending()
         self._open = False
         self._act_plan = self._lgrad_plan = self._in_plan = None
         loss_missing, self._loss_pending = self._loss_pending, False
