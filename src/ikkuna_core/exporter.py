@@ -751,6 +751,7 @@ class Exporter:
     def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._closed or self._silent:
             return
+        started = self.bus.cost.clock()
         try:
             params = self._optimizer_params(optimizer)
             if not params:
@@ -776,7 +777,6 @@ class Exporter:
             self._inside, self._closure = optimizer, closure
             if not closure:
                 self._read_grads(params)
-            started = self.bus.cost.clock()
             self._snapshot_params(params)
             self.bus.cost.own(self.bus.cost.clock() - started)
         except IkkunaError:
@@ -789,15 +789,15 @@ class Exporter:
         if self._inside is not optimizer:
             return
         self._inside = None
+        started = self.bus.cost.clock()
         try:
             params = self._optimizer_params(optimizer)
             if self._closure:
                 self._read_grads(params)
-            started = self.bus.cost.clock()
             self._compute_updates(params)
-            self.bus.cost.own(self.bus.cost.clock() - started)
             self._stepped.append(optimizer)
             stepped = set(map(id, self._stepped))
+            self.bus.cost.own(self.bus.cost.clock() - started)
             if all(id(o) in stepped for o in self._expected):
                 self._finish_step()
         except IkkunaError:
