@@ -122,8 +122,6 @@ class CostMeter:
         self._snapshot = 0.0  # Ikkuna's own time spent before the end of the step
         self._plain: deque[float] = deque(maxlen=PLAIN_STEPS)
         self._plain_quiet: deque[float] = deque(maxlen=PLAIN_STEPS)  # nothing ran at them
-        self._plain_sum = [0.0, 0.0]  # over the run: [busy steps, quiet steps]
-        self._plain_count = [0, 0]
         self._exporter_window = 0.0
         self._exporter_total = 0.0
         self._exporter_ops = 0
@@ -275,11 +273,8 @@ class CostMeter:
             nxt = self._steps[0]
             plain = s.interval - (span if span > subs_total else subs_total) - nxt.snapshot
             if plain > 0:
-                quiet = not nxt.subs and not nxt.snapshot  # nothing ran: no hook captured
                 self._plain.append(plain)
-                self._plain_sum[quiet] += plain
-                self._plain_count[quiet] += 1
-                if quiet:
+                if not nxt.subs:  # nothing ran at the next step: no hook captured either
                     self._plain_quiet.append(plain)
         for sub, seconds in costs:
             acc = self.account(sub)
@@ -305,13 +300,6 @@ class CostMeter:
         if len(self._plain_quiet) >= QUIET_STEPS:
             return statistics.median(self._plain_quiet)
         return statistics.median(self._plain) if self._plain else None
-
-    def _mean_plain(self) -> float | None:
-        """The plain step time over the whole run (quiet steps preferred, as above)."""
-        count, total = self._plain_count, self._plain_sum
-        if count[1] >= QUIET_STEPS:
-            return total[1] / count[1]
-        return sum(total) / sum(count) if sum(count) else None
 
     def _publish_window(self) -> None:
         plain, step = self.plain_seconds, self._last_step()
@@ -375,7 +363,7 @@ class CostMeter:
     def summary(self) -> list[str]:
         """One line per subscriber (and the Exporter): the share of the plain step it took
         on average over the run, its cost per run and how often it ran."""
-        plain = self._mean_plain()
+        plain = self.plain_seconds
         if not self._finished or not plain:
             return []
         steps = self._finished
