@@ -510,9 +510,10 @@ def measure_plan(
     budget: float | None = None,
     steps: int = 3,
 ) -> Plan:
-    """Measure a plan on the watched model: one silenced step (nothing published, the
-    plain step time and its aten ops) after a silenced warm-up, then ``steps`` steps with
-    every subscriber running (the last one is measured; the first ones warm up). ``step()``
+    """Measure a plan on the watched model: silenced steps (nothing published: a warm-up,
+    one counting the plain step's aten ops, three timing it, the median counts), then
+    ``steps`` steps with every subscriber running (the last one is measured; the first ones
+    warm up). ``step()``
     runs one training step of the user's loop on a real batch: these are real optimizer
     steps, so plan on a model you are about to train or throw away. The cadences are those
     ``budget`` (default: the run's, else 0.02) would give. Nothing reaches the backends
@@ -529,10 +530,15 @@ def measure_plan(
             step()
         counter = _OpCount()
         with exporter.silenced(), counter.mode:
-            start = meter.clock()
             step()
-            plain = meter.clock() - start
         plain_ops = counter.count
+        times = []
+        with exporter.silenced():
+            for _ in range(3):
+                start = meter.clock()
+                step()
+                times.append(meter.clock() - start)
+        plain = statistics.median(times)
         for s in subs:
             bus.set_cadence(s, 1)
         for _ in range(max(0, steps - 1)):
