@@ -166,6 +166,8 @@ IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]
     # threshold keeps the reports of a fresh model's first steps out of the measurement
     "health": (["health"], [{"name": "nonfinite"},
                             {"name": "spikes", "warmup": 1, "threshold": 1000.0}], {}),
+    "all-budget": (["norms", "histograms", "accuracy"], ALL, {"budget": 0.02}),
+    "quickstart-budget": (["norms", "histograms", "accuracy"], QUICKSTART, {"budget": 0.02}),
 }
 
 
@@ -202,6 +204,9 @@ VARIANTS: dict[str, str] = {
     "fused": "hand-fused lower bound of 'all': foreach norms of every weight's gradient, value "
     "and update + all activation and weight-gradient histograms as one segmented computation "
     "(16,384-entry samples) + loss and accuracy, one host copy per step, nothing written",
+    "all-budget": "ikkuna: as 'all', with budget = 0.02: Ikkuna chooses the cadences from the "
+    "measured costs (the first decisions fall into the first steps)",
+    "quickstart-budget": "ikkuna: as 'quickstart', with budget = 0.02",
     "curvature": "ikkuna: hessian_max_eigenvalue (Lanczos to its default tolerance, warm-"
     "started) every 50 steps; the first, cold evaluation falls into the warm-up",
     "health": "ikkuna-health: nonfinite (where a NaN/inf began) + spikes (loss, gradient and "
@@ -225,7 +230,9 @@ VARIANTS: dict[str, str] = {
 }
 #: Run by default; the others only when named in --variants.
 DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("curvature", "wandb-watch", "ikkuna-wandb")]
-PERIOD = {"all-sub10": 10, "quickstart": 10, "curvature": 50}
+#: A budget's cadences are subsample * 2**j: 64 phases hold every cadence up to 64 steps.
+PERIOD = {"all-sub10": 10, "quickstart": 10, "curvature": 50, "all-budget": 64,
+          "quickstart-budget": 64}
 
 #: (ikkuna variant, reference variant) pairs doing comparable work.
 COMPARISONS = [

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .backends.base import HistogramRecord, ScalarRecord
+from .cost import CostMeter
 from .errors import BackendError, IkkunaError, SubscriberError
 from .messages import HistogramsMessage, ModuleInfo, ScalarsMessage, StepBundle, TopicPayloads
 from .ops import Histograms, group_by
@@ -99,6 +100,7 @@ class MessageBus:
         self._removed: list[Backend] = []  # disabled after a failure, closed at the end
         self._pinned: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
         self._warned: set[str] = set()
+        self.cost = CostMeter(self)  # measured cost per subscriber; the budget
 
     # ---------------------------------------------------------------- topics
     @property
@@ -203,6 +205,15 @@ class MessageBus:
                 self._active_cache[phase] = cached
         return cached
 
+    def set_cadence(self, sub: Subscription, cadence: int) -> None:
+        """Run ``sub`` every ``cadence`` steps from the next step on (the budget's choice;
+        its configured ``subsample`` stays in ``sub.subscriber.options``)."""
+        if cadence < 1:
+            raise ValueError(f"cadence must be >= 1, got {cadence}")
+        sub.subsample = cadence
+        self._active_cache.clear()
+        self._period = math.lcm(1, *(s.subsample for s in self.subscriptions))
+
     def wanted_topics(self, step: int) -> frozenset[str]:
         """Topics some subscription wants at ``step`` (after subsampling)."""
         return frozenset(t for s in self.active(step) for t in s.topics)
@@ -213,12 +224,14 @@ class MessageBus:
         order (each one sees the results of those before it), then write to the backends
         every ``flush_every`` steps. Subscribers run under ``torch.no_grad()``."""
         step = stamp[0]
+        self.cost.begin(step)
         active = self.active(step)
         if active:
             with torch.no_grad():
                 self._run(stamp, payloads, active)
         if (step + 1) % self.flush_every == 0:
             self.flush(wait=False)
+        self.cost.end()
 
     def deliver_skipped(self, stamp: Stamp, payloads: dict[str, TopicPayloads]) -> None:
         """Hand the payloads of a step whose optimizer step was skipped to the subscriptions
@@ -268,6 +281,7 @@ class MessageBus:
             )
             collected: dict[str, _Collected] = {}
             self._collecting = (sub.subscriber, collected)
+            token = self.cost.started()
             try:
                 sub.subscriber.compute_step(bundle)
             except IkkunaError:
@@ -276,9 +290,11 @@ class MessageBus:
                 self._collecting = None
                 raise
             except Exception as exc:  # noqa: BLE001 - the error policy decides
+                self.cost.stopped(sub, token)
                 self._collecting = None
                 self._subscriber_failed(sub, exc, stamp, list(parts))
                 continue
+            self.cost.stopped(sub, token)
             self._collecting = None
             for topic, got in collected.items():
                 message = self._message(sub.subscriber, topic, got, stamp)
@@ -449,6 +465,9 @@ class MessageBus:
                 break
             self._in_flight.popleft()
             self._write(head.records(self._nonfinite))
+        costs = self.cost.records()
+        if costs and self.backends:
+            self._write((costs, []))
 
     def _nonfinite(self, tag: str, step: int, what: str) -> None:
         self._warn_once(f"nonfinite:{tag}", f"{tag} at step {step}: {what}")
@@ -493,6 +512,7 @@ class MessageBus:
         the others' queues unwritten)."""
         failures: list[tuple[str, Exception]] = []
         try:
+            self.cost.close()
             self.flush(wait=True)
         except Exception as exc:  # noqa: BLE001 - reported below, after every close
             failures.append(("the final flush", exc))

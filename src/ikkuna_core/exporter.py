@@ -791,6 +791,7 @@ class Exporter:
     def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._closed or self._silent:
             return
+        started = self.bus.cost.clock()
         try:
             params = self._optimizer_params(optimizer)
             if not params:
@@ -817,6 +818,7 @@ class Exporter:
             if not closure:
                 self._read_grads(params)
             self._snapshot_params(params)
+            self.bus.cost.own(self.bus.cost.clock() - started)
         except IkkunaError:
             raise  # a subscriber's or backend's error under on_error="raise": as it is
         except Exception as exc:  # noqa: BLE001 - never stop training
@@ -827,6 +829,7 @@ class Exporter:
         if self._inside is not optimizer:
             return
         self._inside = None
+        started = self.bus.cost.clock()
         try:
             params = self._optimizer_params(optimizer)
             if self._closure:
@@ -834,6 +837,7 @@ class Exporter:
             self._compute_updates(params)
             self._stepped.append(optimizer)
             stepped = set(map(id, self._stepped))
+            self.bus.cost.own(self.bus.cost.clock() - started)
             if all(id(o) in stepped for o in self._expected):
                 self._finish_step()
         except IkkunaError:
@@ -935,6 +939,7 @@ class Exporter:
     # ------------------------------------------------------------ end of step
     def _finish_step(self) -> None:
         """Hand the step's payloads to the bus and forget them."""
+        self.bus.cost.step_ending()
         self._open = False
         self._act_plan = self._lgrad_plan = self._in_plan = None
         loss_missing, self._loss_pending = self._loss_pending, False

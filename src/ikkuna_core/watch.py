@@ -66,6 +66,7 @@ def watch(
 
     # ---- validation: nothing below touches the model or the disk until "attach"
     bus = MessageBus(on_error=cfg.on_error, flush_every=cfg.flush_every)
+    bus.cost.budget = cfg.budget
     for topic in registry.topics:
         bus.register_topic(topic.name, topic.kind, topic.doc)
     try:

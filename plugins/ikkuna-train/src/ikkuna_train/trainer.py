@@ -326,6 +326,8 @@ class TrainResult:
     figures: list[Path] = field(default_factory=list)
     model_path: Path | None = None
     run_file: Path | None = None
+    #: what watching cost, one line per subscriber (:meth:`ikkuna_core.cost.CostMeter.summary`)
+    costs: list[str] = field(default_factory=list)
 
     def summary_dict(self) -> dict[str, Any]:
         """JSON-ready summary (everything but the model)."""
@@ -344,6 +346,7 @@ class TrainResult:
             "backends": self.backends,
             "figures": [str(p) for p in self.figures],
             "model_path": str(self.model_path) if self.model_path else None,
+            "costs": self.costs,
         }
 
 
@@ -622,6 +625,7 @@ class Trainer:
             history=self.history,
             subscribers=self.subscriber_names,
             backends=self.backend_names,
+            costs=self.bus.cost.summary(),
         )
         if "matplotlib" in result.backends:
             result.figures = sorted((self.log_dir / "figures").glob("*.png"))
