@@ -59,6 +59,12 @@ def cnn() -> nn.Module:
                          nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
 
 
+def sequence() -> nn.Module:
+    torch.manual_seed(0)
+    # a Linear on (B, T, D) inputs, as in transformers: the sequence path of the statistics
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Flatten(), nn.Linear(5 * 8, 4))
+
+
 def batches(shape: tuple[int, ...], n: int = 5, b: int = 8) -> list[tuple[torch.Tensor, ...]]:
     g = torch.Generator().manual_seed(3)
     return [(torch.randn(b, *shape, generator=g), torch.randint(0, 4, (b,), generator=g))
@@ -123,7 +129,8 @@ def _close(a: float, b: float, what: str) -> None:
 
 
 @pytest.mark.parametrize("alpha_first", [False, True], ids=["alpha-last", "alpha-first"])
-@pytest.mark.parametrize("make, shape", [(mlp, (10,)), (cnn, (2, 9, 9))], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("make, shape", [(mlp, (10,)), (cnn, (2, 9, 9)), (sequence, (5, 6))],
+                         ids=["mlp", "cnn", "sequence"])
 def test_every_quantity_equals_cockpits_at_every_step(make, shape, alpha_first) -> None:
     data = batches(shape)
     lr = 0.5
