@@ -64,7 +64,7 @@ def test_every_variant_trains_the_mlp(variant: str, tmp_path: Path) -> None:
         runner.close()
     if variant in ("wandb-watch", "ikkuna-wandb"):
         assert list(tmp_path.glob("**/run-*.wandb")), "no W&B run written"
-    elif not variant.startswith(("plain", "cockpit", "fused")):
+    elif not variant.startswith(("plain", "cockpit", "fused", "detect")):
         assert list(tmp_path.glob("**/events.out.tfevents.*")), "no TensorBoard log written"
 
 

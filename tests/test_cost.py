@@ -177,6 +177,7 @@ def _mlp() -> nn.Module:
 
 
 @pytest.mark.usefixtures("installed_plugins", "one_thread")
+@pytest.mark.timing
 def test_a_real_runs_published_costs_add_up_to_its_measured_overhead() -> None:
     """Blocks of plain steps (the Exporter silenced) alternate with blocks of watched steps
     (every subscriber every 2nd step, so the meter sees steps at which nothing ran); the
