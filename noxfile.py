@@ -20,7 +20,8 @@ def _install_project(session: nox.Session) -> None:
     # The plugins' own dependencies (ikkuna-train's torchvision, scikit-learn, tqdm) come with
     # the first install; the second reinstalls the plugins themselves, non-editable, so their
     # entry points are the real, installed ones and a reused virtualenv has the current code.
-    session.install("-e", ".[all,test]", *PLUGINS)
+    # each plugin with its test extra: ikkuna-gradstats' tests run Cockpit itself
+    session.install("-e", ".[all,test]", *(f"{p}[test]" for p in PLUGINS))
     if PLUGINS:
         session.install("--force-reinstall", "--no-deps", *PLUGINS)
 

@@ -125,6 +125,27 @@ QUICKSTART = [
     {"name": "dead_fraction"},
 ]
 
+#: Ikkuna's counterpart of Cockpit's "economy" configuration: Alpha, Distance, InnerTest,
+#: NormTest, OrthoTest (gradstats), GradNorm and UpdateSize (norm), Loss (loss). Cockpit's
+#: GradHist1d (a histogram of individual gradients) has no counterpart and is not run here.
+GRADSTATS = [
+    {"name": "alpha"},  # first: its projections share the others' pass over the layers
+    {"name": "norm_test"},
+    {"name": "inner_test"},
+    {"name": "ortho_test"},
+    {"name": "distance"},
+    {"name": "norm", "topics": ["weight_gradients", "weight_updates"]},
+    {"name": "loss"},
+]
+#: The panels ``wandb.watch(model, log="all")`` fills: a histogram of every parameter and of
+#: its gradient (64 bins), published by the W&B backend under wandb.watch's names.
+WANDB_WATCH = {
+    "name": "histogram",
+    "topics": ["weights", "biases", "weight_gradients", "bias_gradients"],
+    "bins": 64,
+}
+WANDB_OPTIONS = {"mode": "offline", "project": "ikkuna-bench", "watch_names": True}
+
 #: Ikkuna variants: (plugins to enable, subscriber entries, other keys of the configuration).
 IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]]] = {
     "exporter": ([], [], {}),
@@ -134,6 +155,19 @@ IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]
     "all-sub10": (["norms", "histograms", "accuracy"], [{**s, "subsample": 10} for s in ALL], {}),
     "quickstart": (["norms", "histograms", "accuracy"], QUICKSTART, {}),
     "curvature": (["curvature"], [{"name": "hessian_max_eigenvalue", "subsample": 50}], {}),
+    "gradstats": (["gradstats", "norms", "accuracy"], GRADSTATS, {}),
+    "ikkuna-wandb": (
+        ["histograms", "accuracy", "wandb"],
+        [WANDB_WATCH, LOSS],
+        {"backends": ["wandb"], "backend_options": {"wandb": WANDB_OPTIONS}},
+    ),
+    # spikes' warm-up (20 steps by default) is shortened so that the steps counted and
+    # timed are its steady state, the spike check read by the host every step; its
+    # threshold keeps the reports of a fresh model's first steps out of the measurement
+    "health": (["health"], [{"name": "nonfinite"},
+                            {"name": "spikes", "warmup": 1, "threshold": 1000.0}], {}),
+    "all-budget": (["norms", "histograms", "accuracy"], ALL, {"budget": 0.02}),
+    "quickstart-budget": (["norms", "histograms", "accuracy"], QUICKSTART, {"budget": 0.02}),
 }
 
 
@@ -170,17 +204,35 @@ VARIANTS: dict[str, str] = {
     "fused": "hand-fused lower bound of 'all': foreach norms of every weight's gradient, value "
     "and update + all activation and weight-gradient histograms as one segmented computation "
     "(16,384-entry samples) + loss and accuracy, one host copy per step, nothing written",
+    "all-budget": "ikkuna: as 'all', with budget = 0.02: Ikkuna chooses the cadences from the "
+    "measured costs (the first decisions fall into the first steps)",
+    "quickstart-budget": "ikkuna: as 'quickstart', with budget = 0.02",
     "curvature": "ikkuna: hessian_max_eigenvalue (Lanczos to its default tolerance, warm-"
     "started) every 50 steps; the first, cold evaluation falls into the warm-up",
+    "health": "ikkuna-health: nonfinite (where a NaN/inf began) + spikes (loss, gradient and "
+    "update norms), every step",
+    "detect-anomaly": "plain training under torch.autograd.set_detect_anomaly(True): the "
+    "reference for finding where a NaN began",
     "tb-norms": "hand-written SummaryWriter: add_scalar of grad/weight/update norms per weight",
     "tb-all": "hand-written: tb-norms + add_histogram of weight grads and leaf activations"
     " + loss + train accuracy",
     "cockpit-norms": "Cockpit: GradNorm, UpdateSize, Distance every step",
     "cockpit-all": "Cockpit: GradNorm, UpdateSize, Distance, GradHist1d every step",
+    "gradstats": "ikkuna: norm_test, inner_test, ortho_test, alpha, distance (gradstats) + "
+    "norm of weight_gradients, weight_updates + loss, every step -> TensorBoard",
+    "cockpit-economy": "Cockpit's economy configuration (Alpha, Distance, GradHist1d, "
+    "GradNorm, InnerTest, Loss, NormTest, OrthoTest, UpdateSize) on every parameter, every "
+    "step",
+    "wandb-watch": "W&B: wandb.watch(model, log='all', log_freq=1) + run.log(loss) every "
+    "step, offline run",
+    "ikkuna-wandb": "ikkuna: histograms of every parameter and gradient + loss -> the W&B "
+    "backend (watch_names: wandb.watch's panels), offline run",
 }
 #: Run by default; the others only when named in --variants.
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "curvature"]
-PERIOD = {"all-sub10": 10, "quickstart": 10, "curvature": 50}
+DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("curvature", "wandb-watch", "ikkuna-wandb")]
+#: A budget's cadences are subsample * 2**j: 64 phases hold every cadence up to 64 steps.
+PERIOD = {"all-sub10": 10, "quickstart": 10, "curvature": 50, "all-budget": 64,
+          "quickstart-budget": 64}
 
 #: (ikkuna variant, reference variant) pairs doing comparable work.
 COMPARISONS = [
@@ -188,6 +240,8 @@ COMPARISONS = [
     ("all", "tb-all"),
     ("norms", "cockpit-norms"),
     ("all", "cockpit-all"),
+    ("gradstats", "cockpit-economy"),
+    ("ikkuna-wandb", "wandb-watch"),
 ]
 #: (device type, problem or None for every problem, variant, largest ratio to plain).
 TARGETS = [
@@ -198,10 +252,11 @@ TARGETS = [
     ("cuda", "resnet50", "norms", 1.03),
     ("cuda", "resnet50", "all-sub10", 1.03),
     ("cuda", "resnet18", "all", 1.5),
+    ("cpu", "resnet18", "health", 1.03),
     (None, "resnet18", "curvature", 1.05),  # amortised over its 50-step period
 ]
 #: Ikkuna's own aten ops per step (variant minus plain), CIFAR ResNet-18 batch 8 on the CPU.
-OP_TARGETS = {"exporter": 0, "norms": 100, "all": 600}
+OP_TARGETS = {"exporter": 0, "norms": 100, "all": 600, "health": 40}
 
 
 def log(message: str) -> None:
@@ -402,6 +457,7 @@ class Runner:
         self.exporter: Any = None
         self.writer: Any = None
         self.cockpit: Any = None
+        self.wandb_run: Any = None
         self.step_index = 0
         self._closers: list[Callable[[], None]] = []
         self._activations: dict[str, torch.Tensor] = {}
@@ -412,6 +468,8 @@ class Runner:
             self._setup_tensorboard()
         elif variant.startswith("cockpit-"):
             self._setup_cockpit()
+        elif variant == "wandb-watch":
+            self._setup_wandb_watch()
         elif variant == "fused":
             self._fused = _Fused(self.model)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
@@ -419,6 +477,8 @@ class Runner:
             "tb": self._step_tensorboard,
             "cockpit": self._step_cockpit,
             "fused": self._step_fused,
+            "wandb": self._step_wandb,
+            "detect": self._step_detect_anomaly,
         }.get(variant.split("-")[0], self._step_plain)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -431,6 +491,11 @@ class Runner:
     def _setup_ikkuna(self) -> None:
         from ikkuna_core import PluginError, watch
 
+        if self.variant == "gradstats" and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()
+        ):  # gradstats refuses them, with that message
+            raise SkipVariant("per-sample gradients are not defined with BatchNorm in training")
+        os.environ.setdefault("WANDB_SILENT", "true")
         config = ikkuna_config(self.variant, self.log_dir, self.histogram_max_samples)
         config["subscribers"] = [  # test accuracy on two of the benchmark's own batches
             {**s, "loader": self.batches[:2]} if s["name"] == "test_accuracy" else s
@@ -459,6 +524,16 @@ class Runner:
 
         return hook
 
+    def _setup_wandb_watch(self) -> None:
+        try:
+            import wandb
+        except ImportError as exc:
+            raise SkipVariant(f"wandb is not installed: {exc}") from None
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.wandb_run = wandb.init(mode="offline", project="ikkuna-bench", dir=str(self.log_dir))
+        wandb.watch(self.model, log="all", log_freq=1)
+        self._closers.append(self.wandb_run.finish)
+
     def _setup_cockpit(self) -> None:
         try:
             cockpit = _import_cockpit()
@@ -475,6 +550,14 @@ class Runner:
         self.model = extend(self.model)
         self.loss_fn = extend(self.loss_fn)
         every = linear(1)
+        if self.variant == "cockpit-economy":
+            from cockpit.utils.configuration import configuration
+
+            self._individual_loss = nn.CrossEntropyLoss(reduction="none")
+            self.cockpit = cockpit.Cockpit(
+                list(self.model.parameters()), quantities=configuration("economy", every)
+            )
+            return
         chosen = [
             quantities.GradNorm(every),
             quantities.UpdateSize(every),
@@ -493,6 +576,12 @@ class Runner:
             loss = self.loss_fn(self.model(x), y)
         loss.backward()
         self.optimizer.step()
+
+    def _step_detect_anomaly(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        # the step of _step_plain, forward and backward under autograd's anomaly mode (a
+        # context, so that it never leaks into another variant counted in this process)
+        with torch.autograd.set_detect_anomaly(True):
+            self._step_plain(x, y)
 
     def _step_fused(self, x: torch.Tensor, y: torch.Tensor) -> None:
         fused = self._fused
@@ -531,6 +620,15 @@ class Runner:
                 accuracy = (output.argmax(dim=1) == y).float().mean().item()
                 writer.add_scalar("train_accuracy", accuracy, step)
 
+    def _step_wandb(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.loss_fn(self.model(x), y)
+        loss.backward()  # wandb.watch's hooks take the gradients' histograms here
+        self.optimizer.step()
+        # what a W&B user writes; it also sends the histograms wandb.watch has gathered
+        self.wandb_run.log({"loss": loss.item()}, step=self.step_index)
+
     def _step_cockpit(self, x: torch.Tensor, y: torch.Tensor) -> None:
         step = self.step_index
         self.optimizer.zero_grad(set_to_none=True)
@@ -538,6 +636,8 @@ class Runner:
             output = self.model(x)
             loss = self.loss_fn(output, y)
         info = {"batch_size": x.shape[0], "loss": loss, "optimizer": self.optimizer}
+        if self.variant == "cockpit-economy":  # Alpha needs the per-sample losses
+            info["individual_losses"] = self._individual_loss(output, y)
         with self.cockpit(step, info=info):
             loss.backward(create_graph=self.cockpit.create_graph(step))
         self.optimizer.step()
@@ -1146,6 +1246,7 @@ def default_out(device: torch.device, suffix: str = "") -> Path:
 
 # --------------------------------------------------------------------------------- soak
 SOAK_BACKENDS = ("tensorboard", "matplotlib")
+SOAK_VARIANTS = ("all", "everything")
 
 
 def soak(
@@ -1153,11 +1254,15 @@ def soak(
     every: int = 100,
     device: torch.device | None = None,
     backend: str = "tensorboard",
+    variant: str = "all",
 ) -> dict[str, Any]:
-    """Train the MLP on digits for ``steps`` steps with the three plugins every step, writing
-    to ``backend`` alone (its default options: matplotlib redraws every 500 steps), and
-    sample memory every ``every`` steps: RSS, live tensors (gc), CUDA allocation."""
-    from ikkuna_core import PluginError, watch
+    """Train the MLP on digits for ``steps`` steps with the three plugins every step
+    (``variant = "all"``) or the *everything* configuration (every subscriber of every
+    installed plugin on every topic it accepts: :func:`ikkuna_core.testing.everything`),
+    writing to ``backend`` alone (its default options: matplotlib redraws every 500 steps),
+    and sample memory every ``every`` steps: RSS, live tensors (gc), CUDA allocation."""
+    from ikkuna_core import PluginError, RunContext, watch
+    from ikkuna_core.testing import everything
 
     os.environ.pop("IKKUNA_PLUGINS", None)
     device = device or torch.device("cpu")
@@ -1167,8 +1272,20 @@ def soak(
         # plain training with the `all` configuration attached, but to `backend`
         runner = Runner(problem, "plain", device, work / backend)
         config = {**ikkuna_config("all", runner.log_dir), "backends": [backend]}
+        subscribers: list[dict[str, Any]] = ALL
+        if variant == "everything":
+            x, y = runner.batches[0]
+            context = RunContext(test_loader=runner.batches[:2], train_loader=runner.batches)
+            subscribers = everything(runner.model, x, y, context=context)
+            config = {**config, "plugins": None, "subscribers": subscribers,
+                      "on_error": "warn"}  # NaN variances of one value warn, nothing fails
+        elif variant != "all":
+            raise ValueError(f"soak variant {variant!r}: choose from {', '.join(SOAK_VARIANTS)}")
         try:
-            runner.exporter = watch(runner.model, runner.loss_fn, config)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                runner.exporter = watch(runner.model, runner.loss_fn, config,
+                                        context=context if variant == "everything" else None)
         except PluginError as exc:
             raise SkipVariant(f"plugin missing: {exc}") from None
         runner._closers.append(runner.exporter.close)
@@ -1217,9 +1334,9 @@ def soak(
     rss_slope = slope("rss_bytes")
     return {
         "problem": problem.describe(),
-        "variant": "all",
+        "variant": variant,
         "backend": backend,
-        "subscribers": ALL,
+        "subscribers": subscribers,
         "steps": steps,
         "sample_every": every,
         "median_step_ms": float(np.median(times)) * 1e3,
@@ -1373,6 +1490,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "ResNet-18, batch 8, unless --problems/--batch-size say otherwise)",
     )
     parser.add_argument("--batch-size", type=int, help="with --ops: the batch size (default 8)")
+    parser.add_argument(
+        "--soak-variant",
+        default="all",
+        choices=SOAK_VARIANTS,
+        help="with --soak: the three plugins (all), or every subscriber of every installed "
+        "plugin on every topic it accepts (everything)",
+    )
     parser.add_argument("--soak-steps", type=int, default=2000)
     parser.add_argument("--soak-every", type=int, default=100)
     parser.add_argument(
@@ -1401,7 +1525,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.ops:
         chosen = [v for v in args.variants.split(",") if v and v != "plain"]
         if args.variants == ",".join(DEFAULT_VARIANTS):
-            chosen = ["exporter", "norms", "histograms", "all", "all-sub10", "quickstart", "fused"]
+            chosen = ["exporter", "norms", "histograms", "all", "all-sub10", "quickstart", "fused",
+                      "health", "detect-anomaly"]
         name = args.problems.split(",")[0] if args.problems != "3c3d,resnet18,mlp" else "resnet18"
         ops = count_ops(name, chosen, args.batch_size or 8, args.device)
         result = {
@@ -1424,7 +1549,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "machine": machine_info(device),
             "created": dt.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(["python", "benchmarks/overhead.py", *sys.argv[1:]]),
-            "soak": {b: soak(args.soak_steps, args.soak_every, device, b) for b in backends},
+            "soak": {
+                b: soak(args.soak_steps, args.soak_every, device, b, args.soak_variant)
+                for b in backends
+            },
         }
         out = args.out or default_out(device, "-soak")
         _write(out, result)

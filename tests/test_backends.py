@@ -172,3 +172,40 @@ def test_matplotlib_many_modules_get_a_colour_bar_and_histograms_class_names(tmp
     assert fig.axes[0].get_title() == "layer3 (Conv2d)"
     assert fig.axes[0].get_ylabel() == "value"
     plt.close(fig)
+
+
+def test_a_removed_tensorboard_log_dir_is_reported_once_and_re_created(tmp_path):
+    """Issue 16: the directory removed mid-run used to swallow every later event silently
+    (written into the removed file)."""
+    import shutil
+    import warnings
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ikkuna_core.backends.base import ScalarRecord
+
+    log_dir = tmp_path / "run"
+    backend = TensorBoardBackend(log_dir)
+
+    def write(step):
+        backend.write_scalars([ScalarRecord("m", None, "m", step, float(step))])
+        backend.flush()
+
+    write(0)
+    shutil.rmtree(log_dir)
+    with pytest.warns(RuntimeWarning, match=r"was removed during the run \(noticed at step 1\)"):
+        write(1)
+    write(2)
+
+    def steps():
+        acc = EventAccumulator(str(log_dir))
+        acc.Reload()
+        return [(e.step, e.value) for e in acc.Scalars("m")]
+
+    assert steps() == [(1, 1.0), (2, 2.0)]  # on disk again, in the re-created directory
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: a second removal is not reported again
+        shutil.rmtree(log_dir)
+        write(3)
+    backend.close()
+    assert steps() == [(3, 3.0)]

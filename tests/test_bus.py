@@ -3,6 +3,7 @@ the error policy for subscribers and backends."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -315,3 +316,87 @@ def test_tensor_options_reject_event_topics_and_bundle_tensor_detaches():
                                            batch_index=0)})
     with pytest.raises(ValueError, match="'batch_started' carries no tensor payload"):
         event.tensor("batch_started")
+
+
+class Scalar(ik.Subscriber):
+    name = "sc"
+
+    def compute(self, bundle):
+        self.publish_scalar(bundle, bundle.tensor(bundle.topics[0]).sum())
+
+
+def test_a_nonfinite_scalar_is_warned_as_what_it_is():
+    """A NaN scalar has no bins and no '<tag>/nonfinite' companion: the warning says the value
+    (issue 16: it claimed a count in a tag that is never written)."""
+    bus = ik.MessageBus(on_error="raise")
+    backend = bus.add_backend(MemoryBackend())
+    bus.register_subscriber(Scalar(topics=["activations"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(bus, 0, activations={"a": torch.tensor([1.0, float("nan")])})
+    messages = [str(w.message) for w in caught]
+    assert messages == ["ikkuna: sc/activations/a at step 0: the value is nan (written as it is)"]
+    assert math.isnan(backend.scalar("sc/activations/a", 0))
+    assert backend.tags() == {"sc/activations/a"}  # no 'nonfinite' tag, as the warning says
+
+
+class SumOf(ik.Subscriber):
+    name = "sum_of"
+
+    def compute(self, bundle):
+        self.publish_scalar(bundle, bundle.tensor(bundle.topics[0]).sum())
+
+
+class MaxOf(ik.Subscriber):
+    name = "max_of"
+
+    def compute(self, bundle):
+        self.publish_scalar(bundle, bundle.tensor(bundle.topics[0]).max())
+
+
+class HistOf(ik.Subscriber):
+    name = "hist_of"
+
+    def compute(self, bundle):
+        self.publish_histogram(bundle, bundle.tensor(bundle.topics[0]), bins=3)
+
+
+def test_results_of_equal_size_reach_their_own_tags_through_the_host_transfer():
+    """Two topics (and two histogram topics) with the same number of values each: every
+    record holds its own values, computed here from the payloads (issue 16: two equal-sized
+    topics swapped in the transfer passed, only a length check could have fired)."""
+    bus = ik.MessageBus(on_error="raise")
+    backend = bus.add_backend(MemoryBackend())
+    for sub in (SumOf(topics=["weights"]), MaxOf(topics=["weights"]),
+                HistOf(topics=["weights"]), HistOf(topics=["biases"])):
+        bus.register_subscriber(sub)
+    weights = {"a": torch.tensor([1.0, 2.0, 7.0]), "b": torch.tensor([-3.0, 0.5, 4.0])}
+    biases = {"a": torch.tensor([10.0, 20.0, 60.0]), "b": torch.tensor([0.0, 0.0, 9.0])}
+    step(bus, 0, weights=weights, biases=biases)
+    bus.flush()
+    for key, w in weights.items():
+        assert backend.scalar(f"sum_of/weights/{key}", 0) == float(w.sum())
+        assert backend.scalar(f"max_of/weights/{key}", 0) == float(w.max())
+    for topic, values in (("weights", weights), ("biases", biases)):
+        for key, v in values.items():
+            h = backend.histogram(f"hist_of/{topic}/{key}", 0)
+            counts, edges = np.histogram(v.numpy(), bins=3)
+            assert h.counts.tolist() == counts.tolist(), (topic, key)
+            assert h.edges == pytest.approx(edges)
+            assert (h.min, h.max, h.sum) == pytest.approx((v.min(), v.max(), v.sum()))
+
+
+def test_a_fixed_range_histogram_does_not_bin_nonfinite_values():
+    """With ``range``, NaN and inf are counted as non-finite, never in a bin (rows of equal
+    length, so no padding hides a bug)."""
+    nan, inf = float("nan"), float("inf")
+    rows = [torch.tensor([0.5, nan, inf, -inf, -0.5, 0.25]),
+            torch.tensor([nan, nan, nan, 0.1, 0.2, 0.9])]
+    h = ik.ops.histograms(rows, bins=4, range=(-1.0, 1.0))
+    for i, row in enumerate(rows):
+        finite = row[torch.isfinite(row)].numpy()
+        counts, edges = np.histogram(finite, bins=4, range=(-1.0, 1.0))
+        assert h.counts[i].tolist() == counts.tolist(), i
+        assert h.edges[i].tolist() == pytest.approx(edges.tolist())
+        assert int(h.nonfinite[i]) == int((~torch.isfinite(row)).sum())
+        assert int(h.num[i]) == len(finite)

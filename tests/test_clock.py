@@ -204,3 +204,35 @@ def test_the_clock_imports_no_torch() -> None:
     import ikkuna_core._exporter.clock as clock_module
 
     subprocess.run([sys.executable, "-c", code, clock_module.__file__], check=True)
+
+
+def test_a_skipped_attempt_is_told_from_accumulation_only_when_watched() -> None:
+    """``sees_skipped_steps``: a forward that would accumulate asks whether the gradients
+    read in the open step were reset without an optimizer step; if so the attempt is handed
+    over (SKIPPED) and the step restarts under the same number, capturing afresh."""
+    reset, asked = [False], []
+
+    def gradients_reset() -> bool:
+        asked.append(1)
+        return reset[0]
+
+    clock = StepClock(lambda: True, gradients_reset)
+    clock.watch_skips = True
+    got = _run(clock, "F L a /a F L")  # step 0, then step 1's first attempt
+    reset[0] = True  # the scaler found inf, skipped the optimizer, the loop zeroed the grads
+    got += _run(clock, "F L")
+    reset[0] = False
+    got += _run(clock, "F L a /a")  # a micro-batch of the second attempt: accumulation
+    assert [a for _, a in got] == [_act(a) for a in (
+        "OPEN|CAPTURE CAPTURE OPTIMIZER_GRADS|READ_GRADS|SNAPSHOT UPDATES|END OPEN|CAPTURE "
+        "CAPTURE SKIPPED|CAPTURE CAPTURE NO_CAPTURE NONE READ_GRADS|SNAPSHOT UPDATES|END"
+    ).split()]
+    assert clock.last_ended is not None
+    assert (clock.last_ended.stamp, clock.last_ended.forwards) == ((1, 0, 1), 2)
+    assert len(asked) == 2  # at the two forwards that would otherwise accumulate, only
+
+    asked.clear()
+    clock = StepClock(lambda: True, gradients_reset)  # no subscriber sees skipped steps
+    reset[0] = True
+    assert [a for _, a in _run(clock, "F L a /a F L F L")][-2:] == [Act.NO_CAPTURE, Act.NONE]
+    assert asked == []

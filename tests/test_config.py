@@ -70,7 +70,7 @@ def test_toml_round_trip_and_defaults(tmp_path):
         ("[ikkuna]\nflush_every = 0", r"ikkuna\.flush_every: Input should be greater than or"),
         ("[ikkuna]\nbackend = ['tb']",
          r"ikkuna\.backend: Extra inputs are not permitted \(did you mean 'backends'\?\); "
-         r"valid keys: backend_options, backends, depth, flush_every, include"),
+         r"valid keys: backend_options, backends, budget, depth, flush_every, include"),
         ("[ikkuna]\non_error = 'ignore'", r"ikkuna\.on_error: Input should be 'raise' or 'warn'"),
         ("[ikkuna]\n[[ikkuna.subscribers]]\ntopics = []", r"ikkuna\.subscribers\[0\]\.name"),
         ("[ikkuna]\n[[ikkuna.subscribers]]\nname = 'norm'\ntopics = []",
@@ -215,3 +215,40 @@ def test_subscriber_topics_round_trip_through_options():
     cfg = ik.load_config({"subscribers": [{"name": "norm"}, {"name": "norm", "topics": ["a"]}]})
     assert cfg.subscribers[0].options == {}  # omitted: the subscriber's default topics
     assert cfg.subscribers[1].options == {"topics": ["a"]}
+
+
+def _three_steps(exporter, model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    for _ in range(3):
+        opt.zero_grad()
+        exporter.loss_fn(model(x), y).backward()
+        opt.step()
+    exporter.close()
+
+
+def test_watch_into_a_directory_holding_a_run_is_refused_unless_overwrite(tmp_path, registry):
+    """As ``ikkuna train`` (issue 16): a second run in one log_dir would mix with the first
+    (TensorBoard showed 6 points for 3 steps); ``overwrite=True`` replaces it."""
+    config = {"plugins": [], "backends": ["tensorboard", "matplotlib"],
+              "log_dir": str(tmp_path / "run"),
+              "subscribers": [{"name": "abs_max", "topics": ["weight_gradients"]}]}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    _three_steps(ik.watch(model, nn.CrossEntropyLoss(), config, registry=registry), model)
+    first = sorted((tmp_path / "run").glob("events.out.tfevents.*"))
+    assert len(first) == 1
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    with pytest.raises(ik.ConfigError, match=r"ikkuna.log_dir: .*already holds a run \(events"
+                       r".*overwrite=True"):
+        ik.watch(model, nn.CrossEntropyLoss(), config, registry=registry)
+    assert sorted((tmp_path / "run").glob("events.out.tfevents.*")) == first  # nothing written
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks  # nothing attached
+
+    _three_steps(ik.watch(model, nn.CrossEntropyLoss(), config, registry=registry,
+                          overwrite=True), model)
+    files = sorted((tmp_path / "run").glob("events.out.tfevents.*"))
+    assert len(files) == 1 and files != first  # the earlier run replaced
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("abs_max/weight_gradients/2")] == [0, 1, 2]  # not 6

@@ -493,3 +493,46 @@ def test_a_failing_subscriber_stops_training_with_its_own_error():
         "division by zero"
     )
     exporter.close()
+
+
+def test_a_sampled_activation_is_spread_over_the_whole_tensor(recorder_cls):
+    """A subscriber that asks for a sample of a large activation gets entries from all of
+    it, not its first ones (issue 16: a sample of the first k entries passed every test). The
+    activation's values are their own positions in [0, 1), so the sample's values are where
+    it was drawn: they must be uniform over [0, 1) (chi-square over 16 cells, and no cell
+    far from its expected count)."""
+
+    class Sampled(recorder_cls):
+        name = "sampled"
+
+        def sample_size(self, topic):
+            return 4096 if topic == "activations" else None
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return x * self.w
+
+    numel = 64 * 1024  # 16 x the sample
+    positions = torch.arange(numel, dtype=torch.float32).reshape(64, 1024) / numel
+    model = nn.Sequential(Scale())
+    rec = Sampled(topics=["activations"])
+    bus = ik.MessageBus(on_error="raise")
+    exporter = ik.Exporter(bus=bus)
+    exporter.set_model(model)
+    bus.register_subscriber(rec)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt.zero_grad()
+    model(positions).sum().backward()
+    opt.step()
+    exporter.close()
+    got = rec.seen[("activations", "0", 0)]
+    assert got.numel() == 4096
+    counts = torch.histc(got, bins=16, min=0.0, max=1.0)
+    expected = 4096 / 16
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 37.7, counts.tolist()  # the 0.001 quantile of chi-square with 15 d.o.f.
+    assert float(got.max()) > 0.99 and float(got.min()) < 0.01

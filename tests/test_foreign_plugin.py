@@ -37,8 +37,9 @@ SUBSET = [
 
 @pytest.fixture(scope="module")
 def foreign_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ikkuna-badplugins (entry points 'broken': its import fails; 'typo': a misspelled
-    hook; 'clash': loads) installed with pip into a folder of its own."""
+    """ikkuna-badplugins (entry points 'fixture-broken': its import fails; 'fixture-typo': a
+    misspelled hook; 'fixture-clash': loads) installed with pip into a folder of its own.
+    The names are the fixture's own, so a user's plugin called 'broken' collides with none."""
     sources = tmp_path_factory.mktemp("foreign_src")
     shutil.copytree(FIXTURES / "ikkuna-badplugins", sources / "ikkuna-badplugins",
                     ignore=shutil.ignore_patterns("build", "*.egg-info"))
@@ -64,7 +65,7 @@ def test_the_foreign_plugin_is_found_and_fails_to_import(
     finally:
         for name in [m for m in sys.modules if m.startswith("ikkuna_badplugins")]:
             del sys.modules[name]
-    broken = registry.plugins["broken"]
+    broken = registry.plugins["fixture-broken"]
     assert broken.distribution == "ikkuna-badplugins" and not broken.loaded
     assert "a_module_that_does_not_exist" in (broken.error or "")
 

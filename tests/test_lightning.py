@@ -153,7 +153,7 @@ def test_accumulated_batches_make_one_step_with_the_full_gradient(
 ):
     module = Classifier()
     ikkuna = IkkunaCallback(config={**_config(tmp_path), "backends": []})
-    recorder = recorder_cls(topics=["weight_gradients", "input_data"])
+    recorder = recorder_cls(topics=["weight_gradients", "input_data", "loss"])
     grads: list[torch.Tensor] = []
 
     class Grads(L.Callback):
@@ -167,6 +167,10 @@ def test_accumulated_batches_make_one_step_with_the_full_gradient(
         assert torch.equal(recorder.seen[("weight_gradients", "net.0", step)], grads[step])
         # the step's forward topics come from its first micro-batch
         assert torch.equal(recorder.seen[("input_data", None, step)], module.batches[2 * step])
+        # the loss Lightning differentiates: the step's first micro-batch's loss (recorded by
+        # the module itself) divided by accumulate_grad_batches
+        torch.testing.assert_close(recorder.seen[("loss", None, step)],
+                                   module.losses[2 * step] / 2)
 
 
 def test_an_exception_in_training_closes_the_exporter(

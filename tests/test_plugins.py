@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import inspect
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -55,7 +56,8 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def good_plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Only the test plugin installed (the broken 'clash' would take its subscriber's name)."""
+    """Only the test plugin installed (the broken 'fixture-clash' would take its subscriber's
+    name)."""
     return _pip_install_target(tmp_path_factory.mktemp("good"), tmp_path_factory.mktemp("src"),
                                ("ikkuna-testplugin",))
 
@@ -89,7 +91,7 @@ def run_cli(*argv: object) -> tuple[int, str, str]:
 
 def test_entry_points_are_discovered_without_importing(installed):
     names = {ep.name for ep in installed_entry_points()}
-    assert {"testplugin", "broken", "clash", "typo"} <= names
+    assert {"testplugin", "fixture-broken", "fixture-clash", "fixture-typo"} <= names
     assert "ikkuna_badplugins.broken" not in sys.modules
 
 
@@ -100,7 +102,7 @@ def test_enable_by_name_and_use_through_watch(installed, tmp_path):
     assert info.subscribers == ["scaled_mean"] and info.backends == ["memory"]
     assert info.commands == ["hello"] and info.flags == ["--scaled-mean"]
     assert set(info.hooks) == set(hookspecs.hook_names())
-    assert not registry.plugins["broken"].enabled  # installed, not enabled, never imported
+    assert not registry.plugins["fixture-broken"].enabled  # installed, not enabled, never imported
 
     from ikkuna_testplugin import CALLS
 
@@ -130,20 +132,22 @@ def test_enable_by_name_and_use_through_watch(installed, tmp_path):
 
 def test_broken_plugin_is_named_with_its_cause(installed):
     with pytest.raises(ik.PluginError) as err:
-        ik.load_plugins(["broken"])
+        ik.load_plugins(["fixture-broken"])
     msg = str(err.value)
-    assert "'broken'" in msg and "ikkuna-badplugins" in msg
+    assert "'fixture-broken'" in msg and "ikkuna-badplugins" in msg
     assert "ModuleNotFoundError" in msg and "a_module_that_does_not_exist" in msg
-    registry = ik.load_plugins(["broken", "testplugin"], strict=False)  # failures recorded
-    assert registry.plugins["broken"].error and not registry.plugins["broken"].loaded
+    # failures recorded
+    registry = ik.load_plugins(["fixture-broken", "testplugin"], strict=False)
+    broken = registry.plugins["fixture-broken"]
+    assert broken.error and not broken.loaded
     assert registry.plugins["testplugin"].loaded
 
 
 def test_two_subscribers_claiming_one_name(installed):
     with pytest.raises(ik.PluginError, match="two subscribers claim the name 'scaled_mean'"):
-        ik.load_plugins(["testplugin", "clash"])
-    registry = ik.load_plugins(["testplugin", "clash"], strict=False)
-    assert registry.subscribers["scaled_mean"][1] == "clash"  # loaded first: alphabetical
+        ik.load_plugins(["testplugin", "fixture-clash"])
+    registry = ik.load_plugins(["testplugin", "fixture-clash"], strict=False)
+    assert registry.subscribers["scaled_mean"][1] == "fixture-clash"  # loaded first: alphabetical
     assert "two subscribers" in registry.plugins["testplugin"].error
     assert not registry.manager.is_registered(sys.modules["ikkuna_testplugin"])
 
@@ -152,19 +156,20 @@ def test_a_plugin_not_asked_for_by_name_that_fails_is_skipped_with_a_warning(ins
     with pytest.warns(PluginWarning) as caught:
         registry = ik.load_plugins()  # every installed plugin, none named
     messages = [str(w.message) for w in caught]
-    assert any("'broken'" in m and "a_module_that_does_not_exist" in m for m in messages)
-    assert any("'typo'" in m and "ikkuna_subscriber" in m for m in messages)
+    assert any("'fixture-broken'" in m and "a_module_that_does_not_exist" in m for m in messages)
+    assert any("'fixture-typo'" in m and "ikkuna_subscriber" in m for m in messages)
     assert any("two subscribers claim the name 'scaled_mean'" in m for m in messages)
     assert all(m.endswith("; skipped") for m in messages)
-    assert registry.plugins["clash"].loaded  # the others load
-    assert registry.plugins["broken"].error and not registry.plugins["broken"].loaded
-    with pytest.raises(ik.PluginError, match="'broken'"):  # asked for by name: an error
-        ik.load_plugins(["broken", "clash"])
+    assert registry.plugins["fixture-clash"].loaded  # the others load
+    broken = registry.plugins["fixture-broken"]
+    assert broken.error and not broken.loaded
+    with pytest.raises(ik.PluginError, match="'fixture-broken'"):  # asked for by name: an error
+        ik.load_plugins(["fixture-broken", "fixture-clash"])
 
 
 def test_misspelled_hook_is_caught(installed):
-    with pytest.raises(ik.PluginError, match="'typo'.*ikkuna_subscriber"):
-        ik.load_plugins(["typo"])
+    with pytest.raises(ik.PluginError, match="'fixture-typo'.*ikkuna_subscriber"):
+        ik.load_plugins(["fixture-typo"])
 
 
 def test_unknown_plugin_lists_installed_ones(installed):
@@ -314,3 +319,34 @@ def test_two_plugins_cannot_share_a_command_or_a_flag():
         flags = [SubscriberFlag("--mean", "inline_mean")]
         registry.register(_plugin(ikkuna_subscribers=[_Mean], ikkuna_subscriber_flags=flags),
                           PluginInfo("third", None, None, "third"))
+
+
+@pytest.fixture(scope="session")
+def twin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ikkuna-twin-a and ikkuna-twin-b: two distributions that both register 'fixture-twin'."""
+    return _pip_install_target(tmp_path_factory.mktemp("twins"), tmp_path_factory.mktemp("src"),
+                               ("ikkuna-twin-a", "ikkuna-twin-b"))
+
+
+def test_a_plugin_name_registered_by_two_distributions_names_both(
+    twin_site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16: the second silently hid the first (`ikkuna plugins` listed one)."""
+    for _ in _on_path(twin_site, monkeypatch):
+        both = r"'fixture-twin' is registered by 2 installed distributions: ikkuna-twin-[ab] "
+        # asked for by name: an error naming both distributions
+        with pytest.raises(ik.PluginError, match=both) as err:
+            ik.load_plugins(["fixture-twin"])
+        assert "ikkuna-twin-a 0.0.1" in str(err.value) and "ikkuna-twin-b 0.0.1" in str(err.value)
+        # every installed plugin enabled: a warning, and neither loads
+        with pytest.warns(PluginWarning, match=both):
+            registry = ik.load_plugins()
+        assert not {"twin_a", "twin_b"} & {t.name for t in registry.topics}
+        # the listing shows the conflict, with both names
+        code, out, _ = run_cli("plugins", "--json")
+        assert code == 0
+        (entry,) = [p for p in json.loads(out) if p["name"] == "fixture-twin"]
+        assert not entry["loaded"]
+        assert "ikkuna-twin-a" in entry["error"] and "ikkuna-twin-b" in entry["error"]
+    for name in [m for m in sys.modules if m.startswith("ikkuna_twin")]:
+        del sys.modules[name]

@@ -122,6 +122,79 @@ def test_grad_scaler_publishes_the_unscaled_gradients_the_optimizer_applies(reco
     exporter.close()
 
 
+class _SkippedRecorder(ik.Subscriber):
+    """Keeps a copy of every payload, by (topic, key, step, skipped)."""
+
+    name = "skipped_recorder"
+    sees_skipped_steps = True
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)
+        self.seen: dict[tuple[str, str | None, int, bool], torch.Tensor] = {}
+
+    def compute_step(self, step: ik.StepBundle) -> None:
+        for topic in step.topics:
+            for key, data in zip(step[topic].keys, step[topic].data, strict=True):
+                assert data is not None
+                self.seen[(topic, key, step.global_step, step.skipped)] = data.detach().clone()
+
+
+@pytest.mark.parametrize("how", ["grad_scaler", "user_skip", "user_resets_by_hand"])
+def test_a_skipped_step_is_handed_to_subscribers_that_see_skipped_steps(how, recorder_cls):
+    """A step whose optimizer step is skipped (GradScaler's overflow; user code that skips a
+    bad gradient) keeps today's numbering for everyone, and a subscriber with
+    ``sees_skipped_steps`` gets its payloads, marked ``skipped``: the gradients as the
+    backward left them (unscaled, for the GradScaler) and that forward's loss."""
+    model = _mlp()
+    exporter = ik.Exporter(bus=ik.MessageBus(on_error="raise"))
+    exporter.set_model(model)
+    topics = ["weight_gradients", "loss", "layer_gradients"]
+    plain = exporter.bus.register_subscriber(recorder_cls(topics=topics))
+    aware = exporter.bus.register_subscriber(_SkippedRecorder(topics=topics))
+    loss_fn = exporter.set_loss(nn.CrossEntropyLoss())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    expected_grads = expected_loss = None
+    for i in range(4):
+        x, y = _batch(i)
+        opt.zero_grad(set_to_none=how != "user_resets_by_hand")
+        loss = loss_fn(model(x), y)
+        skip = i == 1
+        if how == "grad_scaler":
+            scaler.scale(loss).backward()
+            if skip:  # an overflow: the scaler skips optimizer.step()
+                model[0].weight.grad[0, 0] = math.inf
+                expected_grads = {n: p.grad.detach().clone() / 1024.0
+                                  for n, p in model.named_parameters()}
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            if skip:
+                expected_grads = _grads(model)
+                expected_loss = loss.detach().clone()
+                if how == "user_resets_by_hand":
+                    model.zero_grad(set_to_none=True)  # reset by hand, no optimizer step
+                continue
+            opt.step()
+    exporter.close()
+    assert exporter.global_step == 2  # 4 iterations, one skipped: numbering unchanged
+    assert expected_grads is not None
+    for name, grad in expected_grads.items():
+        kind, key = _param_key(name)
+        if kind != "weight":
+            continue
+        got = aware.seen[("weight_gradients", key, 1, True)]
+        torch.testing.assert_close(got, grad, rtol=1e-5, atol=1e-7)
+        # the next attempt at step 1 is delivered as step 1 too, to everyone
+        assert ("weight_gradients", key, 1, False) in aware.seen
+        assert ("weight_gradients", key, 1) in plain.seen
+    if expected_loss is not None:
+        torch.testing.assert_close(aware.seen[("loss", None, 1, True)], expected_loss)
+    assert {k[0] for k in aware.seen if k[3]} == set(topics)
+    assert sum(1 for k in aware.seen if k[3] and k[0] == "loss") == 1
+
+
 # ------------------------------------------------------------------------------ clipping
 def test_gradient_clipping_publishes_the_clipped_gradients(recorder_cls):
     """Gradients are read when the optimizer consumes them: after ``clip_grad_norm_``. Their

@@ -6,7 +6,9 @@ imported only by the parts that need them.
 
 from . import ops
 from ._bus import Handle, MessageBus, Subscription, UnknownTopicError
-from ._exporter import Exporter, select_modules
+from ._exporter import ROOT_NAME, Exporter, select_modules, unwrap_model
+from .backends.base import Backend, HistogramRecord, ScalarRecord
+from .commands import SubscriberFlag
 from .config import ConfigError, IkkunaConfig, SubscriberConfig, load_config
 from .context import RunContext
 from .errors import BackendError, IkkunaError, SubscriberError
@@ -31,10 +33,13 @@ __all__ = [
     "EVENT_TOPICS",
     "MODULE_TOPICS",
     "NETWORK_TOPICS",
+    "ROOT_NAME",
+    "Backend",
     "BackendError",
     "ConfigError",
     "Exporter",
     "Handle",
+    "HistogramRecord",
     "HistogramsMessage",
     "IkkunaConfig",
     "IkkunaError",
@@ -47,10 +52,12 @@ __all__ = [
     "PluginError",
     "PluginRegistry",
     "RunContext",
+    "ScalarRecord",
     "ScalarsMessage",
     "StepBundle",
     "Subscriber",
     "SubscriberConfig",
+    "SubscriberFlag",
     "SubscriberError",
     "SubscriberOptions",
     "Subscription",
@@ -64,6 +71,7 @@ __all__ = [
     "message_json_schema",
     "ops",
     "select_modules",
+    "unwrap_model",
     "watch",
 ]
 

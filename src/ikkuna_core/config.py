@@ -13,6 +13,9 @@ topics = ["weight_gradients"]
 subsample = 10
 ```
 
+``budget = 0.02`` makes Ikkuna choose the subscribers' cadences so that watching takes 2 % of
+the plain step time on average (:mod:`ikkuna_core.cost`).
+
 Every error is a :class:`ConfigError` whose message names the key path
 (``ikkuna.subscribers[0].topics``) and what would be right. Integers and booleans are
 strict (``depth = "3"`` is an error, not 3): a configuration means what it says.
@@ -93,6 +96,12 @@ class IkkunaConfig(BaseModel):
         default="warn", description="a failing subscriber stops training, or is disabled"
     )
     publish_in_eval: bool = Field(default=False, strict=True)
+    budget: float | None = Field(
+        default=None,
+        gt=0,
+        description="the fraction of the plain step time watching may take on average "
+        "(0.02: 2 %); Ikkuna then chooses each subscriber's cadence from its measured cost",
+    )
     ranks: Literal["rank0", "all"] = Field(
         default="rank0",
         description="in a distributed run (torch.distributed): 'rank0' = only rank 0 writes "

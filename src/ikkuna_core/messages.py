@@ -246,6 +246,10 @@ class StepBundle(BaseModel):
     epoch: int = Field(ge=0)
     batch_index: int = Field(ge=0)
     payloads: dict[str, TopicPayloads]
+    #: The payloads of an attempt whose optimizer step was skipped (GradScaler's overflow,
+    #: ``if not torch.isfinite(loss): continue``): handed only to subscribers that set
+    #: ``sees_skipped_steps``, under the number of the step that follows it.
+    skipped: bool = False
 
     @property
     def topics(self) -> tuple[str, ...]:

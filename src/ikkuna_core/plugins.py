@@ -347,7 +347,11 @@ def load_plugins(
     env = _env_selection() if environment else None
     if env:
         _warn_unknown_env(env - available, available)
+    by_name: dict[str, list[EntryPoint]] = {}
     for ep in eps:
+        by_name.setdefault(ep.name, []).append(ep)
+    for group in by_name.values():
+        ep = group[0]
         info = _describe(ep)
         enabled = (requested is None or ep.name in requested) and (env is None or ep.name in env)
         info.enabled = enabled
@@ -355,7 +359,7 @@ def load_plugins(
             registry.plugins.setdefault(ep.name, info)
             continue
         try:
-            _load(registry, ep, info)
+            _load(registry, group, info)
         except PluginError as exc:
             named = (requested is not None and ep.name in requested) or env is not None
             if strict and named:
@@ -379,10 +383,12 @@ def _check_requested(requested: list[str], available: set[str]) -> None:
         )
 
 
-def _load(registry: PluginRegistry, ep: EntryPoint, info: PluginInfo) -> None:
-    """Import one entry point and register it; any failure is a PluginError naming it."""
-    if ep.name in registry.plugins and registry.plugins[ep.name].loaded:
-        raise PluginError(f"two installed distributions register the plugin name {ep.name!r}")
+def _load(registry: PluginRegistry, group: list[EntryPoint], info: PluginInfo) -> None:
+    """Import the one entry point of a plugin name and register it; any failure (several
+    distributions registering the name too) is a PluginError naming it."""
+    if len(group) > 1:
+        raise PluginError(_twins(group))
+    ep = group[0]
     try:
         plugin = ep.load()
     except Exception as exc:
@@ -391,6 +397,20 @@ def _load(registry: PluginRegistry, ep: EntryPoint, info: PluginInfo) -> None:
             f"{ep.value}) failed to import: {type(exc).__name__}: {exc}"
         ) from exc
     registry.register(plugin, info)
+
+
+def _twins(group: list[EntryPoint]) -> str:
+    """The error for a plugin name that several installed distributions register: which one
+    would load depends on the order of ``sys.path``, so neither does."""
+    who = " and ".join(
+        f"{i.distribution} {i.version} ({i.value})" for i in map(_describe, group)
+    )
+    dists = sorted({str(i.distribution) for i in map(_describe, group)})
+    return (
+        f"the plugin name {group[0].name!r} is registered by {len(group)} installed "
+        f"distributions: {who}; neither is loaded. Uninstall all but one "
+        f"(pip uninstall {' or '.join(dists)})"
+    )
 
 
 #: Names from IKKUNA_PLUGINS already reported as not installed (said once per process).

@@ -82,6 +82,10 @@ class Subscriber:
     #: whole-network norm; published under one topic, :meth:`output_topic`), "module" for
     #: values per module; None: what the inputs describe.
     output_kind: ClassVar[Literal["module", "network"] | None] = None
+    #: True: also called (``step.skipped`` True) with the payloads of a step whose optimizer
+    #: step was then skipped (GradScaler's overflow, user code that skips a bad step), when
+    #: the next training forward shows its gradients were reset without an update.
+    sees_skipped_steps: ClassVar[bool] = False
 
     def __init__(self, **options: object) -> None:
         if not self.name:
@@ -204,13 +208,16 @@ class Subscriber:
         *,
         topic: str | None = None,
         suffix: str | None = None,
+        at: StepBundle | None = None,
     ) -> None:
         """Report one scalar per key at once: ``values[i]`` for ``keys[i]``. ``topic`` is the
         input topic the values were computed from (default: the step's first); ``keys``
-        default to that topic's keys."""
+        default to that topic's keys. ``at``: an earlier step's bundle, for values that
+        belong to that step but are known only now (Cockpit's ``Alpha``)."""
         values = values.detach().reshape(-1)
         out, key_list = self._destination(step, values.numel(), "values", keys, topic, suffix)
-        self.bus.results.add_scalars(self, out, key_list, values)
+        stamp = None if at is None else (at.global_step, at.epoch, at.batch_index)
+        self.bus.results.add_scalars(self, out, key_list, values, stamp)
 
     def publish_histograms(
         self,

@@ -31,6 +31,7 @@ def watch(
     *,
     registry: PluginRegistry | None = None,
     context: RunContext | None = None,
+    overwrite: bool = False,
 ) -> Exporter:
     """Attach an Exporter to ``model`` with the plugins, subscribers and backends of
     ``config`` (a TOML path, a dict with the keys of the ``[ikkuna]`` table, or an
@@ -38,6 +39,10 @@ def watch(
     function; an ``nn.Module`` loss is watched in place. ``context`` is what your run
     provides to the subscribers (a :class:`RunContext`: its test loader, say); the plugins
     take from it what their subscribers need.
+
+    A log directory that already holds a run (event files, figures) is refused, as
+    ``ikkuna train`` refuses it: two runs in one directory mix their curves.
+    ``overwrite=True`` replaces that run: its files are removed once everything is attached.
 
     In a distributed run (``torch.distributed`` initialised: DDP, FSDP, Lightning), every
     rank watches and computes (subscribers may need every rank, e.g. for sharded
@@ -53,21 +58,16 @@ def watch(
         raise TypeError(f"watch expects a torch.nn.Module, got {type(model).__name__}")
     source = str(config) if isinstance(config, (str, Path)) else "the configuration"
     cfg = load_config(config)
-    if registry is None:
-        try:
-            registry = load_plugins(cfg.plugins)
-        except UnknownPluginError as exc:
-            raise UnknownPluginError(f"{source}: ikkuna.plugins: {exc}") from None
+    registry = _registry(cfg, registry, source)
     registry.hook.ikkuna_configure(config=cfg)
 
     # ---- validation: nothing below touches the model or the disk until "attach"
-    bus = MessageBus(on_error=cfg.on_error, flush_every=cfg.flush_every)
-    for topic in registry.topics:
-        bus.register_topic(topic.name, topic.kind, topic.doc)
+    bus = _bus(cfg, registry)
     include = _include(model, cfg, source)
     _subscribe_all(bus, cfg, registry, context or RunContext(), source)
     backend_classes = _backend_classes(cfg, registry, source)
     _check_log_dir(cfg.log_dir, f"{source}: ikkuna.log_dir")
+    previous = _previous_run_checked(cfg, source, overwrite)
 
     # ---- attach: any failure from here on undoes everything attached so far
     exporter = Exporter(
@@ -81,7 +81,28 @@ def watch(
     except BaseException as exc:
         _undo(exporter, exc)
         raise
+    for path in previous:  # validated and attached: only now replace the earlier run
+        path.unlink(missing_ok=True)
     return exporter
+
+
+def _registry(cfg: IkkunaConfig, registry: PluginRegistry | None, source: str) -> PluginRegistry:
+    """The given registry, or the configured plugins loaded."""
+    if registry is not None:
+        return registry
+    try:
+        return load_plugins(cfg.plugins)
+    except UnknownPluginError as exc:
+        raise UnknownPluginError(f"{source}: ikkuna.plugins: {exc}") from None
+
+
+def _bus(cfg: IkkunaConfig, registry: PluginRegistry) -> MessageBus:
+    """The run's bus: its error policy, flush period, budget and the plugins' topics."""
+    bus = MessageBus(on_error=cfg.on_error, flush_every=cfg.flush_every)
+    bus.cost.budget = cfg.budget
+    for topic in registry.topics:
+        bus.register_topic(topic.name, topic.kind, topic.doc)
+    return bus
 
 
 def _include(
@@ -152,14 +173,50 @@ def _backend_classes(
     return classes
 
 
+#: What the core's backends leave in a log directory; any of them there means it holds a run.
+RUN_FILES: tuple[str, ...] = ("events.out.tfevents.*", "figures/*.png")
+
+
+def previous_run(log_dir: Path) -> list[Path]:
+    """The files of an earlier run in ``log_dir`` (see :data:`RUN_FILES`); empty if none."""
+    if not log_dir.is_dir():
+        return []
+    return sorted(p for pattern in RUN_FILES for p in log_dir.glob(pattern) if p.is_file())
+
+
+def _previous_run_checked(cfg: IkkunaConfig, source: str, overwrite: bool) -> list[Path]:
+    """The files of an earlier run in this rank's log directory, refused unless
+    ``overwrite`` (then they are replaced once everything is attached)."""
+    rank, _ = distributed_rank()
+    log_dir = _rank_log_dir(cfg)
+    writes = rank == 0 or cfg.ranks == "all"
+    previous = previous_run(log_dir) if writes and cfg.backends else []
+    if previous and not overwrite:
+        shown = ", ".join(str(p.relative_to(log_dir)) for p in previous[:3])
+        more = f" and {len(previous) - 3} more" if len(previous) > 3 else ""
+        raise ConfigError(
+            f"{source}: ikkuna.log_dir: {str(log_dir)!r} already holds a run ({shown}{more}); "
+            "a second run there would mix with it in TensorBoard and the figures. Give "
+            "another log_dir, or watch(..., overwrite=True) to replace that run"
+        )
+    return previous
+
+
+def _rank_log_dir(cfg: IkkunaConfig) -> Path:
+    """This rank's log directory: ``<log_dir>/rank<r>`` with ``ranks = "all"`` in a
+    distributed run."""
+    rank, world = distributed_rank()
+    return cfg.log_dir / f"rank{rank}" if world > 1 and cfg.ranks == "all" else cfg.log_dir
+
+
 def _attach_backends(
     exporter: Exporter, cfg: IkkunaConfig, classes: list[type[Backend]], source: str
 ) -> None:
     """Create the backends on the ranks that write (``ranks``), each told the modules."""
-    rank, world = distributed_rank()
+    rank, _ = distributed_rank()
     if not (rank == 0 or cfg.ranks == "all"):
         return  # ranks = "rank0": this rank's subscribers compute, nothing is written
-    log_dir = cfg.log_dir / f"rank{rank}" if world > 1 and cfg.ranks == "all" else cfg.log_dir
+    log_dir = _rank_log_dir(cfg)
     module_types = {key: info.type for key, info in exporter.modules.items()}
     for name, backend_cls in zip(cfg.backends, classes, strict=True):
         options = cfg.backend_options.get(name, {})

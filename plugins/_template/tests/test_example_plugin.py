@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,7 @@ from torch import nn
 
 import ikkuna_core
 from ikkuna_core.testing import MemoryBackend, train_steps
-from ikkuna_example import MaxAbs, MeanAbs
+from ikkuna_example import JsonLinesBackend, MaxAbs, MeanAbs
 
 
 def test_installed_entry_point_provides_the_subscriber() -> None:
@@ -67,3 +70,33 @@ def test_step_level_max_abs_matches_numpy() -> None:
         for key, grad in by_module.items():
             got = backend.scalar(f"max_abs/weight_gradients/{key}", step)
             assert got == pytest.approx(np.abs(grad).max(), rel=1e-6)
+
+
+def test_the_jsonl_backend_writes_what_the_bus_received(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    config = {
+        "plugins": ["example"],
+        "backends": ["jsonl"],
+        "backend_options": {"jsonl": {"sync_every": 1}},
+        "log_dir": str(tmp_path / "run"),
+        "subscribers": [{"name": "mean_abs"}],
+    }
+    assert ikkuna_core.load_plugins(["example"]).backend("jsonl") is JsonLinesBackend
+    exporter = ikkuna_core.watch(model, nn.CrossEntropyLoss(), config)
+    memory = MemoryBackend()
+    exporter.bus.add_backend(memory)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(10, 1, 4, 4), torch.randint(0, 3, (10,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        exporter.loss_fn(model(x), y).backward()
+        optimizer.step()
+    exporter.close()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [(d["tag"], d["step"], d["value"]) for d in lines] == [
+        (r.tag, r.step, r.value) for r in memory.scalars
+    ]
+    assert len(lines) == 2 * 3  # two Linear layers, three steps
+    with pytest.raises(ikkuna_core.ConfigError, match=r"backend_options\.jsonl\.sync_every"):
+        ikkuna_core.watch(model, None, {**config, "backend_options": {"jsonl": {"sync_every": 0}}})

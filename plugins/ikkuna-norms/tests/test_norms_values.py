@@ -301,3 +301,71 @@ def test_global_norm_counts_a_tied_parameter_once() -> None:
     for step in range(2):
         got = backend.scalar("global_norm/weight_gradients/bias_gradients", step)
         assert got == pytest.approx(expected[step], rel=1e-5)
+
+
+def test_global_norm_of_tied_weights_counts_the_shared_tensor_once() -> None:
+    """``global_norm`` on ``weights`` of a model with a tied embedding/output weight: the
+    norm of the distinct parameter tensors (as ``clip_grad_norm_(model.parameters())`` sees
+    them), computed here from the model's parameters after each update."""
+    torch.manual_seed(0)
+    embed = nn.Embedding(10, 6)
+    head = nn.Linear(6, 10, bias=False)
+    head.weight = embed.weight
+    extra = nn.Linear(30, 30)
+    model = nn.Sequential(embed, nn.Flatten(), nn.Unflatten(1, (3, 6)), head, nn.Flatten(1),
+                          extra)
+    x = torch.randint(0, 10, (4, 3))
+    y = torch.randint(0, 30, (4, 30)).float().softmax(1)
+    backend = MemoryBackend()
+    expected: list[float] = []
+
+    def record(step: int) -> None:
+        distinct = [p for n, p in model.named_parameters() if n.endswith("weight")]
+        assert len(distinct) == 2  # named_parameters() yields the tied tensor once
+        expected.append(float(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.detach().double()) for p in distinct]))))
+
+    exporter = train_steps(model, [GlobalNorm(topics=["weights"])], steps=2, inputs=x,
+                           targets=y, backend=backend, on_step=record)
+    exporter.close()
+    twice = math.sqrt(2 * float(embed.weight.detach().double().norm()) ** 2
+                      + float(extra.weight.detach().double().norm()) ** 2)
+    assert abs(twice - expected[-1]) > 1e-3 * expected[-1]  # counting it twice would show
+    for step in range(2):
+        got = backend.scalar("global_norm/weights", step)
+        assert got == pytest.approx(expected[step], rel=1e-6)
+
+
+def test_spectral_norm_warm_up_runs_exactly_warmup_iterations() -> None:
+    """The first step's estimate equals an independent block power iteration of exactly
+    ``warmup_iterations`` passes from the same start vectors, read with ``svdvals`` (float64),
+    on a matrix whose spectrum decays so slowly that one pass fewer or more is visible."""
+    torch.manual_seed(0)
+    q1, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(20, 20, dtype=torch.float64))
+    sigma = torch.tensor([1.0, 0.97, 0.94, 0.9] + [0.5] * 8, dtype=torch.float64)
+    w = (q1 @ torch.diag(sigma) @ q2[:12]).float()  # (12, 20), sigma_2 / sigma_1 = 0.97
+    model = nn.Sequential(nn.Linear(20, 12, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    warmup, block, seed = 3, 1, 0
+
+    def reference(passes: int) -> float:
+        m = w.double()
+        generator = torch.Generator().manual_seed(seed)
+        start = torch.randn(12, block, generator=generator, dtype=torch.float32).double()
+        u = torch.linalg.qr(start).Q
+        r = None
+        for _ in range(passes):
+            v = torch.linalg.qr(m.T @ u).Q
+            u, r = torch.linalg.qr(m @ v)
+        return float(torch.linalg.svdvals(r)[0])
+
+    assert abs(reference(warmup) - reference(warmup - 1)) > 1e-3  # the count matters
+    backend = MemoryBackend()
+    x, y = torch.randn(4, 20), torch.randint(0, 12, (4,))
+    sub = SpectralNorm(block=block, iterations=1, warmup_iterations=warmup, seed=seed)
+    exporter = train_steps(model, [sub], steps=1, inputs=x, targets=y, backend=backend, lr=0.0)
+    exporter.close()
+    got = backend.scalar("spectral_norm/weights/0", 0)
+    assert got == pytest.approx(reference(warmup), rel=1e-5)

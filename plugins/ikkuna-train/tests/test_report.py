@@ -269,3 +269,38 @@ def test_report_formats_follow_the_suffix(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match=r"unknown image type '.gif'; end the name in one of"):
         make_report(tmp_path / "run", tmp_path / "dash.gif")
     assert not (tmp_path / "dash.gif").exists()
+
+
+def test_past_twelve_layers_a_metric_is_one_heatmap_in_model_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.axes import Axes
+    from torch.utils.tensorboard import SummaryWriter
+
+    layers = [f"blocks.{i}" for i in range(20)]  # model order; alphabetical would differ
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    want = np.zeros((20, 5))
+    for step in range(5):
+        for i, layer in enumerate(layers):
+            value = np.float32(10.0 ** (-i / 4) * (step + 1))  # spans five decades
+            writer.add_scalar(f"norm/weight_gradients/{layer}", value, step)
+            want[i, step] = value
+        writer.add_scalar("loss/loss", 1.0 / (step + 1), step)
+    writer.close()
+    (tmp_path / "run.json").write_text(json.dumps({"modules": dict.fromkeys(layers, "Conv2d")}))
+    meshes: list[tuple[Axes, np.ndarray, object]] = []
+    original = Axes.pcolormesh
+
+    def spy(ax: Axes, *args: object, **kwargs: object) -> object:
+        mesh = original(ax, *args, **kwargs)
+        meshes.append((ax, np.ma.filled(np.ma.asarray(args[2]), np.nan),
+                       kwargs.get("norm")))
+        return mesh
+
+    monkeypatch.setattr(Axes, "pcolormesh", spy)
+    out = make_report(tmp_path, tmp_path / "dash.png")
+    assert png_size(out)[0] == 2 * 540  # Loss and the heatmap: two panels
+    ((ax, values, norm),) = [m for m in meshes if m[0].get_title()]  # not the colour bar's
+    assert ax.get_title() == "norm/weight_gradients"
+    assert values == pytest.approx(want, rel=1e-6)  # rows: blocks.0 .. blocks.19, in order
+    assert type(norm).__name__ == "LogNorm"

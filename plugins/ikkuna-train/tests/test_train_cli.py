@@ -438,6 +438,37 @@ def test_visualisation_and_log_dir_choices(tmp_path: Path, monkeypatch: pytest.M
     assert not list((tmp_path / "from_file" / "figures").glob("*.png"))  # the first run's
 
 
+def test_v_takes_any_installed_backend_and_overwrite_replaces_its_files(
+    tmp_path: Path,
+) -> None:
+    if "mlflow" not in INSTALLED:
+        pytest.skip("not installed: mlflow")
+    from mlflow.tracking import MlflowClient
+
+    log_dir = tmp_path / "run"
+    base = ("train", "--max-steps", 2, "-b", 512, "--plugins", "norms,mlflow", "--no-report",
+            "--log-dir", log_dir)
+    code, _, err = run_cli(*base, "-v", "tb,mlflow,tb")
+    assert code == 0, err
+    assert list(log_dir.glob("events.out.tfevents.*")) and (log_dir / "mlflow.db").is_file()
+    for name in ("run.json", "model.pt"):
+        (log_dir / name).unlink()
+    for events in log_dir.glob("events.out.tfevents.*"):
+        events.unlink()
+    code, _, err = run_cli(*base, "-v", "mlflow")  # only the MLflow store is left
+    assert code == 2 and "already holds a run (mlartifacts, mlflow.db)" in err
+    code, _, err = run_cli(*base, "-v", "mlflow", "--overwrite")
+    assert code == 0, err
+    client = MlflowClient(tracking_uri=f"sqlite:///{log_dir / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "ikkuna"]
+    (run,) = client.search_runs([experiment.experiment_id])  # the new run alone
+    assert run.data.params["ikkuna.backends"] == '["mlflow"]'
+    code, out, err = run_cli(*base, "-v", "tb,nope", "--overwrite")
+    assert (code, out) == (2, "")
+    assert "argument -v/--visualisation: invalid choice: 'nope' (choose from both, mpl, tb, " \
+        "matplotlib, mlflow, tensorboard" in err
+
+
 def test_hyperparameter_options_reach_the_run(tmp_path: Path) -> None:
     log_dir = tmp_path / "run"
     code, out, err = run_cli(
@@ -686,7 +717,7 @@ BAD_CONFIGS = {
     "unknown_key": (
         '[ikkuna]\ncolour = "red"\n',
         r"ikkuna\.colour: Extra inputs are not permitted; valid keys: backend_options, backends, "
-        r"depth",
+        r"budget, depth",
     ),
     "bad_option": (
         '[ikkuna]\n[[ikkuna.subscribers]]\nname = "norm"\np = "two"\n',
@@ -699,8 +730,8 @@ BAD_CONFIGS = {
         r"ikkuna\.subscribers\[0\]\.name: unknown subscriber 'nrom'; available: ",
     ),
     "unknown_backend": (
-        '[ikkuna]\nbackends = ["wandb"]\n',
-        r"unknown backend 'wandb'; available: matplotlib, tensorboard",
+        '[ikkuna]\nbackends = ["nope"]\n',
+        r"unknown backend 'nope'; available: matplotlib, (mlflow, )?tensorboard",
     ),
 }
 

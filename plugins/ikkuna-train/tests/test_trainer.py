@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import types
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,16 @@ import pytest
 import torch
 from torch import nn
 
-from ikkuna_core import ConfigError
-from ikkuna_core.plugins import installed_entry_points
+from ikkuna_core import (
+    Backend,
+    ConfigError,
+    HistogramRecord,
+    PluginRegistry,
+    ScalarRecord,
+    hookimpl,
+    load_plugins,
+)
+from ikkuna_core.plugins import PluginInfo, installed_entry_points
 from ikkuna_train.data import make_loaders
 from ikkuna_train.models import get_model
 from ikkuna_train.trainer import (
@@ -24,6 +34,7 @@ from ikkuna_train.trainer import (
     LogDirError,
     Trainer,
     UsageError,
+    backend_files,
     check_log_dir,
     default_device,
     make_optimizer,
@@ -368,6 +379,66 @@ def test_overwrite_replaces_only_the_earlier_runs_files(tmp_path: Path) -> None:
     assert not list((tmp_path / "figures").glob("*.png"))  # the first run's figures are gone
     assert (tmp_path / "notes.md").read_text() == "mine"
     assert json.loads((tmp_path / "run.json").read_text())["steps"] == 1
+
+
+class JsonLinesBackend(Backend):
+    """A plugin author's backend: one JSON line per scalar, appended to metrics.jsonl."""
+
+    name = "jsonl"
+    files = ("metrics.jsonl",)
+
+    def __init__(self, log_dir: str | Path) -> None:
+        super().__init__(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.log_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close
+
+    def write_scalars(self, records: Sequence[ScalarRecord]) -> None:
+        for r in records:
+            self._file.write(json.dumps({"tag": r.tag, "step": r.step, "value": r.value}) + "\n")
+
+    def write_histograms(self, records: Sequence[HistogramRecord]) -> None:
+        pass
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _jsonl_registry() -> PluginRegistry:
+    plugin = types.ModuleType("jsonl_plugin")
+    plugin.ikkuna_backends = hookimpl(lambda: [JsonLinesBackend])  # type: ignore[attr-defined]
+    registry = load_plugins([])
+    registry.register(plugin, PluginInfo("jsonl", None, None, "tests"))
+    return registry
+
+
+def test_a_backends_declared_files_count_as_a_run_and_are_replaced(tmp_path: Path) -> None:
+    config = {"log_dir": tmp_path, "backends": ["jsonl"]}
+    hp = HyperParameters(batch_size=512, max_steps=2)
+    Trainer(hp, config, registry=_jsonl_registry(), save_model=False).run()
+    (tmp_path / "run.json").unlink()  # only the backend's own file is left
+    first = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert sum(json.loads(line)["tag"] == "final/accuracy/test" for line in first) == 1
+    with pytest.raises(LogDirError, match=r"already holds a run \(metrics.jsonl\)"):
+        Trainer(hp, config, registry=_jsonl_registry())
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == first  # untouched
+    Trainer(hp, config, registry=_jsonl_registry(), overwrite=True, save_model=False).run()
+    second = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(second) == len(first)  # replaced, not appended to
+    assert sum(line["tag"] == "final/accuracy/test" for line in second) == 1
+
+
+def test_declared_folders_count_as_a_run(tmp_path: Path) -> None:
+    (tmp_path / "wandb" / "offline-run-1").mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text("")
+    patterns = ("metrics.jsonl", "wandb")
+    with pytest.raises(LogDirError, match=r"already holds a run \(metrics.jsonl, wandb\)"):
+        check_log_dir(tmp_path, patterns=patterns)
+    assert check_log_dir(tmp_path, overwrite=True, patterns=patterns) == [
+        tmp_path / "metrics.jsonl", tmp_path / "wandb"
+    ]
+    assert backend_files(_jsonl_registry(), ["tensorboard", "jsonl", "nope"]) == (
+        "events.out.tfevents.*", "metrics.jsonl"
+    )
 
 
 def test_epochs_follow_max_steps(tmp_path: Path) -> None:

@@ -3,15 +3,16 @@ subscriber and topic, and into the payloads of derived topics for later subscrib
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..messages import HistogramsMessage, ModuleInfo, ScalarsMessage, TopicPayloads
 from ..ops import Histograms
 
-__all__ = ["Results", "payloads_of", "tags"]
+__all__ = ["Results", "payloads_of", "tags", "values_message"]
 
 #: (global_step, epoch, batch_index) of a step.
 Stamp = tuple[int, int, int]
@@ -24,6 +25,7 @@ class _Collected:
     keys: list[str | None] = field(default_factory=list)
     scalars: list[torch.Tensor] = field(default_factory=list)
     hists: list[Histograms] = field(default_factory=list)
+    stamp: Stamp | None = None  # an earlier step's, for a value known one step late
 
 
 class Results:
@@ -58,12 +60,17 @@ class Results:
         return got
 
     def add_scalars(
-        self, owner: object, topic: str, keys: Sequence[str | None], values: torch.Tensor
+        self, owner: object, topic: str, keys: Sequence[str | None], values: torch.Tensor,
+        stamp: Stamp | None = None,
     ) -> None:
-        """Subscriber ``owner`` reports ``values[i]`` for ``keys[i]`` under ``topic``."""
+        """Subscriber ``owner`` reports ``values[i]`` for ``keys[i]`` under ``topic``
+        (``stamp``: an earlier step's, which all of the topic's values of the step share)."""
         got = self._collector(owner, topic)
         if got.hists:
             raise ValueError(f"topic {topic!r} mixes scalars and histograms")
+        if got.scalars and got.stamp != stamp:
+            raise ValueError(f"topic {topic!r}: values of two steps in one step's results")
+        got.stamp = stamp
         got.keys.extend(keys)
         got.scalars.append(values)
 
@@ -84,7 +91,7 @@ class Results:
 
 
 def _message(topic: str, got: _Collected, stamp: Stamp) -> ScalarsMessage | HistogramsMessage:
-    step, epoch, batch = stamp
+    step, epoch, batch = got.stamp or stamp
     if got.scalars:
         values = got.scalars
         if len(values) > 1:
@@ -120,3 +127,15 @@ def payloads_of(
         modules=[modules.get(k) for k in message.keys],
         data=list(values.unbind(0)),
     )
+
+
+def values_message(
+    stamp: Stamp, topic: str, values: Mapping[Any, float | torch.Tensor]
+) -> ScalarsMessage:
+    """A message of scalars no subscriber computed (a front end's epoch summaries); the tag
+    is ``<topic>/<key>`` (``<topic>`` for the key None)."""
+    step, epoch, batch = stamp
+    keys = list(values)
+    data = torch.tensor([float(v) for v in values.values()], dtype=torch.float64)
+    return ScalarsMessage(topic=topic, global_step=step, epoch=epoch, batch_index=batch,
+                          keys=keys, tags=tags(topic, keys), data=data)

@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import torch
 
-from ..messages import ModuleInfo, ScalarsMessage, StepBundle, TopicPayloads
+from ..cost import CostMeter
+from ..errors import IkkunaError
+from ..messages import ModuleInfo, StepBundle, TopicPayloads
 from ..topics import TopicSpec, builtin_topics
 from .consumer import Consumer
 from .policy import ErrorPolicy
-from .results import Results, payloads_of, tags
+from .results import Results, payloads_of, values_message
 from .transfer import Outbox
 
 if TYPE_CHECKING:
@@ -134,6 +136,8 @@ class MessageBus(_OldNames):
         self._plans: dict[tuple[tuple[Subscription, ...], int], Plans] = {}
         self._period = 1  # the subscriptions' subsample periods repeat after this many steps
         self._consumed: frozenset[str] = frozenset()
+        self.cost = CostMeter(self)  # measured cost per subscriber; the budget
+        self._outbox.host_records = self.cost.records  # written with every flush
 
     on_error = property(lambda self: self.policy.on_error, doc="``'warn'`` or ``'raise'``")
 
@@ -243,6 +247,15 @@ class MessageBus(_OldNames):
                 self._active_cache[phase] = cached
         return cached
 
+    def set_cadence(self, sub: Subscription, cadence: int) -> None:
+        """Run ``sub`` every ``cadence`` steps from the next step on (the budget's choice;
+        its configured ``subsample`` stays in ``sub.subscriber.options``)."""
+        if cadence < 1:
+            raise ValueError(f"cadence must be >= 1, got {cadence}")
+        sub.subsample = cadence
+        self._active_cache.clear()
+        self._period = math.lcm(1, *(s.subsample for s in self.subscriptions))
+
     def wanted_topics(self, step: int) -> frozenset[str]:
         """Topics some subscription wants at ``step`` (after subsampling)."""
         return frozenset(t for s in self.active(step) for t in s.topics)
@@ -266,12 +279,24 @@ class MessageBus(_OldNames):
         order (each one sees the results of those before it), then write to the backends
         every ``flush_every`` steps. Subscribers run under ``torch.no_grad()``."""
         step = stamp[0]
+        self.cost.begin(step)
         active = self.active(step)
         if active:
             with torch.no_grad():
                 self._run(stamp, payloads, active)
         if (step + 1) % self.flush_every == 0:
             self.flush(wait=False)
+        self.cost.end()
+
+    def deliver_skipped(self, stamp: Stamp, payloads: dict[str, TopicPayloads]) -> None:
+        """Hand the payloads of an attempt whose optimizer step was skipped to the
+        subscriptions due at ``stamp``'s step whose subscriber sees skipped steps (the step
+        keeps its number: the next attempt is delivered under it too). Results are written
+        with the next flush."""
+        due = tuple(s for s in self.active(stamp[0]) if s.subscriber.sees_skipped_steps)
+        if due:
+            with torch.no_grad():
+                self._run(stamp, payloads, due, skipped=True)
 
     def deliver_event(self, stamp: Stamp, topic: str) -> None:
         """Hand an event that happens between steps (``epoch_finished``) to the subscriptions
@@ -282,26 +307,36 @@ class MessageBus(_OldNames):
                 self._run(stamp, {topic: TopicPayloads.event(topic)}, due)
 
     def _run(
-        self, stamp: Stamp, payloads: dict[str, TopicPayloads], active: Sequence[Subscription]
+        self, stamp: Stamp, payloads: dict[str, TopicPayloads],
+        active: Sequence[Subscription], skipped: bool = False,
     ) -> None:
         available = dict(payloads)
         modules: dict[str | None, ModuleInfo | None] | None = None
         for sub in active:
             if not sub.subscriber.enabled:
                 continue
-            parts = self._parts(sub, available, stamp)
+            parts = _parts(sub, available, stamp, self.policy)
             if not parts:
                 continue
             bundle = StepBundle(
-                global_step=stamp[0], epoch=stamp[1], batch_index=stamp[2], payloads=parts
+                global_step=stamp[0], epoch=stamp[1], batch_index=stamp[2], payloads=parts,
+                skipped=skipped,
             )
             self.results.open(sub.subscriber)
+            token = self.cost.started()
             try:
                 sub.subscriber.compute_step(bundle)
+            except IkkunaError:
+                # a subscriber raising an IkkunaError itself stops the run on purpose
+                # (ikkuna-health's action = "raise"): it goes through, whatever on_error
+                self.results.close(stamp)
+                raise
             except Exception as exc:  # noqa: BLE001 - the error policy decides
+                self.cost.stopped(sub, token)
                 self.results.close(stamp)
                 self._subscriber_failed(sub, exc, stamp, list(parts))
                 continue
+            self.cost.stopped(sub, token)
             for message in self.results.close(stamp):
                 self._outbox.put(message)
                 if message.topic in self._consumed:
@@ -309,28 +344,6 @@ class MessageBus(_OldNames):
                         modules = {k: m for p in payloads.values()
                                    for k, m in zip(p.keys, p.modules, strict=True)}
                     available[message.topic] = payloads_of(message, modules)
-
-    def _parts(
-        self, sub: Subscription, available: dict[str, TopicPayloads], stamp: Stamp
-    ) -> dict[str, TopicPayloads] | None:
-        """What ``sub`` receives of the available payloads (for a synchronized one: the keys
-        all its topics have, or None)."""
-        found = {t: available[t] for t in sub.topics if t in available and len(available[t])}
-        if not sub.synchronized:
-            return found
-        aligned = _aligned(found, sub.topics)
-        if aligned is None:
-            self._note_incomplete(sub, available, stamp)
-            return None
-        sub.completed += 1
-        return aligned
-
-    def _note_incomplete(
-        self, sub: Subscription, available: dict[str, TopicPayloads], stamp: Stamp
-    ) -> None:
-        sub.incomplete += 1
-        if not sub.completed and sub.incomplete == _INCOMPLETE_WARN_AFTER:
-            self.policy.warn_once(f"incomplete:{id(sub)}", _incomplete(sub, available, stamp))
 
     # ----------------------------------------------------------------- errors
     def _subscriber_failed(
@@ -354,15 +367,8 @@ class MessageBus(_OldNames):
         """Write scalars that no subscriber computed (a front end's epoch summaries) to the
         backends at the next flush, stamped with the clock's current step. The tag is
         ``<topic>/<key>`` (``<topic>`` for the key None)."""
-        if not values:
-            return
-        step, epoch, batch = self.clock()
-        keys = list(values)
-        data = torch.tensor([float(v) for v in values.values()], dtype=torch.float64)
-        self._outbox.put(ScalarsMessage(
-            topic=topic, global_step=step, epoch=epoch, batch_index=batch, keys=keys,
-            tags=tags(topic, keys), data=data,
-        ))
+        if values:
+            self._outbox.put(values_message(self.clock(), topic, values))
 
     def log_text(self, tag: str, text: str) -> None:
         """Write a piece of text (Markdown in TensorBoard's TEXT tab) to every backend that
@@ -393,7 +399,25 @@ class MessageBus(_OldNames):
         """Write what is pending and close every backend (those disabled by a failure too),
         even when the final write or a backend's close fails; the failures are then raised
         together, as one ExceptionGroup naming each backend."""
-        self._outbox.close()
+        self._outbox.close(before=self.cost.close)
+
+
+def _parts(
+    sub: Subscription, available: dict[str, TopicPayloads], stamp: Stamp, policy: ErrorPolicy
+) -> dict[str, TopicPayloads] | None:
+    """What ``sub`` receives of the available payloads (for a synchronized one: the keys
+    all its topics have, or None; one that never had a complete set is reported)."""
+    found = {t: available[t] for t in sub.topics if t in available and len(available[t])}
+    if not sub.synchronized:
+        return found
+    aligned = _aligned(found, sub.topics)
+    if aligned is None:
+        sub.incomplete += 1
+        if not sub.completed and sub.incomplete == _INCOMPLETE_WARN_AFTER:
+            policy.warn_once(f"incomplete:{id(sub)}", _incomplete(sub, available, stamp))
+        return None
+    sub.completed += 1
+    return aligned
 
 
 def _plan(active: Sequence[Subscription], modules: Sequence[ModuleInfo], topic: str) -> Plan:

@@ -35,6 +35,8 @@ class Outbox:
         self._in_flight: deque[_Transfer] = deque()
         self._removed: list[Backend] = []  # disabled after a failure, closed at the end
         self._pinned: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
+        #: records made on the host (the cost meter's), written with every flush
+        self.host_records: Callable[[], list[ScalarRecord]] = list
 
     def put(self, message: ScalarsMessage | HistogramsMessage) -> None:
         """Write ``message`` at the next flush."""
@@ -53,13 +55,12 @@ class Outbox:
                 break
             self._in_flight.popleft()
             self._write(head.records(self._nonfinite))
+        host = self.host_records()
+        if host and self.backends:
+            self._write((host, []))
 
-    def _nonfinite(self, tag: str, step: int, count: float, total: float) -> None:
-        self._policy.warn_once(
-            f"nonfinite:{tag}",
-            f"{tag} at step {step}: {count:g} non-finite value(s) (NaN/inf) among "
-            f"{total:g}; they are counted in '{tag}/nonfinite', not in the bins",
-        )
+    def _nonfinite(self, tag: str, step: int, what: str) -> None:
+        self._policy.warn_once(f"nonfinite:{tag}", f"{tag} at step {step}: {what}")
 
     def _write(self, records: tuple[list[ScalarRecord], list[HistogramRecord]]) -> None:
         scalars, hists = records
@@ -81,13 +82,14 @@ class Outbox:
                     self.backends.remove(backend)
                     self._removed.append(backend)  # still closed at the end
 
-    def close(self) -> None:
-        """Write what is pending and close every backend (those disabled by a failure too),
-        even when the final write or a backend's close fails; the failures are then raised
-        together, as one ExceptionGroup naming each backend (a failing backend must not leave
-        the others' queues unwritten)."""
+    def close(self, before: Callable[[], None] = lambda: None) -> None:
+        """Run ``before`` (the last records), write what is pending and close every backend
+        (those disabled by a failure too), even when the final write or a backend's close
+        fails; the failures are then raised together, as one ExceptionGroup naming each
+        backend (a failing backend must not leave the others' queues unwritten)."""
         failures: list[tuple[str, Exception]] = []
         try:
+            before()
             self.flush(wait=True)
         except Exception as exc:  # noqa: BLE001 - reported below, after every close
             failures.append(("the final flush", exc))
@@ -174,7 +176,7 @@ class _Transfer:
         return all(event is None or event.query() for _, event, _ in self._parts)
 
     def records(
-        self, on_nonfinite: Callable[[str, int, float, float], None]
+        self, on_nonfinite: Callable[[str, int, str], None]
     ) -> tuple[list[ScalarRecord], list[HistogramRecord]]:
         """Wait for the copies, then turn the messages into host-side records (a
         ``<tag>/nonfinite`` scalar beside every histogram that had non-finite values)."""
@@ -197,7 +199,7 @@ class _Transfer:
                 for key, tag, value in zip(m.keys, m.tags, data.tolist(), strict=True):
                     scalars.append(ScalarRecord(m.topic, key, tag, step, value))
                     if not math.isfinite(value):
-                        on_nonfinite(tag, step, 1, 1)
+                        on_nonfinite(tag, step, f"the value is {value} (written as it is)")
                 continue
             fields = {f: next(values) for f in _HIST_FIELDS}
             n = len(m.keys)
@@ -218,7 +220,12 @@ class _Transfer:
                         ScalarRecord(f"{m.topic}/nonfinite", key, f"{tag}/nonfinite", step,
                                      nonfinite)
                     )
-                    on_nonfinite(tag, step, nonfinite, nonfinite + stats["num"][i])
+                    on_nonfinite(
+                        tag, step,
+                        f"{nonfinite:g} non-finite value(s) (NaN/inf) among "
+                        f"{nonfinite + stats['num'][i]:g}; they are counted in "
+                        f"'{tag}/nonfinite', not in the bins",
+                    )
         for host, event, device in self._parts:
             if event is not None:
                 self._pool.setdefault((device, host.numel()), []).append(host)

@@ -5,6 +5,6 @@ facade that drives them (:mod:`.facade`)."""
 
 from .clock import StepClock
 from .facade import Exporter
-from .selection import modules_of, select_modules, unwrap_model
+from .selection import ROOT_NAME, modules_of, select_modules, unwrap_model
 
-__all__ = ["Exporter", "StepClock", "modules_of", "select_modules", "unwrap_model"]
+__all__ = ["ROOT_NAME", "Exporter", "StepClock", "modules_of", "select_modules", "unwrap_model"]

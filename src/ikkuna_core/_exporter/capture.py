@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,9 +70,14 @@ def output_field(output: Any, name: str) -> Any:
 class Stash:
     """What the current step stashed in the hooks of its first forward and backward."""
 
-    __slots__ = ("acts", "calls", "inputs", "lgrad_plan", "lgrads", "network")
+    __slots__ = ("__weakref__", "acts", "calls", "inputs", "lgrad_plan", "lgrads", "network",
+                 "ref")
 
     def __init__(self, n_modules: int, lgrad_plan: Plan | None = None) -> None:
+        # The layer-gradient hooks hold only this weak reference: an output holding a hook
+        # that held the stash holding that output is a cycle through autograd that the
+        # garbage collector cannot see
+        self.ref = weakref.ref(self)
         self.calls = [0] * n_modules
         self.lgrad_plan = lgrad_plan
         self.acts: list[Entry] = []
@@ -166,10 +172,13 @@ class Capture:
         if act is not None and act[index] != _SKIP:
             stash.acts.append(_capture(index, call, out, act[index]))
         if lgrad is not None and lgrad[index] != _SKIP and out.requires_grad:
-            out.register_hook(functools.partial(self._on_layer_gradient, stash, index, call))
+            out.register_hook(functools.partial(self._on_layer_gradient, stash.ref, index, call))
 
-    def _on_layer_gradient(self, stash: Stash, index: int, call: int, grad: torch.Tensor) -> None:
-        if stash is not self.stash or stash.lgrad_plan is None:
+    def _on_layer_gradient(
+        self, ref: weakref.ref[Stash], index: int, call: int, grad: torch.Tensor
+    ) -> None:
+        stash = ref()
+        if stash is None or stash is not self.stash or stash.lgrad_plan is None:
             return  # the backward of a forward whose step has ended
         with guard(self._report, f"the layer-gradient hook of {self.modules[index].name!r}"):
             stash.lgrads.append(_capture(index, call, grad, stash.lgrad_plan[index]))

@@ -28,6 +28,9 @@ class Act(enum.Flag):
     READ_GRADS = enum.auto()  #: read the optimizer's gradients now
     SNAPSHOT = enum.auto()  #: copy the optimizer's parameters (for their updates)
     UPDATES = enum.auto()  #: take the optimizer's updates (after minus the copy)
+    #: the open step's optimizer step was skipped (its gradients were reset without one):
+    #: hand the attempt's payloads over and capture afresh, under the same step number
+    SKIPPED = enum.auto()
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,16 @@ class Ended:
 class StepClock:
     """The step model as a state machine. Optimizers are opaque hashable tokens; the
     caller tells the clock when one is gone (:meth:`forget`), so that a step does not wait
-    for an optimizer that no longer exists. ``optimizer_exists`` is asked at most once
-    (see the module docstring)."""
+    for an optimizer that no longer exists. ``optimizer_exists`` is asked at most once;
+    ``gradients_reset`` (whether the open step's gradients were reset or changed without an
+    optimizer step) only while :attr:`watch_skips` and only at a forward that would
+    otherwise accumulate (see ``docs/step-model.md``)."""
 
-    def __init__(self, optimizer_exists: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        optimizer_exists: Callable[[], bool] = lambda: False,
+        gradients_reset: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.global_step = -1  # index of the current (or last) training step
         self.epoch = 0
         self.batch_index = -1
@@ -57,6 +66,9 @@ class StepClock:
         self.loss_pending = False  # the step's first forward ran; its loss is still to come
         self.training_forwards = 0  # training forwards seen, ever
         self._optimizer_exists = optimizer_exists
+        self._gradients_reset = gradients_reset
+        #: some subscriber sees skipped steps: tell a skipped attempt from accumulation
+        self.watch_skips = False
         self._has_optimizer: bool | None = None
         self._forwards = 0  # training forwards in the open step
         self._stepped: list[Hashable] = []  # optimizers that stepped in the open step
@@ -105,6 +117,9 @@ class StepClock:
                 act |= self._open()
         elif self.open and (self._stepped or not (self._expected or self._optimizer_held())):
             act |= self._end() | self._open()  # no optimizer, or one that stepped only partly
+        elif self.open and self.watch_skips and self._gradients_reset():
+            act |= Act.SKIPPED  # the attempt's optimizer step was skipped: the step restarts
+            self._forwards = 0
         elif not self.open:
             act |= self._open()
         self._forwards += 1

@@ -12,12 +12,12 @@ from torch import nn
 
 from .._bus import MessageBus
 from ..messages import ModuleInfo, TopicPayloads
-from .capture import Capture
-from .clock import Act, Ended, StepClock
+from .capture import Capture, Stash
+from .clock import Act, Ended, Stamp, StepClock
 from .diagnostics import Diagnostics
 from .hooks import Callbacks, Hooks, guard
 from .loss import LossWatch
-from .params import Parameters, gathered
+from .params import Parameters, Versioned, gathered
 from .selection import unwrap_model
 
 __all__ = ["StepDriver"]
@@ -50,8 +50,15 @@ class StepDriver:
 
     def sync(self) -> None:
         """Install exactly the hooks the subscribed topics need."""
-        if not self.clock.closed:
-            self.hooks.sync(self.bus.subscribed_topics(), self.clock.grads_from_optimizer)
+        if self.clock.closed:
+            return
+        clock = self.clock
+        clock.watch_skips = any(getattr(s.subscriber, "sees_skipped_steps", False)
+                                for s in self.bus.subscriptions)
+        # a subscriber that sees skipped steps keeps the gradient-accumulated hooks: a
+        # skipped step's gradients are only seen there
+        self.hooks.sync(self.bus.subscribed_topics(),
+                        clock.grads_from_optimizer and not clock.watch_skips)
 
     def watch_loss(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """Watch a loss called as ``loss_fn(output, target)``: an ``nn.Module`` loss is
@@ -97,7 +104,8 @@ class StepDriver:
     def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.clock.closed or self.clock.silent:
             return
-        params = self.params
+        params, cost = self.params, self.bus.cost
+        started = cost.clock()
         with guard(self.report, "the optimizer pre-step hook", self.clock.optimizer_failed):
             indices, token = params.of_optimizer(optimizer)
             if not indices:
@@ -112,12 +120,15 @@ class StepDriver:
                 params.read_grads(indices, self.capture.wanted)
             if act & Act.SNAPSHOT:
                 params.take_snapshot(indices, self.capture.wanted)
+            cost.own(cost.clock() - started)
 
     def _on_optimizer_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         params = self.params
         seen = params.seen(optimizer)
         if seen is None:
             return
+        cost = self.bus.cost
+        started = cost.clock()
         with guard(self.report, "the optimizer post-step hook"):
             indices, token = seen
             act = self.clock.optimizer_post(token)
@@ -125,11 +136,15 @@ class StepDriver:
                 params.read_grads(indices, self.capture.wanted)
             if act & Act.UPDATES:
                 params.take_updates(indices)
+            cost.own(cost.clock() - started)
             self.act(act)
 
     # ------------------------------------------------------------- the step
     def act(self, act: Act) -> None:
-        """Do what the clock decided: end the open step, open the next."""
+        """Do what the clock decided: end the open step, open the next, or hand a skipped
+        attempt over."""
+        if act & Act.SKIPPED:
+            self._deliver_skipped()
         if act & Act.END:
             assert self.clock.last_ended is not None
             self._finish_step(self.clock.last_ended)
@@ -138,6 +153,7 @@ class StepDriver:
 
     def _finish_step(self, ended: Ended) -> None:
         """Hand the step's payloads to the bus and forget them."""
+        self.bus.cost.step_ending()
         capture = self.capture
         capture.stop()
         stamp, wanted = ended.stamp, capture.wanted
@@ -147,18 +163,41 @@ class StepDriver:
         )
         stash = capture.take()
         grads, updates = self.params.take_step()
-        payloads: dict[str, TopicPayloads] = {}
-        if wanted:
-            def report(where: str, exc: BaseException) -> None:
-                self.bus.internal_error(where, exc, stamp[0])
+        self.bus.deliver(stamp, self._payloads(stamp, wanted, stash, grads, updates))
 
-            with guard(report, "collecting the step's payloads"):
-                payloads = self.params.payloads(wanted, grads, updates, capture.valid)
-                payloads.update(capture.payloads(stash, wanted))
-                payloads.update(_events(wanted, stamp[2]))
-                if self.params.sharded:
-                    payloads = gathered(payloads)
-        self.bus.deliver(stamp, payloads)
+    def _deliver_skipped(self) -> None:
+        """Hand an attempt whose optimizer step was skipped to the subscribers that see
+        skipped steps: its forward, its layer gradients and its gradients as the backward
+        left them (unscaled in place by a GradScaler; a gradient zeroed in place,
+        ``set_to_none=False``, is left out). The step's capture then starts afresh."""
+        stash = self.capture.take()
+        grads, _ = self.params.take_step()
+        params = self.params.params
+        kept = {i: (grad, grad._version) for i, (grad, _) in grads.items()
+                if params[i].tensor.grad is not grad}
+        stamp = self.clock.stamp
+        payloads = self._payloads(stamp, self.capture.wanted, stash, kept, {})
+        self.bus.deliver_skipped(stamp, payloads)
+
+    def _payloads(
+        self, stamp: Stamp, wanted: frozenset[str], stash: Stash,
+        grads: dict[int, Versioned], updates: dict[int, torch.Tensor],
+    ) -> dict[str, TopicPayloads]:
+        """The payloads of a step: parameters, forward, events (gathered when sharded)."""
+        payloads: dict[str, TopicPayloads] = {}
+        if not wanted:
+            return payloads
+
+        def report(where: str, exc: BaseException) -> None:
+            self.bus.internal_error(where, exc, stamp[0])
+
+        with guard(report, "collecting the step's payloads"):
+            payloads = self.params.payloads(wanted, grads, updates, self.capture.valid)
+            payloads.update(self.capture.payloads(stash, wanted))
+            payloads.update(_events(wanted, stamp[2]))
+            if self.params.sharded:
+                payloads = gathered(payloads)
+        return payloads
 
 
 def _events(wanted: frozenset[str], batch_index: int) -> dict[str, TopicPayloads]:

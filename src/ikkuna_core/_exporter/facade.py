@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from .. import _lifecycle
 from .._bus import Consumer, Handle, MessageBus
 from ..backends.base import Backend
 from ..messages import ModuleInfo
@@ -60,7 +61,7 @@ class Exporter:
         self.model: nn.Module | None = None
         self.modules: dict[str, ModuleInfo] = {}
         self.loss_fn: Callable[..., torch.Tensor] | None = None
-        self.clock = StepClock(self._optimizer_exists)
+        self.clock = StepClock(self._optimizer_exists, self._gradients_reset)
         self._on_close: list[Callable[[], None]] = []
         self._watched: list[tuple[ModuleInfo, nn.Module]] = []
         self._driver: StepDriver | None = None
@@ -78,6 +79,7 @@ class Exporter:
                 raise
         elif loss_fn is not None:
             raise TypeError("Exporter: loss_fn needs a model: Exporter(model, loss_fn, ...)")
+        _lifecycle.opened(self)  # closed at exit and on SIGTERM if close() is never called
 
     # ----------------------------------------------------------------- state
     @property
@@ -196,6 +198,7 @@ class Exporter:
         finally:
             if self._driver is not None:
                 self._driver.remove()
+            _lifecycle.closed(self)
             try:
                 self.bus.close()
             finally:
@@ -225,6 +228,7 @@ class Exporter:
                 f" include={[c.__name__ for c in self.include or ()]}"
             )
         self.model = model
+        self.bus.cost.model = model  # timed on its device's clock
         for name, module in selected:
             info = self.modules[name] = ModuleInfo(name=name, type=type(module).__name__)
             self._watched.append((info, module))
@@ -253,6 +257,9 @@ class Exporter:
 
     def _optimizer_exists(self) -> bool:
         return self._driver is not None and self._driver.params.optimizer_exists()
+
+    def _gradients_reset(self) -> bool:
+        return self._driver is not None and self._driver.params.gradients_reset()
 
     def _check_open(self) -> None:
         if self.clock.closed:

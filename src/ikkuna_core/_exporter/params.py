@@ -192,6 +192,13 @@ class Parameters:
             torch._foreach_sub_(bufs, after)
             torch._foreach_neg_(bufs)
 
+    def gradients_reset(self) -> bool:
+        """Whether a gradient read in the open step was reset (``zero_grad``) or changed
+        (GradScaler's unscaling) since: without an optimizer step, the attempt was skipped."""
+        params = self.params
+        return any(params[i].tensor.grad is not grad or grad._version != version
+                   for i, (grad, version) in self.grads.items())
+
     def take_step(self) -> tuple[dict[int, Versioned], dict[int, torch.Tensor]]:
         """The step's gradients and updates, forgotten here."""
         taken = (self.grads, self.updates)

@@ -42,9 +42,12 @@ class HistogramRecord(NamedTuple):
 
 
 class Backend(ABC):
-    """Receives batches of host-side records. ``name`` is what the configuration calls it."""
+    """Receives batches of host-side records. ``name`` is what the configuration calls it;
+    ``files`` are glob patterns, relative to ``log_dir``, of what it writes there (a file or
+    a folder), so that a front end can tell a used log directory and replace a run."""
 
     name: ClassVar[str] = ""
+    files: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, log_dir: str | Path) -> None:
         self.log_dir = Path(log_dir)

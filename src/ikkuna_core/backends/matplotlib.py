@@ -67,6 +67,7 @@ class MatplotlibBackend(Backend):
     costs tens of milliseconds per figure, so it is kept off most steps."""
 
     name = "matplotlib"
+    files = ("figures/*.png",)
 
     def __init__(
         self,
@@ -74,6 +75,7 @@ class MatplotlibBackend(Backend):
         plot_every: Annotated[int, Field(ge=1)] = 500,
         max_points: Annotated[int, Field(ge=2)] = 1000,
         max_columns: Annotated[int, Field(ge=2)] = 200,
+        show: bool = False,
     ) -> None:
         super().__init__(log_dir)
         for option, value, least in (
@@ -85,7 +87,13 @@ class MatplotlibBackend(Backend):
                 raise ValueError(f"{option} must be a whole number >= {least}, got {value!r}")
         import matplotlib
 
-        matplotlib.use("Agg", force=True)
+        self._window: Any = None
+        if show:  # a live window (backends/live.py); files are written all the same
+            from .live import open_window
+
+            self._window = open_window()
+        else:
+            matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
 
         self._plt = plt
@@ -127,6 +135,8 @@ class MatplotlibBackend(Backend):
 
     def close(self) -> None:
         self.draw()
+        if self._window is not None:
+            self._window.close()
 
     # ------------------------------------------------------------- the summaries
     def scalar_points(
@@ -160,7 +170,21 @@ class MatplotlibBackend(Backend):
                 written.append(self._save(self._histogram_figure(topic), topic))
         self._dirty.clear()
         self._last_draw = self._last_step
+        if self._window is not None:
+            self._window.update(sorted(self._scalars), self._live_panel, self._last_step)
         return written
+
+    def _live_panel(self, ax: Any, topic: str) -> None:
+        from .live import draw_lines
+
+        series = self._scalars[topic]
+        keys = self._in_model_order(series)
+        per_module = any(key in self._module_types for key in series)
+        lines = []
+        for i, key in enumerate(keys):
+            steps, means, _, _ = self.scalar_points(topic, key)
+            lines.append((key, steps, means, series_color(key, i, len(keys), per_module)))
+        draw_lines(ax, topic, lines)
 
     def describe_modules(self, modules: Mapping[str, str]) -> None:
         self._module_types = dict(modules)

@@ -10,20 +10,23 @@ The tests parse what is written with TensorBoard's protos and its ``EventAccumul
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.util
 import itertools
 import os
 import socket
 import struct
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
 from .base import Backend, HistogramRecord, ScalarRecord
+from .heatmap import HEATMAP_MODULES, StepGrid, heatmap_png
 
 __all__ = [
     "EventFileWriter",
@@ -151,22 +154,33 @@ class EventFileWriter:
         self._file.write(header + self._masked(header) + data + self._masked(data))
 
     def flush(self) -> None:
+        """Hand the buffered bytes to the operating system."""
         self._file.flush()
+
+    def sync(self) -> None:
+        """Flush, then ask the operating system to put the file on the disk."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if not self._file.closed:
-            self._file.flush()
+            self.sync()
             self._file.close()
 
 
 class TensorBoardBackend(Backend):
     """Writes each step's scalars (``simple_value``) and histograms (``HistogramProto``, bins
-    computed on the training device) as one event. Events reach the file at each bus flush
-    and the disk every ``flush_secs`` seconds and on close."""
+    computed on the training device) as one event. Events reach the operating system at each
+    bus flush (``flush_every`` steps) and are synced to the disk every ``flush_secs`` seconds
+    and on close. With ``heatmaps`` (default), each per-module metric of more than 12 modules
+    is also written at close as one depth x step image, ``heatmap/<topic>``."""
 
     name = "tensorboard"
+    files = ("events.out.tfevents.*",)
 
-    def __init__(self, log_dir: str | Path, flush_secs: float = 10.0) -> None:
+    def __init__(
+        self, log_dir: str | Path, flush_secs: float = 10.0, heatmaps: bool = True
+    ) -> None:
         super().__init__(log_dir)
         try:
             from tensorboard.compat.proto import event_pb2
@@ -180,11 +194,30 @@ class TensorBoardBackend(Backend):
         self.writer = EventFileWriter(self.log_dir)
         self._values: dict[int, list[bytes]] = {}
         self._last_sync = time.monotonic()
+        # Depth x step heatmaps of per-module metrics, as images at close (needs matplotlib)
+        self._grids: dict[str, StepGrid] | None = (
+            {} if heatmaps and importlib.util.find_spec("matplotlib") else None
+        )
+        self._module_types: dict[str, str] = {}
+        self._reopened = False  # the event file was removed once and re-created
+        self._last_step = 0
+
+    def describe_modules(self, modules: Mapping[str, str]) -> None:
+        self._module_types = dict(modules)
 
     def write_scalars(self, records: Sequence[ScalarRecord]) -> None:
         values = self._values
         for r in records:
             values.setdefault(r.step, []).append(encode_scalar(r.tag, r.value))
+        if self._grids is not None and self._module_types and records:
+            grids, modules = self._grids, self._module_types
+            for r in records:
+                if r.key in modules:
+                    grid = grids.get(r.topic)
+                    if grid is None:
+                        grid = grids[r.topic] = StepGrid()
+                    grid.add(r.key, r.step, r.value)  # type: ignore[arg-type]
+            self._last_step = max(self._last_step, records[-1].step)
 
     def write_histograms(self, records: Sequence[HistogramRecord]) -> None:
         values = self._values
@@ -199,19 +232,66 @@ class TensorBoardBackend(Backend):
         self.writer.write(event.SerializeToString())
 
     def flush(self) -> None:
-        """One event per step written so far; the file reaches the disk every
-        ``flush_secs``."""
+        """One event per step written so far, handed to the operating system (a crash or a
+        kill of the process loses none of it); ``os.fsync`` every ``flush_secs`` (a crash of
+        the machine)."""
         if self._values:
+            if not self.writer.path.exists():
+                self._reopen(min(self._values))
             now = time.time()
             for step in sorted(self._values):
                 self.writer.write(encode_event(step, now, self._values[step]))
             self._values.clear()
+        self.writer.flush()
         if time.monotonic() - self._last_sync >= self.flush_secs:
-            self.writer.flush()
+            self.writer.sync()
             self._last_sync = time.monotonic()
+
+    def _reopen(self, step: int) -> None:
+        """The event file is gone (its directory removed during the run): say so once, then
+        re-create the directory and go on in a new file, instead of writing into a removed
+        one that nobody can read."""
+        if not self._reopened:
+            warnings.warn(
+                f"ikkuna: the TensorBoard event file {self.writer.path} was removed during the "
+                f"run (noticed at step {step}); {self.log_dir} is re-created and the events "
+                "from this step on go to a new file there (the earlier ones were in the "
+                "removed file)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._reopened = True
+        with contextlib.suppress(OSError):
+            self.writer.close()
+        self.writer = EventFileWriter(self.log_dir)
 
     def close(self) -> None:
         try:
             self.flush()
+            self._write_heatmaps()
         finally:
             self.writer.close()
+
+    def _write_heatmaps(self) -> None:
+        """One image ``heatmap/<topic>`` per per-module metric of more than
+        :data:`~ikkuna_core.backends.heatmap.HEATMAP_MODULES` modules (TensorBoard's IMAGES
+        tab), in one event at the last step."""
+        if not self._grids:
+            return
+        from tensorboard.compat.proto import summary_pb2
+        values = []
+        for topic, grid in sorted(self._grids.items()):
+            if len(grid.keys) <= HEATMAP_MODULES:
+                continue
+            png = heatmap_png(topic, grid, module_types=self._module_types)
+            width, height = struct.unpack(">II", png[16:24])  # the PNG's IHDR chunk
+            image = summary_pb2.Summary.Image(
+                height=height, width=width, colorspace=4, encoded_image_string=png
+            )
+            values.append(summary_pb2.Summary.Value(tag=f"heatmap/{topic}", image=image))
+        if values:
+            event = self._event_pb2.Event(
+                wall_time=time.time(), step=self._last_step,
+                summary=summary_pb2.Summary(value=values),
+            )
+            self.writer.write(event.SerializeToString())

@@ -92,7 +92,7 @@ def configure_train(parser: argparse.ArgumentParser, registry: PluginRegistry) -
     _optimisation_options(parser)
     _watch_options(parser)
     flags = _add_subscriber_flags(parser, registry)
-    _output_options(parser)
+    _output_options(parser, registry)
     parser.set_defaults(train_setup=TrainSetup(registry, flags))
 
 
@@ -223,17 +223,38 @@ def _watch_options(parser: argparse.ArgumentParser) -> None:
         help="module depth to watch: -1 leaf modules, d >= 1 modules d levels down "
         "(default: the configuration's, -1)",
     )
+    w.add_argument(
+        "--budget",
+        type=_positive_float,
+        default=None,
+        metavar="FRACTION",
+        help="the fraction of the plain step time watching may take on average, e.g. 0.02: "
+        "Ikkuna then chooses each subscriber's cadence from its measured cost (sets "
+        "'budget' of the configuration)",
+    )
+    w.add_argument(
+        "--plan",
+        action="store_true",
+        help="instead of training: measure a few steps on a real batch with every subscriber "
+        "running (nothing is written) and print each subscriber's cost, aten ops and the "
+        "cadence the budget (default 0.02) would give",
+    )
 
 
-def _output_options(parser: argparse.ArgumentParser) -> None:
+def _output_options(parser: argparse.ArgumentParser, registry: PluginRegistry) -> None:
     out = parser.add_argument_group("output")
+    installed = sorted(set(registry.backends) - {"tensorboard", "matplotlib"})
     out.add_argument(
         "-v",
         "--visualisation",
-        choices=sorted(_VISUALISATION),
+        metavar="BACKENDS",
+        type=lambda text: _backends(text, registry),
         default=None,
-        help="backends: tb (TensorBoard), mpl (PNG figures) or both (default: the "
-        "configuration's 'backends'; both when it names none)",
+        help="comma-separated backends: tb (TensorBoard), mpl (PNG figures), both, or any "
+        "installed backend's name"
+        + (f" ({', '.join(installed)})" if installed else "")
+        + ", e.g. -v tb,mlflow (default: the configuration's 'backends'; both when it "
+        "names none)",
     )
     out.add_argument(
         "--log-dir",
@@ -411,16 +432,39 @@ def _with_flags(
 def _outputs(data: dict[str, Any], args: argparse.Namespace, explicit: set[str], hp: Any) -> None:
     """Backends, depth and log directory from the flags (or the defaults) into ``data``."""
     if args.visualisation is not None:
-        data["backends"] = _VISUALISATION[args.visualisation]
+        data["backends"] = args.visualisation  # checked by the parser: _backends
     elif "backends" not in explicit:
         data["backends"] = _VISUALISATION["both"]
     if args.depth is not None:
         data["depth"] = args.depth
+    if args.budget is not None:
+        data["budget"] = args.budget
     if args.log_dir is not None:
         data["log_dir"] = Path(args.log_dir)
     elif "log_dir" not in explicit:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         data["log_dir"] = Path("runs") / f"{hp.model}-{hp.dataset}-{stamp}"
+
+
+def _backends(text: str, registry: PluginRegistry) -> list[str]:
+    """The backends ``-v`` names: aliases (tb, mpl, both) and the installed plugins' backend
+    names, comma-separated, each once, in order."""
+    names: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        for name in _VISUALISATION.get(part, [part]):
+            if name not in registry.backends:
+                known = sorted(_VISUALISATION) + sorted(registry.backends)
+                raise argparse.ArgumentTypeError(
+                    f"invalid choice: {part!r} (choose from {', '.join(known)}, or several "
+                    "joined by commas: -v tb,mlflow)"
+                )
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one backend, e.g. -v tb")
+    return names
 
 
 def _one_line(message: str) -> str:
@@ -461,6 +505,8 @@ def run_train(args: argparse.Namespace) -> int:
     except UsageError as exc:
         raise CLIError(_one_line(str(exc))) from None
     cfg, registry, notes = _build_config(args, hp)
+    if args.plan:
+        return _run_plan(hp, cfg, registry, notes)
     log_dir = Path(cfg.log_dir)
     for note in notes:
         print(f"ikkuna: note: {note}", file=sys.stderr)
@@ -523,6 +569,38 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_plan(hp: Any, cfg: Any, registry: PluginRegistry, notes: list[str]) -> int:
+    """``ikkuna train --plan``: the run as configured, on its first training batch, with
+    no backend and a throw-away log directory; prints the plan's table."""
+    import tempfile
+
+    from ikkuna_core.config import ConfigError
+    from ikkuna_core.cost import measure_plan
+
+    from .data import DatasetUnavailableError
+    from .trainer import Trainer, UsageError
+
+    for note in notes:
+        print(f"ikkuna: note: {note}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="ikkuna-plan-") as tmp:
+        dry = cfg.model_copy(update={"backends": [], "log_dir": Path(tmp)})
+        try:
+            trainer = Trainer(hp, dry, registry=registry, progress=False, save_model=False)
+        except (ConfigError, UsageError) as exc:
+            raise CLIError(_one_line(str(exc))) from None
+        except DatasetUnavailableError as exc:
+            raise CLIError(_one_line(str(exc)), EXIT_FAILURE) from None
+        x, y = next(iter(trainer.train_loader))
+        try:
+            plan = measure_plan(trainer.exporter, lambda: trainer.train_batch(x, y))
+        finally:
+            trainer.exporter.close()
+    print(f"plan for {hp.model} on {hp.dataset}, batch {hp.batch_size} (one real batch; "
+          "costs as measured on this machine, now)")
+    print(plan.table())
+    return 0
+
+
 def _print_plan(hp: Any, cfg: Any, total: int) -> None:
     print("hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in hp.as_dict().items()))
     print(f"steps: {total}   backends: {', '.join(cfg.backends)}   depth: {cfg.depth}   "
@@ -548,6 +626,7 @@ def _print_summary(result: Any, dashboard: Path | None) -> None:
             f"(loss train {result.train_loss:.4f}, test {result.test_loss:.4f})",
         ),
         ("subscribers", ", ".join(result.subscribers) or "(none)"),
+        *(("cost" if i == 0 else "", line) for i, line in enumerate(result.costs)),
         ("logs", str(log_dir)),
     ]
     if "tensorboard" in result.backends:

@@ -6,7 +6,9 @@ reservoir sampling). Panels, in order:
 1. **Loss**: every scalar tag containing ``loss`` (raw values faint, a smoothed line on top),
 2. **Accuracy**: every scalar tag containing ``accuracy``,
 3. one panel per per-layer metric (``norm/weight_gradients``, ``ratio/weight_updates/weights``,
-   ...) with one line per layer, coloured along a colormap in model order,
+   ...) with one line per layer, coloured along a colormap in model order; past 12 layers,
+   a depth x step heatmap instead (layers in forward order down, steps across, a log colour
+   scale when the values span decades),
 4. "colorful dimension" images of histogram tags (training step on x, value on y,
    colour = log count), so a glance shows distributions drifting, saturating or dying; at
    most :data:`MAX_HISTOGRAM_PANELS`, shared among the histogram topics and spread evenly
@@ -31,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ikkuna_core.backends.heatmap import HEATMAP_MODULES, StepGrid, heatmap_figure
 from ikkuna_core.backends.matplotlib import colorful_dimension, series_color
 
 from ._files import probe_writable_dir
@@ -58,6 +61,8 @@ FORMATS: dict[str, str] = {
     ".svg": "svg",
 }
 _COLUMNS = 3
+#: Step columns of a dashboard heatmap (neighbouring steps are averaged past this).
+_HEATMAP_COLUMNS = 300
 
 
 class ReportError(ValueError):
@@ -321,8 +326,12 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
     def named(key: str) -> str:
         return f"{key} ({types[key]})" if key in types else key
 
+    order = list(types)
     for ax, panel in zip(flat, panels, strict=False):
-        _draw_scalars(fig, ax, panel, logs, named)
+        if panel.kind == "layers" and len(panel.lines) > HEATMAP_MODULES:
+            _draw_heatmap(ax, panel, logs, types, order)  # one heatmap, not many curves
+        else:
+            _draw_scalars(fig, ax, panel, logs, named)
     for ax, tag in zip(flat[len(panels) :], shown_hists, strict=False):
         _draw_histograms(ax, tag, logs, named)
     for ax in flat[n:]:
@@ -337,6 +346,18 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _draw_heatmap(
+    ax: Any, panel: _Panel, logs: RunLogs, types: dict[str, str], order: list[str]
+) -> None:
+    """A layers panel of many modules as one depth x step heatmap."""
+    grid = StepGrid(max_columns=_HEATMAP_COLUMNS)
+    for label, tag in panel.lines.items():
+        for step, value in logs.scalars[tag]:
+            grid.add(label, step, value)
+    keys, edges, values = grid.matrix(order)
+    heatmap_figure(panel.title, keys, edges, values, module_types=types, ax=ax, max_labels=16)
 
 
 def _draw_scalars(fig: Any, ax: Any, panel: _Panel, logs: RunLogs, named: Any) -> None:

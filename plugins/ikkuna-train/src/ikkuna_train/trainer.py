@@ -38,8 +38,9 @@ import json
 import math
 import os
 import random
+import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ikkuna_core import IkkunaConfig, RunContext, load_config
+from ikkuna_core import (
+    IkkunaConfig,
+    PluginError,
+    PluginRegistry,
+    RunContext,
+    load_config,
+    load_plugins,
+)
+from ikkuna_core.plugins import UnknownPluginError
 
 from ._files import probe_writable_dir
 
@@ -64,6 +73,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "UsageError",
+    "backend_files",
     "check_log_dir",
     "default_device",
     "default_threads",
@@ -316,6 +326,8 @@ class TrainResult:
     figures: list[Path] = field(default_factory=list)
     model_path: Path | None = None
     run_file: Path | None = None
+    #: what watching cost, one line per subscriber (:meth:`ikkuna_core.cost.CostMeter.summary`)
+    costs: list[str] = field(default_factory=list)
 
     def summary_dict(self) -> dict[str, Any]:
         """JSON-ready summary (everything but the model)."""
@@ -334,6 +346,7 @@ class TrainResult:
             "backends": self.backends,
             "figures": [str(p) for p in self.figures],
             "model_path": str(self.model_path) if self.model_path else None,
+            "costs": self.costs,
         }
 
 
@@ -408,7 +421,15 @@ class Trainer:
 
         hp = (hparams or HyperParameters()).resolved()
         cfg = load_config(config)
-        previous = check_log_dir(Path(cfg.log_dir), overwrite=overwrite)
+        if registry is None:  # loaded here: the backends' files are checked before watch()
+            try:
+                registry = load_plugins(cfg.plugins)
+            except UnknownPluginError as exc:
+                source = str(config) if isinstance(config, (str, Path)) else "the configuration"
+                raise UnknownPluginError(f"{source}: ikkuna.plugins: {exc}") from None
+        previous = check_log_dir(
+            Path(cfg.log_dir), overwrite=overwrite, patterns=backend_files(registry, cfg.backends)
+        )
         self.config = cfg
         self.progress = progress
         self.on_epoch = on_epoch
@@ -441,9 +462,19 @@ class Trainer:
         self.optimizer = make_optimizer(hp.optimizer, self.model.parameters(), hp.lr)
         loss_fn = nn.CrossEntropyLoss()
         context = RunContext(test_loader=self.test_loader, train_loader=self.train_loader)
-        self.exporter = watch(self.model, loss_fn, cfg, registry=registry, context=context)
-        for path in previous:  # validated and attached: only now replace the earlier run
-            path.unlink(missing_ok=True)
+        # The earlier run is moved aside before the backends open their files (a backend may
+        # open a fixed name: metrics.jsonl, mlflow.db), put back if watch() refuses the
+        # configuration, and deleted once the new run is attached.
+        stash = _stash(Path(cfg.log_dir), previous)
+        try:
+            self.exporter = watch(
+                self.model, loss_fn, cfg, registry=registry, context=context, overwrite=overwrite
+            )
+        except BaseException:
+            _unstash(Path(cfg.log_dir), stash)
+            raise
+        if stash is not None:
+            shutil.rmtree(stash)
         self.loss_fn = self.exporter.loss_fn or loss_fn
         self.bus = self.exporter.bus
         for topic, doc in TRAINER_TOPICS.items():
@@ -594,6 +625,7 @@ class Trainer:
             history=self.history,
             subscribers=self.subscriber_names,
             backends=self.backend_names,
+            costs=self.bus.cost.summary(),
         )
         if "matplotlib" in result.backends:
             result.figures = sorted((self.log_dir / "figures").glob("*.png"))
@@ -660,22 +692,66 @@ def _check_depth(depth: int, model: nn.Module, name: str) -> None:
 # ------------------------------------------------------------------------ log directory
 
 
-def previous_run(log_dir: Path) -> list[Path]:
-    """The files of an earlier run in ``log_dir`` (see :data:`RUN_FILES`); empty if none."""
+def backend_files(registry: PluginRegistry, names: Iterable[str]) -> tuple[str, ...]:
+    """The glob patterns of what the backends called ``names`` write in a log directory
+    (their ``files``); names the registry does not know are left to ``watch`` to report."""
+    patterns: list[str] = []
+    for name in names:
+        try:
+            patterns += registry.backend(name).files
+        except PluginError:
+            continue
+    return tuple(patterns)
+
+
+def _stash(log_dir: Path, paths: Sequence[Path]) -> Path | None:
+    """Move ``paths`` (inside ``log_dir``) into a new hidden folder of ``log_dir``, keeping
+    their relative paths; returns the folder (None when there is nothing to move)."""
+    if not paths:
+        return None
+    import tempfile
+
+    stash = Path(tempfile.mkdtemp(prefix=".replaced-", dir=log_dir))
+    for path in paths:
+        target = stash / path.relative_to(log_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(target)
+    return stash
+
+
+def _unstash(log_dir: Path, stash: Path | None) -> None:
+    """Put what :func:`_stash` moved back in place (replacing anything made since)."""
+    if stash is None:
+        return
+    for moved in sorted(p for p in stash.rglob("*") if not p.is_dir()):
+        target = log_dir / moved.relative_to(stash)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        moved.replace(target)
+    shutil.rmtree(stash)
+
+
+def previous_run(log_dir: Path, patterns: Iterable[str] = ()) -> list[Path]:
+    """The files of an earlier run in ``log_dir`` (see :data:`RUN_FILES`), and what the
+    backends' ``patterns`` match (files or folders); empty if none."""
     if not log_dir.is_dir():
         return []
-    return sorted(p for pattern in RUN_FILES for p in log_dir.glob(pattern) if p.is_file())
+    found = {p for pattern in RUN_FILES for p in log_dir.glob(pattern) if p.is_file()}
+    found |= {p for pattern in patterns for p in log_dir.glob(pattern) if p.exists()}
+    return sorted(found)
 
 
-def check_log_dir(log_dir: str | Path, *, overwrite: bool = False) -> list[Path]:
+def check_log_dir(
+    log_dir: str | Path, *, overwrite: bool = False, patterns: Iterable[str] = ()
+) -> list[Path]:
     """Check, before anything is written, that a run can use ``log_dir``: it must be a
     directory (or not exist yet), be writable, and hold no earlier run unless
-    ``overwrite``. Returns the earlier run's files, which the caller replaces. Raises
-    :class:`LogDirError`; leaves nothing behind."""
+    ``overwrite``. ``patterns``: what the run's backends write besides :data:`RUN_FILES`
+    (:func:`backend_files`). Returns the earlier run's files and folders, which the caller
+    replaces. Raises :class:`LogDirError`; leaves nothing behind."""
     path = Path(log_dir)
     if path.exists() and not path.is_dir():
         raise LogDirError(f"log directory {path} is a file, not a directory; choose another one")
-    previous = previous_run(path)
+    previous = previous_run(path, patterns)
     if previous and not overwrite:
         shown = ", ".join(str(p.relative_to(path)) for p in previous[:3])
         more = f" and {len(previous) - 3} more" if len(previous) > 3 else ""

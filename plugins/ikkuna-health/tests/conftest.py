@@ -1,0 +1,8 @@
+"""Makes the tests' helper module (``health_helpers``) importable under any import mode."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
