@@ -383,7 +383,8 @@ def test_results_of_equal_size_reach_their_own_tags_through_the_host_transfer():
             counts, edges = np.histogram(v.numpy(), bins=3)
             assert h.counts.tolist() == counts.tolist(), (topic, key)
             assert h.edges == pytest.approx(edges)
-            assert (h.min, h.max, h.sum) == pytest.approx((v.min(), v.max(), v.sum()))
+            assert (h.min, h.max, h.sum) == pytest.approx(
+                (float(v.min()), float(v.max()), float(v.sum())))
 
 
 def test_a_fixed_range_histogram_does_not_bin_nonfinite_values():

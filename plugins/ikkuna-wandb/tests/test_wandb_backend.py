@@ -171,7 +171,9 @@ def test_offline_run_holds_every_scalar_and_histogram_at_its_step(tmp_path: Path
 def test_watch_names_are_the_names_wandb_watch_uses(tmp_path: Path) -> None:
     model = _model()
     run = wandb.init(mode="offline", project="t", dir=str(tmp_path / "theirs"))
-    wandb.watch(model, log="all", log_freq=1)
+    # idx=0: the names of a process's first watched model (wandb prefixes later ones with
+    # graph_<n>, and another test of the same process may have watched one already)
+    wandb.watch(model, log="all", log_freq=1, idx=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
     for step in range(2):
