@@ -484,26 +484,9 @@ def run_train(args: argparse.Namespace) -> int:
     from ikkuna_core.config import ConfigError
 
     from .data import DatasetUnavailableError
-    from .trainer import EpochStats, HyperParameters, Trainer, UsageError
+    from .trainer import EpochStats, Trainer, UsageError
 
-    try:
-        hp = HyperParameters(
-            model=args.model,
-            dataset=args.dataset,
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            seed=args.seed,
-            device=args.device,
-            init=args.init,
-            max_steps=args.max_steps,
-            data_dir=args.data_dir,
-            download=args.download,
-            threads=args.threads,
-        ).resolved()
-    except UsageError as exc:
-        raise CLIError(_one_line(str(exc))) from None
+    hp = _hyperparameters(args)
     cfg, registry, notes = _build_config(args, hp)
     if args.plan:
         return _run_plan(hp, cfg, registry, notes)
@@ -524,11 +507,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         trainer = Trainer(
-            hp,
-            cfg,
-            registry=registry,
-            progress=args.progress,
-            on_epoch=on_epoch,
+            hp, cfg, registry=registry, progress=args.progress, on_epoch=on_epoch,
             overwrite=args.overwrite,
         )
     except (ConfigError, UsageError) as exc:
@@ -539,6 +518,39 @@ def run_train(args: argparse.Namespace) -> int:
     except DatasetUnavailableError as exc:
         raise CLIError(_one_line(str(exc)), EXIT_FAILURE) from None
     epochs, total = trainer.hparams.epochs, trainer.total_steps
+    _announce(args, trainer, cfg, lines)
+    result = trainer.run()
+    _print_summary(result, _dashboard(args, result, log_dir))
+    return 0
+
+
+def _hyperparameters(args: argparse.Namespace) -> Any:
+    """The run's hyperparameters from the command line, resolved (a usage error named)."""
+    from .trainer import HyperParameters, UsageError
+
+    try:
+        return HyperParameters(
+            model=args.model,
+            dataset=args.dataset,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+            init=args.init,
+            max_steps=args.max_steps,
+            data_dir=args.data_dir,
+            download=args.download,
+            threads=args.threads,
+        ).resolved()
+    except UsageError as exc:
+        raise CLIError(_one_line(str(exc))) from None
+
+
+def _announce(args: argparse.Namespace, trainer: Any, cfg: Any, lines: bool) -> None:
+    """What the run will do: an unreachable --max-steps, the plan (-V) or one line."""
+    hp, total = trainer.hparams, trainer.total_steps
     if hp.max_steps is not None and total < hp.max_steps:
         print(
             f"ikkuna: note: --max-steps {hp.max_steps} is not reached: "
@@ -552,21 +564,22 @@ def run_train(args: argparse.Namespace) -> int:
     elif lines:
         print(
             f"training {hp.model} on {hp.dataset}: {_plural(total, 'step')} in "
-            f"{_plural(epochs or 0, 'epoch')}, logs in {log_dir}",
+            f"{_plural(hp.epochs or 0, 'epoch')}, logs in {cfg.log_dir}",
             flush=True,
         )
-    result = trainer.run()
 
-    dashboard = None
-    if not args.no_report and "tensorboard" in result.backends:
-        from .report import ReportError, make_report
 
-        try:
-            dashboard = make_report(log_dir, log_dir / "dashboard.png")
-        except ReportError as exc:  # e.g. nothing was logged
-            print(f"ikkuna: note: no dashboard: {exc}", file=sys.stderr)
-    _print_summary(result, dashboard)
-    return 0
+def _dashboard(args: argparse.Namespace, result: Any, log_dir: Path) -> Path | None:
+    """dashboard.png of the run (unless --no-report or nothing TensorBoard could read)."""
+    if args.no_report or "tensorboard" not in result.backends:
+        return None
+    from .report import ReportError, make_report
+
+    try:
+        return make_report(log_dir, log_dir / "dashboard.png")
+    except ReportError as exc:  # e.g. nothing was logged
+        print(f"ikkuna: note: no dashboard: {exc}", file=sys.stderr)
+        return None
 
 
 def _run_plan(hp: Any, cfg: Any, registry: PluginRegistry, notes: list[str]) -> int:
