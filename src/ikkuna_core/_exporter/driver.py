@@ -17,7 +17,7 @@ from .clock import Act, Ended, Stamp, StepClock
 from .diagnostics import Diagnostics
 from .hooks import Callbacks, Hooks, guard
 from .loss import LossWatch
-from .params import Parameters, Versioned, gathered
+from .params import Parameters, Versioned
 from .selection import unwrap_model
 
 __all__ = ["StepDriver"]
@@ -163,7 +163,8 @@ class StepDriver:
         )
         stash = capture.take()
         grads, updates = self.params.take_step()
-        self.bus.deliver(stamp, self._payloads(stamp, wanted, stash, grads, updates))
+        self.bus.deliver(stamp, self._payloads(stamp, wanted, stash, grads, updates),
+                         sharded=self.params.sharded)
 
     def _deliver_skipped(self) -> None:
         """Hand an attempt whose optimizer step was skipped to the subscribers that see
@@ -177,13 +178,14 @@ class StepDriver:
                 if params[i].tensor.grad is not grad}
         stamp = self.clock.stamp
         payloads = self._payloads(stamp, self.capture.wanted, stash, kept, {})
-        self.bus.deliver_skipped(stamp, payloads)
+        self.bus.deliver_skipped(stamp, payloads, sharded=self.params.sharded)
 
     def _payloads(
         self, stamp: Stamp, wanted: frozenset[str], stash: Stash,
         grads: dict[int, Versioned], updates: dict[int, torch.Tensor],
     ) -> dict[str, TopicPayloads]:
-        """The payloads of a step: parameters, forward, events (gathered when sharded)."""
+        """The payloads of a step: parameters, forward, events (DTensors as they are: the
+        bus gives each subscriber shards or full tensors, :mod:`.._bus.shards`)."""
         payloads: dict[str, TopicPayloads] = {}
         if not wanted:
             return payloads
@@ -195,8 +197,6 @@ class StepDriver:
             payloads = self.params.payloads(wanted, grads, updates, self.capture.valid)
             payloads.update(self.capture.payloads(stash, wanted))
             payloads.update(_events(wanted, stamp[2]))
-            if self.params.sharded:
-                payloads = gathered(payloads)
         return payloads
 
 

@@ -67,6 +67,7 @@ class Histogram(Subscriber):
     name = "histogram"
     Options = HistogramOptions
     default_topics: ClassVar[tuple[str, ...]] = ("activations",)
+    sharded = "merge"
     options: HistogramOptions
 
     def sample_size(self, topic: str) -> int | None:
@@ -77,16 +78,51 @@ class Histogram(Subscriber):
     def compute_step(self, step: StepBundle) -> None:
         # every topic's tensors in one segmented computation, then one message per topic
         tensors = [step[topic].tensors() for topic in step.topics]
+        flat = [t for group in tensors for t in group]
+        sizes = [len(group) for group in tensors]
+        if self.merging(step):
+            self._merged(step, flat, sizes)
+            return
         hists = ops.histograms(
-            [t for group in tensors for t in group],
+            flat,
             bins=self.options.bins,
             range=self.options.range,
             max_samples=self.options.max_samples or None,
         )
-        sizes = [len(group) for group in tensors]
+        self._publish(step, hists, sizes)
+
+    def _publish(self, step: StepBundle, hists: ops.Histograms, sizes: list[int]) -> None:
         per_topic = zip(*(field.split(sizes) for field in hists), strict=True)
         for topic, fields in zip(step.topics, per_topic, strict=True):
             self.publish_histograms(step, ops.Histograms(*fields), topic=topic)
+
+    def _merged(self, step: StepBundle, flat: list[torch.Tensor], sizes: list[int]) -> None:
+        """Histograms of sharded payloads: the shards agree on each tensor's finite min and
+        max (one all-reduce of maxima), bin with those edges, and sum their counts and
+        statistics (one of sums). With ``max_samples`` each shard is sampled on its own."""
+        samples = self.options.max_samples or None
+        bins = self.options.bins
+
+        def counted(limits: tuple[torch.Tensor, torch.Tensor]) -> None:
+            hists = ops.histograms(flat, bins=bins, range=self.options.range,
+                                   max_samples=samples, limits=limits)
+            sums = torch.cat([hists.counts.double(), torch.stack(
+                [hists.num.double(), hists.sum, hists.sum_squares, hists.nonfinite.double()],
+                dim=1)], dim=1)
+
+            def publish(total: torch.Tensor) -> None:
+                counts, num, s1, s2, nonfinite = total.split([bins, 1, 1, 1, 1], dim=1)
+                self._publish(step, hists._replace(
+                    counts=counts.round().to(torch.int64), num=num[:, 0].round().to(torch.int64),
+                    sum=s1[:, 0], sum_squares=s2[:, 0],
+                    nonfinite=nonfinite[:, 0].round().to(torch.int64)), sizes)
+
+            self.merge_shards(step, sums, publish)
+
+        def agreed(extremes: torch.Tensor) -> None:
+            counted((-extremes[:, 1], extremes[:, 0]))
+
+        self.merge_shards(step, ops.finite_extremes(flat, samples), agreed, op="max")
 
 
 class DeadFractionOptions(TensorOptions):
