@@ -139,7 +139,7 @@ class Subscriber:
         """Whether some payload of ``step`` is a local shard whose statistics must be merged
         with :meth:`merge_shards` (only for ``sharded = "merge"``; False outside sharded
         training, where payloads are whole tensors)."""
-        view = self.bus.shards
+        view = self.bus.merges.view
         return (self.sharded == "merge" and view is not None
                 and bool(view.rows([step[t] for t in step.topics])))
 
@@ -160,8 +160,8 @@ class Subscriber:
         subscriber of a step travels in one all-reduce per ``op`` kind; ``then`` may merge
         again (a histogram's counts after its edges). Without shards, ``then(partial)`` is
         called at once."""
-        self.bus.merge_shards(self, step, partial, then,
-                              tuple(step.topics if topics is None else topics), op)
+        self.bus.merges.submit(self, step, partial, then,
+                               tuple(step.topics if topics is None else topics), op)
 
     def sample_size(self, topic: str) -> int | None:
         """How many entries of each payload of a forward topic (``activations``,

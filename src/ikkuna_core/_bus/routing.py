@@ -23,7 +23,7 @@ from ..topics import TopicSpec, builtin_topics
 from .consumer import Consumer
 from .policy import ErrorPolicy
 from .results import Results, payloads_of, values_message
-from .shards import Merges, ShardedStep, local_view
+from .shards import Merges
 from .transfer import Outbox
 
 if TYPE_CHECKING:
@@ -138,8 +138,7 @@ class MessageBus(_OldNames):
         self._period = 1  # the subscriptions' subsample periods repeat after this many steps
         self._consumed: frozenset[str] = frozenset()
         self.cost = CostMeter(self)  # measured cost per subscriber; the budget
-        self.shards: ShardedStep | None = None  # the step being delivered, when sharded
-        self.merges = Merges()
+        self.merges = Merges()  # sharded payloads: shards, merges, gathers
         self._outbox.host_records = self.cost.records  # written with every flush
 
     on_error = property(lambda self: self.policy.on_error, doc="``'warn'`` or ``'raise'``")
@@ -277,26 +276,21 @@ class MessageBus(_OldNames):
         return plans
 
     # ------------------------------------------------------------- delivery
-    def deliver(
-        self, stamp: Stamp, payloads: dict[str, TopicPayloads], *, sharded: bool = False
-    ) -> None:
+    def deliver(self, stamp: Stamp, payloads: dict[str, TopicPayloads]) -> None:
         """Hand one step's payloads to every subscription due at the step, in registration
         order (each one sees the results of those before it), then write to the backends
-        every ``flush_every`` steps. Subscribers run under ``torch.no_grad()``. ``sharded``:
-        some payloads may be DTensors (see :mod:`.shards`)."""
+        every ``flush_every`` steps. Subscribers run under ``torch.no_grad()``."""
         step = stamp[0]
         self.cost.begin(step)
         active = self.active(step)
         if active:
             with torch.no_grad():
-                self._run(stamp, payloads, active, sharded=sharded)
+                self._run(stamp, payloads, active)
         if (step + 1) % self.flush_every == 0:
             self.flush(wait=False)
         self.cost.end()
 
-    def deliver_skipped(
-        self, stamp: Stamp, payloads: dict[str, TopicPayloads], *, sharded: bool = False
-    ) -> None:
+    def deliver_skipped(self, stamp: Stamp, payloads: dict[str, TopicPayloads]) -> None:
         """Hand the payloads of an attempt whose optimizer step was skipped to the
         subscriptions due at ``stamp``'s step whose subscriber sees skipped steps (the step
         keeps its number: the next attempt is delivered under it too). Results are written
@@ -304,7 +298,7 @@ class MessageBus(_OldNames):
         due = tuple(s for s in self.active(stamp[0]) if s.subscriber.sees_skipped_steps)
         if due:
             with torch.no_grad():
-                self._run(stamp, payloads, due, skipped=True, sharded=sharded)
+                self._run(stamp, payloads, due, skipped=True)
 
     def deliver_event(self, stamp: Stamp, topic: str) -> None:
         """Hand an event that happens between steps (``epoch_finished``) to the subscriptions
@@ -316,115 +310,49 @@ class MessageBus(_OldNames):
 
     def _run(
         self, stamp: Stamp, payloads: dict[str, TopicPayloads],
-        active: Sequence[Subscription], skipped: bool = False, sharded: bool = False,
+        active: Sequence[Subscription], skipped: bool = False,
     ) -> None:
-        view = self.shards = local_view(payloads) if sharded else None
-        available = dict(payloads if view is None else view.local)
-        held: dict[Subscription, Any] = {}  # subscribers waiting for the merge of shards
-        try:
-            for sub in active:
-                if not sub.subscriber.enabled:
-                    continue
-                if held and any(t in sub.topics for h in held
-                                for t in h.subscriber.output_topics()):
-                    self._merge(stamp, held, payloads, available)  # it reads their results
-                source = available
-                if view is not None and view.sharded and _gathers(sub.subscriber):
-                    source = {**available, **{t: view.full(t) for t in sub.topics
-                                              if t in view.sharded and t in available}}
-                parts = _parts(sub, source, stamp, self.policy)
-                if not parts:
-                    continue
-                bundle = StepBundle(
-                    global_step=stamp[0], epoch=stamp[1], batch_index=stamp[2],
-                    payloads=parts, skipped=skipped,
-                )
-                self.results.open(sub.subscriber)
-                token = self.cost.started()
-                try:
-                    sub.subscriber.compute_step(bundle)
-                except IkkunaError:
-                    # a subscriber raising an IkkunaError itself stops the run on purpose
-                    # (ikkuna-health's action = "raise"): it goes through, whatever on_error
-                    self.results.close(stamp)
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the error policy decides
-                    self.cost.stopped(sub, token)
-                    self.results.close(stamp)
-                    self.merges.drop(sub.subscriber)
-                    self._subscriber_failed(sub, exc, stamp, list(parts))
-                    continue
-                self.cost.stopped(sub, token)
-                if self.merges.waiting(sub.subscriber):
-                    held[sub] = self.results.hold()
-                else:
-                    self._published(stamp, payloads, available)
-            if held:
-                self._merge(stamp, held, payloads, available)
-        finally:
-            self.shards = None
-            self.merges.pending.clear()
+        merges = self.merges
+        available = merges.begin(payloads)  # DTensors: this rank's shards (see .shards)
+        held: dict[Subscription, object] = {}  # subscribers waiting for a merge of shards
 
-    def _published(
-        self, stamp: Stamp, payloads: dict[str, TopicPayloads],
-        available: dict[str, TopicPayloads],
-    ) -> None:
-        """Close the open subscriber's results: to the backends, and as derived topics."""
-        for message in self.results.close(stamp):
-            self._outbox.put(message)
-            if message.topic in self._consumed:
-                modules = {k: m for p in payloads.values()
-                           for k, m in zip(p.keys, p.modules, strict=True)}
-                available[message.topic] = payloads_of(message, modules)
+        def finish(sub: Subscription, exc: Exception | None) -> None:
+            _finished(self, sub, exc, stamp, payloads, available)
 
-    def merge_shards(
-        self, owner: Any, step: StepBundle, partial: torch.Tensor,
-        then: Callable[[torch.Tensor], None], topics: Sequence[str], op: str,
-    ) -> None:
-        """See :meth:`ikkuna_core.Subscriber.merge_shards`."""
-        parts = [step[t] for t in topics]
-        rows = sum(len(p) for p in parts)
-        if partial.dim() == 0 or partial.shape[0] != rows:
-            raise ValueError(
-                f"subscriber {owner.name!r}: merge_shards needs one row per payload of "
-                f"{list(topics)} ({rows}), got a tensor of shape {tuple(partial.shape)}"
+        for sub in active:
+            if not sub.subscriber.enabled:
+                continue
+            merges.settle(held, self.results, finish, before=sub)  # if it reads their results
+            parts = _parts(sub, merges.source(sub.subscriber, sub.topics, available), stamp,
+                           self.policy)
+            if not parts:
+                continue
+            bundle = StepBundle(
+                global_step=stamp[0], epoch=stamp[1], batch_index=stamp[2], payloads=parts,
+                skipped=skipped,
             )
-        view = self.shards
-        index = view.rows(parts) if view is not None and _merges(owner) else []
-        if not index:
-            then(partial)
-            return
-        self.merges.add(owner, partial, index, op, then)
-
-    def _merge(
-        self, stamp: Stamp, held: dict[Subscription, Any], payloads: dict[str, TopicPayloads],
-        available: dict[str, TopicPayloads],
-    ) -> None:
-        """Merge the held subscribers' partial statistics across the shards' ranks (one
-        all-reduce per reduction and round), hand each subscriber its merged values, and
-        publish its results once nothing of it waits any more."""
-        assert self.shards is not None
-        while self.merges.pending:
-            entries = self.merges.reduce(self.shards.group)
-            for sub in [s for s in list(held) if any(e.owner is s.subscriber for e in entries)]:
-                self.results.resume(held.pop(sub))
-                try:
-                    for entry in entries:
-                        if entry.owner is sub.subscriber:
-                            assert entry.merged is not None
-                            entry.then(entry.merged)
-                except IkkunaError:
-                    self.results.close(stamp)
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the error policy decides
-                    self.results.close(stamp)
-                    self.merges.drop(sub.subscriber)
-                    self._subscriber_failed(sub, exc, stamp, list(sub.topics))
-                    continue
-                if self.merges.waiting(sub.subscriber):
-                    held[sub] = self.results.hold()
-                else:
-                    self._published(stamp, payloads, available)
+            self.results.open(sub.subscriber)
+            token = self.cost.started()
+            try:
+                sub.subscriber.compute_step(bundle)
+            except IkkunaError:
+                # a subscriber raising an IkkunaError itself stops the run on purpose
+                # (ikkuna-health's action = "raise"): it goes through, whatever on_error
+                self.results.close(stamp)
+                raise
+            except Exception as exc:  # noqa: BLE001 - the error policy decides
+                self.cost.stopped(sub, token)
+                self.results.close(stamp)
+                merges.drop(sub.subscriber)
+                self._subscriber_failed(sub, exc, stamp, list(parts))
+                continue
+            self.cost.stopped(sub, token)
+            if merges.waiting(sub.subscriber):
+                held[sub] = self.results.hold()
+            else:
+                _published(self, stamp, payloads, available)
+        merges.settle(held, self.results, finish)
+        merges.end()
 
     # ----------------------------------------------------------------- errors
     def _subscriber_failed(
@@ -483,13 +411,33 @@ class MessageBus(_OldNames):
         self._outbox.close(before=self.cost.close)
 
 
-def _merges(subscriber: Any) -> bool:
-    """Whether ``subscriber`` merges statistics of local shards (``sharded = "merge"``)."""
-    return getattr(subscriber, "sharded", "gather") == "merge"
+def _published(
+    bus: MessageBus, stamp: Stamp, payloads: dict[str, TopicPayloads],
+    available: dict[str, TopicPayloads],
+) -> None:
+    """Close the open subscriber's results: to the backends, and as derived topics."""
+    for message in bus.results.close(stamp):
+        bus._outbox.put(message)
+        if message.topic in bus._consumed:
+            available[message.topic] = payloads_of(message, _modules(payloads))
 
 
-def _gathers(subscriber: Any) -> bool:
-    return not _merges(subscriber)
+def _finished(
+    bus: MessageBus, sub: Subscription, exc: Exception | None, stamp: Stamp,
+    payloads: dict[str, TopicPayloads], available: dict[str, TopicPayloads],
+) -> None:
+    """A subscription that waited for a merge of shards is done (``exc``: it failed)."""
+    if exc is None:
+        return _published(bus, stamp, payloads, available)
+    bus.results.close(stamp)
+    if isinstance(exc, IkkunaError):
+        raise exc
+    bus._subscriber_failed(sub, exc, stamp, list(sub.topics))
+
+
+def _modules(payloads: dict[str, TopicPayloads]) -> dict[str | None, ModuleInfo | None]:
+    """Every payload's key and module."""
+    return {k: m for p in payloads.values() for k, m in zip(p.keys, p.modules, strict=True)}
 
 
 def _parts(

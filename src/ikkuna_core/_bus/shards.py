@@ -22,7 +22,7 @@ import torch
 
 from ..messages import TopicPayloads
 
-__all__ = ["Merges", "ShardedStep", "is_dtensor", "local_view"]
+__all__ = ["Merges", "ShardedStep", "is_dtensor", "local_view", "merges"]
 
 #: How partial statistics of shards combine.
 Reduction = Literal["sum", "max", "min"]
@@ -141,12 +141,92 @@ class _Pending:
     merged: torch.Tensor | None = None
 
 
+def merges(subscriber: Any) -> bool:
+    """Whether ``subscriber`` merges statistics of local shards (``sharded = "merge"``)."""
+    return getattr(subscriber, "sharded", "gather") == "merge"
+
+
 class Merges:
-    """The partial statistics waiting for the step's all-reduce, in the order they came."""
+    """A bus's view of the step it delivers when the payloads are sharded (``view``), and the
+    partial statistics waiting for the step's all-reduce, in the order they came."""
 
     def __init__(self) -> None:
+        self.view: ShardedStep | None = None
         self.pending: list[_Pending] = []
-        self.collectives = 0  # all-reduces issued (for tests and benchmarks)
+
+    def begin(self, payloads: dict[str, TopicPayloads]) -> dict[str, TopicPayloads]:
+        """A step's delivery begins: the payloads subscribers choose from, DTensors seen as
+        this rank's local tensors (no DTensor exists before torch's module of them is
+        imported: no search at all in a run without one)."""
+        self.pending.clear()
+        sharded = "torch.distributed.tensor" in sys.modules and any(
+            is_dtensor(t) for p in payloads.values() for t in p.data)
+        self.view = local_view(payloads) if sharded else None
+        return dict(payloads if self.view is None else self.view.local)
+
+    def end(self) -> None:
+        self.view = None
+        self.pending.clear()
+
+    def source(
+        self, subscriber: Any, topics: Sequence[str], available: dict[str, TopicPayloads]
+    ) -> dict[str, TopicPayloads]:
+        """What ``subscriber`` chooses its topics' payloads from: the local shards if it
+        merges, else the full tensors of its sharded topics (gathered on first demand)."""
+        view = self.view
+        if view is None or not view.sharded or merges(subscriber):
+            return available
+        return {**available, **{t: view.full(t) for t in topics
+                                if t in view.sharded and t in available}}
+
+    def submit(
+        self, owner: Any, step: Any, partial: torch.Tensor,
+        then: Callable[[torch.Tensor], None], topics: Sequence[str], op: str,
+    ) -> None:
+        """See :meth:`ikkuna_core.Subscriber.merge_shards`."""
+        parts = [step[t] for t in topics]
+        rows = sum(len(p) for p in parts)
+        if partial.dim() == 0 or partial.shape[0] != rows:
+            raise ValueError(
+                f"subscriber {owner.name!r}: merge_shards needs one row per payload of "
+                f"{list(topics)} ({rows}), got a tensor of shape {tuple(partial.shape)}"
+            )
+        index = self.view.rows(parts) if self.view is not None and merges(owner) else []
+        if not index:
+            then(partial)
+            return
+        self.add(owner, partial, index, op, then)
+
+    def settle(
+        self, held: dict[Any, object], results: Any,
+        finish: Callable[[Any, Exception | None], None], before: Any | None = None,
+    ) -> None:
+        """Merge the ``held`` subscriptions' partials across the shards' ranks (one all-reduce
+        per reduction and round), hand each its merged values with its results reopened
+        (``results.resume``), then ``finish(sub, None)`` once nothing of it waits any more,
+        or ``finish(sub, exc)`` when it failed. With ``before`` (a subscription about to
+        run), only if it reads what one of them publishes."""
+        if before is not None and not any(
+                t in before.topics for h in held for t in h.subscriber.output_topics()):
+            return
+        while self.pending:
+            assert self.view is not None
+            entries = self.reduce(self.view.group)
+            for sub in [s for s in list(held) if any(e.owner is s.subscriber for e in entries)]:
+                results.resume(held.pop(sub))
+                try:
+                    for entry in entries:
+                        if entry.owner is sub.subscriber:
+                            assert entry.merged is not None
+                            entry.then(entry.merged)
+                except Exception as exc:  # noqa: BLE001 - the bus's error policy decides
+                    self.drop(sub.subscriber)
+                    finish(sub, exc)
+                    continue
+                if self.waiting(sub.subscriber):
+                    held[sub] = results.hold()
+                else:
+                    finish(sub, None)
 
     def add(
         self, owner: Any, partial: torch.Tensor, rows: list[int], op: str,
@@ -182,7 +262,6 @@ class Merges:
                 parts.append(-rows if p.op == "min" else rows)
             buffer = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
             dist.all_reduce(buffer, op=reduce_op, group=group)
-            self.collectives += 1
             for p, part in zip(entries, buffer.split([t.numel() for t in parts]), strict=True):
                 if p.op == "min":
                     part = -part

@@ -163,8 +163,7 @@ class StepDriver:
         )
         stash = capture.take()
         grads, updates = self.params.take_step()
-        self.bus.deliver(stamp, self._payloads(stamp, wanted, stash, grads, updates),
-                         sharded=self.params.sharded)
+        self.bus.deliver(stamp, self._payloads(stamp, wanted, stash, grads, updates))
 
     def _deliver_skipped(self) -> None:
         """Hand an attempt whose optimizer step was skipped to the subscribers that see
@@ -178,7 +177,7 @@ class StepDriver:
                 if params[i].tensor.grad is not grad}
         stamp = self.clock.stamp
         payloads = self._payloads(stamp, self.capture.wanted, stash, kept, {})
-        self.bus.deliver_skipped(stamp, payloads, sharded=self.params.sharded)
+        self.bus.deliver_skipped(stamp, payloads)
 
     def _payloads(
         self, stamp: Stamp, wanted: frozenset[str], stash: Stash,
