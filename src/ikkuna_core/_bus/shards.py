@@ -48,6 +48,16 @@ def _shard_group(tensor: Any) -> Any | None:
     return mesh.get_group()
 
 
+def _same_ranks(group: Any, other: Any) -> bool:
+    """Whether two process groups join the same ranks in the same order (two meshes over
+    the same ranks may have distinct groups; their shards merge alike)."""
+    if group is other:
+        return True
+    import torch.distributed as dist
+
+    return bool(dist.get_process_group_ranks(group) == dist.get_process_group_ranks(other))
+
+
 def _is_replicated(tensor: Any) -> bool:
     from torch.distributed.tensor import Replicate
 
@@ -78,7 +88,7 @@ def local_view(payloads: dict[str, TopicPayloads]) -> ShardedStep:
                 mine = _shard_group(t)
                 if mine is not None and group is None:
                     group = mine
-                if mine is not None and mine is group:
+                if mine is not None and _same_ranks(mine, group):
                     data.append(t.to_local())  # type: ignore[attr-defined]
                     keys.add(key)
                 elif _is_replicated(t):
