@@ -168,7 +168,7 @@ def _recorder(topics: list[str], merge: bool) -> Any:
 
 
 def _scenarios() -> dict[str, Callable[[], dict[str, Any]]]:
-    from ikkuna_histograms.subscribers import Histogram
+    from ikkuna_histograms.subscribers import DeadFraction, Histogram
     from ikkuna_norms.subscribers import GlobalNorm, Mean, Norm, SpectralNorm, Variance
 
     three = ["weights", "weight_gradients", "weight_updates"]
@@ -179,6 +179,7 @@ def _scenarios() -> dict[str, Callable[[], dict[str, Any]]]:
             Histogram(topics=["weights", "weight_gradients"], bins=16, max_samples=0),
             Mean(topics=["weights"]), Variance(topics=["weight_gradients"]),
             GlobalNorm(), Norm(topics=["weight_updates"], p="inf"),
+            DeadFraction(topics=["weight_gradients"], module_types=[]),
         ], 32),
         "fsdp_spectral": lambda: _train(_fsdp(), [
             Norm(topics=["weights"]), SpectralNorm(topics=["weights"], subsample=2),

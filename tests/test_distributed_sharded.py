@@ -84,7 +84,7 @@ def test_fsdp2_norms_on_three_topics_add_one_all_reduce_and_equal_the_full_tenso
     assert ranks[0]["fsdp_norms"]["scalars"] == ranks[1]["fsdp_norms"]["scalars"]
 
 
-def test_fsdp2_histograms_moments_and_extremes_merge_in_three_collectives(ranks):
+def test_fsdp2_histograms_moments_extremes_zero_fractions_merge_in_three_collectives(ranks):
     for result in ranks:
         watched = result["fsdp_stats"]
         _assert_few_collectives(watched, result["fsdp_plain"], most=3)
@@ -103,6 +103,9 @@ def test_fsdp2_histograms_moments_and_extremes_merge_in_three_collectives(ranks)
                     float(g.double().var()), rel=1e-5)
                 assert scalars[(f"norm/weight_updates/{key}", step)] == pytest.approx(
                     float(update.abs().max()), rel=1e-5)
+                # ReLU blocks: rows of dead units have exactly zero gradients
+                assert scalars[(f"dead_fraction/weight_gradients/{key}", step)] == \
+                    pytest.approx(float((g == 0).double().mean()), rel=1e-6)
                 for topic, full in (("weights", w), ("weight_gradients", g)):
                     got = hists[(f"histogram/{topic}/{key}", step)]
                     # the single-process computation on the gathered tensor

@@ -5,6 +5,7 @@ synchronisation), one value (or one histogram row) per input tensor, in input or
 
 - :func:`norms` — p-norms through ``torch._foreach_norm``
 - :func:`zero_fractions` — fraction of exact zeros (``_foreach_norm`` with p = 0)
+- :func:`zero_counts` — entries and exact zeros of each tensor (zero fractions of shards)
 - :func:`moments` — means and variances, by segments of one concatenation
 - :func:`partial_moments` / :func:`merged_moments` — counts, sums and sums of squares of
   shards, and the means and variances of their merge
@@ -38,6 +39,7 @@ __all__ = [
     "partial_moments",
     "sample",
     "sample_index",
+    "zero_counts",
     "zero_fractions",
 ]
 
@@ -120,6 +122,15 @@ def zero_fractions(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return (numel - nonzero) / numel
 
     return _per_device(tensors, fn)
+
+
+def zero_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(n, 2)`` float64: each tensor's number of exact zeros and of entries — what the
+    shards of a tensor sum to give its :func:`zero_fractions` (zeros / entries)."""
+    rows = [torch.stack([(t.numel() - torch.count_nonzero(t)).double(),
+                         torch.tensor(float(t.numel()), dtype=torch.float64, device=t.device)])
+            for t in tensors]
+    return torch.stack(rows) if rows else torch.empty(0, 2, dtype=torch.float64)
 
 
 def moments(

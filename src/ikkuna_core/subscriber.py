@@ -93,8 +93,9 @@ class Subscriber:
     #: its partial statistics across the ranks with :meth:`merge_shards` (norms as sums of
     #: squares, moments as sums and counts, extremes by max/min, histograms by summed counts
     #: over edges agreed first). A statistic that needs the whole matrix (a spectral norm, a
-    #: condition number) keeps ``"gather"``.
-    sharded: ClassVar[Literal["gather", "merge"]] = "gather"
+    #: condition number) keeps ``"gather"``. An instance may set its own (an option that
+    #: needs whole tensors).
+    sharded: Literal["gather", "merge"] = "gather"
 
     def __init__(self, **options: object) -> None:
         if not self.name:

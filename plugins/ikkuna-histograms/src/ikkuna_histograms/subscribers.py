@@ -160,6 +160,9 @@ class DeadFraction(Subscriber):
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
         self._types = frozenset(self.options.module_types)
+        # zero fractions of shards merge (zeros and entries summed); dead units of a shard
+        # need the whole tensor
+        self.sharded = "gather" if self.options.units else "merge"
 
     def output_topics(self) -> list[str]:
         topics = list(self.options.topics)
@@ -173,18 +176,38 @@ class DeadFraction(Subscriber):
     def wants_module(self, module: ModuleInfo) -> bool:
         return not self._types or module.type in self._types
 
+    def _merged(
+        self, step: StepBundle, topic: str, chosen: list[int], keys: list[str | None],
+        tensors: list[torch.Tensor],
+    ) -> None:
+        """Zero fractions of sharded payloads: zeros and entries of the shards summed (NaN
+        for a tensor without entries, as :func:`ikkuna_core.ops.zero_fractions`)."""
+        counts = torch.zeros(len(step[topic]), 2, dtype=torch.float64,
+                             device=tensors[0].device)
+        counts[ops.constant(chosen, torch.long, counts.device)] = ops.zero_counts(tensors)
+
+        def publish(total: torch.Tensor) -> None:
+            rows = total[ops.constant(chosen, torch.long, total.device)]
+            self.publish_scalars(step, (rows[:, 0] / rows[:, 1]).float(), keys, topic=topic)
+
+        self.merge_shards(step, counts, publish, topics=[topic])
+
     def compute_step(self, step: StepBundle) -> None:
         for topic in step.topics:
             payloads = step[topic]
             all_tensors = payloads.tensors()  # a TensorOptions topic: every payload a tensor
+            merging = self.merging(step)  # then a shard may be empty on this rank only
             chosen = [
                 i for i, (module, x) in enumerate(zip(payloads.modules, all_tensors, strict=True))
-                if x.numel() and (module is None or self.wants_module(module))
+                if (merging or x.numel()) and (module is None or self.wants_module(module))
             ]
             if not chosen:
                 continue
             keys = [payloads.keys[i] for i in chosen]
             tensors = [all_tensors[i] for i in chosen]
+            if merging:
+                self._merged(step, topic, chosen, keys, tensors)
+                continue
             self.publish_scalars(step, ops.zero_fractions(tensors), keys, topic=topic)
             dim = self.options.unit_dim
             if self.options.units:
