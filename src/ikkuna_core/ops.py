@@ -127,10 +127,12 @@ def zero_fractions(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def zero_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``(n, 2)`` float64: each tensor's number of exact zeros and of entries — what the
     shards of a tensor sum to give its :func:`zero_fractions` (zeros / entries)."""
-    rows = [torch.stack([(t.numel() - torch.count_nonzero(t)).double(),
-                         torch.tensor(float(t.numel()), dtype=torch.float64, device=t.device)])
-            for t in tensors]
-    return torch.stack(rows) if rows else torch.empty(0, 2, dtype=torch.float64)
+    if not tensors:
+        return torch.empty(0, 2, dtype=torch.float64)
+    device = tensors[0].device
+    numel = constant([t.numel() for t in tensors], torch.float64, device)
+    nonzero = torch.stack([torch.count_nonzero(t).to(device) for t in tensors]).double()
+    return torch.stack([numel - nonzero, numel], dim=1)
 
 
 def moments(
@@ -152,11 +154,15 @@ def moments(
 def partial_moments(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``(n, 3)`` float64: each tensor's number of entries, sum and sum of squares — the
     moments of shards, which merge by summing (:func:`merged_moments` finishes them)."""
-    rows = []
+    if not tensors:
+        return torch.empty(0, 3, dtype=torch.float64)
+    sums = []
     for t in tensors:
         x = t.detach().reshape(-1).double()
-        rows.append(torch.stack([x.new_tensor(float(x.numel())), x.sum(), torch.dot(x, x)]))
-    return torch.stack(rows) if rows else torch.empty(0, 3, dtype=torch.float64)
+        sums.append(torch.stack([x.sum(), torch.dot(x, x)]))
+    device = tensors[0].device
+    counts = constant([t.numel() for t in tensors], torch.float64, device)
+    return torch.cat([counts[:, None], torch.stack(sums).to(device)], dim=1)
 
 
 def merged_moments(

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from ..messages import TopicPayloads
+from ..ops import constant
 
 __all__ = ["Merges", "ShardedStep", "is_dtensor", "local_view", "merges"]
 
@@ -267,7 +268,7 @@ class Merges:
             parts = []
             for p in entries:
                 rows = p.partial if len(p.rows) == p.partial.shape[0] else p.partial[
-                    torch.tensor(p.rows, dtype=torch.long, device=p.partial.device)]
+                    constant(p.rows, torch.long, p.partial.device)]
                 rows = rows.reshape(-1).double()
                 parts.append(-rows if p.op == "min" else rows)
             buffer = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
@@ -279,7 +280,7 @@ class Merges:
                     p.merged = part.view(p.partial.shape).to(p.partial.dtype)
                 else:
                     merged = p.partial.clone()
-                    index = torch.tensor(p.rows, dtype=torch.long, device=merged.device)
+                    index = constant(p.rows, torch.long, merged.device)
                     merged[index] = part.view(len(p.rows), *p.partial.shape[1:]).to(merged.dtype)
                     p.merged = merged
         return taken
