@@ -169,7 +169,7 @@ def _recorder(topics: list[str], merge: bool) -> Any:
 
 def _scenarios() -> dict[str, Callable[[], dict[str, Any]]]:
     from ikkuna_histograms.subscribers import DeadFraction, Histogram
-    from ikkuna_norms.subscribers import GlobalNorm, Mean, Norm, SpectralNorm, Variance
+    from ikkuna_norms.subscribers import GlobalNorm, Mean, Norm, Ratio, SpectralNorm, Variance
 
     three = ["weights", "weight_gradients", "weight_updates"]
     return {
@@ -180,6 +180,7 @@ def _scenarios() -> dict[str, Callable[[], dict[str, Any]]]:
             Mean(topics=["weights"]), Variance(topics=["weight_gradients"]),
             GlobalNorm(), Norm(topics=["weight_updates"], p="inf"),
             DeadFraction(topics=["weight_gradients"], module_types=[]),
+            Ratio(topics=["norm/weight_updates", "mean/weights"]),  # reads merged results
         ], 32),
         "fsdp_spectral": lambda: _train(_fsdp(), [
             Norm(topics=["weights"]), SpectralNorm(topics=["weights"], subsample=2),

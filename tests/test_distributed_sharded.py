@@ -103,6 +103,9 @@ def test_fsdp2_histograms_moments_extremes_zero_fractions_merge_in_three_collect
                     float(g.double().var()), rel=1e-5)
                 assert scalars[(f"norm/weight_updates/{key}", step)] == pytest.approx(
                     float(update.abs().max()), rel=1e-5)
+                # a subscriber of merged results runs after their merge
+                assert scalars[(f"ratio/norm/weight_updates/mean/weights/{key}", step)] == \
+                    pytest.approx(float(update.abs().max() / w.double().mean().abs()), rel=1e-5)
                 # ReLU blocks: rows of dead units have exactly zero gradients
                 assert scalars[(f"dead_fraction/weight_gradients/{key}", step)] == \
                     pytest.approx(float((g == 0).double().mean()), rel=1e-6)
