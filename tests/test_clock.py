@@ -16,7 +16,7 @@ from ikkuna_core._exporter.clock import Act, StepClock
 def _act(text: str) -> Act:
     act = Act.NONE
     for name in filter(None, text.split("|")):
-        act |= Act[name]
+        act |= getattr(Act, name)
     return act
 
 

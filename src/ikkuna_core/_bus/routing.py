@@ -35,6 +35,7 @@ __all__ = ["Handle", "MessageBus", "Stamp", "Subscription", "UnknownTopicError"]
 Stamp = tuple[int, int, int]
 #: Steps a synchronized subscription may stay incomplete before it is reported.
 _INCOMPLETE_WARN_AFTER = 3
+_NOTHING: frozenset[str] = frozenset()
 _T = TypeVar("_T")
 _C = TypeVar("_C", bound=Consumer)
 #: Per watched module, how a forward topic is captured: -1 not at all, 0 whole, k > 0 a
@@ -255,12 +256,12 @@ class MessageBus(_OldNames):
         if cadence < 1:
             raise ValueError(f"cadence must be >= 1, got {cadence}")
         sub.subsample = cadence
-        self._active_cache.clear()
-        self._period = math.lcm(1, *(s.subsample for s in self.subscriptions))
+        self._changed()  # which subscriptions are due when, and their capture plans
 
     def wanted_topics(self, step: int) -> frozenset[str]:
         """Topics some subscription wants at ``step`` (after subsampling)."""
-        return frozenset(t for s in self.active(step) for t in s.topics)
+        active = self.active(step)
+        return frozenset(t for s in active for t in s.topics) if active else _NOTHING
 
     def capture_plans(self, step: int, modules: Sequence[ModuleInfo]) -> Plans:
         """Per watched module, how ``activations``, ``layer_gradients`` and ``inputs`` are

@@ -140,7 +140,7 @@ class StepDriver:
             self.act(act)
 
     # ------------------------------------------------------------- the step
-    def act(self, act: Act) -> None:
+    def act(self, act: int) -> None:
         """Do what the clock decided: end the open step, open the next, or hand a skipped
         attempt over."""
         if act & Act.SKIPPED:

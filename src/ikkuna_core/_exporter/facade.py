@@ -19,7 +19,7 @@ from .. import _lifecycle
 from .._bus import Consumer, Handle, MessageBus
 from ..backends.base import Backend
 from ..messages import ModuleInfo
-from .clock import Act, StepClock
+from .clock import StepClock
 from .driver import StepDriver
 from .selection import check_depth, select_modules
 
@@ -251,7 +251,7 @@ class Exporter:
         if self._driver is not None:
             self._driver.sync()
 
-    def _act(self, act: Act) -> None:
+    def _act(self, act: int) -> None:
         if self._driver is not None:
             self._driver.act(act)
 

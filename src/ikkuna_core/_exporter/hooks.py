@@ -5,8 +5,7 @@ hook from stopping training."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -25,22 +24,31 @@ __all__ = ["LOSS_TOPICS", "Callbacks", "Hooks", "guard", "outside_graphs"]
 LOSS_TOPICS = frozenset({"network_output", "input_labels", "loss"})
 
 
-@contextmanager
-def guard(
-    report: Callable[[str, BaseException], None], where: str,
-    cleanup: Callable[[], None] | None = None,
-) -> Iterator[None]:
+class guard:
     """Nothing inside a hook may stop training: an error is ``report``-ed (the bus's error
     policy decides) after ``cleanup``; a subscriber's or backend's error under
-    ``on_error="raise"`` (an :class:`IkkunaError`) goes through as it is."""
-    try:
-        yield
-    except IkkunaError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - never stop training
-        if cleanup is not None:
-            cleanup()
-        report(where, exc)
+    ``on_error="raise"`` (an :class:`IkkunaError`) goes through as it is. A class, not a
+    generator: it runs in every hook of every step."""
+
+    __slots__ = ("cleanup", "report", "where")
+
+    def __init__(
+        self, report: Callable[[str, BaseException], None], where: str,
+        cleanup: Callable[[], None] | None = None,
+    ) -> None:
+        self.report, self.where, self.cleanup = report, where, cleanup
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> bool:
+        if exc is None or isinstance(exc, IkkunaError) or not isinstance(exc, Exception):
+            return False
+        if self.cleanup is not None:
+            self.cleanup()
+        self.report(self.where, exc)  # never stop training
+        return True
 
 
 def outside_graphs(hook: Callable[..., Any]) -> Callable[..., Any]:
