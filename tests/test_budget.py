@@ -60,6 +60,20 @@ def test_decide_keeps_a_cadence_that_fits_and_re_decides_when_costs_change() -> 
     assert decide({"a": 0.01}, 0.02, floors, {"a": 8}) == {"a": 1}
 
 
+def test_decide_does_not_flip_between_two_rungs_on_noisy_costs() -> None:
+    """Measured on the 2-core CPU (issue 19): norm's cost per run read 11 %, 22 %, 19 %,
+    23 % of the step in successive windows, and the cadence went 32, 64, 32, 64, 32, 64.
+    Slowing down when over budget stays quick; speeding up needs the plan to use twice
+    what the current cadences use."""
+    floors, budget = {"norm": 1, "hist": 1}, 0.02
+    current = {"norm": 64, "hist": 128}
+    for norm in (0.223, 0.194, 0.229, 0.167, 0.222):
+        current = decide({"norm": norm, "hist": 1.07}, budget, floors, current)
+    assert current == {"norm": 64, "hist": 128}
+    # a real change (norm's cost a twentieth) still speeds it up
+    assert decide({"norm": 0.01, "hist": 1.07}, budget, floors, current)["norm"] < 64
+
+
 def test_amortised() -> None:
     assert amortised({"a": 0.1, "b": 0.04}, {"a": 8, "b": 2}) == pytest.approx(0.0325)
 
