@@ -1,0 +1,147 @@
+"""The fixed cost of watching a small step, measured in one process.
+
+``overhead.py`` times each variant in its own worker process, which is right for the
+memory and for large steps; on a 3 ms step (the MLP) its ratios are dominated by the
+machine's noise between processes (its ``plain-again`` reads 1.0-1.2 on the shared 2-core
+CPU). Here two copies of the same model train in the same process, one plain and one
+watched, in alternating blocks of steps, and the ratio is of the medians of their blocks'
+CPU times: what watching adds to one step, in microseconds, within a few percent.
+
+    python benchmarks/fixed_cost.py                       # MLP, the budget variants
+    python benchmarks/fixed_cost.py --variants exporter,all,all-budget --blocks 40
+
+The variants are those of ``overhead.py`` (the same subscribers and configuration keys).
+Writes a JSON file with every block's time (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import overhead
+
+DEFAULT_VARIANTS = "exporter,all-sub10,all-budget,quickstart-budget"
+
+
+def mlp() -> nn.Module:
+    """overhead.py's MLP problem: 784-256-128-10."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+        nn.Linear(128, 10),
+    )
+
+
+def python_calls(model: nn.Module, opt: Any, fn: Any, x: Any, y: Any, n: int) -> float:
+    """Python function calls per training step (C functions included), counted with
+    ``sys.setprofile`` over ``n`` steps: a deterministic proxy for the host time Ikkuna's
+    hooks take, which the timings above can only estimate on a shared machine."""
+    count = 0
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+
+    sys.setprofile(profile)
+    try:
+        for _ in range(n):
+            opt.zero_grad()
+            fn(model(x), y).backward()
+            opt.step()
+    finally:
+        sys.setprofile(None)
+    return count / n
+
+
+def measure(variant: str, *, blocks: int, steps: int, warmup: int, batch: int) -> dict[str, Any]:
+    """Plain and watched block times (CPU seconds per step) of one variant."""
+    import ikkuna_core as ik
+
+    torch.manual_seed(0)
+    plain_model = mlp()
+    watched_model = copy.deepcopy(plain_model)
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01)
+    watched_opt = torch.optim.SGD(watched_model.parameters(), lr=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    plugins, subscribers, extra = overhead.IKKUNA_VARIANTS[variant]
+    config = {"plugins": plugins, "subscribers": subscribers, "backends": [],
+              "log_dir": tempfile.mkdtemp(prefix="ikkuna-fixed-"), **extra}
+    context = ik.RunContext(test_loader=[(x, y)], train_loader=[(x, y)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the budget's cadence changes are said as warnings
+        exporter = ik.watch(watched_model, loss_fn, config, context=context)
+        watched_loss = exporter.loss_fn
+
+        def block(model: nn.Module, opt: torch.optim.Optimizer, fn: Any, n: int) -> float:
+            start = time.process_time()
+            for _ in range(n):
+                opt.zero_grad()
+                fn(model(x), y).backward()
+                opt.step()
+            return (time.process_time() - start) / n
+
+        block(plain_model, plain_opt, loss_fn, warmup)
+        block(watched_model, watched_opt, watched_loss, warmup)
+        plain, watched = [], []
+        for _ in range(blocks):
+            plain.append(block(plain_model, plain_opt, loss_fn, steps))
+            watched.append(block(watched_model, watched_opt, watched_loss, steps))
+        calls = python_calls(plain_model, plain_opt, loss_fn, x, y, steps)
+        calls_watched = python_calls(watched_model, watched_opt, watched_loss, x, y, steps)
+        cadences = {s.subscriber.name: s.subsample for s in exporter.bus.subscriptions}
+        summary = exporter.bus.cost.summary()
+        exporter.close()
+    p, w = statistics.median(plain), statistics.median(watched)
+    return {"variant": variant, "plain_ms": p * 1e3, "watched_ms": w * 1e3, "ratio": w / p,
+            "added_us": (w - p) * 1e6, "python_calls_added": calls_watched - calls,
+            "cadences": cadences, "cost_summary": summary,
+            "plain_blocks": plain, "watched_blocks": watched}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--blocks", type=int, default=30, help="blocks of each (default 30)")
+    parser.add_argument("--steps", type=int, default=40, help="steps per block (default 40)")
+    parser.add_argument("--warmup", type=int, default=300,
+                        help="untimed steps first: the budget settles (default 300)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="JSON file to write")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    print("| variant | plain ms | watched ms | ratio | added per step | Python calls added |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for variant in args.variants.split(","):
+        row = measure(variant, blocks=args.blocks, steps=args.steps, warmup=args.warmup,
+                      batch=args.batch_size)
+        rows.append(row)
+        print(f"| {variant} | {row['plain_ms']:.3f} | {row['watched_ms']:.3f} | "
+              f"{row['ratio']:.3f} | {row['added_us']:+.0f} us | "
+              f"{row['python_calls_added']:.0f} |", flush=True)
+    if args.out:
+        info = {"machine": platform.machine(), "processor": platform.processor(),
+                "python": platform.python_version(), "torch": torch.__version__,
+                "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M")}
+        Path(args.out).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
