@@ -112,10 +112,9 @@ def _watch(net: nn.Module, topics: tuple[str, ...]) -> Any:
     import ikkuna_core as ik
     from ikkuna_norms.subscribers import Norm
 
-    exporter = ik.Exporter(bus=ik.MessageBus(on_error="raise"))
-    exporter.set_model(net)
+    exporter = ik.Exporter(net, bus=ik.MessageBus(on_error="raise"))
     if topics:
-        exporter.bus.register_subscriber(Norm(topics=list(topics)))
+        exporter.subscribe(Norm(topics=list(topics)))
     return exporter
 
 

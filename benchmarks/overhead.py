@@ -682,7 +682,7 @@ class Runner:
             "weight_param_bytes": tensor_bytes(p for _, p in weight_parameters(self.model)),
         }
         if self.exporter is not None:
-            out["snapshot_bytes"] = tensor_bytes(self.exporter._snapshot.values())
+            out["snapshot_bytes"] = tensor_bytes(self.exporter.snapshots)
         if self.device.type == "cuda":
             out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
             out["cuda_allocated_bytes"] = torch.cuda.memory_allocated(self.device)

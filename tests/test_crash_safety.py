@@ -195,9 +195,9 @@ def test_a_forked_child_does_not_close_its_parents_exporters(tmp_path: Path) -> 
         pid = os.fork()
         if pid == 0:  # the child: closing at exit must leave the parent's Exporter alone
             _lifecycle.close_open_exporters()
-            os._exit(0 if not exporter._closed else 1)
+            os._exit(0 if not exporter.clock.closed else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-        assert not exporter._closed
+        assert not exporter.clock.closed
     finally:
         exporter.close()

@@ -258,7 +258,7 @@ def test_pay_only_for_what_is_used(recorder_cls):
     opt.step()
     # an optimizer holds the parameters: its pre-step hook reads them, no hook per parameter
     assert exporter.hook_count == base
-    assert exporter._snapshot == {}  # no update topic: parameters are never copied
+    assert exporter.snapshots == []  # no update topic: parameters are never copied
 
     act = recorder_cls(topics=["activations"], subsample=2)
     exporter.bus.register_subscriber(act)
@@ -424,7 +424,7 @@ def test_real_models_train_unchanged_and_publish_true_values(name, recorder_cls)
 
     exporter, rec = watched(watched_model, ALL_TOPICS, recorder_cls)
     activations: dict[tuple[str, int], torch.Tensor] = {}
-    for info, module in exporter._module_objs:
+    for info, module in exporter.watched_modules:
         def capture(m, a, out, name=info.name):
             out = out[0] if isinstance(out, tuple) else out
             activations[(name, exporter.global_step)] = out.detach().clone()
@@ -441,7 +441,7 @@ def test_real_models_train_unchanged_and_publish_true_values(name, recorder_cls)
     last = exporter.global_step
     assert last == 1
     checked = 0
-    for info, module in exporter._module_objs:
+    for info, module in exporter.watched_modules:
         for pname, p in module.named_parameters(recurse=False):
             topic = "biases" if "bias" in pname else "weights"
             key = info.name if pname in ("weight", "bias") else f"{info.name}.{pname}"

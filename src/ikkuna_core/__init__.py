@@ -5,13 +5,13 @@ imported only by the parts that need them.
 """
 
 from . import ops
+from ._bus import Handle, MessageBus, Subscription, UnknownTopicError
+from ._exporter import ROOT_NAME, Exporter, select_modules, unwrap_model
 from .backends.base import Backend, HistogramRecord, ScalarRecord
-from .bus import MessageBus, Subscription, UnknownTopicError
 from .commands import SubscriberFlag
 from .config import ConfigError, IkkunaConfig, SubscriberConfig, load_config
 from .context import RunContext
 from .errors import BackendError, IkkunaError, SubscriberError
-from .exporter import Exporter, select_modules
 from .hookspecs import hookimpl
 from .messages import (
     HistogramsMessage,
@@ -25,7 +25,7 @@ from .messages import (
     message_json_schema,
 )
 from .plugins import PluginError, PluginRegistry, load_plugins
-from .subscriber import Subscriber, SubscriberOptions, TensorOptions
+from .subscriber import PerModuleSubscriber, Subscriber, SubscriberOptions, TensorOptions
 from .topics import EVENT_TOPICS, MODULE_TOPICS, NETWORK_TOPICS, TopicSpec
 from .watch import watch
 
@@ -33,10 +33,12 @@ __all__ = [
     "EVENT_TOPICS",
     "MODULE_TOPICS",
     "NETWORK_TOPICS",
+    "ROOT_NAME",
     "Backend",
     "BackendError",
     "ConfigError",
     "Exporter",
+    "Handle",
     "HistogramRecord",
     "HistogramsMessage",
     "IkkunaConfig",
@@ -46,6 +48,7 @@ __all__ = [
     "ModuleInfo",
     "ModuleMessage",
     "NetworkMessage",
+    "PerModuleSubscriber",
     "PluginError",
     "PluginRegistry",
     "RunContext",
@@ -68,6 +71,7 @@ __all__ = [
     "message_json_schema",
     "ops",
     "select_modules",
+    "unwrap_model",
     "watch",
 ]
 

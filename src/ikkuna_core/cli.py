@@ -126,7 +126,7 @@ def _topic_table() -> list[dict[str, str]]:
     """Every topic a bus knows with the installed plugins loaded: the Exporter's, the
     plugins' own topics, and what each subscriber publishes with its default options in a
     run that provides everything a :class:`~ikkuna_core.RunContext` can hold."""
-    from .bus import MessageBus
+    from ._bus import MessageBus
     from .context import RunContext
     from .plugins import load_plugins
 
@@ -140,7 +140,7 @@ def _topic_table() -> list[dict[str, str]]:
     everything = RunContext.complete()
     for name, (cls, plugin) in sorted(registry.subscribers.items()):
         try:
-            bus.register_subscriber(cls(**registry.subscriber_options(name, {}, everything)))
+            bus.subscribe(cls(**registry.subscriber_options(name, {}, everything)))
         except Exception:  # noqa: BLE001 - a subscriber that needs options is listed without
             continue
         for topic in bus.topics:

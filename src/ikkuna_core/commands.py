@@ -28,10 +28,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .plugins import PluginRegistry
+from typing import Any
 
 __all__ = [
     "CORE_COMMANDS",
@@ -68,7 +65,7 @@ class Command:
 
     name: str
     help: str
-    configure: Callable[[argparse.ArgumentParser, PluginRegistry], None]
+    configure: Callable[[argparse.ArgumentParser, Any], None]  # (parser, PluginRegistry)
     run: Callable[[argparse.Namespace], int]
     description: str | None = None
     epilog: str | None = None

@@ -39,13 +39,10 @@ import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import budget as _budget
-from .backends.base import ScalarRecord
-
-if TYPE_CHECKING:
-    from .bus import MessageBus, Subscription
+from .backends.base import Backend, ScalarRecord
 
 __all__ = [
     "COST_TOPIC",
@@ -58,6 +55,25 @@ __all__ = [
     "PlanRow",
     "measure_plan",
 ]
+
+
+class Subscription(Protocol):
+    """What the meter reads of a bus's subscription (:class:`ikkuna_core.Subscription`)."""
+
+    subscriber: Any
+    subsample: int
+
+
+class MessageBus(Protocol):
+    """What the meter uses of its bus (:class:`ikkuna_core.MessageBus`, which creates it)."""
+
+    subscriptions: Any
+    clock: Callable[[], tuple[int, int, int]]
+
+    @property
+    def backends(self) -> list[Backend]: ...
+    def set_cadence(self, sub: Any, cadence: int) -> None: ...
+    def log_text(self, tag: str, text: str) -> None: ...
 
 COST_TOPIC = "ikkuna/cost"
 CADENCE_TOPIC = "ikkuna/cadence"
@@ -129,6 +145,7 @@ class CostMeter:
         self._window_steps = 0
         self._records: list[ScalarRecord] = []
         self._device: Any = False  # False: not looked up yet; None: CPU; else a CUDA device
+        self.model: Any = None  # the watched model (told by the Exporter): its device
         self._pool: list[Any] = []
         self._counting: Any = None  # an op-counting dispatch mode (plans only)
         self._initial: dict[Subscription, int] = {}
@@ -139,8 +156,8 @@ class CostMeter:
     def clock(self) -> float:
         """Seconds on the meter's clock: the process's CPU time, or the wall clock when the
         watched model is on a CUDA device."""
-        if self._device is False:
-            self._device = _cuda_device(self.bus)
+        if self._device is False:  # looked up at the first step: a model may move first
+            self._device = None if self.model is None else cuda_device(self.model)
         return time.perf_counter() if self._device is not None else time.process_time()
 
     def step_ending(self) -> None:
@@ -316,8 +333,7 @@ class CostMeter:
         self._exporter_window = 0.0
 
     def _last_step(self) -> int:
-        ex = self.bus.exporter
-        return max(ex.global_step, 0) if ex is not None else 0
+        return self.bus.clock()[0]
 
     # ------------------------------------------------------------ the budget
     def cost_per_run(self, sub: Subscription) -> float | None:
@@ -420,16 +436,10 @@ def _every(n: int) -> str:
     return f"every {n}{suffix} step"
 
 
-def _cuda_device(bus: MessageBus) -> Any:
-    """The CUDA device of the watched model, or None (timed by the host clock alone)."""
-    ex = bus.exporter
-    model = getattr(ex, "model", None)
-    if model is None:
-        return None
+def cuda_device(model: Any) -> Any:
+    """The CUDA device of ``model``'s first parameter, or None (timed by the host clock)."""
     for p in model.parameters():
-        if p.device.type == "cuda":
-            return p.device
-        return None
+        return p.device if p.device.type == "cuda" else None
     return None
 
 
@@ -503,6 +513,47 @@ class Plan:
         return "\n".join(lines)
 
 
+def _plain_step(exporter: Any, step: Callable[[], Any], meter: CostMeter) -> tuple[float, int]:
+    """The plain step's seconds (the median of three silenced steps, after a warm-up and
+    one counting its aten ops) and aten ops."""
+    with exporter.silenced():
+        step()
+    counter = _OpCount()
+    with exporter.silenced(), counter.mode:
+        step()
+    times = []
+    with exporter.silenced():
+        for _ in range(3):
+            start = meter.clock()
+            step()
+            times.append(meter.clock() - start)
+    return statistics.median(times), counter.count
+
+
+def _watched_step(
+    step: Callable[[], Any], meter: CostMeter, subs: list[Any], steps: int
+) -> tuple[list[tuple[Any, str, float, int]], float, int]:
+    """``steps`` steps with every subscriber running, the last one measured: per
+    subscription (label, seconds, aten ops), the Exporter's seconds, the step's aten ops."""
+    for _ in range(max(0, steps - 1)):
+        step()
+    meter.settle()
+    before = {s: (meter.account(s).total, meter.account(s).runs) for s in subs}
+    exporter_before = meter._exporter_total
+    meter.count_ops(True)
+    total = _OpCount()
+    with total.mode:
+        step()
+    meter.count_ops(False)
+    meter.settle()  # the measured step has ended: account for it now
+    rows = []
+    for s in subs:
+        acc = meter.account(s)
+        seconds = acc.total - before[s][0] if acc.runs > before[s][1] else 0.0
+        rows.append((s, acc.label, seconds, acc.ops))
+    return rows, meter._exporter_total - exporter_before, total.count
+
+
 def measure_plan(
     exporter: Any,
     step: Callable[[], Any],
@@ -521,48 +572,21 @@ def measure_plan(
     bus = exporter.bus
     meter: CostMeter = bus.cost
     chosen_budget = budget if budget is not None else meter.budget or 0.02
-    saved_backends, bus.backends = bus.backends, []
+    saved_backends = list(bus.backends)
+    bus.backends.clear()
     saved_budget, meter.budget = meter.budget, None
     subs = [s for s in bus.subscriptions if s.subscriber.enabled]
     cadences = {s: s.subsample for s in subs}
     try:
-        with exporter.silenced():
-            step()
-        counter = _OpCount()
-        with exporter.silenced(), counter.mode:
-            step()
-        plain_ops = counter.count
-        times = []
-        with exporter.silenced():
-            for _ in range(3):
-                start = meter.clock()
-                step()
-                times.append(meter.clock() - start)
-        plain = statistics.median(times)
+        plain, plain_ops = _plain_step(exporter, step, meter)
         for s in subs:
             bus.set_cadence(s, 1)
-        for _ in range(max(0, steps - 1)):
-            step()
-        meter.settle()
-        before = {s: (meter.account(s).total, meter.account(s).runs) for s in subs}
-        exporter_before = meter._exporter_total
-        meter.count_ops(True)
-        total = _OpCount()
-        with total.mode:
-            step()
-        meter.count_ops(False)
-        meter.settle()  # the measured step has ended: account for it now
-        rows = []
-        for s in subs:
-            acc = meter.account(s)
-            seconds = acc.total - before[s][0] if acc.runs > before[s][1] else 0.0
-            rows.append((s, acc.label, seconds, acc.ops))
-        exporter_seconds = meter._exporter_total - exporter_before
+        rows, exporter_seconds, total_ops = _watched_step(step, meter, subs, steps)
     finally:
         meter.count_ops(False)
         for s, k in cadences.items():
             bus.set_cadence(s, k)
-        bus.backends = saved_backends
+        bus.backends[:] = saved_backends
         meter.budget = saved_budget
         meter.records()  # the plan's values are not the run's
     plain = max(plain, 1e-9)
@@ -579,7 +603,7 @@ def measure_plan(
             for s, label, seconds, ops in rows
         ],
         exporter_seconds=exporter_seconds,
-        exporter_ops=max(0, total.count - plain_ops - sub_ops),
+        exporter_ops=max(0, total_ops - plain_ops - sub_ops),
         budget=chosen_budget,
         device=device,
     )

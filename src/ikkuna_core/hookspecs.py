@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from ._exporter import Exporter
     from .backends.base import Backend
     from .commands import Command, SubscriberFlag
     from .config import IkkunaConfig
     from .context import RunContext
-    from .exporter import Exporter
     from .messages import TopicSpec
     from .subscriber import Subscriber
 

@@ -1,8 +1,13 @@
 """The typed message contract between the Exporter, the MessageBus and plugins.
 
-Every message is a frozen pydantic model; payloads are ``torch.Tensor``s. Payloads are
-*detached views of live training state*: they are valid while the message is being handled;
-a subscriber that wants to keep one past its ``compute`` call must ``clone()`` it.
+Every message is a frozen pydantic model; payloads are ``torch.Tensor``s: the training
+step's own tensors, not copies. ``weights``/``biases`` are the parameters themselves,
+``*_gradients`` are ``p.grad``, ``activations``, ``inputs`` and the loss topics are the
+tensors the forward made (attached to autograd's graph), ``*_updates`` are buffers the
+Exporter reuses every step; only samples (``Subscriber.sample_size``) and the copies of
+tensors seen changing in place are fresh. Subscribers run under ``torch.no_grad()``: never
+change a payload in place (that changes training), and ``clone()`` one to keep it past the
+call that received it.
 
 Two shapes of the same data:
 

@@ -255,12 +255,7 @@ def histograms(
     entries (:func:`sample`). Values are binned in their own precision (float32 for float32
     and lower, float64 for float64): a value within rounding of a bin edge may fall in the
     neighbouring bin from the one ``numpy.histogram`` (float64) would choose."""
-    if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
-    if range is not None and not range[0] < range[1]:
-        raise ValueError(f"histogram range must be (low, high) with low < high, got {range}")
-    if not tensors:
-        raise ValueError("histograms needs at least one tensor")
+    _check_histograms(tensors, bins, range)
     groups = _device_groups(tensors)
     if len(groups) > 1:
         parts = [histograms([tensors[i] for i in idx], bins, range, max_samples) for idx in groups]
@@ -276,19 +271,43 @@ def histograms(
         for t in tensors
     ]
     lengths = tuple(t.numel() for t in flat)
+    return _histograms_of_rows(_rows(flat, lengths), lengths, bins, range)
+
+
+def _check_histograms(
+    tensors: Sequence[torch.Tensor], bins: int, range: tuple[float, float] | None  # noqa: A002
+) -> None:
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    if range is not None and not range[0] < range[1]:
+        raise ValueError(f"histogram range must be (low, high) with low < high, got {range}")
+    if not tensors:
+        raise ValueError("histograms needs at least one tensor")
+
+
+def _rows(flat: list[torch.Tensor], lengths: tuple[int, ...]) -> torch.Tensor:
+    """The 1-d tensors ``flat`` as the rows of one matrix, in float32 (float64 for float64
+    data: half the memory traffic of float64 otherwise); shorter rows padded with NaN,
+    which is never counted."""
     n, width = len(flat), max(max(lengths), 1)
     device = flat[0].device
     data = torch.cat(flat)
-    # the bulk in float32 (float64 for float64 data): half the memory traffic of float64
     dtype = torch.float64 if data.dtype == torch.float64 else torch.float32
     if data.dtype != dtype:
         data = data.to(dtype)
     if all(k == width for k in lengths):
-        x = data.view(n, width)
-    else:  # rows of different lengths: padded with NaN, which is never counted
-        x = torch.full((n * width,), math.nan, dtype=dtype, device=device)
-        x.index_copy_(0, _layout(lengths, width, device), data)
-        x = x.view(n, width)
+        return data.view(n, width)
+    x = torch.full((n * width,), math.nan, dtype=dtype, device=device)
+    x.index_copy_(0, _layout(lengths, width, device), data)
+    return x.view(n, width)
+
+
+def _histograms_of_rows(
+    x: torch.Tensor, lengths: tuple[int, ...], bins: int,
+    range: tuple[float, float] | None,  # noqa: A002 - mirrors numpy/torch naming
+) -> Histograms:
+    """Histograms of each row's finite entries (see :func:`histograms`)."""
+    n, dtype, device = x.shape[0], x.dtype, x.device
     finite = _finite(x)
     xf = torch.where(finite, x, 0.0)
     nfin = torch.count_nonzero(finite, dim=1)

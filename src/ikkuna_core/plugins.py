@@ -5,13 +5,20 @@ enabled can never break a run. One that fails is named with its cause: as an err
 was asked for by name, as a :class:`PluginWarning` (and skipped) when it was only enabled
 because every installed plugin is. The environment variable ``IKKUNA_PLUGINS``
 (comma-separated entry-point names) narrows which plugins load; ``IKKUNA_PLUGINS=""`` loads
-none — the escape hatch when a plugin breaks start-up.
+none — the escape hatch when a plugin breaks start-up. ``IKKUNA_TRACE_PLUGINS=1`` prints every
+hook call and its result to stderr (pluggy's tracing, as datasette's ``DATASETTE_TRACE_PLUGINS``).
+
+Every hook is called through pluggy's caller, so tracing, ``tryfirst``/``trylast`` and
+wrappers apply; what a plugin provides (subscribers, backends, topics, commands, flags,
+default subscribers) is collected per plugin with a caller restricted to that plugin
+(``subset_hook_caller``), which keeps who provided what.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +49,7 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "ikkuna"
 ENV_VAR = "IKKUNA_PLUGINS"
+TRACE_ENV_VAR = "IKKUNA_TRACE_PLUGINS"
 BUILTIN_NAME = "builtin"
 
 
@@ -109,6 +117,9 @@ class PluginRegistry:
     def __init__(self) -> None:
         self.manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.manager.add_hookspecs(hookspecs)
+        if os.environ.get(TRACE_ENV_VAR):
+            self.manager.trace.root.setwriter(lambda text: print(text, end="", file=sys.stderr))
+            self.manager.enable_tracing()
         self.plugins: dict[str, PluginInfo] = {}
         self.subscribers: dict[str, tuple[type[Subscriber], str]] = {}
         self.backends: dict[str, tuple[type[Backend], str]] = {}
@@ -175,12 +186,15 @@ class PluginRegistry:
         info.loaded = True
         self.plugins[name] = info
 
-    @staticmethod
-    def _collect(plugin: object, name: str, hooks: set[str], hook: str) -> list[Any]:
+    def _collect(self, plugin: object, name: str, hooks: set[str], hook: str) -> list[Any]:
+        """What ``plugin`` answers to the collection hook ``hook``, through pluggy's caller
+        restricted to that plugin."""
         if hook not in hooks:
             return []
+        others = [p for p in self.manager.get_plugins() if p is not plugin]
+        caller = self.manager.subset_hook_caller(hook, remove_plugins=others)
         try:
-            return list(getattr(plugin, hook)() or [])
+            return [item for answer in caller() for item in (answer or [])]
         except Exception as exc:
             raise PluginError(
                 f"plugin {name!r}: {hook}() raised {type(exc).__name__}: {exc}"
@@ -329,14 +343,7 @@ def load_plugins(
     available = {ep.name for ep in eps}
     requested = None if names is None else list(names)
     if requested is not None:
-        unknown = [n for n in requested if n not in available]
-        if unknown:
-            raise UnknownPluginError(
-                f"unknown plugin(s) {', '.join(map(repr, unknown))}; installed plugins: "
-                f"{', '.join(sorted(available)) or '(none)'}; a plugin is a distribution "
-                "that registers an 'ikkuna' entry point: install it with pip (from a clone of "
-                "Ikkuna: pip install ./plugins/<folder>), then see `ikkuna plugins`"
-            )
+        _check_requested(requested, available)
     env = _env_selection() if environment else None
     if env:
         _warn_unknown_env(env - available, available)
@@ -352,16 +359,7 @@ def load_plugins(
             registry.plugins.setdefault(ep.name, info)
             continue
         try:
-            if len(group) > 1:
-                raise PluginError(_twins(group))
-            try:
-                plugin = ep.load()
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {ep.name!r} (distribution {info.distribution} {info.version}, "
-                    f"{ep.value}) failed to import: {type(exc).__name__}: {exc}"
-                ) from exc
-            registry.register(plugin, info)
+            _load(registry, group, info)
         except PluginError as exc:
             named = (requested is not None and ep.name in requested) or env is not None
             if strict and named:
@@ -372,6 +370,33 @@ def load_plugins(
             if strict:
                 warnings.warn(f"{exc}; skipped", PluginWarning, stacklevel=2)
     return registry
+
+
+def _check_requested(requested: list[str], available: set[str]) -> None:
+    unknown = [n for n in requested if n not in available]
+    if unknown:
+        raise UnknownPluginError(
+            f"unknown plugin(s) {', '.join(map(repr, unknown))}; installed plugins: "
+            f"{', '.join(sorted(available)) or '(none)'}; a plugin is a distribution "
+            "that registers an 'ikkuna' entry point: install it with pip (from a clone of "
+            "Ikkuna: pip install ./plugins/<folder>), then see `ikkuna plugins`"
+        )
+
+
+def _load(registry: PluginRegistry, group: list[EntryPoint], info: PluginInfo) -> None:
+    """Import the one entry point of a plugin name and register it; any failure (several
+    distributions registering the name too) is a PluginError naming it."""
+    if len(group) > 1:
+        raise PluginError(_twins(group))
+    ep = group[0]
+    try:
+        plugin = ep.load()
+    except Exception as exc:
+        raise PluginError(
+            f"plugin {ep.name!r} (distribution {info.distribution} {info.version}, "
+            f"{ep.value}) failed to import: {type(exc).__name__}: {exc}"
+        ) from exc
+    registry.register(plugin, info)
 
 
 def _twins(group: list[EntryPoint]) -> str:

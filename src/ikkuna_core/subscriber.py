@@ -3,16 +3,19 @@
 A subscriber has a ``name`` (used in the run configuration) and declares its options as a
 pydantic model (``Options``; every subscriber accepts ``topics``, ``subsample`` and
 ``publish_as``). It is called once per training step, at the end of the step (after
-``optimizer.step()``), in one of two ways:
+``optimizer.step()``). The contract is :meth:`Subscriber.compute_step`:
 
-- **per module** (the simple path): implement :meth:`Subscriber.compute`, which receives one
-  :class:`~ikkuna_core.MessageBundle` per module (or the network) and topic — or, with
-  ``synchronized = True``, per module holding all topics — and reports with
-  :meth:`Subscriber.publish_scalar` / :meth:`Subscriber.publish_histogram`;
-- **per step** (the fast path): override :meth:`Subscriber.compute_step`, which receives one
-  :class:`~ikkuna_core.StepBundle` holding every module's payloads of every topic, reduce them
-  all at once with :mod:`ikkuna_core.ops`, and report vectors with
-  :meth:`Subscriber.publish_scalars` / :meth:`Subscriber.publish_histograms`.
+- **per step** (the contract, and the fast path): subclass :class:`Subscriber` and implement
+  :meth:`Subscriber.compute_step`, which receives one :class:`~ikkuna_core.StepBundle`
+  holding every module's payloads of every topic; reduce them all at once with
+  :mod:`ikkuna_core.ops`, and report vectors with :meth:`Subscriber.publish_scalars` /
+  :meth:`Subscriber.publish_histograms`;
+- **per module** (the simple path): subclass :class:`PerModuleSubscriber` and implement
+  :meth:`PerModuleSubscriber.compute`, which receives one :class:`~ikkuna_core.MessageBundle`
+  per module (or the network) and topic — or, with ``synchronized = True``, per module
+  holding all topics — and reports with :meth:`Subscriber.publish_scalar` /
+  :meth:`Subscriber.publish_histogram`. (A :class:`Subscriber` that implements ``compute``
+  is called the same way.)
 
 Either way, a subscriber's results of a step travel as one message per output topic, to the
 backends and, as topics of their own (``max_abs/weight_gradients``), to other subscribers.
@@ -31,10 +34,10 @@ from .messages import MessageBundle, ModuleInfo, StepBundle
 from .topics import EVENT_TOPICS
 
 if TYPE_CHECKING:
-    from .bus import MessageBus
-    from .exporter import Exporter
+    from ._bus import MessageBus
+    from ._exporter import Exporter
 
-__all__ = ["Subscriber", "SubscriberOptions", "TensorOptions"]
+__all__ = ["PerModuleSubscriber", "Subscriber", "SubscriberOptions", "TensorOptions"]
 
 
 class SubscriberOptions(BaseModel):
@@ -105,6 +108,7 @@ class Subscriber:
             )
         self.enabled = True
         self._bus: MessageBus | None = None
+        self._exporter: Exporter | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"
@@ -165,10 +169,10 @@ class Subscriber:
     @property
     def exporter(self) -> Exporter:
         """The Exporter feeding this subscriber's bus (for silent evaluation forwards)."""
-        exporter = self.bus.exporter
-        if exporter is None:
+        self.bus  # noqa: B018 - not registered on a bus: its error
+        if self._exporter is None:
             raise RuntimeError("this subscriber's bus has no exporter attached")
-        return exporter
+        return self._exporter
 
     # ------------------------------------------------------------ publishing
     def publish_scalar(
@@ -179,7 +183,7 @@ class Subscriber:
         if not isinstance(value, torch.Tensor):
             value = torch.tensor(float(value))
         topic = self._topic_for(bundle.topics[0], suffix)
-        self.bus._collect_scalars(self, topic, [bundle.key], value.detach().reshape(1))
+        self.bus.results.add_scalars(self, topic, [bundle.key], value.detach().reshape(1))
 
     def publish_histogram(
         self,
@@ -194,7 +198,7 @@ class Subscriber:
         :func:`ikkuna_core.ops.histograms`)."""
         hist = ops.histograms([values.detach()], bins=bins, range=range, max_samples=max_samples)
         topic = self._topic_for(bundle.topics[0], suffix)
-        self.bus._collect_histograms(self, topic, [bundle.key], hist)
+        self.bus.results.add_histograms(self, topic, [bundle.key], hist)
 
     def publish_scalars(
         self,
@@ -213,7 +217,7 @@ class Subscriber:
         values = values.detach().reshape(-1)
         out, key_list = self._destination(step, values.numel(), "values", keys, topic, suffix)
         stamp = None if at is None else (at.global_step, at.epoch, at.batch_index)
-        self.bus._collect_scalars(self, out, key_list, values, stamp)
+        self.bus.results.add_scalars(self, out, key_list, values, stamp)
 
     def publish_histograms(
         self,
@@ -229,7 +233,7 @@ class Subscriber:
         out, key_list = self._destination(
             step, hists.counts.shape[0], "histograms", keys, topic, suffix
         )
-        self.bus._collect_histograms(self, out, key_list, hists)
+        self.bus.results.add_histograms(self, out, key_list, hists)
 
     def _destination(
         self,
@@ -250,7 +254,27 @@ class Subscriber:
         return self._topic_for(source, suffix), list(keys)
 
     # -------------------------------------------------------------- plumbing
-    def _bind(self, bus: MessageBus) -> None:
+    def bind(self, bus: MessageBus) -> None:
+        """Called by the bus this subscriber is registered on (one bus per subscriber)."""
         if self._bus is not None and self._bus is not bus:
             raise RuntimeError(f"subscriber {self.name!r} is already registered on another bus")
         self._bus = bus
+
+    def watched_by(self, exporter: Exporter) -> None:
+        """Called by the Exporter that feeds this subscriber's bus."""
+        self._exporter = exporter
+
+
+class PerModuleSubscriber(Subscriber):
+    """A subscriber computed one module (or the network) at a time: implement
+    :meth:`compute`, which is handed each step's payloads as one
+    :class:`~ikkuna_core.MessageBundle` per module and topic (``synchronized = True``: per
+    module, holding all its topics)."""
+
+    def compute_step(self, step: StepBundle) -> None:
+        for bundle in step.bundles(self.synchronized):
+            self.compute(bundle)
+
+    def compute(self, bundle: MessageBundle) -> None:
+        """Turn one module's bundle into metrics; call ``publish_scalar``/``publish_histogram``."""
+        raise NotImplementedError(f"subscriber {self.name!r} must implement compute(bundle)")

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._bus import MessageBus
+from ._exporter import Exporter
 from .backends.base import Backend, HistogramRecord, ScalarRecord
-from .bus import MessageBus
 from .context import RunContext
-from .exporter import Exporter
 from .subscriber import Subscriber
 
 __all__ = ["MemoryBackend", "everything", "train_steps"]
@@ -86,14 +86,15 @@ def train_steps(
     reference values. Returns the (still open) Exporter."""
     if inputs is None or targets is None:
         raise ValueError("train_steps needs inputs and targets")
-    bus = MessageBus(on_error="raise")
-    exporter = Exporter(depth=depth, bus=bus)
-    exporter.set_model(model)
-    loss = exporter.set_loss(loss_fn or nn.CrossEntropyLoss())
+    exporter = Exporter(
+        model, loss_fn or nn.CrossEntropyLoss(), depth=depth, bus=MessageBus(on_error="raise")
+    )
+    loss = exporter.loss_fn
+    assert loss is not None
     for sub in subscribers:
-        bus.register_subscriber(sub)
+        exporter.subscribe(sub)
     if backend is not None:
-        bus.add_backend(backend)
+        exporter.add_backend(backend)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     model.train()
     for i in range(steps):
@@ -102,7 +103,7 @@ def train_steps(
         optimizer.step()
         if on_step is not None:
             on_step(i)
-    bus.flush()
+    exporter.bus.flush()
     return exporter
 
 
@@ -123,8 +124,6 @@ def everything(
     error; a ``synchronized`` subscriber gets its default topics (they are one set, not
     alternatives). What memory tests and the benchmark's soak run, so a new plugin is covered
     without anyone adding it."""
-    import copy
-
     from .plugins import load_plugins
 
     if registry is None:
@@ -132,44 +131,55 @@ def everything(
     context = context or RunContext(test_loader=[(inputs, targets)],
                                     train_loader=[(inputs, targets)])
 
-    def bus() -> MessageBus:
-        made = MessageBus(on_error="raise")
-        for topic in registry.topics:
-            made.register_topic(topic.name, topic.kind, topic.doc)
-        return made
-
-    def computes(name: str, topics: list[str]) -> bool:
-        cls = registry.subscriber(name)
-        options = registry.subscriber_options(name, {"topics": topics}, context)
-        try:
-            subscriber = cls(**options)
-            probe = bus()
-            probe.register_subscriber(subscriber)
-        except (ValueError, TypeError):
-            return False
-        copied = copy.deepcopy(model)
-        exporter = Exporter(bus=probe)
-        try:
-            exporter.set_model(copied)
-            loss = exporter.set_loss(loss_fn or nn.CrossEntropyLoss())
-            optimizer = torch.optim.SGD(copied.parameters(), lr=0.01)
-            for _ in range(2):
-                optimizer.zero_grad()
-                loss(copied(inputs), targets).backward()
-                optimizer.step()
-            probe.flush()
-        except Exception:  # noqa: BLE001 - the subscriber does not compute on this topic
-            return False
-        finally:
-            exporter.close()
-        return True
-
-    topics = sorted(bus().topics)
+    topics = sorted(_bus(registry).topics)
     entries: list[dict[str, Any]] = []
     for name, (cls, _) in sorted(registry.subscribers.items()):
         if cls.synchronized:
             entries.append({"name": name})
             continue
-        accepted = [t for t in topics if computes(name, [t])]
+        accepted = [t for t in topics
+                    if _computes(registry, context, name, [t], model, (inputs, targets), loss_fn)]
         entries.append({"name": name, "topics": accepted} if accepted else {"name": name})
     return entries
+
+
+def _bus(registry: Any) -> MessageBus:
+    """A bus that raises, knowing the topics of ``registry``'s plugins."""
+    made = MessageBus(on_error="raise")
+    for topic in registry.topics:
+        made.register_topic(topic.name, topic.kind, topic.doc)
+    return made
+
+
+def _computes(
+    registry: Any, context: RunContext, name: str, topics: list[str], model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor], loss_fn: Callable[..., torch.Tensor] | None,
+) -> bool:
+    """Whether subscriber ``name`` on ``topics`` computes two training steps of a copy of
+    ``model`` without an error."""
+    import copy
+
+    cls = registry.subscriber(name)
+    options = registry.subscriber_options(name, {"topics": topics}, context)
+    try:
+        subscriber = cls(**options)
+        probe = _bus(registry)
+        probe.subscribe(subscriber)
+    except (ValueError, TypeError):
+        return False
+    copied = copy.deepcopy(model)
+    exporter = Exporter(copied, loss_fn or nn.CrossEntropyLoss(), bus=probe)
+    try:
+        loss = exporter.loss_fn
+        assert loss is not None
+        optimizer = torch.optim.SGD(copied.parameters(), lr=0.01)
+        for _ in range(2):
+            optimizer.zero_grad()
+            loss(copied(batch[0]), batch[1]).backward()
+            optimizer.step()
+        probe.flush()
+    except Exception:  # noqa: BLE001 - the subscriber does not compute on this topic
+        return False
+    finally:
+        exporter.close()
+    return True

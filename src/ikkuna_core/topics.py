@@ -1,6 +1,7 @@
 """The one topic catalogue: every topic the Exporter publishes, what it carries, when it is
-read, and how parameters map to topics. Plugins add topics through the ``ikkuna_topics`` hook;
-every result a subscriber publishes becomes a topic of its bus as well."""
+read (the step it belongs to: docs/step-model.md), and how parameters map to topics.
+Plugins add topics through the ``ikkuna_topics`` hook; every result a subscriber publishes
+becomes a topic of its bus as well."""
 
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ VALUE_TOPICS: dict[str, str] = {"weight": "weights", "bias": "biases"}
 GRADIENT_TOPICS: dict[str, str] = {"weight": "weight_gradients", "bias": "bias_gradients"}
 UPDATE_TOPICS: dict[str, str] = {"weight": "weight_updates", "bias": "bias_updates"}
 
-#: What each built-in topic carries, and when it is read (README: "When is each topic read?").
+#: What each built-in topic carries, and when it is read (README: "When is each topic read?";
+#: when steps open and end: docs/step-model.md).
 _DOCS: dict[str, str] = {
     "weights": "each weight parameter after the step's optimizer update (read at the end "
     "of the optimizer step)",

@@ -13,10 +13,11 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
-from .bus import MessageBus, UnknownTopicError
+from ._bus import MessageBus, UnknownTopicError
+from ._exporter import Exporter, modules_of, select_modules
+from .backends.base import Backend
 from .config import ConfigError, IkkunaConfig, key_path, load_config
 from .context import RunContext
-from .exporter import Exporter, modules_of, select_modules
 from .plugins import PluginError, PluginRegistry, UnknownPluginError, load_plugins
 from .subscriber import Subscriber
 
@@ -57,18 +58,57 @@ def watch(
         raise TypeError(f"watch expects a torch.nn.Module, got {type(model).__name__}")
     source = str(config) if isinstance(config, (str, Path)) else "the configuration"
     cfg = load_config(config)
-    if registry is None:
-        try:
-            registry = load_plugins(cfg.plugins)
-        except UnknownPluginError as exc:
-            raise UnknownPluginError(f"{source}: ikkuna.plugins: {exc}") from None
+    registry = _registry(cfg, registry, source)
     registry.hook.ikkuna_configure(config=cfg)
 
     # ---- validation: nothing below touches the model or the disk until "attach"
+    bus = _bus(cfg, registry)
+    include = _include(model, cfg, source)
+    _subscribe_all(bus, cfg, registry, context or RunContext(), source)
+    backend_classes = _backend_classes(cfg, registry, source)
+    _check_log_dir(cfg.log_dir, f"{source}: ikkuna.log_dir")
+    previous = _previous_run_checked(cfg, source, overwrite)
+
+    # ---- attach: any failure from here on undoes everything attached so far
+    exporter = Exporter(
+        model, loss_fn, depth=cfg.depth, include=include, bus=bus,
+        publish_in_eval=cfg.publish_in_eval, config=cfg, registry=registry,
+    )
+    try:
+        _attach_backends(exporter, cfg, backend_classes, source)
+        exporter.on_close(lambda: registry.hook.ikkuna_run_finished(exporter=exporter))
+        registry.hook.ikkuna_run_started(exporter=exporter)
+    except BaseException as exc:
+        _undo(exporter, exc)
+        raise
+    for path in previous:  # validated and attached: only now replace the earlier run
+        path.unlink(missing_ok=True)
+    return exporter
+
+
+def _registry(cfg: IkkunaConfig, registry: PluginRegistry | None, source: str) -> PluginRegistry:
+    """The given registry, or the configured plugins loaded."""
+    if registry is not None:
+        return registry
+    try:
+        return load_plugins(cfg.plugins)
+    except UnknownPluginError as exc:
+        raise UnknownPluginError(f"{source}: ikkuna.plugins: {exc}") from None
+
+
+def _bus(cfg: IkkunaConfig, registry: PluginRegistry) -> MessageBus:
+    """The run's bus: its error policy, flush period, budget and the plugins' topics."""
     bus = MessageBus(on_error=cfg.on_error, flush_every=cfg.flush_every)
     bus.cost.budget = cfg.budget
     for topic in registry.topics:
         bus.register_topic(topic.name, topic.kind, topic.doc)
+    return bus
+
+
+def _include(
+    model: nn.Module, cfg: IkkunaConfig, source: str
+) -> tuple[type[nn.Module], ...] | None:
+    """The ``include`` classes; some module of ``model`` must match them and the depth."""
     try:
         include = modules_of(cfg.include) if cfg.include else None
     except ValueError as exc:
@@ -80,8 +120,14 @@ def watch(
             f"depth={cfg.depth} include={cfg.include}; use depth = -1 (leaf modules) or "
             "include classes the model has"
         )
+    return include
 
-    run_context = context if context is not None else RunContext()
+
+def _subscribe_all(
+    bus: MessageBus, cfg: IkkunaConfig, registry: PluginRegistry, context: RunContext,
+    source: str,
+) -> None:
+    """Create and subscribe every configured subscriber; errors name the entry's key."""
     for i, entry in enumerate(cfg.subscribers):
         where = f"{source}: ikkuna.subscribers[{i}]"
         try:
@@ -89,18 +135,24 @@ def watch(
         except PluginError as exc:
             raise ConfigError(f"{where}.name: {exc}") from None
         try:
-            options = registry.subscriber_options(entry.name, entry.options, run_context)
+            options = registry.subscriber_options(entry.name, entry.options, context)
         except PluginError as exc:
             raise ConfigError(f"{where} ({entry.name!r}): {exc}") from None
         subscriber = _make_subscriber(cls, options, source, i)  # it checks topics is not empty
         _check_publish_as(bus, subscriber, where)
         try:
-            bus.register_subscriber(subscriber)
+            bus.subscribe(subscriber)
         except UnknownTopicError as exc:
             raise ConfigError(f"{where}.topics: {exc}") from None
         except ValueError as exc:  # e.g. a derived topic clashing with a topic's kind
             raise ConfigError(f"{where} ({entry.name!r}): {exc}") from None
-    backend_classes = []
+
+
+def _backend_classes(
+    cfg: IkkunaConfig, registry: PluginRegistry, source: str
+) -> list[type[Backend]]:
+    """The configured backend classes, their options checked against their constructors."""
+    classes = []
     for i, name in enumerate(cfg.backends):
         try:
             backend_cls = registry.backend(name)
@@ -112,58 +164,13 @@ def watch(
         except TypeError as exc:
             raise ConfigError(f"{source}: ikkuna.backend_options.{name}: {exc}") from None
         _check_backend_options(backend_cls, cfg.backend_options.get(name, {}), source, name)
-        backend_classes.append(backend_cls)
+        classes.append(backend_cls)
     unused = sorted(set(cfg.backend_options) - set(cfg.backends))
     if unused:
         raise ConfigError(
             f"{source}: ikkuna.backend_options: {unused} are not in ikkuna.backends {cfg.backends}"
         )
-    _check_log_dir(cfg.log_dir, f"{source}: ikkuna.log_dir")
-    rank, world = distributed_rank()
-    writes = rank == 0 or cfg.ranks == "all"
-    log_dir = cfg.log_dir / f"rank{rank}" if world > 1 and cfg.ranks == "all" else cfg.log_dir
-    previous = previous_run(log_dir) if writes and cfg.backends else []
-    if previous and not overwrite:
-        shown = ", ".join(str(p.relative_to(log_dir)) for p in previous[:3])
-        more = f" and {len(previous) - 3} more" if len(previous) > 3 else ""
-        raise ConfigError(
-            f"{source}: ikkuna.log_dir: {str(log_dir)!r} already holds a run ({shown}{more}); "
-            "a second run there would mix with it in TensorBoard and the figures. Give "
-            "another log_dir, or watch(..., overwrite=True) to replace that run"
-        )
-
-    # ---- attach: any failure from here on undoes everything attached so far
-    exporter = Exporter(
-        cfg.depth,
-        include,
-        bus=bus,
-        publish_in_eval=cfg.publish_in_eval,
-        config=cfg,
-        registry=registry,
-    )
-    try:
-        exporter.set_model(model)
-        if loss_fn is not None:
-            exporter.set_loss(loss_fn)
-        module_types = {key: info.type for key, info in exporter.modules.items()}
-        for name, backend_cls in zip(cfg.backends, backend_classes, strict=True):
-            if not writes:
-                break  # ranks = "rank0": this rank's subscribers compute, nothing is written
-            options = cfg.backend_options.get(name, {})
-            try:
-                backend = backend_cls(log_dir=log_dir, **options)
-            except ValueError as exc:  # an option of the right name with a wrong value
-                raise ConfigError(f"{source}: ikkuna.backend_options.{name}: {exc}") from None
-            backend.describe_modules(module_types)
-            bus.add_backend(backend)
-        exporter.on_close(lambda: registry.hook.ikkuna_run_finished(exporter=exporter))
-        registry.hook.ikkuna_run_started(exporter=exporter)
-    except BaseException as exc:
-        _undo(exporter, exc)
-        raise
-    for path in previous:  # validated and attached: only now replace the earlier run
-        path.unlink(missing_ok=True)
-    return exporter
+    return classes
 
 
 #: What the core's backends leave in a log directory; any of them there means it holds a run.
@@ -175,6 +182,50 @@ def previous_run(log_dir: Path) -> list[Path]:
     if not log_dir.is_dir():
         return []
     return sorted(p for pattern in RUN_FILES for p in log_dir.glob(pattern) if p.is_file())
+
+
+def _previous_run_checked(cfg: IkkunaConfig, source: str, overwrite: bool) -> list[Path]:
+    """The files of an earlier run in this rank's log directory, refused unless
+    ``overwrite`` (then they are replaced once everything is attached)."""
+    rank, _ = distributed_rank()
+    log_dir = _rank_log_dir(cfg)
+    writes = rank == 0 or cfg.ranks == "all"
+    previous = previous_run(log_dir) if writes and cfg.backends else []
+    if previous and not overwrite:
+        shown = ", ".join(str(p.relative_to(log_dir)) for p in previous[:3])
+        more = f" and {len(previous) - 3} more" if len(previous) > 3 else ""
+        raise ConfigError(
+            f"{source}: ikkuna.log_dir: {str(log_dir)!r} already holds a run ({shown}{more}); "
+            "a second run there would mix with it in TensorBoard and the figures. Give "
+            "another log_dir, or watch(..., overwrite=True) to replace that run"
+        )
+    return previous
+
+
+def _rank_log_dir(cfg: IkkunaConfig) -> Path:
+    """This rank's log directory: ``<log_dir>/rank<r>`` with ``ranks = "all"`` in a
+    distributed run."""
+    rank, world = distributed_rank()
+    return cfg.log_dir / f"rank{rank}" if world > 1 and cfg.ranks == "all" else cfg.log_dir
+
+
+def _attach_backends(
+    exporter: Exporter, cfg: IkkunaConfig, classes: list[type[Backend]], source: str
+) -> None:
+    """Create the backends on the ranks that write (``ranks``), each told the modules."""
+    rank, _ = distributed_rank()
+    if not (rank == 0 or cfg.ranks == "all"):
+        return  # ranks = "rank0": this rank's subscribers compute, nothing is written
+    log_dir = _rank_log_dir(cfg)
+    module_types = {key: info.type for key, info in exporter.modules.items()}
+    for name, backend_cls in zip(cfg.backends, classes, strict=True):
+        options = cfg.backend_options.get(name, {})
+        try:
+            backend = backend_cls(log_dir=log_dir, **options)
+        except ValueError as exc:  # an option of the right name with a wrong value
+            raise ConfigError(f"{source}: ikkuna.backend_options.{name}: {exc}") from None
+        backend.describe_modules(module_types)
+        exporter.add_backend(backend)
 
 
 def distributed_rank() -> tuple[int, int]:

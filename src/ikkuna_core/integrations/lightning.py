@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._exporter import Exporter
 from ..config import IkkunaConfig
 from ..context import RunContext
-from ..exporter import Exporter
 from ..plugins import PluginRegistry
 from ..watch import watch
 
@@ -95,13 +95,13 @@ class IkkunaCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.exporter is not None:
-            self.exporter._external_forward((batch,), {})
+            self.exporter.announce_forward((batch,), {})
 
     def on_before_backward(
         self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor
     ) -> None:
         if self.exporter is not None:
-            self.exporter._external_loss(loss)
+            self.exporter.announce_loss(loss)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.exporter is not None:

@@ -132,7 +132,7 @@ class _LossCurvature(Subscriber):
         if model is None or loss_fn is None:
             raise RuntimeError(
                 f"{self.name} needs the model and its loss: ik.watch(model, loss_fn, ...) or "
-                "exporter.set_model(model) and exporter.set_loss(loss_fn)"
+                "ik.Exporter(model, loss_fn)"
             )
         inputs, labels = (bundle.tensor(t) for t in self.options.topics)
         return model, loss_fn, inputs, labels, watched_parameters(model, exporter)

@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import nn
 
 import ikkuna_core as ik
-from ikkuna_core.exporter import unwrap_model
+from ikkuna_core import unwrap_model
 from ikkuna_core.ops import Histograms
 
 from .persample import (

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ikkuna_core.exporter import ROOT_NAME, unwrap_model
+from ikkuna_core import ROOT_NAME, unwrap_model
 
 #: The producer of a module's input when that input is the model's own input.
 INPUT = "input_data"

@@ -366,9 +366,9 @@ class NonFinite(Subscriber):
         if self._learning:
             self.structure.finish()
             self._learning = False
-        elif not self.structure.learned and self._bus is not None:
-            exporter = self.bus.exporter
-            if exporter is not None and exporter.model is not None:
+        elif not self.structure.learned and self._exporter is not None:
+            exporter = self._exporter
+            if exporter.model is not None:
                 self.structure.start(exporter.model, list(exporter.modules))
                 self._learning = True
 

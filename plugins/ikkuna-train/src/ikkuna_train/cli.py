@@ -76,11 +76,29 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class TrainSetup:
+    """What ``ikkuna train``'s parser was built with: the installed plugins' registry and
+    the subscriber flags that were added (a flag that clashed is not among them). Stored as
+    the parser's ``train_setup`` default, so that each parser's arguments carry their own."""
+
+    def __init__(self, registry: PluginRegistry, flags: list[tuple[SubscriberFlag, str]]):
+        self.registry = registry
+        self.flags = flags
+
+
 def configure_train(parser: argparse.ArgumentParser, registry: PluginRegistry) -> None:
     """The options of ``ikkuna train``, with the subscriber flags of every installed plugin."""
+    _model_and_data_options(parser)
+    _optimisation_options(parser)
+    _watch_options(parser)
+    flags = _add_subscriber_flags(parser, registry)
+    _output_options(parser, registry)
+    parser.set_defaults(train_setup=TrainSetup(registry, flags))
+
+
+def _model_and_data_options(parser: argparse.ArgumentParser) -> None:
     from .data import DATASETS
     from .models import ALIASES, MODELS
-    from .trainer import DEFAULT_EPOCHS, DEFAULT_LR, OPTIMIZERS, default_threads
 
     t = parser.add_argument_group("model and data")
     t.add_argument(
@@ -115,6 +133,11 @@ def configure_train(parser: argparse.ArgumentParser, registry: PluginRegistry) -
         help="weight initialisation: kaiming (He normal), xavier (Glorot uniform) or default "
         "(PyTorch's own); biases start at 0 (default: %(default)s)",
     )
+
+
+def _optimisation_options(parser: argparse.ArgumentParser) -> None:
+    from .trainer import DEFAULT_EPOCHS, DEFAULT_LR, OPTIMIZERS, default_threads
+
     o = parser.add_argument_group("optimisation")
     o.add_argument(
         "-b",
@@ -169,6 +192,9 @@ def configure_train(parser: argparse.ArgumentParser, registry: PluginRegistry) -
         help="torch CPU threads (default: half the CPUs, here "
         f"{default_threads()}; more threads rarely help small models and slow a busy machine)",
     )
+
+
+def _watch_options(parser: argparse.ArgumentParser) -> None:
     w = parser.add_argument_group("what Ikkuna watches")
     w.add_argument(
         "--config",
@@ -213,7 +239,9 @@ def configure_train(parser: argparse.ArgumentParser, registry: PluginRegistry) -
         "running (nothing is written) and print each subscriber's cost, aten ops and the "
         "cadence the budget (default 0.02) would give",
     )
-    flags = _add_subscriber_flags(parser, registry)
+
+
+def _output_options(parser: argparse.ArgumentParser, registry: PluginRegistry) -> None:
     out = parser.add_argument_group("output")
     installed = sorted(set(registry.backends) - {"tensorboard", "matplotlib"})
     out.add_argument(
@@ -256,7 +284,6 @@ def configure_train(parser: argparse.ArgumentParser, registry: PluginRegistry) -
         help="print the plan and a line per epoch (a line per epoch is printed anyway when "
         "stdout is not a terminal)",
     )
-    parser.set_defaults(_flags=flags, _registry=registry)
 
 
 def _add_subscriber_flags(
@@ -307,9 +334,7 @@ def _build_config(args: argparse.Namespace, hp: Any) -> tuple[Any, Any, list[str
     """The run configuration from --config and the flags, the loaded plugin registry, and
     notes for the user. Raises CLIError for anything invalid."""
     from ikkuna_core.config import ConfigError, IkkunaConfig, load_config
-    from ikkuna_core.plugins import ENV_VAR, PluginError, load_plugins
 
-    notes: list[str] = []
     if args.config is not None:
         try:
             base = load_config(Path(args.config))
@@ -319,12 +344,34 @@ def _build_config(args: argparse.Namespace, hp: Any) -> tuple[Any, Any, list[str
         base = IkkunaConfig()
     explicit = base.model_fields_set if args.config is not None else set()
     data = base.model_dump(exclude={"subscribers"})
-    entries = [{"name": e.name, **e.options} for e in base.subscribers]
-
     if args.plugins is not None:
         data["plugins"] = [n.strip() for n in args.plugins.split(",") if n.strip()]
     enabled = data.get("plugins")
-    chosen = [(f, p) for f, p in args._flags if getattr(args, f.dest)]
+    setup: TrainSetup = args.train_setup
+    chosen = [(f, p) for f, p in setup.flags if getattr(args, f.dest)]
+    registry = _registry_for(args, enabled, chosen)
+    notes: list[str] = []
+    if args.config is None:
+        entries = [dict(entry) for entry, _ in registry.default_subscribers]
+        notes += _left_out(setup.registry, registry, enabled)
+    else:
+        entries = [{"name": e.name, **e.options} for e in base.subscribers]
+    data["subscribers"] = _with_flags(entries, chosen, args.subsample)
+    _outputs(data, args, explicit, hp)
+    try:
+        cfg = load_config(data)
+    except ConfigError as exc:
+        where = args.config or "the command line"
+        raise CLIError(_one_line(str(exc).replace("the configuration dict", where))) from None
+    return cfg, registry, notes
+
+
+def _registry_for(
+    args: argparse.Namespace, enabled: list[str] | None, chosen: list[tuple[SubscriberFlag, str]]
+) -> PluginRegistry:
+    """The plugins of the run, loaded; every chosen flag's plugin must be among them."""
+    from ikkuna_core.plugins import ENV_VAR, PluginError, load_plugins
+
     if enabled is not None:
         source = "--plugins" if args.plugins is not None else f"'plugins' in {args.config}"
         for flag, plugin in chosen:
@@ -346,28 +393,44 @@ def _build_config(args: argparse.Namespace, hp: Any) -> tuple[Any, Any, list[str
                 f"enabled ({ENV_VAR}={os.environ.get(ENV_VAR, '')!r}); add it to {ENV_VAR} or "
                 "unset it"
             )
+    return registry
 
-    if args.config is None:
-        entries = [dict(entry) for entry, _ in registry.default_subscribers]
-        loaded = {name for name, info in registry.plugins.items() if info.loaded}
-        skipped = sorted(
-            {p for _, p in args._registry.default_subscribers if p not in loaded}
-        )
-        if skipped and enabled is None:  # IKKUNA_PLUGINS left them out, not the user here
-            notes.append(
-                f"the default subscribers of plugin(s) {', '.join(skipped)} are left out: "
-                f"installed but not enabled by {ENV_VAR}; see `ikkuna plugins`"
-            )
+
+def _left_out(
+    installed: PluginRegistry, registry: PluginRegistry, enabled: list[str] | None
+) -> list[str]:
+    """A note when IKKUNA_PLUGINS (not the user here) left default subscribers out."""
+    from ikkuna_core.plugins import ENV_VAR
+
+    loaded = {name for name, info in registry.plugins.items() if info.loaded}
+    skipped = sorted({p for _, p in installed.default_subscribers if p not in loaded})
+    if not skipped or enabled is not None:
+        return []
+    return [
+        f"the default subscribers of plugin(s) {', '.join(skipped)} are left out: "
+        f"installed but not enabled by {ENV_VAR}; see `ikkuna plugins`"
+    ]
+
+
+def _with_flags(
+    entries: list[dict[str, Any]], chosen: list[tuple[SubscriberFlag, str]],
+    subsample: int | None,
+) -> list[dict[str, Any]]:
+    """``entries`` plus one per chosen flag whose subscriber is not there yet; ``-s`` as
+    the subsample of every entry that sets none."""
     present = {e["name"] for e in entries}
     for flag, _ in chosen:
         if flag.subscriber not in present:
             entries.append({"name": flag.subscriber, **flag.options})
             present.add(flag.subscriber)
-    if args.subsample is not None:
+    if subsample is not None:
         for entry in entries:
-            entry.setdefault("subsample", args.subsample)
-    data["subscribers"] = entries
+            entry.setdefault("subsample", subsample)
+    return entries
 
+
+def _outputs(data: dict[str, Any], args: argparse.Namespace, explicit: set[str], hp: Any) -> None:
+    """Backends, depth and log directory from the flags (or the defaults) into ``data``."""
     if args.visualisation is not None:
         data["backends"] = args.visualisation  # checked by the parser: _backends
     elif "backends" not in explicit:
@@ -381,12 +444,6 @@ def _build_config(args: argparse.Namespace, hp: Any) -> tuple[Any, Any, list[str
     elif "log_dir" not in explicit:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         data["log_dir"] = Path("runs") / f"{hp.model}-{hp.dataset}-{stamp}"
-    try:
-        cfg = load_config(data)
-    except ConfigError as exc:
-        where = args.config or "the command line"
-        raise CLIError(_one_line(str(exc).replace("the configuration dict", where))) from None
-    return cfg, registry, notes
 
 
 def _backends(text: str, registry: PluginRegistry) -> list[str]:

@@ -309,11 +309,9 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    from matplotlib import colormaps
 
     path = check_output(out)
     panels = _scalar_panels(list(logs.scalars))
-    hist_tags = list(logs.histograms)
     shown_hists = pick_histograms(logs)
     n = len(panels) + len(shown_hists)
     cols = min(_COLUMNS, max(n, 1))
@@ -322,8 +320,6 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
         rows, cols, figsize=(5.4 * cols, 3.6 * rows + 1.1), dpi=dpi, squeeze=False
     )
     flat = list(axes.flat)
-    cmap = colormaps["viridis"]
-
     modules = logs.meta.get("modules")
     types: dict[str, str] = modules if isinstance(modules, dict) else {}
 
@@ -332,104 +328,17 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
 
     order = list(types)
     for ax, panel in zip(flat, panels, strict=False):
-        labels = list(panel.lines)
-        many = len(labels)
-        if panel.kind == "layers" and many > HEATMAP_MODULES:  # one heatmap, not many curves
-            grid = StepGrid(max_columns=_HEATMAP_COLUMNS)
-            for label, tag in panel.lines.items():
-                for step, value in logs.scalars[tag]:
-                    grid.add(label, step, value)
-            keys, edges, values = grid.matrix(order)
-            heatmap_figure(
-                panel.title, keys, edges, values, module_types=types, ax=ax, max_labels=16
-            )
-            continue
-        for i, label in enumerate(labels):
-            tag = panel.lines[label]
-            points = logs.scalars[tag]
-            steps = np.array([p[0] for p in points])
-            values = np.array([p[1] for p in points], dtype=np.float64)
-            color = series_color(tag, i, many, panel.kind == "layers")
-            if panel.kind != "layers" and tag.startswith("final/"):
-                ax.plot(
-                    steps,
-                    values,
-                    linestyle="none",
-                    marker="*",
-                    markersize=11,
-                    color=color,
-                    markeredgecolor="black",
-                    markeredgewidth=0.5,
-                    label=label,
-                    zorder=3,
-                )
-            elif panel.kind == "loss" and len(points) > 20:
-                ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
-                ax.plot(steps, _smooth(values), color=color, linewidth=1.6, label=label)
-            else:
-                marker = "o" if len(points) <= 12 else None
-                dashed = panel.kind != "layers" and tag.startswith("epoch/")
-                ax.plot(
-                    steps,
-                    values,
-                    color=color,
-                    linewidth=1.4,
-                    label=named(label),
-                    marker=marker,
-                    markersize=3,
-                    linestyle="--" if dashed else "-",
-                )
-        ax.set_title(panel.title, fontsize=11, fontweight="bold")
-        ax.set_xlabel("training step", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8)
-        if panel.kind == "accuracy":
-            top = max((v for t in panel.lines.values() for _, v in logs.scalars[t]), default=1)
-            if top <= 1.0:
-                ax.set_ylim(0, 1.02)
-        if panel.kind == "loss" and _positive(logs, panel) and _spread(logs, panel) > 30:
-            ax.set_yscale("log")
-        if many <= 12:
-            ax.legend(fontsize=7, loc="best", framealpha=0.8)
+        if panel.kind == "layers" and len(panel.lines) > HEATMAP_MODULES:
+            _draw_heatmap(ax, panel, logs, types, order)  # one heatmap, not many curves
         else:
-            sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, (many - 1) / 0.9))
-            bar = fig.colorbar(sm, ax=ax, pad=0.01)
-            bar.set_label("layer (model order)", fontsize=7)
-            bar.ax.tick_params(labelsize=6)
-
+            _draw_scalars(fig, ax, panel, logs, named)
     for ax, tag in zip(flat[len(panels) :], shown_hists, strict=False):
-        hists = logs.histograms[tag]
-        image, lo, hi = colorful_dimension(hists)
-        first, last = hists[0].step, hists[-1].step
-        ax.imshow(
-            np.log1p(image * 1000.0),
-            aspect="auto",
-            origin="lower",
-            extent=(first, last + 1, lo, hi),
-            cmap="magma",
-            interpolation="nearest",
-        )
-        topic, _, key = tag.rpartition("/")
-        ax.set_title(f"{topic}\n{named(key)}" if topic else tag, fontsize=9, fontweight="bold")
-        ax.set_xlabel("training step", fontsize=8)
-        ax.set_ylabel("value", fontsize=8)
-        ax.tick_params(labelsize=7)
-
+        _draw_histograms(ax, tag, logs, named)
     for ax in flat[n:]:
         ax.axis("off")
     if n == 0:
         flat[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
-
-    head, sub = _title(logs)
-    height = fig.get_figheight()
-    fig.text(0.5, 1 - 0.12 / height, head, ha="center", va="top", fontsize=15, fontweight="bold")
-    if sub:
-        fig.text(0.5, 1 - 0.5 / height, sub, ha="center", va="top", fontsize=9, color="0.25")
-    footer = f"log dir: {logs.log_dir}"
-    if len(hist_tags) > len(shown_hists):
-        footer += f"   ·   {len(hist_tags) - len(shown_hists)} more histograms in TensorBoard"
-    fig.text(0.5, 0.06 / height, footer, ha="center", va="bottom", fontsize=8, color="0.4")
-    fig.tight_layout(rect=(0, 0.3 / height, 1, 1 - 0.8 / height), h_pad=1.5)
+    _annotate(fig, logs, len(logs.histograms) - len(shown_hists))
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -437,6 +346,91 @@ def render_dashboard(logs: RunLogs, out: str | Path, *, dpi: int = 100) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _draw_heatmap(
+    ax: Any, panel: _Panel, logs: RunLogs, types: dict[str, str], order: list[str]
+) -> None:
+    """A layers panel of many modules as one depth x step heatmap."""
+    grid = StepGrid(max_columns=_HEATMAP_COLUMNS)
+    for label, tag in panel.lines.items():
+        for step, value in logs.scalars[tag]:
+            grid.add(label, step, value)
+    keys, edges, values = grid.matrix(order)
+    heatmap_figure(panel.title, keys, edges, values, module_types=types, ax=ax, max_labels=16)
+
+
+def _draw_scalars(fig: Any, ax: Any, panel: _Panel, logs: RunLogs, named: Any) -> None:
+    """One scalar panel: a line per tag (stars for final values, a smoothed loss), its
+    title, scale and legend (a colour bar for many layers)."""
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+
+    labels = list(panel.lines)
+    many = len(labels)
+    for i, label in enumerate(labels):
+        tag = panel.lines[label]
+        points = logs.scalars[tag]
+        steps = np.array([p[0] for p in points])
+        values = np.array([p[1] for p in points], dtype=np.float64)
+        color = series_color(tag, i, many, panel.kind == "layers")
+        if panel.kind != "layers" and tag.startswith("final/"):
+            ax.plot(steps, values, linestyle="none", marker="*", markersize=11, color=color,
+                    markeredgecolor="black", markeredgewidth=0.5, label=label, zorder=3)
+        elif panel.kind == "loss" and len(points) > 20:
+            ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(steps, _smooth(values), color=color, linewidth=1.6, label=label)
+        else:
+            marker = "o" if len(points) <= 12 else None
+            dashed = panel.kind != "layers" and tag.startswith("epoch/")
+            ax.plot(steps, values, color=color, linewidth=1.4, label=named(label),
+                    marker=marker, markersize=3, linestyle="--" if dashed else "-")
+    ax.set_title(panel.title, fontsize=11, fontweight="bold")
+    ax.set_xlabel("training step", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
+    if panel.kind == "accuracy":
+        top = max((v for t in panel.lines.values() for _, v in logs.scalars[t]), default=1)
+        if top <= 1.0:
+            ax.set_ylim(0, 1.02)
+    if panel.kind == "loss" and _positive(logs, panel) and _spread(logs, panel) > 30:
+        ax.set_yscale("log")
+    if many <= 12:
+        ax.legend(fontsize=7, loc="best", framealpha=0.8)
+    else:
+        cmap = colormaps["viridis"]
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, (many - 1) / 0.9))
+        bar = fig.colorbar(sm, ax=ax, pad=0.01)
+        bar.set_label("layer (model order)", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
+
+
+def _draw_histograms(ax: Any, tag: str, logs: RunLogs, named: Any) -> None:
+    """One histogram tag as a "colorful dimension" image over the steps."""
+    hists = logs.histograms[tag]
+    image, lo, hi = colorful_dimension(hists)
+    first, last = hists[0].step, hists[-1].step
+    ax.imshow(np.log1p(image * 1000.0), aspect="auto", origin="lower",
+              extent=(first, last + 1, lo, hi), cmap="magma", interpolation="nearest")
+    topic, _, key = tag.rpartition("/")
+    ax.set_title(f"{topic}\n{named(key)}" if topic else tag, fontsize=9, fontweight="bold")
+    ax.set_xlabel("training step", fontsize=8)
+    ax.set_ylabel("value", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
+def _annotate(fig: Any, logs: RunLogs, hidden_hists: int) -> None:
+    """The title, the run's line under it, the footer, and the layout."""
+    head, sub = _title(logs)
+    height = fig.get_figheight()
+    fig.text(0.5, 1 - 0.12 / height, head, ha="center", va="top", fontsize=15, fontweight="bold")
+    if sub:
+        fig.text(0.5, 1 - 0.5 / height, sub, ha="center", va="top", fontsize=9, color="0.25")
+    footer = f"log dir: {logs.log_dir}"
+    if hidden_hists > 0:
+        footer += f"   ·   {hidden_hists} more histograms in TensorBoard"
+    fig.text(0.5, 0.06 / height, footer, ha="center", va="bottom", fontsize=8, color="0.4")
+    fig.tight_layout(rect=(0, 0.3 / height, 1, 1 - 0.8 / height), h_pad=1.5)
 
 
 def _positive(logs: RunLogs, panel: _Panel) -> bool:

@@ -1,0 +1,19 @@
+"""The MessageBus and its parts: routing and error policy (:mod:`.routing`,
+:mod:`.policy`), the results sink (:mod:`.results`), the transfer to the backends
+(:mod:`.transfer`)."""
+
+from .consumer import Consumer
+from .policy import ErrorPolicy
+from .results import Results
+from .routing import Handle, MessageBus, Stamp, Subscription, UnknownTopicError
+
+__all__ = [
+    "Consumer",
+    "ErrorPolicy",
+    "Handle",
+    "MessageBus",
+    "Results",
+    "Stamp",
+    "Subscription",
+    "UnknownTopicError",
+]

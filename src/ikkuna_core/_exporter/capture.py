@@ -1,0 +1,280 @@
+"""What the hooks of a step's first forward and backward stash, and how: a reference whose
+version is checked at the end of the step, a copy, or a sample; learned per module and
+topic from what earlier steps saw (a tensor changed in place later in a step is copied)."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..messages import ModuleInfo, TopicPayloads
+from .hooks import guard
+
+__all__ = ["Capture", "Mode", "Stash", "first_tensor", "output_field"]
+
+
+class Mode(enum.IntEnum):
+    """How a forward topic is captured for one module; an int k > 0 in a plan instead
+    means a sample of k entries (a copy)."""
+
+    SKIP = -1  #: no subscriber wants it
+    FULL = 0  #: a reference, whose version is checked at the end of the step
+    CLONE = -2  #: a copy: the tensor was seen changing in place later in a step
+    PROBE = -3  #: first capture: a copy and a reference, to learn which of the two it needs
+
+
+_SKIP, _FULL, _CLONE, _PROBE = (int(m) for m in (Mode.SKIP, Mode.FULL, Mode.CLONE, Mode.PROBE))
+#: One capture mode per watched module (a ``Mode`` or a sample size).
+Plan = tuple[int, ...]
+#: A stashed payload: (module index, call, tensor, version, original). The tensor is a
+#: reference whose version is checked at the end of the step, or a copy (version -1); on a
+#: module's first capture, a copy plus the original, to learn whether something changes the
+#: original in place later in the step.
+Entry = tuple[int, int, torch.Tensor, int, torch.Tensor | None]
+Versioned = tuple[torch.Tensor, int]
+#: Reports an error inside a hook: (where, error).
+Report = Callable[[str, BaseException], None]
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The first tensor of a tensor, a tuple/list or a dict (depth first)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    if isinstance(output, dict):
+        for item in output.values():
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def output_field(output: Any, name: str) -> Any:
+    """``output.name`` or ``output[name]`` (Hugging Face ``ModelOutput`` is both)."""
+    if isinstance(output, dict):
+        return output.get(name)
+    return getattr(output, name, None)
+
+
+class Stash:
+    """What the current step stashed in the hooks of its first forward and backward."""
+
+    __slots__ = ("__weakref__", "acts", "calls", "inputs", "lgrad_plan", "lgrads", "network",
+                 "ref")
+
+    def __init__(self, n_modules: int, lgrad_plan: Plan | None = None) -> None:
+        # The layer-gradient hooks hold only this weak reference: an output holding a hook
+        # that held the stash holding that output is a cycle through autograd that the
+        # garbage collector cannot see
+        self.ref = weakref.ref(self)
+        self.calls = [0] * n_modules
+        self.lgrad_plan = lgrad_plan
+        self.acts: list[Entry] = []
+        self.lgrads: list[Entry] = []
+        self.inputs: list[Entry] = []
+        self.network: dict[str, Versioned] = {}
+
+
+class Capture:
+    """The forward topics of the watched modules (``activations``, ``layer_gradients``,
+    ``inputs``) and the network topics of the step's first forward and loss call."""
+
+    def __init__(self, modules: Sequence[ModuleInfo], report: Report) -> None:
+        self.modules = list(modules)
+        self._report = report
+        self._call_keys: list[list[str]] = [[m.name] for m in self.modules]
+        self.act_plan: Plan | None = None  # capture modes in this forward
+        self.lgrad_plan: Plan | None = None
+        self.in_plan: Plan | None = None
+        self.stash = Stash(len(self.modules))
+        self.wanted: frozenset[str] = frozenset()  # the open step's topics
+        self._clone: set[tuple[str, int]] = set()  # (topic, module) changed in place before
+        self._probed: set[tuple[str, int]] = set()  # (topic, module) known either way
+        self._learned_plans: dict[Any, Plan] = {}
+
+    # ---------------------------------------------------------------- a step
+    def begin(
+        self, plans: tuple[Plan | None, Plan | None, Plan | None], args: tuple[Any, ...],
+        kwargs: Any,
+    ) -> None:
+        """The step's first forward begins: capture per the plans (what the bus asks for,
+        with what earlier steps taught) and ``input_data``."""
+        self.act_plan = self._learned_plan("activations", plans[0])
+        self.lgrad_plan = self._learned_plan("layer_gradients", plans[1])
+        self.in_plan = self._learned_plan("inputs", plans[2])
+        self.stash = stash = Stash(len(self.modules), self.lgrad_plan)
+        if "input_data" in self.wanted:
+            data = first_tensor(args)
+            if data is None and kwargs:
+                data = first_tensor(kwargs)
+            if data is not None:
+                stash.network["input_data"] = self._versioned("input_data", data)
+
+    def stop(self) -> None:
+        """Capture nothing more (a later micro-batch, an eval forward, the step's end)."""
+        self.act_plan = self.lgrad_plan = self.in_plan = None
+
+    @property
+    def plans(self) -> tuple[Plan | None, Plan | None, Plan | None]:
+        """The capture plans of the running forward (saved and restored around an
+        evaluation)."""
+        return (self.act_plan, self.lgrad_plan, self.in_plan)
+
+    @plans.setter
+    def plans(self, plans: tuple[Plan | None, Plan | None, Plan | None]) -> None:
+        self.act_plan, self.lgrad_plan, self.in_plan = plans
+
+    def take(self) -> Stash:
+        """The step's stash, forgotten here."""
+        stash, self.stash = self.stash, Stash(len(self.modules))
+        return stash
+
+    def loss(self, args: Sequence[Any], kwargs: dict[str, Any], loss: Any) -> None:
+        """The step's loss call: its output, target and value, as far as wanted."""
+        wanted, network = self.wanted, self.stash.network
+        output = args[0] if len(args) > 0 else kwargs.get("input")
+        target = args[1] if len(args) > 1 else kwargs.get("target")
+        for topic, value in (("network_output", output), ("input_labels", target),
+                             ("loss", loss)):
+            if topic in wanted and isinstance(value, torch.Tensor):
+                network[topic] = self._versioned(topic, value)
+
+    # ----------------------------------------------------------------- hooks
+    def on_module_forward(self, index: int, module: nn.Module, args: Any, output: Any) -> None:
+        """A watched module's forward hook. Runs for every watched module in every forward:
+        keep it short (and traceable by torch.compile): read the plan, stash a reference or
+        copy a sample."""
+        act, lgrad, inp = self.act_plan, self.lgrad_plan, self.in_plan
+        if act is None and lgrad is None and inp is None:
+            return
+        out = output if isinstance(output, torch.Tensor) else first_tensor(output)
+        x = None if inp is None or inp[index] == _SKIP else first_tensor(args)
+        if out is None and x is None:
+            return
+        stash = self.stash
+        call = stash.calls[index]
+        stash.calls[index] = call + 1
+        if x is not None and inp is not None:
+            stash.inputs.append(_capture(index, call, x, inp[index]))
+        if out is None:
+            return
+        if act is not None and act[index] != _SKIP:
+            stash.acts.append(_capture(index, call, out, act[index]))
+        if lgrad is not None and lgrad[index] != _SKIP and out.requires_grad:
+            out.register_hook(functools.partial(self._on_layer_gradient, stash.ref, index, call))
+
+    def _on_layer_gradient(
+        self, ref: weakref.ref[Stash], index: int, call: int, grad: torch.Tensor
+    ) -> None:
+        stash = ref()
+        if stash is None or stash is not self.stash or stash.lgrad_plan is None:
+            return  # the backward of a forward whose step has ended
+        with guard(self._report, f"the layer-gradient hook of {self.modules[index].name!r}"):
+            stash.lgrads.append(_capture(index, call, grad, stash.lgrad_plan[index]))
+
+    # -------------------------------------------------------- end of a step
+    def payloads(self, stash: Stash, wanted: frozenset[str]) -> dict[str, TopicPayloads]:
+        """The forward and network topics of a step's stash (``wanted`` at that step)."""
+        out: dict[str, TopicPayloads] = {}
+        for topic, entries in (("activations", stash.acts), ("layer_gradients", stash.lgrads),
+                               ("inputs", stash.inputs)):
+            if entries and topic in wanted:
+                out[topic] = self._forward_payloads(topic, entries)
+        for topic, entry in stash.network.items():
+            data = self.valid(entry, topic, -1)
+            if data is not None:
+                out[topic] = TopicPayloads(topic=topic, keys=[None], modules=[None], data=[data])
+        return out
+
+    def valid(self, entry: Versioned, topic: str, index: int) -> torch.Tensor | None:
+        """The stashed tensor, or None (and a copy from the next step on) when something
+        changed it in place after it was stashed (an in-place ReLU after a module, a +=)."""
+        tensor, version = entry
+        if version < 0 or tensor._version == version:
+            return tensor
+        self._clone.add((topic, index))
+        return None
+
+    def _learned(self, topic: str, entry: Entry) -> torch.Tensor | None:
+        """The payload of a stash entry; a first capture teaches whether the module's tensor
+        is changed in place later in a step (then it is copied from now on)."""
+        index, _, tensor, version, original = entry
+        if original is None:
+            return self.valid((tensor, version), topic, index)
+        self._probed.add((topic, index))
+        if original._version != version:
+            self._clone.add((topic, index))
+        return tensor
+
+    def _forward_payloads(self, topic: str, entries: list[Entry]) -> TopicPayloads:
+        keys: list[str | None] = []
+        modules: list[ModuleInfo | None] = []
+        data: list[torch.Tensor | None] = []
+        for entry in sorted(entries, key=lambda e: (e[0], e[1])):
+            index, call = entry[0], entry[1]
+            valid = self._learned(topic, entry)
+            if valid is None:
+                continue
+            keys.append(self._call_key(index, call))
+            modules.append(self.modules[index])
+            data.append(valid)
+        return TopicPayloads(topic=topic, keys=keys, modules=modules, data=data)
+
+    def _call_key(self, index: int, call: int) -> str:
+        """``name`` for a module's first call in a forward, ``name#1`` for its second..."""
+        keys = self._call_keys[index]
+        while len(keys) <= call:
+            keys.append(f"{keys[0]}#{len(keys)}")
+        return keys[call]
+
+    def _versioned(self, topic: str, tensor: torch.Tensor) -> Versioned:
+        if (topic, -1) in self._clone:
+            return (tensor.detach().clone(), -1)
+        return (tensor, tensor._version)
+
+    def _learned_plan(self, topic: str, plan: Plan | None) -> Plan | None:
+        """The capture plan with what earlier steps taught: whole tensors that something
+        changes in place later in a step are copied, the others referenced; a module not seen
+        yet is probed (copied and referenced once)."""
+        if plan is None:
+            return None
+        key = (topic, plan, len(self._clone), len(self._probed))
+        found = self._learned_plans.get(key)
+        if found is None:
+            found = tuple(
+                m if m != _FULL
+                else _CLONE if (topic, i) in self._clone
+                else _FULL if (topic, i) in self._probed
+                else _PROBE
+                for i, m in enumerate(plan)
+            )
+            if len(self._learned_plans) > 64:
+                self._learned_plans.clear()
+            self._learned_plans[key] = found
+        return found
+
+
+def _capture(index: int, call: int, tensor: torch.Tensor, mode: int) -> Entry:
+    """A stash entry: a sample (a copy), a copy of a tensor seen changing in place before, a
+    reference and its version, or, the first time, a copy and the original."""
+    if mode > 0:
+        return (index, call, ops.sample(tensor.detach(), mode), -1, None)
+    if mode == _FULL and not torch.compiler.is_compiling():
+        return (index, call, tensor, tensor._version, None)
+    copy = tensor.detach().clone()
+    if mode == _PROBE and not torch.compiler.is_compiling():
+        return (index, call, copy, tensor._version, tensor)
+    # a copy: the tensor changes in place later in a step, or (compiled) the graph keeps no
+    # version counters to tell
+    return (index, call, copy, -1, None)

@@ -1,0 +1,152 @@
+"""Every torch hook an Exporter installs, kept in one place: exactly those the subscribed
+topics need, each with its removable handle, and the one guard that keeps an error inside a
+hook from stopping training."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+from torch.utils.hooks import RemovableHandle
+
+from ..errors import IkkunaError
+from ..topics import FORWARD_TOPICS, GRADIENT_TOPICS
+
+__all__ = ["LOSS_TOPICS", "Callbacks", "Hooks", "guard", "outside_graphs"]
+
+LOSS_TOPICS = frozenset({"network_output", "input_labels", "loss"})
+
+
+@contextmanager
+def guard(
+    report: Callable[[str, BaseException], None], where: str,
+    cleanup: Callable[[], None] | None = None,
+) -> Iterator[None]:
+    """Nothing inside a hook may stop training: an error is ``report``-ed (the bus's error
+    policy decides) after ``cleanup``; a subscriber's or backend's error under
+    ``on_error="raise"`` (an :class:`IkkunaError`) goes through as it is."""
+    try:
+        yield
+    except IkkunaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - never stop training
+        if cleanup is not None:
+            cleanup()
+        report(where, exc)
+
+
+def outside_graphs(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook`` kept out of ``torch.compile``'s graphs: the step bookkeeping it does (counters,
+    the open step) would otherwise be specialised into the graph and recompile it every
+    step. Wrapped when a model is watched, so that ``import ikkuna_core`` does not import
+    torch's compiler."""
+    return torch.compiler.disable(hook)
+
+
+class Callbacks:
+    """What the hooks call (the Exporter's handlers)."""
+
+    __slots__ = ("forward_end", "forward_start", "grad_accumulated", "module_forward",
+                 "optimizer_post", "optimizer_pre")
+
+    def __init__(
+        self, *, forward_start: Callable[..., None], forward_end: Callable[..., None],
+        module_forward: Callable[..., None], grad_accumulated: Callable[[int, Any], None],
+        optimizer_pre: Callable[..., None], optimizer_post: Callable[..., None],
+    ) -> None:
+        self.forward_start, self.forward_end = forward_start, forward_end
+        self.module_forward, self.grad_accumulated = module_forward, grad_accumulated
+        self.optimizer_pre, self.optimizer_post = optimizer_pre, optimizer_post
+
+
+class Hooks:
+    """The hooks on one model: the model's forward pre-hook and torch's global optimizer
+    hooks (always), a forward hook per watched module (forward topics), the model's forward
+    hook (loss topics, for models that compute their own loss), a gradient-accumulated hook
+    per parameter (gradient topics, until an optimizer steps), and loss modules' hooks."""
+
+    def __init__(
+        self, model: nn.Module, modules: Sequence[nn.Module],
+        params: Sequence[tuple[str, torch.Tensor]], callbacks: Callbacks,
+    ) -> None:
+        self._model = model
+        self._modules = list(modules)
+        self._params = list(params)  # (kind, tensor) by parameter index
+        self._on = callbacks
+        self._handles: dict[str, list[RemovableHandle]] = {
+            "always": [], "forward": [], "output": []
+        }
+        self._grad_handles: dict[int, RemovableHandle] = {}
+        self._handles["always"] += [
+            model.register_forward_pre_hook(
+                outside_graphs(callbacks.forward_start), with_kwargs=True
+            ),
+            register_optimizer_step_pre_hook(callbacks.optimizer_pre),
+            register_optimizer_step_post_hook(callbacks.optimizer_post),
+        ]
+
+    @property
+    def count(self) -> int:
+        """Number of hooks currently installed."""
+        return sum(map(len, self._handles.values())) + len(self._grad_handles)
+
+    def watch_loss(self, loss_fn: nn.Module, on_loss: Callable[..., None]) -> None:
+        """Hook an ``nn.Module`` loss in place."""
+        self._handles["always"].append(loss_fn.register_forward_hook(on_loss, with_kwargs=True))
+
+    def sync(self, topics: frozenset[str], grads_from_optimizer: bool) -> None:
+        """Install exactly the hooks ``topics`` need; remove the others."""
+        self._toggle("forward", bool(topics & FORWARD_TOPICS), self._forward_hooks)
+        self._toggle("output", bool(topics & LOSS_TOPICS), lambda: [
+            self._model.register_forward_hook(
+                outside_graphs(self._on.forward_end), with_kwargs=True
+            )
+        ])
+        # Until an optimizer shows up, gradients are taken when they are accumulated (loops
+        # without an optimizer); the optimizer's pre-step hook then takes over.
+        kinds = set() if grads_from_optimizer else {
+            kind for kind, topic in GRADIENT_TOPICS.items() if topic in topics
+        }
+        for i, (kind, tensor) in enumerate(self._params):
+            handle = self._grad_handles.get(i)
+            if kind in kinds and handle is None and tensor.requires_grad:
+                self._grad_handles[i] = tensor.register_post_accumulate_grad_hook(
+                    functools.partial(self._on.grad_accumulated, i)
+                )
+            elif kind not in kinds and handle is not None:
+                handle.remove()
+                del self._grad_handles[i]
+
+    def _forward_hooks(self) -> list[RemovableHandle]:
+        on = self._on.module_forward
+        return [m.register_forward_hook(functools.partial(on, i))
+                for i, m in enumerate(self._modules)]
+
+    def _toggle(
+        self, group: str, wanted: bool, make: Callable[[], list[RemovableHandle]]
+    ) -> None:
+        handles = self._handles[group]
+        if wanted and not handles:
+            handles.extend(make())
+        elif not wanted and handles:
+            for h in handles:
+                h.remove()
+            handles.clear()
+
+    def remove(self) -> None:
+        """Remove every hook."""
+        for handles in self._handles.values():
+            for h in handles:
+                h.remove()
+            handles.clear()
+        for h in self._grad_handles.values():
+            h.remove()
+        self._grad_handles.clear()
