@@ -170,10 +170,10 @@ class MatplotlibBackend(Backend):
         reach the oldest generation while it is drawn: without help, the garbage of dozens
         of figures piles up before a full collection, and the process keeps that high-water
         mark (+66 MiB RSS at the first drawing of the 117 figures of the ``everything``
-        configuration on a small MLP; +7 MiB with this). So the objects that exist before the drawing are frozen
-        (``gc.freeze``), and each figure is collected as soon as it is saved: a collection
-        that scans only the objects made since, cheap. Skipped when the collector is off,
-        or when the program froze objects itself."""
+        configuration on a small MLP; +7 MiB with this). So the objects that exist before
+        the drawing are frozen (``gc.freeze``), and each figure is collected as soon as it
+        is saved: a collection that scans only the objects made since, cheap. Skipped when
+        the collector is off, or when the program froze objects itself."""
         written = []
         collect = gc.isenabled() and gc.get_freeze_count() == 0
         if collect:
