@@ -70,8 +70,8 @@ def output_field(output: Any, name: str) -> Any:
 class Stash:
     """What the current step stashed in the hooks of its first forward and backward."""
 
-    __slots__ = ("__weakref__", "acts", "calls", "inputs", "lgrad_plan", "lgrads", "network",
-                 "ref")
+    __slots__ = ("__weakref__", "acts", "calls", "cursor", "inputs", "lgrad_plan", "lgrads",
+                 "network", "pending", "ref")
 
     def __init__(self, n_modules: int, lgrad_plan: Plan | None = None) -> None:
         # The layer-gradient hooks hold only this weak reference: an output holding a hook
@@ -84,6 +84,27 @@ class Stash:
         self.lgrads: list[Entry] = []
         self.inputs: list[Entry] = []
         self.network: dict[str, Versioned] = {}
+        #: (module, call) of the calls whose layer gradient is wanted but whose output did
+        #: not require grad (a reentrant checkpoint's forward runs under no_grad): their
+        #: gradient is hooked in the recomputation; a taken one becomes (-1, -1)
+        self.pending: list[tuple[int, int]] = []
+        self.cursor = -1  # the pending call the next recomputed one is expected to be
+
+    def recomputed_call(self, index: int) -> int | None:
+        """The call of module ``index`` that a recomputation in backward repeats, or None.
+        A checkpointed segment is recomputed in the order of its forward, the segments in
+        the reverse order: the call after the last one matched if it is this module's, else
+        this module's last call not yet matched."""
+        pending, pos = self.pending, self.cursor
+        if not (0 <= pos < len(pending) and pending[pos][0] == index):
+            pos = next((p for p in range(len(pending) - 1, -1, -1) if pending[p][0] == index),
+                       -1)
+            if pos < 0:
+                return None
+        call = pending[pos][1]
+        pending[pos] = (-1, -1)
+        self.cursor = pos + 1
+        return call
 
 
 class Capture:
@@ -158,6 +179,10 @@ class Capture:
         act, lgrad, inp = self.act_plan, self.lgrad_plan, self.in_plan
         if act is None and lgrad is None and inp is None:
             return
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            # a forward inside a backward: activation checkpointing's recomputation
+            self._on_recomputed(index, output)
+            return
         out = output if isinstance(output, torch.Tensor) else first_tensor(output)
         x = None if inp is None or inp[index] == _SKIP else first_tensor(args)
         if out is None and x is None:
@@ -171,7 +196,27 @@ class Capture:
             return
         if act is not None and act[index] != _SKIP:
             stash.acts.append(_capture(index, call, out, act[index]))
-        if lgrad is not None and lgrad[index] != _SKIP and out.requires_grad:
+        if lgrad is not None and lgrad[index] != _SKIP:
+            if out.requires_grad:
+                out.register_hook(
+                    functools.partial(self._on_layer_gradient, stash.ref, index, call)
+                )
+            elif not torch.is_grad_enabled():
+                stash.pending.append((index, call))
+
+    def _on_recomputed(self, index: int, output: Any) -> None:
+        """A watched module's forward recomputed in backward (activation checkpointing): no
+        call, nothing stashed. Where the step's forward ran it under no_grad (reentrant
+        checkpointing), the layer gradient of the call it repeats is hooked here."""
+        stash = self.stash
+        plan = stash.lgrad_plan
+        if not stash.pending or plan is None or plan[index] == _SKIP:
+            return
+        out = output if isinstance(output, torch.Tensor) else first_tensor(output)
+        if out is None or not out.requires_grad:
+            return
+        call = stash.recomputed_call(index)
+        if call is not None:
             out.register_hook(functools.partial(self._on_layer_gradient, stash.ref, index, call))
 
     def _on_layer_gradient(
