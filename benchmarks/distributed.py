@@ -16,10 +16,17 @@ collectives (``c10d::_allgather_base_``, ``c10d::_reduce_scatter_base_``) and DT
 functional ones (``_c10d_functional::all_gather_into_tensor``, ``all_reduce``, ...) go through
 the dispatcher, so both are seen. A collective's bytes are the size of its largest tensor
 (the gathered output of an all-gather, the full input of a reduce-scatter, the buffer of an
-all-reduce). Peak memory is each rank's peak RSS (``ru_maxrss``): every variant runs in its
-own pair of processes, so the difference to plain's is what watching adds. Timing: the
-variants' process pairs run one after the other, each timing ``--steps`` steps after
-``--warmup`` untimed ones; the ratio is the median step over plain's median.
+all-reduce). Peak memory added by watching: what the Exporter keeps between steps (its update
+snapshots, ``exporter.snapshots``) plus the peak of the tensor memory allocated during
+``optimizer.step()``, whose hooks are where watching reads the step and computes its metrics
+(any gathered parameter is there), read from the CPU allocator's events (``torch.profiler``
+with ``profile_memory``, the training thread's), minus plain's: deterministic, unlike a peak
+over the whole step, whose frees of FSDP2's buffers happen in gloo's threads at varying
+moments. It is reported beside one rank's shard of the watched
+parameters (the target is at most 1.25 times that). Each rank's peak RSS (``ru_maxrss``) is
+reported too (it also holds the imports, and moves by tens of MB from run to run). Timing:
+the variants' process pairs run one after the other, each timing ``--steps`` steps after
+``--warmup`` untimed ones and the counted one; the ratio is the median step over plain's.
 """
 
 from __future__ import annotations
@@ -133,16 +140,24 @@ def _worker(rank: int, port: int, variant: str, warmup: int, steps: int, out: st
         x = torch.randn(32, WIDTH, generator=g)
         y = torch.randint(0, 10, (32,), generator=g)
 
-        def step() -> None:
+        def step(profile: bool = False) -> int:
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(net(x), y).backward()
-            opt.step()
+            if not profile:
+                opt.step()
+                return 0
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                        profile_memory=True) as prof:
+                opt.step()  # the optimizer's hooks: where watching reads and computes
+            return _peak_allocated(prof)
 
         for _ in range(warmup):
             step()
         counter = CollectiveCounter()
         with counter:
             step()
+        held = sum(t.numel() * t.element_size() for t in (exporter.snapshots if exporter else []))
+        peak_tensors = step(profile=True) + held
         times = []
         for _ in range(steps):
             dist.barrier()
@@ -153,13 +168,31 @@ def _worker(rank: int, port: int, variant: str, warmup: int, steps: int, out: st
             exporter.close()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         shard = sum(p.to_local().numel() * p.element_size() for p in net.parameters())
+        watched = sum(p.to_local().numel() * p.element_size()
+                      for name, p in net.named_parameters() if name.endswith("weight"))
         result = {
             "calls": dict(counter.calls), "bytes": dict(counter.bytes), "times": times,
-            "peak_rss": peak, "shard_bytes": shard,
+            "peak_rss": peak, "shard_bytes": shard, "watched_shard_bytes": watched,
+            "peak_tensors": peak_tensors,
         }
         Path(out, f"{variant}-rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
+
+
+def _peak_allocated(prof: Any) -> int:
+    """The peak of the bytes allocated (less those freed) over a profile's memory events of
+    the training thread (gloo's own threads allocate at varying moments)."""
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    if not events:
+        return 0
+    main = Counter(e.start_thread_id() for e in events).most_common(1)[0][0]
+    events = [e for e in events if e.start_thread_id() == main]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def _free_port() -> int:
@@ -189,7 +222,9 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                 "calls_added": sum(mine["calls"].values()) - sum(base["calls"].values()),
                 "bytes_added": sum(mine["bytes"].values()) - sum(base["bytes"].values()),
                 "peak_rss_added": mine["peak_rss"] - base["peak_rss"],
+                "peak_tensors_added": mine["peak_tensors"] - base["peak_tensors"],
                 "shard_bytes": mine["shard_bytes"],
+                "watched_shard_bytes": mine["watched_shard_bytes"],
                 "ratio": ratio,
                 "by_collective": {k: [mine["calls"][k], mine["bytes"][k]] for k in mine["calls"]},
             })
@@ -197,16 +232,22 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def _table(rows: dict[str, Any]) -> str:
-    lines = ["| variant | rank | collectives | added | MiB added | peak RSS added (MB) | "
-             "ratio |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | rank | collectives | added | bytes added | peak tensor memory added "
+             "(x watched shard) | peak RSS added (MB) | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     for variant, ranks in rows.items():
         for row in ranks:
             lines.append(
                 f"| {variant} | {row['rank']} | {row['calls']} | {row['calls_added']} | "
-                f"{row['bytes_added'] / 2**20:.1f} | {row['peak_rss_added'] / 1e6:.0f} | "
-                f"{row['ratio']:.2f} |"
+                f"{_size(row['bytes_added'])} | {row['peak_tensors_added'] / 2**20:.1f} MiB "
+                f"({row['peak_tensors_added'] / row['watched_shard_bytes']:.2f}x) | "
+                f"{row['peak_rss_added'] / 1e6:.0f} | {row['ratio']:.2f} |"
             )
     return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if abs(n) >= 2**20 else f"{n} B"
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -235,10 +235,10 @@ def test_a_skipped_attempt_is_told_from_accumulation_only_when_watched() -> None
     got += _run(clock, "F L")
     reset[0] = False
     got += _run(clock, "F L a /a")  # a micro-batch of the second attempt: accumulation
-    assert [a for _, a in got] == [_act(a) for a in (
-        "OPEN|CAPTURE CAPTURE OPTIMIZER_GRADS|READ_GRADS|SNAPSHOT UPDATES|END OPEN|CAPTURE "
-        "CAPTURE SKIPPED|CAPTURE CAPTURE NO_CAPTURE NONE READ_GRADS|SNAPSHOT UPDATES|END"
-    ).split()]
+    expected = ("OPEN|CAPTURE CAPTURE OPTIMIZER_GRADS|READ_GRADS|SNAPSHOT UPDATES|END "
+                "OPEN|CAPTURE CAPTURE SKIPPED|CAPTURE CAPTURE NO_CAPTURE NONE "
+                "READ_GRADS|SNAPSHOT UPDATES|END")
+    assert [a for _, a in got] == [_act(a) for a in expected.split()]
     assert clock.last_ended is not None
     assert (clock.last_ended.stamp, clock.last_ended.forwards) == ((1, 0, 1), 2)
     assert len(asked) == 2  # at the two forwards that would otherwise accumulate, only

@@ -4,9 +4,10 @@
 - DDP: the published gradient is the all-reduced ``p.grad`` (equal to the ranks' local
   gradients averaged by hand), module names carry no ``module.``, only rank 0 writes by
   default, and ``ranks = "all"`` writes each rank to ``<log_dir>/rank<r>``.
-- FSDP2 (``fully_shard``): parameters are DTensor shards; every published payload is the
-  full parameter (its gradient, its update), so norms are of the whole parameter, never
-  of one rank's shard.
+- FSDP2 (``fully_shard``): parameters are DTensor shards; a subscriber that does not merge
+  shards (the default, ``sharded = "gather"``) receives the full parameter (its gradient,
+  its update), and norms (merged from the shards) are of the whole parameter, never of one
+  rank's shard. tests/test_distributed_sharded.py bounds what that costs.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ tensors seen changing in place are fresh. Subscribers run under ``torch.no_grad(
 change a payload in place (that changes training), and ``clone()`` one to keep it past the
 call that received it.
 
+Sharded parameters (DTensors: FSDP2, tensor parallelism) reach a subscriber as full tensors
+gathered for it, or, when it declares ``sharded = "merge"``, as this rank's local shard
+(``Subscriber.merge_shards`` merges its statistics across the ranks).
+
 Two shapes of the same data:
 
 - :class:`StepBundle` — what a step-level subscriber receives once per step: for each of its

@@ -5,7 +5,12 @@ synchronisation), one value (or one histogram row) per input tensor, in input or
 
 - :func:`norms` — p-norms through ``torch._foreach_norm``
 - :func:`zero_fractions` — fraction of exact zeros (``_foreach_norm`` with p = 0)
+- :func:`zero_counts` — entries and exact zeros of each tensor (zero fractions of shards)
 - :func:`moments` — means and variances, by segments of one concatenation
+- :func:`partial_moments` / :func:`merged_moments` — counts, sums and sums of squares of
+  shards, and the means and variances of their merge
+- :func:`finite_extremes` — smallest and largest finite values (a histogram's edges, agreed
+  across shards before the counts)
 - :func:`histograms` — histograms of many tensors as one segmented computation (per-row
   min/max, one scatter), large tensors summarised by a fixed pseudo-random sample
 - :func:`sample` / :func:`sample_index` — that sample
@@ -25,12 +30,16 @@ import torch
 __all__ = [
     "Histograms",
     "constant",
+    "finite_extremes",
     "group_by",
     "histograms",
+    "merged_moments",
     "moments",
     "norms",
+    "partial_moments",
     "sample",
     "sample_index",
+    "zero_counts",
     "zero_fractions",
 ]
 
@@ -115,6 +124,17 @@ def zero_fractions(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return _per_device(tensors, fn)
 
 
+def zero_counts(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(n, 2)`` float64: each tensor's number of exact zeros and of entries — what the
+    shards of a tensor sum to give its :func:`zero_fractions` (zeros / entries)."""
+    if not tensors:
+        return torch.empty(0, 2, dtype=torch.float64)
+    device = tensors[0].device
+    numel = constant([t.numel() for t in tensors], torch.float64, device)
+    nonzero = torch.stack([torch.count_nonzero(t).to(device) for t in tensors]).double()
+    return torch.stack([numel - nonzero, numel], dim=1)
+
+
 def moments(
     tensors: Sequence[torch.Tensor], correction: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +149,32 @@ def moments(
     ]
     both = torch.cat(rows).float()
     return both[:, 0], both[:, 1]
+
+
+def partial_moments(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(n, 3)`` float64: each tensor's number of entries, sum and sum of squares — the
+    moments of shards, which merge by summing (:func:`merged_moments` finishes them)."""
+    if not tensors:
+        return torch.empty(0, 3, dtype=torch.float64)
+    sums = []
+    for t in tensors:
+        x = t.detach().reshape(-1).double()
+        sums.append(torch.stack([x.sum(), torch.dot(x, x)]))
+    device = tensors[0].device
+    counts = constant([t.numel() for t in tensors], torch.float64, device)
+    return torch.cat([counts[:, None], torch.stack(sums).to(device)], dim=1)
+
+
+def merged_moments(
+    partials: torch.Tensor, correction: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance from summed :func:`partial_moments` rows (float32 vectors, as
+    :func:`moments`; NaN for no entries). The sums are float64 and unshifted: exact enough
+    unless a tensor's mean exceeds its spread by about 10^5."""
+    n, s1, s2 = partials.unbind(1)
+    mean = s1 / n
+    var = (s2 - s1 * mean).clamp_min(0) / (n - correction)
+    return mean.float(), var.float()
 
 
 def _chunks(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -247,6 +293,7 @@ def histograms(
     bins: int = 64,
     range: tuple[float, float] | None = None,  # noqa: A002 - mirrors numpy/torch naming
     max_samples: int | None = None,
+    limits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Histograms:
     """Histograms of the finite entries of every tensor, as one segmented computation on their
     device (no host synchronisation). With no ``range``, each histogram's bins span its
@@ -254,10 +301,15 @@ def histograms(
     ``max_samples``, a larger tensor is summarised by a fixed pseudo-random sample of that many
     entries (:func:`sample`). Values are binned in their own precision (float32 for float32
     and lower, float64 for float64): a value within rounding of a bin edge may fall in the
-    neighbouring bin from the one ``numpy.histogram`` (float64) would choose."""
+    neighbouring bin from the one ``numpy.histogram`` (float64) would choose. ``limits``: each
+    tensor's (smallest, largest) finite value as two float64 vectors, used instead of its own
+    (the shards of one tensor agree on them first, :func:`finite_extremes`, so that their
+    counts sum to the whole tensor's); ``min``/``max`` then report them."""
     _check_histograms(tensors, bins, range)
     groups = _device_groups(tensors)
     if len(groups) > 1:
+        if limits is not None:
+            raise ValueError("histograms with limits needs all tensors on one device")
         parts = [histograms([tensors[i] for i in idx], bins, range, max_samples) for idx in groups]
         device = tensors[0].device
         order = _input_order(groups, device)
@@ -271,7 +323,27 @@ def histograms(
         for t in tensors
     ]
     lengths = tuple(t.numel() for t in flat)
-    return _histograms_of_rows(_rows(flat, lengths), lengths, bins, range)
+    return _histograms_of_rows(_rows(flat, lengths), lengths, bins, range, limits)
+
+
+def finite_extremes(
+    tensors: Sequence[torch.Tensor], max_samples: int | None = None
+) -> torch.Tensor:
+    """``(n, 2)`` float64: each tensor's largest finite value and the negated smallest (both
+    -inf for none), of the entries :func:`histograms` would bin (the same sample with
+    ``max_samples``); rows of shards merge by their maximum."""
+    rows = []
+    for t in tensors:
+        x = sample(t, max_samples) if max_samples is not None and t.numel() > max_samples \
+            else t.reshape(-1)
+        x = x.detach()
+        if x.dtype != torch.float64:
+            x = x.float()
+        finite = _finite(x)
+        hi = torch.where(finite, x, -math.inf).amax() if x.numel() else x.new_tensor(-math.inf)
+        lo = torch.where(finite, x, math.inf).amin() if x.numel() else x.new_tensor(math.inf)
+        rows.append(torch.stack([hi.double(), -lo.double()]))
+    return torch.stack(rows)
 
 
 def _check_histograms(
@@ -305,6 +377,7 @@ def _rows(flat: list[torch.Tensor], lengths: tuple[int, ...]) -> torch.Tensor:
 def _histograms_of_rows(
     x: torch.Tensor, lengths: tuple[int, ...], bins: int,
     range: tuple[float, float] | None,  # noqa: A002 - mirrors numpy/torch naming
+    limits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Histograms:
     """Histograms of each row's finite entries (see :func:`histograms`)."""
     n, dtype, device = x.shape[0], x.dtype, x.device
@@ -313,7 +386,11 @@ def _histograms_of_rows(
     nfin = torch.count_nonzero(finite, dim=1)
     lo_all = torch.where(finite, x, math.inf).amin(1).double()
     hi_all = torch.where(finite, x, -math.inf).amax(1).double()
-    empty = nfin == 0
+    if limits is not None:  # agreed by the shards of each tensor (all may be empty)
+        lo_all, hi_all = limits[0].to(device, torch.float64), limits[1].to(device, torch.float64)
+        empty = ~torch.isfinite(lo_all)
+    else:
+        empty = nfin == 0
     lo_all = torch.where(empty, 0.0, lo_all)
     hi_all = torch.where(empty, 0.0, hi_all)
     if range is not None:

@@ -23,7 +23,7 @@ backends and, as topics of their own (``max_abs/weight_gradients``), to other su
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
@@ -86,6 +86,16 @@ class Subscriber:
     #: step was then skipped (GradScaler's overflow, user code that skips a bad step), when
     #: the next training forward shows its gradients were reset without an update.
     sees_skipped_steps: ClassVar[bool] = False
+    #: How statistics of a sharded parameter (a DTensor: FSDP2's ``fully_shard``, tensor
+    #: parallelism) are made. ``"gather"`` (the default, right for any computation): the
+    #: subscriber receives full tensors, each all-gathered at the steps it is due.
+    #: ``"merge"``: it receives this rank's local shard of each sharded payload and merges
+    #: its partial statistics across the ranks with :meth:`merge_shards` (norms as sums of
+    #: squares, moments as sums and counts, extremes by max/min, histograms by summed counts
+    #: over edges agreed first). A statistic that needs the whole matrix (a spectral norm, a
+    #: condition number) keeps ``"gather"``. An instance may set its own (an option that
+    #: needs whole tensors).
+    sharded: Literal["gather", "merge"] = "gather"
 
     def __init__(self, **options: object) -> None:
         if not self.name:
@@ -125,6 +135,34 @@ class Subscriber:
         ``publish_histograms``. The default hands each module's bundle to :meth:`compute`."""
         for bundle in step.bundles(self.synchronized):
             self.compute(bundle)
+
+    def merging(self, step: StepBundle) -> bool:
+        """Whether some payload of ``step`` is a local shard whose statistics must be merged
+        with :meth:`merge_shards` (only for ``sharded = "merge"``; False outside sharded
+        training, where payloads are whole tensors)."""
+        view = self.bus.merges.view
+        return (self.sharded == "merge" and view is not None
+                and bool(view.rows([step[t] for t in step.topics])))
+
+    def merge_shards(
+        self,
+        step: StepBundle,
+        partial: torch.Tensor,
+        then: Callable[[torch.Tensor], None],
+        *,
+        topics: Sequence[str] | None = None,
+        op: Literal["sum", "max", "min"] = "sum",
+    ) -> None:
+        """Merge ``partial`` across the ranks that hold the shards, then call ``then`` with
+        the merged tensor (and publish from there). ``partial`` has one row per payload of
+        ``topics`` (default: the step's), in their order and concatenated, computed on
+        this rank's shards (sums, counts, maxima...); ``op`` says how the rows of shards
+        combine; the rows of whole tensors keep this rank's value. Every partial of every
+        subscriber of a step travels in one all-reduce per ``op`` kind; ``then`` may merge
+        again (a histogram's counts after its edges). Without shards, ``then(partial)`` is
+        called at once."""
+        self.bus.merges.submit(self, step, partial, then,
+                               tuple(step.topics if topics is None else topics), op)
 
     def sample_size(self, topic: str) -> int | None:
         """How many entries of each payload of a forward topic (``activations``,

@@ -47,6 +47,16 @@ class Results:
             return []
         return [_message(topic, got, stamp) for topic, got in current[1].items()]
 
+    def hold(self) -> object:
+        """Set the open subscriber's results aside (it waits for a merge of shards);
+        :meth:`resume` reopens them."""
+        current, self._open = self._open, None
+        return current
+
+    def resume(self, held: object) -> None:
+        """Reopen results set aside by :meth:`hold`."""
+        self._open = held  # type: ignore[assignment]
+
     def _collector(self, owner: object, topic: str) -> _Collected:
         current = self._open
         if current is None or current[0] is not owner:

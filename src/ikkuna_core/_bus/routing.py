@@ -23,6 +23,7 @@ from ..topics import TopicSpec, builtin_topics
 from .consumer import Consumer
 from .policy import ErrorPolicy
 from .results import Results, payloads_of, values_message
+from .shards import Merges
 from .transfer import Outbox
 
 if TYPE_CHECKING:
@@ -137,6 +138,7 @@ class MessageBus(_OldNames):
         self._period = 1  # the subscriptions' subsample periods repeat after this many steps
         self._consumed: frozenset[str] = frozenset()
         self.cost = CostMeter(self)  # measured cost per subscriber; the budget
+        self.merges = Merges()  # sharded payloads: shards, merges, gathers
         self._outbox.host_records = self.cost.records  # written with every flush
 
     on_error = property(lambda self: self.policy.on_error, doc="``'warn'`` or ``'raise'``")
@@ -310,12 +312,19 @@ class MessageBus(_OldNames):
         self, stamp: Stamp, payloads: dict[str, TopicPayloads],
         active: Sequence[Subscription], skipped: bool = False,
     ) -> None:
-        available = dict(payloads)
-        modules: dict[str | None, ModuleInfo | None] | None = None
+        merges = self.merges
+        available = merges.begin(payloads)  # DTensors: this rank's shards (see .shards)
+        held: dict[Subscription, object] = {}  # subscribers waiting for a merge of shards
+
+        def finish(sub: Subscription, exc: Exception | None) -> None:
+            _finished(self, sub, exc, stamp, payloads, available)
+
         for sub in active:
             if not sub.subscriber.enabled:
                 continue
-            parts = _parts(sub, available, stamp, self.policy)
+            merges.settle(held, self.results, finish, before=sub)  # if it reads their results
+            parts = _parts(sub, merges.source(sub.subscriber, sub.topics, available), stamp,
+                           self.policy)
             if not parts:
                 continue
             bundle = StepBundle(
@@ -334,16 +343,16 @@ class MessageBus(_OldNames):
             except Exception as exc:  # noqa: BLE001 - the error policy decides
                 self.cost.stopped(sub, token)
                 self.results.close(stamp)
+                merges.drop(sub.subscriber)
                 self._subscriber_failed(sub, exc, stamp, list(parts))
                 continue
             self.cost.stopped(sub, token)
-            for message in self.results.close(stamp):
-                self._outbox.put(message)
-                if message.topic in self._consumed:
-                    if modules is None:
-                        modules = {k: m for p in payloads.values()
-                                   for k, m in zip(p.keys, p.modules, strict=True)}
-                    available[message.topic] = payloads_of(message, modules)
+            if merges.waiting(sub.subscriber):
+                held[sub] = self.results.hold()
+            else:
+                _published(self, stamp, payloads, available)
+        merges.settle(held, self.results, finish)
+        merges.end()
 
     # ----------------------------------------------------------------- errors
     def _subscriber_failed(
@@ -400,6 +409,35 @@ class MessageBus(_OldNames):
         even when the final write or a backend's close fails; the failures are then raised
         together, as one ExceptionGroup naming each backend."""
         self._outbox.close(before=self.cost.close)
+
+
+def _published(
+    bus: MessageBus, stamp: Stamp, payloads: dict[str, TopicPayloads],
+    available: dict[str, TopicPayloads],
+) -> None:
+    """Close the open subscriber's results: to the backends, and as derived topics."""
+    for message in bus.results.close(stamp):
+        bus._outbox.put(message)
+        if message.topic in bus._consumed:
+            available[message.topic] = payloads_of(message, _modules(payloads))
+
+
+def _finished(
+    bus: MessageBus, sub: Subscription, exc: Exception | None, stamp: Stamp,
+    payloads: dict[str, TopicPayloads], available: dict[str, TopicPayloads],
+) -> None:
+    """A subscription that waited for a merge of shards is done (``exc``: it failed)."""
+    if exc is None:
+        return _published(bus, stamp, payloads, available)
+    bus.results.close(stamp)
+    if isinstance(exc, IkkunaError):
+        raise exc
+    bus._subscriber_failed(sub, exc, stamp, list(sub.topics))
+
+
+def _modules(payloads: dict[str, TopicPayloads]) -> dict[str | None, ModuleInfo | None]:
+    """Every payload's key and module."""
+    return {k: m for p in payloads.values() for k, m in zip(p.keys, p.modules, strict=True)}
 
 
 def _parts(

@@ -17,7 +17,7 @@ from .clock import Act, Ended, Stamp, StepClock
 from .diagnostics import Diagnostics
 from .hooks import Callbacks, Hooks, guard
 from .loss import LossWatch
-from .params import Parameters, Versioned, gathered
+from .params import Parameters, Versioned
 from .selection import unwrap_model
 
 __all__ = ["StepDriver"]
@@ -185,7 +185,8 @@ class StepDriver:
         self, stamp: Stamp, wanted: frozenset[str], stash: Stash,
         grads: dict[int, Versioned], updates: dict[int, torch.Tensor],
     ) -> dict[str, TopicPayloads]:
-        """The payloads of a step: parameters, forward, events (gathered when sharded)."""
+        """The payloads of a step: parameters, forward, events (DTensors as they are: the
+        bus gives each subscriber shards or full tensors, :mod:`.._bus.shards`)."""
         payloads: dict[str, TopicPayloads] = {}
         if not wanted:
             return payloads
@@ -197,8 +198,6 @@ class StepDriver:
             payloads = self.params.payloads(wanted, grads, updates, self.capture.valid)
             payloads.update(self.capture.payloads(stash, wanted))
             payloads.update(_events(wanted, stamp[2]))
-            if self.params.sharded:
-                payloads = gathered(payloads)
         return payloads
 
 

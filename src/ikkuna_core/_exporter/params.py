@@ -17,7 +17,7 @@ from ..messages import ModuleInfo, TopicPayloads, key_of
 from ..topics import GRADIENT_TOPICS, UPDATE_TOPICS, VALUE_TOPICS, parameter_kind
 from .selection import ROOT_NAME
 
-__all__ = ["Param", "Parameters", "gathered", "is_dtensor"]
+__all__ = ["Param", "Parameters", "is_dtensor"]
 
 _VALUES = frozenset(VALUE_TOPICS.values())
 _GRADIENTS = frozenset(GRADIENT_TOPICS.values())
@@ -67,7 +67,8 @@ class Parameters:
             for kind_topics in (VALUE_TOPICS, GRADIENT_TOPICS, UPDATE_TOPICS)
             for kind, topic in kind_topics.items()
         }
-        self.sharded = any(is_dtensor(p.tensor) for p in self.params)  # FSDP2: see gathered
+        # FSDP2, tensor parallelism: the bus sees the step's payloads as shards
+        self.sharded = any(is_dtensor(p.tensor) for p in self.params)
         self.snapshot: dict[int, torch.Tensor] = {}  # param index -> buffer (-> update)
         self.grads: dict[int, Versioned] = {}
         self.updates: dict[int, torch.Tensor] = {}
@@ -160,20 +161,19 @@ class Parameters:
         chosen = [i for i in indices if UPDATE_TOPICS[self.params[i].kind] in wanted]
         if not chosen:
             return
+        params = self.params
+        # DTensors (FSDP2, tensor parallelism): the snapshot is of the local shards, plain
+        # tensors, so the foreach ops apply and no rank holds more than its shard
+        sources: list[torch.Tensor] = [
+            _local(params[i].tensor) if self.sharded else params[i].tensor for i in chosen]
         bufs = []
-        for i in chosen:
-            t = self.params[i].tensor
+        for i, t in zip(chosen, sources, strict=True):
             buf = self.snapshot.get(i)
             if buf is None or (buf.shape, buf.device, buf.dtype) != (t.shape, t.device, t.dtype):
                 buf = self.snapshot[i] = torch.empty_like(t, requires_grad=False)
             bufs.append(buf)
         with torch.no_grad():
-            sources: list[torch.Tensor] = [self.params[i].tensor for i in chosen]
-            if self.sharded:  # DTensors (FSDP2) have no _foreach_copy_: one copy_ each
-                for buf, source in zip(bufs, sources, strict=True):
-                    buf.copy_(source)
-            else:
-                torch._foreach_copy_(bufs, sources)
+            torch._foreach_copy_(bufs, sources)
         for i, buf in zip(chosen, bufs, strict=True):
             self.updates[i] = buf
 
@@ -184,11 +184,9 @@ class Parameters:
             return
         bufs = [self.updates[i] for i in chosen]
         with torch.no_grad():
-            after: list[torch.Tensor] = [self.params[i].tensor for i in chosen]
-            if self.sharded:  # DTensors (FSDP2): pointwise ops, one tensor at a time
-                for buf, tensor in zip(bufs, after, strict=True):
-                    buf.sub_(tensor).neg_()
-                return
+            after: list[torch.Tensor] = [
+                _local(self.params[i].tensor) if self.sharded else self.params[i].tensor
+                for i in chosen]
             torch._foreach_sub_(bufs, after)
             torch._foreach_neg_(bufs)
 
@@ -227,7 +225,8 @@ class Parameters:
                 chosen = [(i, g) for i in indices
                           if i in grads and (g := valid(grads[i], topic, i)) is not None]
             else:
-                chosen = [(i, updates[i]) for i in indices if i in updates]
+                chosen = [(i, _like(updates[i], params[i].tensor) if self.sharded
+                           else updates[i]) for i in indices if i in updates]
             if chosen:
                 out[topic] = TopicPayloads(
                     topic=topic,
@@ -245,22 +244,19 @@ def is_dtensor(tensor: Any) -> bool:
     return module is not None and isinstance(tensor, module.DTensor)
 
 
-def gathered(payloads: dict[str, TopicPayloads]) -> dict[str, TopicPayloads]:
-    """The payloads with every sharded tensor (a DTensor: FSDP2's ``fully_shard``, tensor
-    parallelism) replaced by the full tensor, gathered from all ranks, so that every metric
-    is of the whole parameter, never silently of this rank's shard. A collective: every rank
-    runs it at the same steps, for the same topics in the same (sorted) order. It costs one
-    all-gather per sharded payload at published steps (``subsample`` bounds it) and, for a
-    moment, the memory of the full tensors of the subscribed topics."""
-    with torch.no_grad():
-        for topic in sorted(payloads):
-            found = payloads[topic]
-            if any(is_dtensor(t) for t in found.data):
-                payloads[topic] = TopicPayloads(
-                    topic=topic,
-                    keys=found.keys,
-                    modules=found.modules,
-                    data=[t.full_tensor() if is_dtensor(t) else t  # type: ignore[union-attr]
-                          for t in found.data],
-                )
-    return payloads
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor``: the local tensor of a DTensor, the tensor itself
+    otherwise."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def _like(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``local`` (a snapshot of ``param``'s local tensor) laid out as ``param``: a DTensor
+    with its mesh and placements when ``param`` is one (no communication)."""
+    if not is_dtensor(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    assert isinstance(param, DTensor)
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())

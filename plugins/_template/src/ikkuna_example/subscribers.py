@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from pydantic import Field
 
 from ikkuna_core import MessageBundle, StepBundle, Subscriber, SubscriberOptions, ops
@@ -44,9 +45,16 @@ class MaxAbs(Subscriber):
 
     name = "max_abs"
     default_topics: ClassVar[tuple[str, ...]] = ("weight_gradients",)
+    # Under FSDP2/tensor parallelism the payloads of sharded parameters are this rank's
+    # shards, and their maxima merge across the ranks (without, merge_shards publishes at once)
+    sharded = "merge"
 
     def compute_step(self, step: StepBundle) -> None:
         for topic in step.topics:
             payloads = step[topic]  # .keys, .modules and .data: one entry per module
             values = ops.norms(payloads.tensors(), p=float("inf"))  # one value per module
-            self.publish_scalars(step, values, topic=topic)  # keys: the topic's keys
+
+            def publish(merged: torch.Tensor, topic: str = topic) -> None:
+                self.publish_scalars(step, merged, topic=topic)  # keys: the topic's keys
+
+            self.merge_shards(step, values, publish, topics=[topic], op="max")

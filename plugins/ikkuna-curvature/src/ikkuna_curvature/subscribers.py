@@ -69,6 +69,7 @@ class ConditionNumber(Subscriber):
     name = "condition_number"
     Options = ConditionNumberOptions
     default_topics: ClassVar[tuple[str, ...]] = ("weights",)
+    sharded = "gather"  # singular values need the whole matrix: sharded weights are gathered
     options: ConditionNumberOptions
 
     def compute_step(self, step: StepBundle) -> None:

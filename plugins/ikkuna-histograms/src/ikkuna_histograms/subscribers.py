@@ -67,6 +67,7 @@ class Histogram(Subscriber):
     name = "histogram"
     Options = HistogramOptions
     default_topics: ClassVar[tuple[str, ...]] = ("activations",)
+    sharded = "merge"
     options: HistogramOptions
 
     def sample_size(self, topic: str) -> int | None:
@@ -77,16 +78,51 @@ class Histogram(Subscriber):
     def compute_step(self, step: StepBundle) -> None:
         # every topic's tensors in one segmented computation, then one message per topic
         tensors = [step[topic].tensors() for topic in step.topics]
+        flat = [t for group in tensors for t in group]
+        sizes = [len(group) for group in tensors]
+        if self.merging(step):
+            self._merged(step, flat, sizes)
+            return
         hists = ops.histograms(
-            [t for group in tensors for t in group],
+            flat,
             bins=self.options.bins,
             range=self.options.range,
             max_samples=self.options.max_samples or None,
         )
-        sizes = [len(group) for group in tensors]
+        self._publish(step, hists, sizes)
+
+    def _publish(self, step: StepBundle, hists: ops.Histograms, sizes: list[int]) -> None:
         per_topic = zip(*(field.split(sizes) for field in hists), strict=True)
         for topic, fields in zip(step.topics, per_topic, strict=True):
             self.publish_histograms(step, ops.Histograms(*fields), topic=topic)
+
+    def _merged(self, step: StepBundle, flat: list[torch.Tensor], sizes: list[int]) -> None:
+        """Histograms of sharded payloads: the shards agree on each tensor's finite min and
+        max (one all-reduce of maxima), bin with those edges, and sum their counts and
+        statistics (one of sums). With ``max_samples`` each shard is sampled on its own."""
+        samples = self.options.max_samples or None
+        bins = self.options.bins
+
+        def counted(limits: tuple[torch.Tensor, torch.Tensor]) -> None:
+            hists = ops.histograms(flat, bins=bins, range=self.options.range,
+                                   max_samples=samples, limits=limits)
+            sums = torch.cat([hists.counts.double(), torch.stack(
+                [hists.num.double(), hists.sum, hists.sum_squares, hists.nonfinite.double()],
+                dim=1)], dim=1)
+
+            def publish(total: torch.Tensor) -> None:
+                counts, num, s1, s2, nonfinite = total.split([bins, 1, 1, 1, 1], dim=1)
+                self._publish(step, hists._replace(
+                    counts=counts.round().to(torch.int64), num=num[:, 0].round().to(torch.int64),
+                    sum=s1[:, 0], sum_squares=s2[:, 0],
+                    nonfinite=nonfinite[:, 0].round().to(torch.int64)), sizes)
+
+            self.merge_shards(step, sums, publish)
+
+        def agreed(extremes: torch.Tensor) -> None:
+            counted((-extremes[:, 1], extremes[:, 0]))
+
+        self.merge_shards(step, ops.finite_extremes(flat, samples), agreed, op="max")
 
 
 class DeadFractionOptions(TensorOptions):
@@ -124,6 +160,9 @@ class DeadFraction(Subscriber):
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
         self._types = frozenset(self.options.module_types)
+        # zero fractions of shards merge (zeros and entries summed); dead units of a shard
+        # need the whole tensor
+        self.sharded = "gather" if self.options.units else "merge"
 
     def output_topics(self) -> list[str]:
         topics = list(self.options.topics)
@@ -137,18 +176,38 @@ class DeadFraction(Subscriber):
     def wants_module(self, module: ModuleInfo) -> bool:
         return not self._types or module.type in self._types
 
+    def _merged(
+        self, step: StepBundle, topic: str, chosen: list[int], keys: list[str | None],
+        tensors: list[torch.Tensor],
+    ) -> None:
+        """Zero fractions of sharded payloads: zeros and entries of the shards summed (NaN
+        for a tensor without entries, as :func:`ikkuna_core.ops.zero_fractions`)."""
+        counts = torch.zeros(len(step[topic]), 2, dtype=torch.float64,
+                             device=tensors[0].device)
+        counts[ops.constant(chosen, torch.long, counts.device)] = ops.zero_counts(tensors)
+
+        def publish(total: torch.Tensor) -> None:
+            rows = total[ops.constant(chosen, torch.long, total.device)]
+            self.publish_scalars(step, (rows[:, 0] / rows[:, 1]).float(), keys, topic=topic)
+
+        self.merge_shards(step, counts, publish, topics=[topic])
+
     def compute_step(self, step: StepBundle) -> None:
         for topic in step.topics:
             payloads = step[topic]
             all_tensors = payloads.tensors()  # a TensorOptions topic: every payload a tensor
+            merging = self.merging(step)  # then a shard may be empty on this rank only
             chosen = [
                 i for i, (module, x) in enumerate(zip(payloads.modules, all_tensors, strict=True))
-                if x.numel() and (module is None or self.wants_module(module))
+                if (merging or x.numel()) and (module is None or self.wants_module(module))
             ]
             if not chosen:
                 continue
             keys = [payloads.keys[i] for i in chosen]
             tensors = [all_tensors[i] for i in chosen]
+            if merging:
+                self._merged(step, topic, chosen, keys, tensors)
+                continue
             self.publish_scalars(step, ops.zero_fractions(tensors), keys, topic=topic)
             dim = self.options.unit_dim
             if self.options.units:

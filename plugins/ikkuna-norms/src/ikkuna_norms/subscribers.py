@@ -5,17 +5,37 @@ with the core's fused primitives (``ikkuna_core.ops``), a few kernel launches pe
 step whatever the number of modules. Every value stays a tensor on the payload's device:
 nothing here synchronises with the host. Low-precision payloads (float16, bfloat16) and
 integer payloads are reduced in float32.
+
+Sharded parameters (FSDP2, tensor parallelism): every subscriber here but
+:class:`SpectralNorm` merges statistics of the local shards (``sharded = "merge"``): norms as
+sums of ``|x|^p`` (maxima for ``p = inf``), moments as counts, sums and sums of squares — one
+all-reduce per step for all of them, no parameter gathered. :class:`SpectralNorm` needs the
+whole matrix and gathers it, at its own steps.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
 from pydantic import Field, field_validator
 
 from ikkuna_core import StepBundle, Subscriber, TensorOptions, ops
+
+
+def _merged_norms(
+    subscriber: Subscriber, step: StepBundle, values: torch.Tensor, p: float,
+    then: Callable[[torch.Tensor], None], topics: Sequence[str] | None = None,
+) -> None:
+    """``then(norms)`` with ``values`` (this rank's p-norms, one per payload of ``topics``)
+    merged across the shards: ``|x|^p`` summed (the largest for ``p = inf``)."""
+    if math.isinf(p):
+        subscriber.merge_shards(step, values, then, topics=topics, op="max")
+        return
+    subscriber.merge_shards(step, values.double() ** p,
+                            lambda total: then((total ** (1 / p)).float()), topics=topics)
 
 __all__ = [
     "GlobalNorm",
@@ -68,15 +88,23 @@ class Norm(Subscriber):
     name = "norm"
     Options = NormOptions
     default_topics: ClassVar[tuple[str, ...]] = ("weight_gradients",)
+    sharded = "merge"
     options: NormOptions
 
     def compute_step(self, step: StepBundle) -> None:
         # every topic's tensors in one fused reduction, then one message per topic
         tensors = [step[topic].tensors() for topic in step.topics]
         values = ops.norms([t for group in tensors for t in group], self.options.p)
-        per_topic = values.split([len(group) for group in tensors])
-        for topic, topic_values in zip(step.topics, per_topic, strict=True):
-            self.publish_scalars(step, topic_values, topic=topic)
+        sizes = [len(group) for group in tensors]
+
+        def publish(values: torch.Tensor) -> None:
+            for topic, topic_values in zip(step.topics, values.split(sizes), strict=True):
+                self.publish_scalars(step, topic_values, topic=topic)
+
+        if self.merging(step):
+            _merged_norms(self, step, values, self.options.p, publish)
+        else:
+            publish(values)
 
 
 # ----------------------------------------------------------------------------- global norm
@@ -95,13 +123,21 @@ class GlobalNorm(Subscriber):
     Options = GlobalNormOptions
     default_topics: ClassVar[tuple[str, ...]] = ("weight_gradients", "bias_gradients")
     output_kind = "network"
+    sharded = "merge"
     options: GlobalNormOptions
 
     def compute_step(self, step: StepBundle) -> None:
         tensors = [t for topic in step.topics for t in step[topic].tensors()]
         per_tensor = ops.norms(tensors, self.options.p)
-        total = torch.linalg.vector_norm(per_tensor, ord=self.options.p)
-        self.publish_scalars(step, total.reshape(1), [None])
+
+        def publish(per_tensor: torch.Tensor) -> None:
+            total = torch.linalg.vector_norm(per_tensor, ord=self.options.p)
+            self.publish_scalars(step, total.reshape(1), [None])
+
+        if self.merging(step):
+            _merged_norms(self, step, per_tensor, self.options.p, publish)
+        else:
+            publish(per_tensor)
 
 
 # ------------------------------------------------------------------------------ mean/var
@@ -115,11 +151,29 @@ class Mean(Subscriber):
     name = "mean"
     Options = MeanOptions
     default_topics: ClassVar[tuple[str, ...]] = ("activations",)
+    sharded = "merge"
 
     def compute_step(self, step: StepBundle) -> None:
         for topic in step.topics:
+            if self.merging(step):
+                _merged_moments(self, step, topic, lambda topic, mean, _: self.publish_scalars(
+                    step, mean, topic=topic))
+                continue
             means, _ = ops.moments(step[topic].tensors())
             self.publish_scalars(step, means, topic=topic)
+
+
+def _merged_moments(
+    subscriber: Subscriber, step: StepBundle, topic: str,
+    then: Callable[[str, torch.Tensor, torch.Tensor], None], correction: int = 1,
+) -> None:
+    """``then(topic, means, variances)`` of ``topic``'s payloads merged across the shards
+    (counts, sums and sums of squares summed)."""
+    partials = ops.partial_moments(step[topic].tensors())
+    subscriber.merge_shards(
+        step, partials, lambda total: then(topic, *ops.merged_moments(total, correction)),
+        topics=[topic],
+    )
 
 
 class VarianceOptions(TensorOptions):
@@ -138,10 +192,15 @@ class Variance(Subscriber):
     name = "variance"
     Options = VarianceOptions
     default_topics: ClassVar[tuple[str, ...]] = ("activations",)
+    sharded = "merge"
     options: VarianceOptions
 
     def compute_step(self, step: StepBundle) -> None:
         for topic in step.topics:
+            if self.merging(step):
+                _merged_moments(self, step, topic, lambda topic, _, var: self.publish_scalars(
+                    step, var, topic=topic), self.options.correction)
+                continue
             _, variances = ops.moments(step[topic].tensors(), self.options.correction)
             self.publish_scalars(step, variances, topic=topic)
 
@@ -177,15 +236,24 @@ class Ratio(Subscriber):
     Options = RatioOptions
     default_topics: ClassVar[tuple[str, ...]] = ("weight_updates", "weights")
     synchronized = True
+    sharded = "merge"
     options: RatioOptions
 
     def compute_step(self, step: StepBundle) -> None:
         top, bottom = self.options.topics
         a, b = step[top].tensors(), step[bottom].tensors()
-        num, den = ops.norms(a + b).split([len(a), len(b)])  # one fused reduction
-        if self.options.eps:
-            den = den + self.options.eps
-        self.publish_scalars(step, num / den, topic=top)
+        values = ops.norms(a + b)  # one fused reduction
+
+        def publish(values: torch.Tensor) -> None:
+            num, den = values.split([len(a), len(b)])
+            if self.options.eps:
+                den = den + self.options.eps
+            self.publish_scalars(step, num / den, topic=top)
+
+        if self.merging(step):
+            _merged_norms(self, step, values, 2.0, publish, topics=[top, bottom])
+        else:
+            publish(values)
 
 
 # ------------------------------------------------------------------------- spectral norm
@@ -248,6 +316,7 @@ class SpectralNorm(Subscriber):
     name = "spectral_norm"
     Options = SpectralNormOptions
     default_topics: ClassVar[tuple[str, ...]] = ("weights",)
+    sharded = "gather"  # the whole matrix: sharded weights are gathered at its steps
     options: SpectralNormOptions
 
     def __init__(self, **options: object) -> None:

@@ -1,0 +1,286 @@
+"""Payloads of sharded tensors (DTensors: FSDP2's ``fully_shard``, tensor parallelism) and
+the merge of the statistics computed on them.
+
+A step whose payloads hold DTensors is seen two ways. A subscriber whose ``sharded`` is
+``"merge"`` receives each rank's local shard and merges its partial statistics with
+:meth:`~ikkuna_core.Subscriber.merge_shards`; every such partial of a step (all subscribers,
+all topics) travels in one all-reduce per kind of reduction (sums; maxima, minima as negated
+maxima) and round (a histogram agrees on its edges first). A subscriber whose ``sharded`` is
+``"gather"`` (the default: correct whatever it computes) receives full tensors, all-gathered
+once per topic at the steps such a subscriber is due. Every rank runs the same subscribers at
+the same steps, so the collectives come in the same order on every rank.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from ..messages import TopicPayloads
+from ..ops import constant
+
+__all__ = ["Merges", "ShardedStep", "is_dtensor", "local_view", "merges"]
+
+#: How partial statistics of shards combine.
+Reduction = Literal["sum", "max", "min"]
+REDUCTIONS: tuple[str, ...] = ("sum", "max", "min")
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (none can exist before
+    that module is imported, so this never imports it)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def _shard_group(tensor: Any) -> Any | None:
+    """The process group over which ``tensor`` (a DTensor) is split into disjoint local
+    shards: its mesh's, when the mesh is 1-d and the placement a ``Shard``; None otherwise
+    (replicated, a pending sum, a mesh of more dimensions)."""
+    from torch.distributed.tensor import Shard
+
+    mesh = tensor.device_mesh
+    if mesh.ndim != 1 or not isinstance(tensor.placements[0], Shard):
+        return None
+    return mesh.get_group()
+
+
+def _same_ranks(group: Any, other: Any) -> bool:
+    """Whether two process groups join the same ranks in the same order (two meshes over
+    the same ranks may have distinct groups; their shards merge alike)."""
+    if group is other:
+        return True
+    import torch.distributed as dist
+
+    return bool(dist.get_process_group_ranks(group) == dist.get_process_group_ranks(other))
+
+
+def _is_replicated(tensor: Any) -> bool:
+    from torch.distributed.tensor import Replicate
+
+    return all(isinstance(p, Replicate) for p in tensor.placements)
+
+
+def local_view(payloads: dict[str, TopicPayloads]) -> ShardedStep:
+    """The step's payloads with every DTensor as this rank's local tensor, and which rows are
+    shards to merge. The shards of one process group are merged (that of the first sharded
+    tensor, in sorted topic order); a DTensor laid out otherwise (a pending sum, a 2-d mesh, a
+    second group) is replaced by its full tensor, so its statistics need no merge."""
+    group: Any | None = None
+    local: dict[str, TopicPayloads] = {}
+    sharded: dict[str, frozenset[str | None]] = {}
+    with torch.no_grad():
+        for topic in sorted(payloads):
+            found = payloads[topic]
+            if not any(is_dtensor(t) for t in found.data):
+                local[topic] = found
+                continue
+            data: list[torch.Tensor | None] = []
+            keys: set[str | None] = set()
+            for key, t in zip(found.keys, found.data, strict=True):
+                if not is_dtensor(t):
+                    data.append(t)
+                    continue
+                assert t is not None
+                mine = _shard_group(t)
+                if mine is not None and group is None:
+                    group = mine
+                if mine is not None and _same_ranks(mine, group):
+                    data.append(t.to_local())  # type: ignore[attr-defined]
+                    keys.add(key)
+                elif _is_replicated(t):
+                    data.append(t.to_local())  # type: ignore[attr-defined]
+                else:
+                    data.append(t.full_tensor())  # type: ignore[attr-defined]
+            local[topic] = TopicPayloads(topic=topic, keys=found.keys, modules=found.modules,
+                                         data=data)
+            if keys:
+                sharded[topic] = frozenset(keys)
+    return ShardedStep(payloads, local, sharded, group)
+
+
+class ShardedStep:
+    """One step's payloads seen as local shards (``local``; ``sharded[topic]``: the keys whose
+    payload is a shard of ``group``) and, on demand, as full tensors (:meth:`full`)."""
+
+    def __init__(
+        self, raw: dict[str, TopicPayloads], local: dict[str, TopicPayloads],
+        sharded: dict[str, frozenset[str | None]], group: Any | None,
+    ) -> None:
+        self.raw, self.local, self.sharded, self.group = raw, local, sharded, group
+        self._full: dict[str, TopicPayloads] = {}
+
+    def full(self, topic: str) -> TopicPayloads:
+        """The payloads of ``topic`` with every DTensor gathered (one all-gather each, the
+        first time a topic is asked for in the step: a collective, asked for in the same
+        order on every rank)."""
+        found = self._full.get(topic)
+        if found is None:
+            raw = self.raw[topic]
+            with torch.no_grad():
+                found = TopicPayloads(
+                    topic=topic, keys=raw.keys, modules=raw.modules,
+                    data=[t.full_tensor() if is_dtensor(t) else t  # type: ignore[union-attr]
+                          for t in raw.data],
+                )
+            self._full[topic] = found
+        return found
+
+    def rows(self, payloads: Sequence[TopicPayloads]) -> list[int]:
+        """Indices, in the concatenation of ``payloads``' rows, of those that are shards."""
+        out: list[int] = []
+        offset = 0
+        for p in payloads:
+            keys = self.sharded.get(p.topic)
+            if keys:
+                out.extend(offset + i for i, k in enumerate(p.keys) if k in keys)
+            offset += len(p.keys)
+        return out
+
+
+@dataclass(eq=False)
+class _Pending:
+    owner: Any
+    partial: torch.Tensor
+    rows: list[int]
+    op: str
+    then: Callable[[torch.Tensor], None]
+    merged: torch.Tensor | None = None
+
+
+def merges(subscriber: Any) -> bool:
+    """Whether ``subscriber`` merges statistics of local shards (``sharded = "merge"``)."""
+    return getattr(subscriber, "sharded", "gather") == "merge"
+
+
+class Merges:
+    """A bus's view of the step it delivers when the payloads are sharded (``view``), and the
+    partial statistics waiting for the step's all-reduce, in the order they came."""
+
+    def __init__(self) -> None:
+        self.view: ShardedStep | None = None
+        self.pending: list[_Pending] = []
+
+    def begin(self, payloads: dict[str, TopicPayloads]) -> dict[str, TopicPayloads]:
+        """A step's delivery begins: the payloads subscribers choose from, DTensors seen as
+        this rank's local tensors (no DTensor exists before torch's module of them is
+        imported: no search at all in a run without one)."""
+        self.pending.clear()
+        sharded = "torch.distributed.tensor" in sys.modules and any(
+            is_dtensor(t) for p in payloads.values() for t in p.data)
+        self.view = local_view(payloads) if sharded else None
+        return dict(payloads if self.view is None else self.view.local)
+
+    def end(self) -> None:
+        self.view = None
+        self.pending.clear()
+
+    def source(
+        self, subscriber: Any, topics: Sequence[str], available: dict[str, TopicPayloads]
+    ) -> dict[str, TopicPayloads]:
+        """What ``subscriber`` chooses its topics' payloads from: the local shards if it
+        merges, else the full tensors of its sharded topics (gathered on first demand)."""
+        view = self.view
+        if view is None or not view.sharded or merges(subscriber):
+            return available
+        return {**available, **{t: view.full(t) for t in topics
+                                if t in view.sharded and t in available}}
+
+    def submit(
+        self, owner: Any, step: Any, partial: torch.Tensor,
+        then: Callable[[torch.Tensor], None], topics: Sequence[str], op: str,
+    ) -> None:
+        """See :meth:`ikkuna_core.Subscriber.merge_shards`."""
+        parts = [step[t] for t in topics]
+        rows = sum(len(p) for p in parts)
+        if partial.dim() == 0 or partial.shape[0] != rows:
+            raise ValueError(
+                f"subscriber {owner.name!r}: merge_shards needs one row per payload of "
+                f"{list(topics)} ({rows}), got a tensor of shape {tuple(partial.shape)}"
+            )
+        index = self.view.rows(parts) if self.view is not None and merges(owner) else []
+        if not index:
+            then(partial)
+            return
+        self.add(owner, partial, index, op, then)
+
+    def settle(
+        self, held: dict[Any, object], results: Any,
+        finish: Callable[[Any, Exception | None], None], before: Any | None = None,
+    ) -> None:
+        """Merge the ``held`` subscriptions' partials across the shards' ranks (one all-reduce
+        per reduction and round), hand each its merged values with its results reopened
+        (``results.resume``), then ``finish(sub, None)`` once nothing of it waits any more,
+        or ``finish(sub, exc)`` when it failed. With ``before`` (a subscription about to
+        run), only if it reads what one of them publishes."""
+        if before is not None and not any(
+                t in before.topics for h in held for t in h.subscriber.output_topics()):
+            return
+        while self.pending:
+            assert self.view is not None
+            entries = self.reduce(self.view.group)
+            for sub in [s for s in list(held) if any(e.owner is s.subscriber for e in entries)]:
+                results.resume(held.pop(sub))
+                try:
+                    for entry in entries:
+                        if entry.owner is sub.subscriber:
+                            assert entry.merged is not None
+                            entry.then(entry.merged)
+                except Exception as exc:  # noqa: BLE001 - the bus's error policy decides
+                    self.drop(sub.subscriber)
+                    finish(sub, exc)
+                    continue
+                if self.waiting(sub.subscriber):
+                    held[sub] = results.hold()
+                else:
+                    finish(sub, None)
+
+    def add(
+        self, owner: Any, partial: torch.Tensor, rows: list[int], op: str,
+        then: Callable[[torch.Tensor], None],
+    ) -> None:
+        if op not in REDUCTIONS:
+            raise ValueError(f"op must be one of {', '.join(REDUCTIONS)}, got {op!r}")
+        self.pending.append(_Pending(owner, partial, rows, op, then))
+
+    def waiting(self, owner: Any) -> bool:
+        """Whether a partial of ``owner`` waits for the next all-reduce."""
+        return any(p.owner is owner for p in self.pending)
+
+    def drop(self, owner: Any) -> None:
+        """Forget ``owner``'s partials (it failed)."""
+        self.pending = [p for p in self.pending if p.owner is not owner]
+
+    def reduce(self, group: Any) -> list[_Pending]:
+        """All-reduce every pending partial's shard rows over ``group``: one all-reduce for
+        the sums, one for the maxima and (negated) minima; returns the entries, merged."""
+        import torch.distributed as dist
+
+        taken, self.pending = self.pending, []
+        for ops, reduce_op in ((("sum",), dist.ReduceOp.SUM), (("max", "min"), dist.ReduceOp.MAX)):
+            entries = [p for p in taken if p.op in ops]
+            if not entries:
+                continue
+            parts = []
+            for p in entries:
+                rows = p.partial if len(p.rows) == p.partial.shape[0] else p.partial[
+                    constant(p.rows, torch.long, p.partial.device)]
+                rows = rows.reshape(-1).double()
+                parts.append(-rows if p.op == "min" else rows)
+            buffer = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+            dist.all_reduce(buffer, op=reduce_op, group=group)
+            for p, part in zip(entries, buffer.split([t.numel() for t in parts]), strict=True):
+                if p.op == "min":
+                    part = -part
+                if len(p.rows) == p.partial.shape[0]:
+                    p.merged = part.view(p.partial.shape).to(p.partial.dtype)
+                else:
+                    merged = p.partial.clone()
+                    index = constant(p.rows, torch.long, merged.device)
+                    merged[index] = part.view(len(p.rows), *p.partial.shape[1:]).to(merged.dtype)
+                    p.merged = merged
+        return taken
