@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,8 +40,14 @@ Plan = tuple[int, ...]
 #: original in place later in the step.
 Entry = tuple[int, int, torch.Tensor, int, torch.Tensor | None]
 Versioned = tuple[torch.Tensor, int]
+Plans = tuple[Plan | None, Plan | None, Plan | None]
 #: Reports an error inside a hook: (where, error).
 Report = Callable[[str, BaseException], None]
+
+#: The live captures by their number: a compiled graph names its capture by a number (a
+#: constant of the graph), and the layer-gradient op finds it here.
+_CAPTURES: dict[int, weakref.ref[Capture]] = {}
+_NUMBERS = itertools.count()
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:
@@ -123,6 +130,13 @@ class Capture:
         self._clone: set[tuple[str, int]] = set()  # (topic, module) changed in place before
         self._probed: set[tuple[str, int]] = set()  # (topic, module) known either way
         self._learned_plans: dict[Any, Plan] = {}
+        #: the plans as the bus gave them, read under torch.compile: a compiled graph copies
+        #: whole tensors anyway, and what the capture learns must not recompile it
+        self._compiled_plans: Plans = (None, None, None)
+        self.number = next(_NUMBERS)
+        _CAPTURES[self.number] = weakref.ref(self)
+        weakref.finalize(self, _CAPTURES.pop, self.number, None)
+        _define_layer_gradient_op()
 
     # ---------------------------------------------------------------- a step
     def begin(
@@ -134,6 +148,7 @@ class Capture:
         self.act_plan = self._learned_plan("activations", plans[0])
         self.lgrad_plan = self._learned_plan("layer_gradients", plans[1])
         self.in_plan = self._learned_plan("inputs", plans[2])
+        self._compiled_plans = plans
         self.stash = stash = Stash(len(self.modules), self.lgrad_plan)
         if "input_data" in self.wanted:
             data = first_tensor(args)
@@ -145,16 +160,17 @@ class Capture:
     def stop(self) -> None:
         """Capture nothing more (a later micro-batch, an eval forward, the step's end)."""
         self.act_plan = self.lgrad_plan = self.in_plan = None
+        self._compiled_plans = (None, None, None)
 
     @property
-    def plans(self) -> tuple[Plan | None, Plan | None, Plan | None]:
-        """The capture plans of the running forward (saved and restored around an
-        evaluation)."""
-        return (self.act_plan, self.lgrad_plan, self.in_plan)
+    def plans(self) -> tuple[Plans, Plans]:
+        """The capture plans of the running forward, learned and as given (saved and
+        restored around an evaluation)."""
+        return ((self.act_plan, self.lgrad_plan, self.in_plan), self._compiled_plans)
 
     @plans.setter
-    def plans(self, plans: tuple[Plan | None, Plan | None, Plan | None]) -> None:
-        self.act_plan, self.lgrad_plan, self.in_plan = plans
+    def plans(self, plans: tuple[Plans, Plans]) -> None:
+        (self.act_plan, self.lgrad_plan, self.in_plan), self._compiled_plans = plans
 
     def take(self) -> Stash:
         """The step's stash, forgotten here."""
@@ -176,10 +192,14 @@ class Capture:
         """A watched module's forward hook. Runs for every watched module in every forward:
         keep it short (and traceable by torch.compile): read the plan, stash a reference or
         copy a sample."""
-        act, lgrad, inp = self.act_plan, self.lgrad_plan, self.in_plan
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            act, lgrad, inp = self._compiled_plans
+        else:
+            act, lgrad, inp = self.act_plan, self.lgrad_plan, self.in_plan
         if act is None and lgrad is None and inp is None:
             return
-        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+        if not compiling and torch._C._current_graph_task_id() != -1:
             # a forward inside a backward: activation checkpointing's recomputation
             self._on_recomputed(index, output)
             return
@@ -197,7 +217,11 @@ class Capture:
         if act is not None and act[index] != _SKIP:
             stash.acts.append(_capture(index, call, out, act[index]))
         if lgrad is not None and lgrad[index] != _SKIP:
-            if out.requires_grad:
+            if out.requires_grad and compiling:
+                # a hook that calls an op of its own: traced into the compiled backward
+                # (a Python side effect in a hook on an intermediate breaks the graph)
+                out.register_hook(functools.partial(_layer_gradient, self.number, index, call))
+            elif out.requires_grad:
                 out.register_hook(
                     functools.partial(self._on_layer_gradient, stash.ref, index, call)
                 )
@@ -227,6 +251,19 @@ class Capture:
             return  # the backward of a forward whose step has ended
         with guard(self._report, f"the layer-gradient hook of {self.modules[index].name!r}"):
             stash.lgrads.append(_capture(index, call, grad, stash.lgrad_plan[index]))
+
+    def compiled_layer_gradient(self, index: int, call: int, grad: torch.Tensor) -> None:
+        """A layer gradient from a compiled backward (the op ``ikkuna::layer_gradient``):
+        stashed as a copy (or a sample), as the compiled graph may reuse its memory."""
+        stash = self.stash
+        plan = stash.lgrad_plan
+        if plan is None or plan[index] == _SKIP:
+            return  # the backward of a forward whose step has ended
+        with guard(self._report, f"the layer-gradient hook of {self.modules[index].name!r}"):
+            mode = plan[index]
+            data = grad.detach()
+            copy = ops.sample(data, mode) if mode > 0 else data.clone()
+            stash.lgrads.append((index, call, copy, -1, None))
 
     # -------------------------------------------------------- end of a step
     def payloads(self, stash: Stash, wanted: frozenset[str]) -> dict[str, TopicPayloads]:
@@ -323,3 +360,35 @@ def _capture(index: int, call: int, tensor: torch.Tensor, mode: int) -> Entry:
     # a copy: the tensor changes in place later in a step, or (compiled) the graph keeps no
     # version counters to tell
     return (index, call, copy, -1, None)
+
+
+def _layer_gradient(number: int, index: int, call: int, grad: torch.Tensor) -> None:
+    """The layer-gradient hook of a compiled forward: the op, which the compiled backward
+    calls where eager autograd would call the hook."""
+    torch.ops.ikkuna.layer_gradient(grad, number, index, call)
+
+
+_OP_DEFINED = False
+
+
+def _define_layer_gradient_op() -> None:
+    """Define ``ikkuna::layer_gradient(grad, capture, module, call) -> ()`` once: an op with
+    an ordered side effect (so no compiler drops it) that hands ``grad`` to the capture."""
+    global _OP_DEFINED
+    if _OP_DEFINED:
+        return
+    from torch._library.effects import EffectType
+
+    @torch.library.custom_op("ikkuna::layer_gradient", mutates_args=())
+    def layer_gradient(grad: torch.Tensor, number: int, index: int, call: int) -> None:
+        ref = _CAPTURES.get(number)
+        capture = None if ref is None else ref()
+        if capture is not None:
+            capture.compiled_layer_gradient(index, call, grad)
+
+    @layer_gradient.register_fake
+    def _(grad: torch.Tensor, number: int, index: int, call: int) -> None:
+        return None
+
+    layer_gradient.register_effect(EffectType.ORDERED)
+    _OP_DEFINED = True
