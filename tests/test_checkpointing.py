@@ -236,3 +236,27 @@ def test_fsdp2_with_checkpointed_blocks_publishes_what_the_plain_run_does() -> N
         assert ("layer_gradients", "blocks.1.fc", 1) in plain
         assert not any("#" in str(key) for _, key, _ in checkpointed)
         _assert_same(checkpointed, plain)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_compiled_checkpointed_blocks_compile_into_one_graph(
+    reentrant: bool, recorder_cls: Any
+) -> None:
+    """Under torch.compile the checkpoint is one higher-order op whose forward the hooks'
+    Python side effects (the stash) must not be replayed in: with dynamo's
+    ``skip_fwd_side_effects_in_bwd_under_checkpoint`` the model compiles into one graph,
+    with no break, and publishes the eager values of the model without checkpointing."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    expected = _train(Net(None), recorder_cls, steps=3).seen
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = Net(reentrant)
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        got = _train(torch.compile(model, backend="aot_eager"), recorder_cls, steps=3).seen
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+    _assert_same(got, expected)
+    torch._dynamo.reset()
