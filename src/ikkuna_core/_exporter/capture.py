@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import ops
 from ..messages import ModuleInfo, TopicPayloads
-from .hooks import guard
+from .hooks import guard, in_backward
 
 __all__ = ["Capture", "Mode", "Stash", "first_tensor", "output_field"]
 
@@ -199,7 +199,7 @@ class Capture:
             act, lgrad, inp = self.act_plan, self.lgrad_plan, self.in_plan
         if act is None and lgrad is None and inp is None:
             return
-        if not compiling and torch._C._current_graph_task_id() != -1:
+        if not compiling and in_backward():
             # a forward inside a backward: activation checkpointing's recomputation
             self._on_recomputed(index, output)
             return

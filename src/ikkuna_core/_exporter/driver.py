@@ -15,7 +15,7 @@ from ..messages import ModuleInfo, TopicPayloads
 from .capture import Capture, Stash
 from .clock import Act, Ended, Stamp, StepClock
 from .diagnostics import Diagnostics
-from .hooks import Callbacks, Hooks, guard
+from .hooks import Callbacks, Hooks, guard, in_backward
 from .loss import LossWatch
 from .params import Parameters, Versioned
 from .selection import unwrap_model
@@ -91,7 +91,7 @@ class StepDriver:
         with guard(self.report, "the model's forward pre-hook", capture.stop):
             training = (training and torch.is_grad_enabled()) or self.publish_in_eval
             act = self.clock.forward(training=training, external=external,
-                                     recomputed=torch._C._current_graph_task_id() != -1)
+                                     recomputed=in_backward())
             self.act(act)
             if act & Act.CAPTURE and capture.wanted:
                 plans = self.bus.capture_plans(self.clock.global_step, capture.modules)
