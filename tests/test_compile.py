@@ -137,6 +137,7 @@ def test_every_data_topic_compiles_into_one_graph_aot_eager(recorder_cls) -> Non
     _assert_every_topic_in_one_graph("aot_eager", recorder_cls, steps=10)
 
 
+@pytest.mark.slow  # about 50 s with a cold inductor cache on 2 CPU cores
 def test_every_data_topic_compiles_into_one_graph_inductor(recorder_cls) -> None:
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("inductor on the CPU compiles C++: no C++ compiler here")
