@@ -33,16 +33,25 @@ class Block(nn.Module):
         return self.act(self.fc(x))
 
 
+class TwiceBlock(Block):
+    """A block that calls its ``fc`` twice."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(self.act(self.fc(x))))
+
+
 class Net(nn.Module):
     """A stem, two blocks (each checkpointed when ``reentrant`` is not None; ``shared``: the
-    same block twice, a module really called twice) and a head."""
+    same block twice, a module really called twice; ``twice``: blocks that call their
+    modules twice) and a head."""
 
-    def __init__(self, reentrant: bool | None, shared: bool = False) -> None:
+    def __init__(self, reentrant: bool | None, shared: bool = False, twice: bool = False
+                 ) -> None:
         super().__init__()
         self.reentrant = reentrant
         self.stem = nn.Linear(6, 6)
-        self.b1 = Block()
-        self.b2 = self.b1 if shared else Block()
+        self.b1 = TwiceBlock() if twice else Block()
+        self.b2 = self.b1 if shared else TwiceBlock() if twice else Block()
         self.head = nn.Linear(6, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,13 +129,18 @@ def test_checkpointed_blocks_publish_what_the_plain_model_does(
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-def test_a_block_called_twice_keeps_both_calls_under_checkpointing(
-    reentrant: bool, recorder_cls: Any
+@pytest.mark.parametrize("where", ["two segments", "one segment"])
+def test_a_module_called_twice_keeps_both_calls_under_checkpointing(
+    reentrant: bool, where: str, recorder_cls: Any
 ) -> None:
+    """The same block in two checkpointed segments, or a module called twice inside one
+    segment: each call keeps its own values (reentrant: each recomputed call is matched to
+    the call it repeats)."""
+    shape = {"shared": True} if where == "two segments" else {"twice": True}
     torch.manual_seed(0)
-    expected = _train(Net(None, shared=True), recorder_cls).seen
+    expected = _train(Net(None, **shape), recorder_cls).seen
     torch.manual_seed(0)
-    got = _train(Net(reentrant, shared=True), recorder_cls).seen
+    got = _train(Net(reentrant, **shape), recorder_cls).seen
     assert ("layer_gradients", "b1.fc#1", 0) in expected
     assert not any("#2" in str(key) for _, key, _ in got)
     _assert_same(got, expected)

@@ -91,27 +91,37 @@ class Stash:
         self.lgrads: list[Entry] = []
         self.inputs: list[Entry] = []
         self.network: dict[str, Versioned] = {}
-        #: (module, call) of the calls whose layer gradient is wanted but whose output did
-        #: not require grad (a reentrant checkpoint's forward runs under no_grad): their
-        #: gradient is hooked in the recomputation; a taken one becomes (-1, -1)
-        self.pending: list[tuple[int, int]] = []
+        #: (module, call, starts) of the calls whose layer gradient is wanted but whose
+        #: output did not require grad (a reentrant checkpoint's forward runs under
+        #: no_grad): their gradient is hooked in the recomputation; a taken one becomes
+        #: (-1, -1, False). ``starts``: its input requires grad, so it was made outside the
+        #: no_grad block: the call may begin a checkpointed segment
+        self.pending: list[tuple[int, int, bool]] = []
         self.cursor = -1  # the pending call the next recomputed one is expected to be
 
-    def recomputed_call(self, index: int) -> int | None:
+    def recomputed_call(self, index: int, starts: bool) -> int | None:
         """The call of module ``index`` that a recomputation in backward repeats, or None.
         A checkpointed segment is recomputed in the order of its forward, the segments in
-        the reverse order: the call after the last one matched if it is this module's, else
-        this module's last call not yet matched."""
+        the reverse order. ``starts``: the recomputed call's input is a leaf (the segment's
+        input, detached), so it begins a segment: this module's last call not yet matched
+        that may begin one; else the call after the last one matched if it is this
+        module's, else this module's last call not yet matched."""
         pending, pos = self.pending, self.cursor
-        if not (0 <= pos < len(pending) and pending[pos][0] == index):
-            pos = next((p for p in range(len(pending) - 1, -1, -1) if pending[p][0] == index),
-                       -1)
+        if starts or not (0 <= pos < len(pending) and pending[pos][0] == index):
+            pos = self._last(index, starts)
+            if pos < 0 and starts:
+                pos = self._last(index, False)
             if pos < 0:
                 return None
         call = pending[pos][1]
-        pending[pos] = (-1, -1)
+        pending[pos] = (-1, -1, False)
         self.cursor = pos + 1
         return call
+
+    def _last(self, index: int, starts: bool) -> int:
+        pending = self.pending
+        return next((p for p in range(len(pending) - 1, -1, -1)
+                     if pending[p][0] == index and (pending[p][2] or not starts)), -1)
 
 
 class Capture:
@@ -201,7 +211,7 @@ class Capture:
             return
         if not compiling and in_backward():
             # a forward inside a backward: activation checkpointing's recomputation
-            self._on_recomputed(index, output)
+            self._on_recomputed(index, args, output)
             return
         out = output if isinstance(output, torch.Tensor) else first_tensor(output)
         x = None if inp is None or inp[index] == _SKIP else first_tensor(args)
@@ -226,9 +236,10 @@ class Capture:
                     functools.partial(self._on_layer_gradient, stash.ref, index, call)
                 )
             elif not torch.is_grad_enabled():
-                stash.pending.append((index, call))
+                arg = first_tensor(args) if x is None else x
+                stash.pending.append((index, call, arg is not None and arg.requires_grad))
 
-    def _on_recomputed(self, index: int, output: Any) -> None:
+    def _on_recomputed(self, index: int, args: Any, output: Any) -> None:
         """A watched module's forward recomputed in backward (activation checkpointing): no
         call, nothing stashed. Where the step's forward ran it under no_grad (reentrant
         checkpointing), the layer gradient of the call it repeats is hooked here."""
@@ -239,7 +250,8 @@ class Capture:
         out = output if isinstance(output, torch.Tensor) else first_tensor(output)
         if out is None or not out.requires_grad:
             return
-        call = stash.recomputed_call(index)
+        arg = first_tensor(args)
+        call = stash.recomputed_call(index, arg is not None and arg.grad_fn is None)
         if call is not None:
             out.register_hook(functools.partial(self._on_layer_gradient, stash.ref, index, call))
 
