@@ -13,7 +13,7 @@ import pytest
 from ikkuna_core._exporter.clock import Act, StepClock
 
 
-def _act(text: str) -> Act:
+def _act(text: str) -> int:
     act = Act.NONE
     for name in filter(None, text.split("|")):
         act |= getattr(Act, name)
@@ -22,9 +22,10 @@ def _act(text: str) -> Act:
 
 def _run(clock: StepClock, events: str) -> list[tuple[str, Act]]:
     """Feed ``events`` (space-separated): ``F`` a training forward, ``E`` an eval or no_grad
-    forward, ``X`` a forward announced by an integration, ``L`` a loss call, ``<o>`` /
-    ``<o>*`` optimizer ``o``'s pre-step (``*``: with a closure), ``/<o>`` its post-step,
-    ``epoch``, ``close``, ``gone:<o>``."""
+    forward, ``X`` a forward announced by an integration, ``R`` a forward recomputed inside
+    a backward (activation checkpointing), ``L`` a loss call, ``<o>`` / ``<o>*`` optimizer
+    ``o``'s pre-step (``*``: with a closure), ``/<o>`` its post-step, ``epoch``, ``close``,
+    ``gone:<o>``."""
     out = []
     for event in events.split():
         if event == "F":
@@ -33,6 +34,8 @@ def _run(clock: StepClock, events: str) -> list[tuple[str, Act]]:
             act = clock.forward(training=False)
         elif event == "X":
             act = clock.forward(training=True, external=True)
+        elif event == "R":
+            act = clock.forward(training=True, recomputed=True)
         elif event == "L":
             act = Act.CAPTURE if clock.loss() else Act.NONE  # CAPTURE: the step's loss
         elif event == "epoch":
@@ -105,6 +108,13 @@ ACTS = [
      "X F L a /a F X",
      "OPEN|CAPTURE NONE CAPTURE OPTIMIZER_GRADS|READ_GRADS|SNAPSHOT UPDATES|END NONE "
      "OPEN|CAPTURE"),
+    ("activation checkpointing: a forward recomputed in backward is no call", True,
+     "F L R R a /a F L R a /a",
+     "OPEN|CAPTURE CAPTURE NONE NONE OPTIMIZER_GRADS|READ_GRADS|SNAPSHOT UPDATES|END "
+     "OPEN|CAPTURE CAPTURE NONE READ_GRADS|SNAPSHOT UPDATES|END"),
+    ("no optimizer: a recomputed forward ends no step and keeps the pending loss", False,
+     "F R L F",
+     "OPEN|CAPTURE NONE CAPTURE END|OPEN|CAPTURE"),
     ("epoch_finished ends the open step", False,
      "F L epoch F epoch epoch",
      "OPEN|CAPTURE CAPTURE END OPEN|CAPTURE END NONE"),
@@ -148,6 +158,8 @@ ENDED = [
      [(0, 0, 0, 1, True, True), (1, 0, 1, 1, True, False)]),
     ("epochs: batch indices restart, steps go on", False, "F L F L epoch F L epoch",
      [(0, 0, 0, 1, False, False), (1, 0, 1, 1, False, False), (2, 1, 0, 1, False, False)]),
+    ("recomputed forwards are no forwards of the step", True, "F L R R F L R a /a",
+     [(0, 0, 0, 2, True, False)]),
     ("close ends the step, once", True, "F L close close", [(0, 0, 0, 1, False, False)]),
     ("optimizer steps without a forward", True, "a /a a /a",
      [(0, 0, 0, 0, True, False), (1, 0, 1, 0, True, False)]),

@@ -5,6 +5,7 @@ every published value equals the eager run's."""
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -81,3 +82,63 @@ def test_compiled_wrappers_are_looked_through_for_names() -> None:
     model = _model()
     compiled = torch.compile(copy.deepcopy(model), backend="eager")
     assert [n for n, _ in ik.select_modules(compiled)] == [n for n, _ in ik.select_modules(model)]
+
+
+#: every topic that carries data (all but the event markers)
+DATA_TOPICS = [t for t in (*ik.topics.MODULE_TOPICS, *ik.topics.NETWORK_TOPICS)
+               if t not in ik.topics.EVENT_TOPICS]
+
+
+def _train_all(model: nn.Module, watched: nn.Module, recorder_cls, steps: int):
+    exporter = ik.Exporter(watched, nn.CrossEntropyLoss(), bus=ik.MessageBus(on_error="raise"))
+    rec = recorder_cls(topics=DATA_TOPICS)
+    exporter.subscribe(rec)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+        opt.zero_grad()
+        exporter.loss_fn(watched(x), y).backward()
+        opt.step()
+    exporter.close()
+    return rec
+
+
+def _assert_every_topic_in_one_graph(backend_name: str, recorder_cls, steps: int) -> None:
+    """A watched compiled model with every data topic subscribed: one graph, compiled once
+    over ``steps`` steps (no graph break, no recompilation), and the eager values."""
+    from torch._dynamo.utils import counters
+
+    eager = _model()
+    expected = _train_all(eager, eager, recorder_cls, steps)
+    compiled_once = []
+
+    def backend(gm, inputs):  # type: ignore[no-untyped-def]
+        compiled_once.append(gm)
+        return torch._dynamo.lookup_backend(backend_name)(gm, inputs)
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model()
+    got = _train_all(model, torch.compile(model, backend=backend), recorder_cls, steps)
+    assert dict(counters["graph_break"]) == {}
+    assert len(compiled_once) == 1  # one graph, never compiled again
+    assert counters["stats"]["unique_graphs"] == 1
+    topics = {t for t, _, _ in got.seen}
+    assert topics == set(DATA_TOPICS)
+    assert set(got.seen) == set(expected.seen)
+    assert {s for _, _, s in got.seen} == set(range(steps))
+    for ident, value in expected.seen.items():
+        torch.testing.assert_close(got.seen[ident], value, msg=str(ident))
+    torch._dynamo.reset()
+
+
+def test_every_data_topic_compiles_into_one_graph_aot_eager(recorder_cls) -> None:
+    _assert_every_topic_in_one_graph("aot_eager", recorder_cls, steps=10)
+
+
+@pytest.mark.slow  # about 50 s with a cold inductor cache on 2 CPU cores
+def test_every_data_topic_compiles_into_one_graph_inductor(recorder_cls) -> None:
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("inductor on the CPU compiles C++: no C++ compiler here")
+    _assert_every_topic_in_one_graph("inductor", recorder_cls, steps=10)

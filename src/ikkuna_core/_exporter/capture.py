@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from torch import nn
 
 from .. import ops
 from ..messages import ModuleInfo, TopicPayloads
-from .hooks import guard
+from .hooks import guard, in_backward
 
 __all__ = ["Capture", "Mode", "Stash", "first_tensor", "output_field"]
 
@@ -39,8 +40,14 @@ Plan = tuple[int, ...]
 #: original in place later in the step.
 Entry = tuple[int, int, torch.Tensor, int, torch.Tensor | None]
 Versioned = tuple[torch.Tensor, int]
+Plans = tuple[Plan | None, Plan | None, Plan | None]
 #: Reports an error inside a hook: (where, error).
 Report = Callable[[str, BaseException], None]
+
+#: The live captures by their number: a compiled graph names its capture by a number (a
+#: constant of the graph), and the layer-gradient op finds it here.
+_CAPTURES: dict[int, weakref.ref[Capture]] = {}
+_NUMBERS = itertools.count()
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:
@@ -70,8 +77,8 @@ def output_field(output: Any, name: str) -> Any:
 class Stash:
     """What the current step stashed in the hooks of its first forward and backward."""
 
-    __slots__ = ("__weakref__", "acts", "calls", "inputs", "lgrad_plan", "lgrads", "network",
-                 "ref")
+    __slots__ = ("__weakref__", "acts", "calls", "cursor", "inputs", "lgrad_plan", "lgrads",
+                 "network", "pending", "ref")
 
     def __init__(self, n_modules: int, lgrad_plan: Plan | None = None) -> None:
         # The layer-gradient hooks hold only this weak reference: an output holding a hook
@@ -84,6 +91,37 @@ class Stash:
         self.lgrads: list[Entry] = []
         self.inputs: list[Entry] = []
         self.network: dict[str, Versioned] = {}
+        #: (module, call, starts) of the calls whose layer gradient is wanted but whose
+        #: output did not require grad (a reentrant checkpoint's forward runs under
+        #: no_grad): their gradient is hooked in the recomputation; a taken one becomes
+        #: (-1, -1, False). ``starts``: its input requires grad, so it was made outside the
+        #: no_grad block: the call may begin a checkpointed segment
+        self.pending: list[tuple[int, int, bool]] = []
+        self.cursor = -1  # the pending call the next recomputed one is expected to be
+
+    def recomputed_call(self, index: int, starts: bool) -> int | None:
+        """The call of module ``index`` that a recomputation in backward repeats, or None.
+        A checkpointed segment is recomputed in the order of its forward, the segments in
+        the reverse order. ``starts``: the recomputed call's input is a leaf (the segment's
+        input, detached), so it begins a segment: this module's last call not yet matched
+        that may begin one; else the call after the last one matched if it is this
+        module's, else this module's last call not yet matched."""
+        pending, pos = self.pending, self.cursor
+        if starts or not (0 <= pos < len(pending) and pending[pos][0] == index):
+            pos = self._last(index, starts)
+            if pos < 0 and starts:
+                pos = self._last(index, False)
+            if pos < 0:
+                return None
+        call = pending[pos][1]
+        pending[pos] = (-1, -1, False)
+        self.cursor = pos + 1
+        return call
+
+    def _last(self, index: int, starts: bool) -> int:
+        pending = self.pending
+        return next((p for p in range(len(pending) - 1, -1, -1)
+                     if pending[p][0] == index and (pending[p][2] or not starts)), -1)
 
 
 class Capture:
@@ -102,6 +140,13 @@ class Capture:
         self._clone: set[tuple[str, int]] = set()  # (topic, module) changed in place before
         self._probed: set[tuple[str, int]] = set()  # (topic, module) known either way
         self._learned_plans: dict[Any, Plan] = {}
+        #: the plans as the bus gave them, read under torch.compile: a compiled graph copies
+        #: whole tensors anyway, and what the capture learns must not recompile it
+        self._compiled_plans: Plans = (None, None, None)
+        self.number = next(_NUMBERS)
+        _CAPTURES[self.number] = weakref.ref(self)
+        weakref.finalize(self, _CAPTURES.pop, self.number, None)
+        _define_layer_gradient_op()
 
     # ---------------------------------------------------------------- a step
     def begin(
@@ -113,6 +158,7 @@ class Capture:
         self.act_plan = self._learned_plan("activations", plans[0])
         self.lgrad_plan = self._learned_plan("layer_gradients", plans[1])
         self.in_plan = self._learned_plan("inputs", plans[2])
+        self._compiled_plans = plans
         self.stash = stash = Stash(len(self.modules), self.lgrad_plan)
         if "input_data" in self.wanted:
             data = first_tensor(args)
@@ -124,16 +170,17 @@ class Capture:
     def stop(self) -> None:
         """Capture nothing more (a later micro-batch, an eval forward, the step's end)."""
         self.act_plan = self.lgrad_plan = self.in_plan = None
+        self._compiled_plans = (None, None, None)
 
     @property
-    def plans(self) -> tuple[Plan | None, Plan | None, Plan | None]:
-        """The capture plans of the running forward (saved and restored around an
-        evaluation)."""
-        return (self.act_plan, self.lgrad_plan, self.in_plan)
+    def plans(self) -> tuple[Plans, Plans]:
+        """The capture plans of the running forward, learned and as given (saved and
+        restored around an evaluation)."""
+        return ((self.act_plan, self.lgrad_plan, self.in_plan), self._compiled_plans)
 
     @plans.setter
-    def plans(self, plans: tuple[Plan | None, Plan | None, Plan | None]) -> None:
-        self.act_plan, self.lgrad_plan, self.in_plan = plans
+    def plans(self, plans: tuple[Plans, Plans]) -> None:
+        (self.act_plan, self.lgrad_plan, self.in_plan), self._compiled_plans = plans
 
     def take(self) -> Stash:
         """The step's stash, forgotten here."""
@@ -155,8 +202,16 @@ class Capture:
         """A watched module's forward hook. Runs for every watched module in every forward:
         keep it short (and traceable by torch.compile): read the plan, stash a reference or
         copy a sample."""
-        act, lgrad, inp = self.act_plan, self.lgrad_plan, self.in_plan
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            act, lgrad, inp = self._compiled_plans
+        else:
+            act, lgrad, inp = self.act_plan, self.lgrad_plan, self.in_plan
         if act is None and lgrad is None and inp is None:
+            return
+        if not compiling and in_backward():
+            # a forward inside a backward: activation checkpointing's recomputation
+            self._on_recomputed(index, args, output)
             return
         out = output if isinstance(output, torch.Tensor) else first_tensor(output)
         x = None if inp is None or inp[index] == _SKIP else first_tensor(args)
@@ -171,7 +226,33 @@ class Capture:
             return
         if act is not None and act[index] != _SKIP:
             stash.acts.append(_capture(index, call, out, act[index]))
-        if lgrad is not None and lgrad[index] != _SKIP and out.requires_grad:
+        if lgrad is not None and lgrad[index] != _SKIP:
+            if out.requires_grad and compiling:
+                # a hook that calls an op of its own: traced into the compiled backward
+                # (a Python side effect in a hook on an intermediate breaks the graph)
+                out.register_hook(functools.partial(_layer_gradient, self.number, index, call))
+            elif out.requires_grad:
+                out.register_hook(
+                    functools.partial(self._on_layer_gradient, stash.ref, index, call)
+                )
+            elif not torch.is_grad_enabled():
+                arg = first_tensor(args) if x is None else x
+                stash.pending.append((index, call, arg is not None and arg.requires_grad))
+
+    def _on_recomputed(self, index: int, args: Any, output: Any) -> None:
+        """A watched module's forward recomputed in backward (activation checkpointing): no
+        call, nothing stashed. Where the step's forward ran it under no_grad (reentrant
+        checkpointing), the layer gradient of the call it repeats is hooked here."""
+        stash = self.stash
+        plan = stash.lgrad_plan
+        if not stash.pending or plan is None or plan[index] == _SKIP:
+            return
+        out = output if isinstance(output, torch.Tensor) else first_tensor(output)
+        if out is None or not out.requires_grad:
+            return
+        arg = first_tensor(args)
+        call = stash.recomputed_call(index, arg is not None and arg.grad_fn is None)
+        if call is not None:
             out.register_hook(functools.partial(self._on_layer_gradient, stash.ref, index, call))
 
     def _on_layer_gradient(
@@ -182,6 +263,19 @@ class Capture:
             return  # the backward of a forward whose step has ended
         with guard(self._report, f"the layer-gradient hook of {self.modules[index].name!r}"):
             stash.lgrads.append(_capture(index, call, grad, stash.lgrad_plan[index]))
+
+    def compiled_layer_gradient(self, index: int, call: int, grad: torch.Tensor) -> None:
+        """A layer gradient from a compiled backward (the op ``ikkuna::layer_gradient``):
+        stashed as a copy (or a sample), as the compiled graph may reuse its memory."""
+        stash = self.stash
+        plan = stash.lgrad_plan
+        if plan is None or plan[index] == _SKIP:
+            return  # the backward of a forward whose step has ended
+        with guard(self._report, f"the layer-gradient hook of {self.modules[index].name!r}"):
+            mode = plan[index]
+            data = grad.detach()
+            copy = ops.sample(data, mode) if mode > 0 else data.clone()
+            stash.lgrads.append((index, call, copy, -1, None))
 
     # -------------------------------------------------------- end of a step
     def payloads(self, stash: Stash, wanted: frozenset[str]) -> dict[str, TopicPayloads]:
@@ -278,3 +372,35 @@ def _capture(index: int, call: int, tensor: torch.Tensor, mode: int) -> Entry:
     # a copy: the tensor changes in place later in a step, or (compiled) the graph keeps no
     # version counters to tell
     return (index, call, copy, -1, None)
+
+
+def _layer_gradient(number: int, index: int, call: int, grad: torch.Tensor) -> None:
+    """The layer-gradient hook of a compiled forward: the op, which the compiled backward
+    calls where eager autograd would call the hook."""
+    torch.ops.ikkuna.layer_gradient(grad, number, index, call)
+
+
+_OP_DEFINED = False
+
+
+def _define_layer_gradient_op() -> None:
+    """Define ``ikkuna::layer_gradient(grad, capture, module, call) -> ()`` once: an op with
+    an ordered side effect (so no compiler drops it) that hands ``grad`` to the capture."""
+    global _OP_DEFINED
+    if _OP_DEFINED:
+        return
+    from torch._library.effects import EffectType
+
+    @torch.library.custom_op("ikkuna::layer_gradient", mutates_args=())
+    def layer_gradient(grad: torch.Tensor, number: int, index: int, call: int) -> None:
+        ref = _CAPTURES.get(number)
+        capture = None if ref is None else ref()
+        if capture is not None:
+            capture.compiled_layer_gradient(index, call, grad)
+
+    @layer_gradient.register_fake
+    def _(grad: torch.Tensor, number: int, index: int, call: int) -> None:
+        return None
+
+    layer_gradient.register_effect(EffectType.ORDERED)
+    _OP_DEFINED = True

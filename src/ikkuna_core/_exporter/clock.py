@@ -105,10 +105,16 @@ class StepClock:
         return self._seen_optimizer
 
     # ------------------------------------------------------------------- events
-    def forward(self, *, training: bool, external: bool = False) -> int:
+    def forward(
+        self, *, training: bool, external: bool = False, recomputed: bool = False
+    ) -> int:
         """A forward of the watched model began (``external``: announced by an integration;
         from the first such announcement on, the model's own forwards no longer count).
-        ``training``: train mode with autograd on, or ``publish_in_eval``."""
+        ``training``: train mode with autograd on, or ``publish_in_eval``. ``recomputed``: it
+        runs inside a backward (activation checkpointing recomputes a checkpointed forward
+        there): no call, it counts nothing and changes nothing."""
+        if recomputed:
+            return Act.NONE
         if external:
             self._driven = True
         elif self._driven:

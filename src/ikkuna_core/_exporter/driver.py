@@ -15,7 +15,7 @@ from ..messages import ModuleInfo, TopicPayloads
 from .capture import Capture, Stash
 from .clock import Act, Ended, Stamp, StepClock
 from .diagnostics import Diagnostics
-from .hooks import Callbacks, Hooks, guard
+from .hooks import Callbacks, Hooks, guard, in_backward
 from .loss import LossWatch
 from .params import Parameters, Versioned
 from .selection import unwrap_model
@@ -85,11 +85,13 @@ class StepDriver:
     def forward(
         self, training: bool, args: tuple[Any, ...], kwargs: Any, *, external: bool
     ) -> None:
-        """A forward began (``external``: announced by an integration)."""
+        """A forward began (``external``: announced by an integration; one inside a backward
+        is activation checkpointing's recomputation)."""
         capture = self.capture
         with guard(self.report, "the model's forward pre-hook", capture.stop):
             training = (training and torch.is_grad_enabled()) or self.publish_in_eval
-            act = self.clock.forward(training=training, external=external)
+            act = self.clock.forward(training=training, external=external,
+                                     recomputed=in_backward())
             self.act(act)
             if act & Act.CAPTURE and capture.wanted:
                 plans = self.bus.capture_plans(self.clock.global_step, capture.modules)

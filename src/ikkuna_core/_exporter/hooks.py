@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._C import _current_graph_task_id
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
@@ -19,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import IkkunaError
 from ..topics import FORWARD_TOPICS, GRADIENT_TOPICS
 
-__all__ = ["LOSS_TOPICS", "Callbacks", "Hooks", "guard", "outside_graphs"]
+__all__ = ["LOSS_TOPICS", "Callbacks", "Hooks", "guard", "in_backward", "outside_graphs"]
 
 LOSS_TOPICS = frozenset({"network_output", "input_labels", "loss"})
 
@@ -49,6 +50,12 @@ class guard:
             self.cleanup()
         self.report(self.where, exc)  # never stop training
         return True
+
+
+def in_backward() -> bool:
+    """Whether autograd is executing a backward now: a forward that runs then is activation
+    checkpointing's recomputation (``torch.utils.checkpoint``, reentrant or not), no call."""
+    return bool(_current_graph_task_id() != -1)
 
 
 def outside_graphs(hook: Callable[..., Any]) -> Callable[..., Any]:
