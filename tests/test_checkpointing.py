@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -237,9 +238,15 @@ def _fsdp_worker(rank: int, port: int, results: Any) -> None:
         dist.destroy_process_group()
 
 
-def test_fsdp2_with_checkpointed_blocks_publishes_what_the_plain_run_does() -> None:
+def test_fsdp2_with_checkpointed_blocks_publishes_what_the_plain_run_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
+    # the spawned ranks unpickle _fsdp_worker as tests.test_checkpointing: they get this
+    # process's sys.path, which must hold the repository root whatever directory pytest
+    # was started from (a nox session's is not it)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_fsdp_worker, args=(_free_port(), results), nprocs=2, join=True)
