@@ -76,7 +76,9 @@ def test_ikkuna_adds_few_aten_ops_per_step() -> None:
     assert result["plain"] > 300  # the model's own forward, backward and SGD step
     assert added["exporter"] == 0  # attached, nothing subscribed: nothing dispatched
     assert 0 < added["norms"] <= 100  # norm of gradients, weights, updates of 41 weights
-    assert added["norms"] < added["all"] <= 600  # + histograms, accuracy, loss
+    # + histograms, accuracy, loss: issue 19's target (360 before the captured samples lost
+    # their detach and 1-d tensors their reshape)
+    assert added["norms"] < added["all"] <= 200
     assert "| all |" in bench.ops_markdown(result)
 
 

@@ -319,7 +319,7 @@ def histograms(
         ))
     flat = [
         sample(t, max_samples) if max_samples is not None and t.numel() > max_samples
-        else t.reshape(-1)
+        else _flat(t)
         for t in tensors
     ]
     lengths = tuple(t.numel() for t in flat)
@@ -420,6 +420,11 @@ def _histograms_of_rows(
         sum_squares=torch.linalg.vecdot(xf, xf).double(),
         nonfinite=numel - nfin,
     )
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``t.reshape(-1)``, without an op for a tensor already 1-d (a captured sample)."""
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def _ones(like: torch.Tensor) -> torch.Tensor:

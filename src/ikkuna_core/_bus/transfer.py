@@ -150,7 +150,7 @@ class _Transfer:
         self._where: list[tuple[int, int, int]] = [(0, 0, 0)] * len(tensors)
         by_device = group_by(tensors, lambda t: t.device)
         for part, (device, idx) in enumerate(by_device.items()):
-            flat = [tensors[i].reshape(-1) for i in idx]
+            flat = [t if (t := tensors[i]).dim() == 1 else t.reshape(-1) for i in idx]
             offset = 0
             for i, t in zip(idx, flat, strict=True):
                 self._where[i] = (part, offset, t.numel())

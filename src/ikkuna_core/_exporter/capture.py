@@ -363,7 +363,8 @@ def _capture(index: int, call: int, tensor: torch.Tensor, mode: int) -> Entry:
     """A stash entry: a sample (a copy), a copy of a tensor seen changing in place before, a
     reference and its version, or, the first time, a copy and the original."""
     if mode > 0:
-        return (index, call, ops.sample(tensor.detach(), mode), -1, None)
+        with torch.no_grad():  # a sample without a graph, and no detach op per capture
+            return (index, call, ops.sample(tensor, mode), -1, None)
     if mode == _FULL and not torch.compiler.is_compiling():
         return (index, call, tensor, tensor._version, None)
     copy = tensor.detach().clone()
