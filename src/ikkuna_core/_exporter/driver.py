@@ -151,11 +151,7 @@ class StepDriver:
             assert self.clock.last_ended is not None
             self._finish_step(self.clock.last_ended)
         if act & Act.OPEN:
-            wanted = self.capture.wanted = self.bus.wanted_topics(self.clock.global_step)
-            if self.bus.cost.budget is not None:
-                # with a budget most steps capture nothing: no module hooks then (a model's
-                # hooks stay as they are otherwise, e.g. for torch.compile's guards)
-                self.hooks.sync_forward(wanted)
+            self.capture.wanted = self.bus.wanted_topics(self.clock.global_step)
 
     def _finish_step(self, ended: Ended) -> None:
         """Hand the step's payloads to the bus and forget them."""

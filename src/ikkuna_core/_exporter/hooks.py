@@ -140,12 +140,6 @@ class Hooks:
                 handle.remove()
                 del self._grad_handles[i]
 
-    def sync_forward(self, topics: frozenset[str]) -> None:
-        """Install the watched modules' forward hooks only if ``topics`` (one step's) need
-        them: at a step where nothing captures a forward, the modules run on torch's fast
-        path, hook-free."""
-        self._toggle("forward", bool(topics & FORWARD_TOPICS), self._forward_hooks)
-
     def _forward_hooks(self) -> list[RemovableHandle]:
         on = self._on.module_forward
         return [m.register_forward_hook(functools.partial(on, i))
