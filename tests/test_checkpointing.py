@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +247,9 @@ def test_fsdp2_with_checkpointed_blocks_publishes_what_the_plain_run_does(
     # the spawned ranks unpickle _fsdp_worker as tests.test_checkpointing: they get this
     # process's sys.path, which must hold the repository root whatever directory pytest
     # was started from (a nox session's is not it)
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    # (set directly: monkeypatch.syspath_prepend also asks pkg_resources to fix namespace
+    # packages up, which fails where setuptools ships no pkg_resources)
+    monkeypatch.setattr(sys, "path", [str(Path(__file__).resolve().parents[1]), *sys.path])
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_fsdp_worker, args=(_free_port(), results), nprocs=2, join=True)
