@@ -33,13 +33,6 @@ class Act:
     #: hand the attempt's payloads over and capture afresh, under the same step number
     SKIPPED: Final = 256
 
-    @classmethod
-    def names(cls, act: int) -> str:
-        """``act`` spelled as its flags, ``"OPEN|CAPTURE"`` (``"NONE"`` for none)."""
-        flags = [name for name, value in vars(cls).items()
-                 if isinstance(value, int) and value and act & value]
-        return "|".join(flags) or "NONE"
-
 
 class Ended(NamedTuple):
     """A step that ended: its stamp, how many forwards it saw, whether an optimizer stepped
