@@ -77,8 +77,9 @@ def parameters(rank: int, share: bool) -> dict[str, Any]:
                 compute(bundle)
 
         sub.compute_step = counted  # type: ignore[method-assign]
-        exporter.bus.register_subscriber(sub)
-    backend = exporter.bus.add_backend(MemoryBackend())
+        exporter.bus.subscribe(sub)
+    backend = MemoryBackend()
+    exporter.bus.attach_backend(backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     refs = {}
     for step in range(2):
@@ -112,7 +113,8 @@ def forward(rank: int, out: Path) -> dict[str, Any]:
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             exporter = ik.watch(watched, config=config)
-            backend = exporter.bus.add_backend(MemoryBackend())
+            backend = MemoryBackend()
+            exporter.bus.attach_backend(backend)
             opt = torch.optim.SGD(watched.parameters(), lr=0.1)
             for step in range(3):
                 x = (_batch(step, rank) if which == "merged"
@@ -139,9 +141,10 @@ def failing(rank: int) -> dict[str, Any]:
     model = DistributedDataParallel(_net())
     exporter = ik.Exporter(bus=ik.MessageBus(on_error="warn"))
     exporter.set_model(model)
-    exporter.bus.register_subscriber(FailsOnRank1(topics=["weights"]))
-    exporter.bus.register_subscriber(Norm(topics=["weight_gradients"]))
-    backend = exporter.bus.add_backend(MemoryBackend())
+    exporter.bus.subscribe(FailsOnRank1(topics=["weights"]))
+    exporter.bus.subscribe(Norm(topics=["weight_gradients"]))
+    backend = MemoryBackend()
+    exporter.bus.attach_backend(backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
