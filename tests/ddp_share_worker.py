@@ -156,6 +156,28 @@ def failing(rank: int) -> dict[str, Any]:
     return {**_records(backend), "warnings": [str(w.message) for w in said]}
 
 
+def budgeted(rank: int, out: Path) -> dict[str, Any]:
+    """A budget far below what ``norm`` costs: in one process it would slow the norm down
+    (tests/test_budget.py); here the cadence stays the configured one on both ranks."""
+    model = DistributedDataParallel(_net())
+    config = {"plugins": ["norms"], "log_dir": str(out / f"budget{rank}"), "budget": 1e-6,
+              "subscribers": [{"name": "norm", "topics": ["weights", "weight_gradients"]}]}
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        exporter = ik.watch(model, config=config)
+        backend = MemoryBackend()
+        exporter.bus.attach_backend(backend)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(20):
+            opt.zero_grad()
+            model(_batch(step, rank)).pow(2).mean().backward()
+            opt.step()
+        exporter.close()
+    steps = sorted({r.step for r in backend.scalars if r.tag.startswith("norm/")})
+    return {"steps": steps, "cadences": [s.subsample for s in exporter.bus.subscriptions],
+            "warnings": [str(w.message) for w in said]}
+
+
 if __name__ == "__main__":
     rank, port, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     torch.set_num_threads(1)
@@ -163,7 +185,8 @@ if __name__ == "__main__":
                             world_size=2, timeout=datetime.timedelta(seconds=60))
     try:
         torch.save({"shared": parameters(rank, True), "alone": parameters(rank, False),
-                    "forward": forward(rank, out), "failing": failing(rank)},
+                    "forward": forward(rank, out), "failing": failing(rank),
+                    "budgeted": budgeted(rank, out)},
                    out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

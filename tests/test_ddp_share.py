@@ -104,3 +104,14 @@ def test_a_subscriber_failing_on_one_rank_is_disabled_on_both(ranks):
         grads = {step for (tag, step) in result["scalars"] if tag.startswith("norm/")}
         assert grads == {0, 1, 2, 3}  # the other shared subscriber went on, on both ranks
         assert steps <= {0, 1}
+
+
+def test_a_budget_keeps_the_configured_cadences_on_every_rank(ranks):
+    """Per-rank cadences would run merging/sharing subscribers at different steps on
+    different ranks (collectives out of step): the budget keeps the configured ones."""
+    for result in ranks:
+        budgeted = result["budgeted"]
+        assert budgeted["steps"] == list(range(20))
+        assert budgeted["cadences"] == [1]
+        assert any("keeps the configured cadences in a distributed run" in w
+                   for w in budgeted["warnings"])

@@ -76,13 +76,13 @@ class DDPShare:
     def begin(self, payloads: Mapping[str, TopicPayloads], active: Sequence[Any]) -> None:
         """A step's delivery to ``active`` begins: the subscriptions that share their work
         at it, named by registration index (the same on every rank, whose subscribers stay
-        enabled alike: see :meth:`end`). Off under a budget, whose cadences are each
-        rank's own."""
+        enabled alike: see :meth:`end`; a budget keeps the configured cadences in a
+        distributed run)."""
         self._pieces = []
         everyone = self.bus.subscriptions
         consumed = frozenset(t for s in everyone for t in s.topics)
         index = {id(s): i for i, s in enumerate(everyone)}
-        self._taking = {} if self.bus.cost.budget is not None else {
+        self._taking = {
             id(s): index[id(s)] for s in active
             if _shareable(s.topics, s.subscriber, consumed)
             and any(len(payloads[t]) for t in s.topics if t in payloads)}
