@@ -349,8 +349,7 @@ class CostMeter:
         plain = self.plain_seconds
         if plain is None or plain <= 0 or self.budget is None:
             return
-        if _distributed():
-            self.bus.warn_once("budget-distributed", _BUDGET_DISTRIBUTED)
+        if _distributed(self.bus):  # said once
             return
         subs = [s for s in self.bus.subscriptions if s.subscriber.enabled]
         costs = {}
@@ -435,11 +434,15 @@ _BUDGET_DISTRIBUTED = (
 )
 
 
-def _distributed() -> bool:
-    """Whether this process is one of several ranks of ``torch.distributed``."""
+def _distributed(bus: MessageBus) -> bool:
+    """Whether this process is one of several ranks of ``torch.distributed`` (then the
+    budget keeps the configured cadences, and ``bus`` says so once)."""
     import torch.distributed as dist
 
-    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        bus.warn_once("budget-distributed", _BUDGET_DISTRIBUTED)
+        return True
+    return False
 
 
 def _record(topic: str, key: str, step: int, value: float) -> ScalarRecord:
