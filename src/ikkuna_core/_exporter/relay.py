@@ -40,16 +40,25 @@ class Relay:
         self._post: Callable[..., Any] | None = None
         self._wrappers: dict[int, list[RemovableHandle]] = {}
         self._tries = _TRIES
+        self._compiled_model = _is_compiled(model)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the model is (or is inside) a ``torch.compile`` wrapper, or holds one."""
+        return self._compiled_model or bool(self._wrappers)
 
     def pre_hook(self, hook: Callable[..., Any]) -> Callable[..., Any]:
         """``hook(module, args, kwargs)`` as the model's forward pre-hook (with_kwargs)."""
         self._pre = hook
-        disabled = torch.compiler.disable(self._eager(hook))
+        eager = self._eager(hook)
+        disabled = torch.compiler.disable(eager)
 
         def on_model(module: nn.Module, args: Any, kwargs: Any) -> Any:
             if self.inside:
                 return None
-            return disabled(module, args, kwargs)
+            if torch.compiler.is_compiling():  # traced: keep the bookkeeping out of graphs
+                return disabled(module, args, kwargs)
+            return eager(module, args, kwargs)  # eager: no disabling wrapper to go through
 
         return on_model
 
@@ -61,7 +70,9 @@ class Relay:
         def on_model(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
             if self.inside:
                 return None
-            return disabled(module, args, kwargs, output)
+            if torch.compiler.is_compiling():
+                return disabled(module, args, kwargs, output)
+            return hook(module, args, kwargs, output)
 
         return on_model
 
@@ -108,6 +119,13 @@ class Relay:
         self.inside = False
         if self._post is not None:
             self._post(self.model, args, kwargs, output)
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper or holds one (a compiled block)."""
+    frame = sys.modules.get("torch._dynamo.eval_frame")
+    wrapper = getattr(frame, "OptimizedModule", None)
+    return wrapper is not None and any(isinstance(m, wrapper) for m in model.modules())
 
 
 def _in_compiled_wrapper() -> bool:
