@@ -94,6 +94,7 @@ class Hooks:
         }
         self._grad_handles: dict[int, RemovableHandle] = {}
         self._relay = Relay(model)  # the model's own hooks, outside compiled graphs
+        self._step_topics: frozenset[str] | None = None  # what sync_step last installed for
         self._handles["always"] += [
             model.register_forward_pre_hook(
                 self._relay.pre_hook(callbacks.forward_start), with_kwargs=True
@@ -113,6 +114,7 @@ class Hooks:
 
     def sync(self, topics: frozenset[str], grads_from_optimizer: bool) -> None:
         """Install exactly the hooks ``topics`` need; remove the others."""
+        self._step_topics = None
         self._toggle("forward", bool(topics & FORWARD_TOPICS), self._forward_hooks)
         self._toggle("output", bool(topics & LOSS_TOPICS), lambda: [
             self._model.register_forward_hook(
@@ -141,7 +143,8 @@ class Hooks:
         the others (a subscriber every 10th step, a budget's cadences) the modules run on
         torch's fast path. Not for a compiled model, whose graphs would be specialised on
         the hooks coming and going."""
-        if not self._relay.compiled:
+        if topics != self._step_topics and not self._relay.compiled:
+            self._step_topics = topics
             self._toggle("forward", bool(topics & FORWARD_TOPICS), self._forward_hooks)
 
     def _forward_hooks(self) -> list[RemovableHandle]:

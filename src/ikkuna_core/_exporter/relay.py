@@ -55,15 +55,14 @@ class Relay:
     def pre_hook(self, hook: Callable[..., Any]) -> Callable[..., Any]:
         """``hook(module, args, kwargs)`` as the model's forward pre-hook (with_kwargs)."""
         self._pre = hook
-        eager = self._eager(hook)
-        disabled = torch.compiler.disable(eager)
+        disabled = torch.compiler.disable(self._eager(hook))
 
         def on_model(module: nn.Module, args: Any, kwargs: Any) -> Any:
             if self.inside:
                 return None
             if torch.compiler.is_compiling():  # traced: keep the bookkeeping out of graphs
                 return disabled(module, args, kwargs)
-            return eager(module, args, kwargs)  # eager: no disabling wrapper to go through
+            return hook(module, args, kwargs)  # eager: no disabling wrapper to go through
 
         return on_model
 
