@@ -267,8 +267,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.ranks < 1 or args.batch_size % args.ranks:
+    if args.ranks < 1:
+        parser.error(f"--ranks must be 1 or more, got {args.ranks}")
+    if args.batch_size % args.ranks:
         parser.error(f"--batch-size {args.batch_size} must be a multiple of --ranks {args.ranks}")
+    if not args.overwrite and any(Path(args.log_dir).glob("events.out.tfevents.*")):
+        parser.error(f"--log-dir {args.log_dir} already holds a run: give another, or --overwrite")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(train, args=(args.ranks, _free_port(), args), nprocs=args.ranks)
 
