@@ -108,6 +108,12 @@ class IkkunaConfig(BaseModel):
         "(the other ranks compute, attach no backend); 'all' = every rank writes to "
         "<log_dir>/rank<r>",
     )
+    ddp_forward: Literal["rank", "merge"] = Field(
+        default="rank",
+        description="under DDP, the forward topics' statistics (activations, layer_gradients, "
+        "inputs, outputs): 'rank' = each rank's own batch; 'merge' = of the global batch, "
+        "merged across the ranks by the subscribers that merge (norms, moments, histograms)",
+    )
 
     @field_validator("depth")
     @classmethod

@@ -74,6 +74,7 @@ class MessageBus(Protocol):
     def backends(self) -> list[Backend]: ...
     def set_cadence(self, sub: Any, cadence: int) -> None: ...
     def log_text(self, tag: str, text: str) -> None: ...
+    def warn_once(self, ident: str, message: str) -> None: ...
 
 COST_TOPIC = "ikkuna/cost"
 CADENCE_TOPIC = "ikkuna/cadence"
@@ -348,6 +349,8 @@ class CostMeter:
         plain = self.plain_seconds
         if plain is None or plain <= 0 or self.budget is None:
             return
+        if _distributed(self.bus):  # said once
+            return
         subs = [s for s in self.bus.subscriptions if s.subscriber.enabled]
         costs = {}
         for sub in subs:
@@ -422,6 +425,24 @@ class CostMeter:
     @property
     def counting(self) -> Any:
         return self._counting
+
+
+_BUDGET_DISTRIBUTED = (
+    "ikkuna: the budget keeps the configured cadences in a distributed run: each rank "
+    "measures its own costs, and subscribers that merge across ranks (FSDP2 shards, DDP's "
+    "shared work) must run at the same steps on every rank; the costs are still published"
+)
+
+
+def _distributed(bus: MessageBus) -> bool:
+    """Whether this process is one of several ranks of ``torch.distributed`` (then the
+    budget keeps the configured cadences, and ``bus`` says so once)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        bus.warn_once("budget-distributed", _BUDGET_DISTRIBUTED)
+        return True
+    return False
 
 
 def _record(topic: str, key: str, step: int, value: float) -> ScalarRecord:

@@ -96,6 +96,12 @@ class Subscriber:
     #: condition number) keeps ``"gather"``. An instance may set its own (an option that
     #: needs whole tensors).
     sharded: Literal["gather", "merge"] = "gather"
+    #: Under DDP the parameter topics are identical on every rank. ``True`` says each result
+    #: is one per key, computed from that key's payloads alone: the ranks then split the keys
+    #: (balanced by elements), compute their share and exchange the results in one
+    #: all-gather per step, and every rank publishes all of them. Off for a subscriber whose
+    #: result mixes keys (a global norm) or whose results another subscriber reads.
+    ddp_shareable: ClassVar[bool] = False
 
     def __init__(self, **options: object) -> None:
         if not self.name:

@@ -314,7 +314,7 @@ class MessageBus(_OldNames):
         active: Sequence[Subscription], skipped: bool = False,
     ) -> None:
         merges = self.merges
-        available = merges.begin(payloads)  # DTensors: this rank's shards (see .shards)
+        available = merges.begin(payloads, active)  # DTensors, DDP: see .shards, .ddp
         held: dict[Subscription, object] = {}  # subscribers waiting for a merge of shards
 
         def finish(sub: Subscription, exc: Exception | None) -> None:
@@ -324,8 +324,7 @@ class MessageBus(_OldNames):
             if not sub.subscriber.enabled:
                 continue
             merges.settle(held, self.results, finish, before=sub)  # if it reads their results
-            parts = _parts(sub, merges.source(sub.subscriber, sub.topics, available), stamp,
-                           self.policy)
+            parts = _parts(sub, merges.source(sub, available), stamp, self.policy)
             if not parts:
                 continue
             bundle = StepBundle(
@@ -351,9 +350,9 @@ class MessageBus(_OldNames):
             if merges.waiting(sub.subscriber):
                 held[sub] = self.results.hold()
             else:
-                _published(self, stamp, payloads, available)
+                _published(self, sub, stamp, payloads, available)
         merges.settle(held, self.results, finish)
-        merges.end()
+        merges.end(payloads, self._outbox.put)
 
     # ----------------------------------------------------------------- errors
     def _subscriber_failed(
@@ -413,11 +412,15 @@ class MessageBus(_OldNames):
 
 
 def _published(
-    bus: MessageBus, stamp: Stamp, payloads: dict[str, TopicPayloads],
+    bus: MessageBus, sub: Subscription, stamp: Stamp, payloads: dict[str, TopicPayloads],
     available: dict[str, TopicPayloads],
 ) -> None:
-    """Close the open subscriber's results: to the backends, and as derived topics."""
-    for message in bus.results.close(stamp):
+    """Close the open subscriber's results: to the backends, and as derived topics (under
+    DDP, a subscription that shares its work hands them to the step's exchange)."""
+    messages = bus.results.close(stamp)
+    if bus.merges.hold(sub, messages):
+        return
+    for message in messages:
         bus._outbox.put(message)
         if message.topic in bus._consumed:
             available[message.topic] = payloads_of(message, _modules(payloads))
@@ -429,7 +432,7 @@ def _finished(
 ) -> None:
     """A subscription that waited for a merge of shards is done (``exc``: it failed)."""
     if exc is None:
-        return _published(bus, stamp, payloads, available)
+        return _published(bus, sub, stamp, payloads, available)
     bus.results.close(stamp)
     if isinstance(exc, IkkunaError):
         raise exc

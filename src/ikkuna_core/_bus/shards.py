@@ -22,6 +22,7 @@ import torch
 
 from ..messages import TopicPayloads
 from ..ops import constant
+from .ddp import DDPShare
 
 __all__ = ["Merges", "ShardedStep", "is_dtensor", "local_view", "merges"]
 
@@ -164,31 +165,51 @@ class Merges:
     def __init__(self) -> None:
         self.view: ShardedStep | None = None
         self.pending: list[_Pending] = []
+        #: under DDP: the parameter topics' work shared between the ranks (see :mod:`.ddp`)
+        self.ddp: DDPShare | None = None
 
-    def begin(self, payloads: dict[str, TopicPayloads]) -> dict[str, TopicPayloads]:
-        """A step's delivery begins: the payloads subscribers choose from, DTensors seen as
-        this rank's local tensors (no DTensor exists before torch's module of them is
-        imported: no search at all in a run without one)."""
+    def begin(
+        self, payloads: dict[str, TopicPayloads], active: Sequence[Any] = ()
+    ) -> dict[str, TopicPayloads]:
+        """A step's delivery to ``active`` begins: the payloads subscribers choose from,
+        DTensors seen as this rank's local tensors (no DTensor exists before torch's module
+        of them is imported: no search at all in a run without one); under DDP with
+        ``ddp_forward = "merge"``, the forward topics seen as shards of the global batch."""
         self.pending.clear()
         sharded = "torch.distributed.tensor" in sys.modules and any(
             is_dtensor(t) for p in payloads.values() for t in p.data)
         self.view = local_view(payloads) if sharded else None
+        if self.ddp is not None:
+            self.ddp.begin(payloads, active)
+            batch = self.ddp.forward_shards(payloads) if self.view is None else {}
+            if batch:
+                self.view = ShardedStep(payloads, dict(payloads), batch, self.ddp.group)
         return dict(payloads if self.view is None else self.view.local)
 
-    def end(self) -> None:
+    def end(self, payloads: dict[str, TopicPayloads], put: Callable[[Any], None]) -> None:
+        """The step's delivery ends: under DDP the shared results exchanged and ``put``."""
+        if self.ddp is not None:
+            keys = list(dict.fromkeys(k for p in payloads.values() for k in p.keys))
+            self.ddp.end(keys, put)
         self.view = None
         self.pending.clear()
 
-    def source(
-        self, subscriber: Any, topics: Sequence[str], available: dict[str, TopicPayloads]
-    ) -> dict[str, TopicPayloads]:
-        """What ``subscriber`` chooses its topics' payloads from: the local shards if it
-        merges, else the full tensors of its sharded topics (gathered on first demand)."""
+    def source(self, sub: Any, available: dict[str, TopicPayloads]) -> dict[str, TopicPayloads]:
+        """What the subscription ``sub`` chooses its topics' payloads from: the local shards
+        if its subscriber merges, else the full tensors of its sharded topics (gathered on
+        first demand); under DDP, this rank's share of the keys when it shares its work."""
+        subscriber, topics = sub.subscriber, sub.topics
+        if self.ddp is not None and self.ddp.takes(sub):
+            return self.ddp.select(sub, available)
         view = self.view
         if view is None or not view.sharded or merges(subscriber):
             return available
         return {**available, **{t: view.full(t) for t in topics
                                 if t in view.sharded and t in available}}
+
+    def hold(self, sub: Any, messages: list[Any]) -> bool:
+        """Whether ``sub``'s results wait for the DDP exchange (:meth:`end` puts them)."""
+        return self.ddp is not None and self.ddp.hold(sub, messages)
 
     def submit(
         self, owner: Any, step: Any, partial: torch.Tensor,

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import _lifecycle
 from .._bus import Consumer, Handle, MessageBus
+from .._bus.ddp import DDPShare
 from ..backends.base import Backend
 from ..messages import ModuleInfo
 from .clock import StepClock
@@ -232,6 +233,8 @@ class Exporter:
         for name, module in selected:
             info = self.modules[name] = ModuleInfo(name=name, type=type(module).__name__)
             self._watched.append((info, module))
+        self.bus.merges.ddp = _ddp_share(model, self.bus, getattr(self.config, "ddp_forward",
+                                                                  "rank"))
         self._driver = StepDriver(model, self._watched, self.include is not None, self.clock,
                                   self.bus, self.publish_in_eval)
         self._driver.sync()
@@ -278,3 +281,23 @@ class Exporter:
 
 def _deprecated(old: str, new: str) -> None:
     warnings.warn(f"ikkuna: {old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+
+
+def _ddp_share(model: nn.Module, bus: MessageBus, forward: str) -> DDPShare | None:
+    """Under DDP with more than one rank: the parameter topics' work shared between the
+    ranks (identical there), one exchange per step; ``forward``: see ``ddp_forward``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        return None
+    group = model.process_group
+    world = dist.get_world_size(group)
+    if world < 2:
+        return None
+    share = DDPShare(dist.get_rank(group), world, group, bus)
+    share.forward = "merge" if forward == "merge" else "rank"
+    return share

@@ -19,8 +19,9 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import IkkunaError
 from ..topics import FORWARD_TOPICS, GRADIENT_TOPICS
+from .relay import Relay
 
-__all__ = ["LOSS_TOPICS", "Callbacks", "Hooks", "guard", "in_backward", "outside_graphs"]
+__all__ = ["LOSS_TOPICS", "Callbacks", "Hooks", "guard", "in_backward"]
 
 LOSS_TOPICS = frozenset({"network_output", "input_labels", "loss"})
 
@@ -58,14 +59,6 @@ def in_backward() -> bool:
     return bool(_current_graph_task_id() != -1)
 
 
-def outside_graphs(hook: Callable[..., Any]) -> Callable[..., Any]:
-    """``hook`` kept out of ``torch.compile``'s graphs: the step bookkeeping it does (counters,
-    the open step) would otherwise be specialised into the graph and recompile it every
-    step. Wrapped when a model is watched, so that ``import ikkuna_core`` does not import
-    torch's compiler."""
-    return torch.compiler.disable(hook)
-
-
 class Callbacks:
     """What the hooks call (the Exporter's handlers)."""
 
@@ -100,9 +93,10 @@ class Hooks:
             "always": [], "forward": [], "output": []
         }
         self._grad_handles: dict[int, RemovableHandle] = {}
+        self._relay = Relay(model)  # the model's own hooks, outside compiled graphs
         self._handles["always"] += [
             model.register_forward_pre_hook(
-                outside_graphs(callbacks.forward_start), with_kwargs=True
+                self._relay.pre_hook(callbacks.forward_start), with_kwargs=True
             ),
             register_optimizer_step_pre_hook(callbacks.optimizer_pre),
             register_optimizer_step_post_hook(callbacks.optimizer_post),
@@ -122,9 +116,11 @@ class Hooks:
         self._toggle("forward", bool(topics & FORWARD_TOPICS), self._forward_hooks)
         self._toggle("output", bool(topics & LOSS_TOPICS), lambda: [
             self._model.register_forward_hook(
-                outside_graphs(self._on.forward_end), with_kwargs=True
+                self._relay.post_hook(self._on.forward_end), with_kwargs=True
             )
         ])
+        if not self._handles["output"]:
+            self._relay.post_removed()
         # Until an optimizer shows up, gradients are taken when they are accumulated (loops
         # without an optimizer); the optimizer's pre-step hook then takes over.
         kinds = set() if grads_from_optimizer else {
@@ -139,6 +135,14 @@ class Hooks:
             elif kind not in kinds and handle is not None:
                 handle.remove()
                 del self._grad_handles[i]
+
+    def sync_step(self, topics: frozenset[str]) -> None:
+        """The watched modules' forward hooks only at a step whose ``topics`` need them: at
+        the others (a subscriber every 10th step, a budget's cadences) the modules run on
+        torch's fast path. Not for a compiled model, whose graphs would be specialised on
+        the hooks coming and going."""
+        if not self._relay.compiled:
+            self._toggle("forward", bool(topics & FORWARD_TOPICS), self._forward_hooks)
 
     def _forward_hooks(self) -> list[RemovableHandle]:
         on = self._on.module_forward
@@ -165,3 +169,4 @@ class Hooks:
         for h in self._grad_handles.values():
             h.remove()
         self._grad_handles.clear()
+        self._relay.remove()

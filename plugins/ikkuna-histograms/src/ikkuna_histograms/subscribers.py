@@ -65,6 +65,7 @@ class Histogram(Subscriber):
     ``histogram/<topic>``."""
 
     name = "histogram"
+    ddp_shareable = True  # one result per key, from that key's payload: DDP ranks split the keys
     Options = HistogramOptions
     default_topics: ClassVar[tuple[str, ...]] = ("activations",)
     sharded = "merge"
@@ -153,6 +154,7 @@ class DeadFraction(Subscriber):
     """
 
     name = "dead_fraction"
+    ddp_shareable = True  # one result per key, from that key's payload: DDP ranks split the keys
     Options = DeadFractionOptions
     default_topics: ClassVar[tuple[str, ...]] = ("activations",)
     options: DeadFractionOptions

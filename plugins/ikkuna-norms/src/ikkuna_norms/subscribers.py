@@ -86,6 +86,7 @@ class Norm(Subscriber):
     and published as ``norm/<topic>``."""
 
     name = "norm"
+    ddp_shareable = True  # one result per key, from that key's payload: DDP ranks split the keys
     Options = NormOptions
     default_topics: ClassVar[tuple[str, ...]] = ("weight_gradients",)
     sharded = "merge"
@@ -149,6 +150,7 @@ class Mean(Subscriber):
     """Mean of every element of each subscribed topic, per module (``mean/<topic>``)."""
 
     name = "mean"
+    ddp_shareable = True  # one result per key, from that key's payload: DDP ranks split the keys
     Options = MeanOptions
     default_topics: ClassVar[tuple[str, ...]] = ("activations",)
     sharded = "merge"
@@ -190,6 +192,7 @@ class Variance(Subscriber):
     ``sum (x - mean)^2 / (n - correction)``."""
 
     name = "variance"
+    ddp_shareable = True  # one result per key, from that key's payload: DDP ranks split the keys
     Options = VarianceOptions
     default_topics: ClassVar[tuple[str, ...]] = ("activations",)
     sharded = "merge"
@@ -314,6 +317,7 @@ class SpectralNorm(Subscriber):
     """
 
     name = "spectral_norm"
+    ddp_shareable = True  # one result per key (its iterated vectors kept where computed): DDP ranks split the keys
     Options = SpectralNormOptions
     default_topics: ClassVar[tuple[str, ...]] = ("weights",)
     sharded = "gather"  # the whole matrix: sharded weights are gathered at its steps

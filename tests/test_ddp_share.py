@@ -1,0 +1,117 @@
+"""DDP (issue 18 item 2), on two real gloo ranks (tests/ddp_share_worker.py, CPU).
+
+Parameter topics: each rank computes its share of the keys and the ranks exchange the
+results in one all-gather per step; each reads about half the elements one rank doing
+everything reads, and publishes the same tags and values (norms of ``p``/``p.grad``
+computed directly). Forward topics with ``ddp_forward = "merge"``: the statistics of the
+global batch, equal to those of a plain twin trained on both ranks' batches at once. A
+subscriber failing on one rank is disabled on both, and training goes on."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("ddp_share_worker.py")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    out = tmp_path_factory.mktemp("ddp_share")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), port, str(out)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=240)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for r, proc in enumerate(procs):
+        assert proc.returncode == 0, f"rank {r}:\n" + "\n".join(logs)[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_each_rank_does_about_half_the_metric_work(ranks):
+    """The subscribers batch over keys (one foreach op for all of them), so the op count
+    barely moves; the elements those ops read is the work, and it halves."""
+    for result in ranks:
+        alone, shared = result["alone"]["elements"], result["shared"]["elements"]
+        assert alone > 0
+        assert shared <= 0.6 * alone, (shared, alone)
+        assert result["shared"]["ops"] <= result["alone"]["ops"]
+        assert result["shared"]["collectives"] <= 2 + 1  # 2 steps; one resize at the first
+        assert result["alone"]["collectives"] == 0
+
+
+def test_published_values_are_those_of_one_rank_doing_everything(ranks):
+    for result in ranks:
+        shared, alone = result["shared"], result["alone"]
+        assert shared["scalars"].keys() == alone["scalars"].keys()
+        assert len(shared["scalars"]) == 2 * 2 * 6
+        for key, value in shared["scalars"].items():
+            assert value == pytest.approx(alone["scalars"][key], rel=1e-6)
+            assert value == pytest.approx(shared["refs"][key], rel=1e-5)
+        assert shared["hists"].keys() == alone["hists"].keys() and len(shared["hists"]) == 12
+        for key, (counts, edges, num, total) in shared["hists"].items():
+            a_counts, a_edges, a_num, a_total = alone["hists"][key]
+            assert counts == a_counts and num == a_num == 16 * 16
+            assert edges == pytest.approx(a_edges, rel=1e-6)
+            assert total == pytest.approx(a_total, rel=1e-6, abs=1e-9)
+
+
+def test_forward_topics_merged_are_the_global_batch(ranks):
+    """``ddp_forward = "merge"``: norms, means and histograms of activations over both ranks'
+    batches, as a plain model computes them on the two batches concatenated."""
+    for result in ranks:
+        merged, twin = result["forward"]["merged"], result["forward"]["twin"]
+        assert merged["scalars"].keys() == twin["scalars"].keys()
+        assert len(merged["scalars"]) == 2 * 6 * 3  # norm and mean, 6 modules, 3 steps
+        for key, value in merged["scalars"].items():
+            assert value == pytest.approx(twin["scalars"][key], rel=1e-5, abs=1e-7), key
+        assert merged["hists"].keys() == twin["hists"].keys() and len(merged["hists"]) == 18
+        for key, (counts, edges, num, _) in merged["hists"].items():
+            t_counts, t_edges, t_num, _ = twin["hists"][key]
+            assert num == t_num == 8 * 16
+            assert edges == pytest.approx(t_edges, rel=1e-5, abs=1e-7)
+            # an entry on a bin edge may fall either side under rounding
+            assert sum(abs(a - b) for a, b in zip(counts, t_counts, strict=True)) <= 2, key
+        assert not any("differ per rank" in w for w in merged["warnings"])
+
+
+def test_a_subscriber_failing_on_one_rank_is_disabled_on_both(ranks):
+    zero, one = ranks[0]["failing"], ranks[1]["failing"]
+    assert any("planted failure on rank 1" in w for w in one["warnings"])
+    assert any("failed on another rank" in w for w in zero["warnings"])
+    for result in (zero, one):
+        steps = {step for (tag, step) in result["scalars"] if tag.startswith("fails_on")}
+        grads = {step for (tag, step) in result["scalars"] if tag.startswith("norm/")}
+        assert grads == {0, 1, 2, 3}  # the other shared subscriber went on, on both ranks
+        assert steps <= {0, 1}
+
+
+def test_a_budget_keeps_the_configured_cadences_on_every_rank(ranks):
+    """Per-rank cadences would run merging/sharing subscribers at different steps on
+    different ranks (collectives out of step): the budget keeps the configured ones."""
+    for result in ranks:
+        budgeted = result["budgeted"]
+        assert budgeted["steps"] == list(range(20))
+        assert budgeted["cadences"] == [1]
+        assert any("keeps the configured cadences in a distributed run" in w
+                   for w in budgeted["warnings"])
