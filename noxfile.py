@@ -39,7 +39,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff: style and common bugs."""
     session.install("ruff")
-    session.run("ruff", "check", "src", "tests", "plugins", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "src", "tests", "plugins", "benchmarks", "examples", "noxfile.py")
 
 
 @nox.session(python=PYTHON)
