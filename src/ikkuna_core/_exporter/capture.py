@@ -4,6 +4,7 @@ topic from what earlier steps saw (a tensor changed in place later in a step is 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import itertools
@@ -33,7 +34,8 @@ class Mode(enum.IntEnum):
     #: only a finiteness check (``Subscriber.finiteness_only``): the tensor is held until the
     #: next batched reduction (:class:`Reduction`), then only its 0-d result
     REDUCE = FINITENESS
-    REDUCE_NOW = -5  #: reduced at once: the tensor was seen changing in place later in a step
+    #: reduced at once, with all that waits: the tensor was seen changing in place later
+    REDUCE_NOW = -5
     REDUCE_PROBE = -6  #: first capture: reduced at once, its version checked at the reduction
 
 
@@ -338,9 +340,7 @@ class Capture:
             if not stash.backward:  # the step's backward begins: the forward is done
                 stash.backward = True
                 stash.reduction.run(self._learn)
-                torch.autograd.Variable._execution_engine.queue_callback(  # type: ignore[attr-defined]
-                    functools.partial(self._backward_done, ref)
-                )
+                _at_backward_end(functools.partial(self._backward_done, ref))
             self._stash(stash, stash.lgrads, "layer_gradients", index, call, grad,
                         stash.lgrad_plan[index])
 
@@ -360,9 +360,10 @@ class Capture:
         if mode > _REDUCE:
             entries.append(_capture(index, call, tensor, mode))
             return
-        if torch.compiler.is_compiling() or type(tensor) not in (torch.Tensor, nn.Parameter):
-            # a compiled graph keeps no version counters; a subclass (a DTensor) is the
-            # subscriber's to reduce: a copy
+        if (torch.compiler.is_compiling() or type(tensor) not in (torch.Tensor, nn.Parameter)
+                or tensor.layout != torch.strided):
+            # a compiled graph keeps no version counters; a subclass (a DTensor) or a sparse
+            # tensor is the subscriber's to reduce: a copy
             entries.append(_capture(index, call, tensor, _CLONE))
             return
         if not tensor.is_floating_point():
@@ -497,6 +498,14 @@ def _capture(index: int, call: int, tensor: torch.Tensor, mode: int) -> Entry:
     # a copy: the tensor changes in place later in a step, or (compiled) the graph keeps no
     # version counters to tell
     return (index, call, copy, -1, None)
+
+
+def _at_backward_end(callback: Callable[[], None]) -> None:
+    """Call ``callback`` when the running backward ends (as DDP does); where autograd's
+    engine does not take one, the step's end reduces what waits."""
+    engine = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
+    with contextlib.suppress(RuntimeError):
+        engine.queue_callback(callback)
 
 
 def _layer_gradient(number: int, index: int, call: int, grad: torch.Tensor) -> None:
