@@ -203,7 +203,8 @@ class TopicPayloads(BaseModel):
     """Every payload of one topic at one step: ``data[i]`` belongs to ``keys[i]`` (module
     ``modules[i]``; None for network topics). A payload of a forward topic is a 1-d sample of
     the module's tensor when every subscriber that wants that module asked for samples
-    (``Subscriber.sample_size``); whole tensors otherwise."""
+    (``Subscriber.sample_size``), a 0-d finiteness check when every one asked for that
+    (``Subscriber.finiteness_only``); whole tensors otherwise."""
 
     model_config = _FROZEN
 

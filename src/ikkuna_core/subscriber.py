@@ -178,6 +178,16 @@ class Subscriber:
         its hooks: cheap, and immune to in-place changes of the outputs later in the step."""
         return None
 
+    def finiteness_only(self, topic: str) -> bool:
+        """Whether this subscriber needs of each payload of a forward topic only whether it
+        is finite (False, the default, for whole tensors). When every subscriber that wants
+        a module's topic says so, the Exporter keeps no tensor past the step's next batched
+        reduction (a fused kernel for all that waits, about 8 a step): each payload becomes a
+        0-d float32 that is non-finite iff the tensor has a NaN or inf entry
+        (:func:`ikkuna_core.ops.finiteness`), delivered as the payload; integer payloads
+        (always finite) are left out."""
+        return False
+
     def wants_module(self, module: ModuleInfo) -> bool:
         """Whether this subscriber needs the forward topics of ``module`` (a hint: modules that
         no subscriber wants are not captured; others may still be delivered)."""

@@ -5,9 +5,10 @@
 from .consumer import Consumer
 from .policy import ErrorPolicy
 from .results import Results
-from .routing import Handle, MessageBus, Stamp, Subscription, UnknownTopicError
+from .routing import FINITENESS, Handle, MessageBus, Stamp, Subscription, UnknownTopicError
 
 __all__ = [
+    "FINITENESS",
     "Consumer",
     "ErrorPolicy",
     "Handle",

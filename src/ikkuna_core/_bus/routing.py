@@ -29,7 +29,7 @@ from .transfer import Outbox
 if TYPE_CHECKING:
     from ..backends.base import Backend
 
-__all__ = ["Handle", "MessageBus", "Stamp", "Subscription", "UnknownTopicError"]
+__all__ = ["FINITENESS", "Handle", "MessageBus", "Stamp", "Subscription", "UnknownTopicError"]
 
 #: (global_step, epoch, batch_index) of a step.
 Stamp = tuple[int, int, int]
@@ -39,8 +39,11 @@ _NOTHING: frozenset[str] = frozenset()
 _T = TypeVar("_T")
 _C = TypeVar("_C", bound=Consumer)
 #: Per watched module, how a forward topic is captured: -1 not at all, 0 whole, k > 0 a
-#: sample of k entries; None when no module is.
+#: sample of k entries, :data:`FINITENESS` only a finiteness check; None when no module is.
 Plan = tuple[int, ...] | None
+#: The capture mode of a module's topic whose subscribers all want only a finiteness check
+#: of each payload (``Subscriber.finiteness_only``): reduced in the hooks, not kept.
+FINITENESS = -4
 #: The plans of ``activations``, ``layer_gradients`` and ``inputs``.
 Plans = tuple[Plan, Plan, Plan]
 
@@ -266,7 +269,7 @@ class MessageBus(_OldNames):
     def capture_plans(self, step: int, modules: Sequence[ModuleInfo]) -> Plans:
         """Per watched module, how ``activations``, ``layer_gradients`` and ``inputs`` are
         captured at ``step``: skipped, whole, or a sample of k entries, from what the
-        subscriptions due ask for (``sample_size``, ``wants_module``)."""
+        subscriptions due ask for (``sample_size``, ``finiteness_only``, ``wants_module``)."""
         active = self.active(step)
         key = (active, id(modules))
         plans = self._plans.get(key)
@@ -464,18 +467,22 @@ def _parts(
 
 def _plan(active: Sequence[Subscription], modules: Sequence[ModuleInfo], topic: str) -> Plan:
     subs = [s.subscriber for s in active if topic in s.topics]
-    plan = [_mode([s.sample_size(topic) for s in subs if s.wants_module(info)])
+    asks = [FINITENESS if s.finiteness_only(topic) else s.sample_size(topic) for s in subs]
+    plan = [_mode([a for s, a in zip(subs, asks, strict=True) if s.wants_module(info)])
             for info in modules] if subs else []
     return tuple(plan) if any(m != -1 for m in plan) else None
 
 
-def _mode(sizes: list[int | None]) -> int:
-    """One module's capture mode from what its subscribers ask for."""
-    if not sizes:
+def _mode(asks: list[int | None]) -> int:
+    """One module's capture mode from what its subscribers ask for: whole tensors if one
+    wants them, or if finiteness checks and samples are both asked for."""
+    if not asks:
         return -1
-    if None in sizes:
+    if all(a == FINITENESS for a in asks):
+        return FINITENESS
+    if None in asks or FINITENESS in asks:
         return 0
-    return max(k for k in sizes if k is not None)
+    return max(k for k in asks if k is not None)
 
 
 def _incomplete(sub: Subscription, available: dict[str, TopicPayloads], stamp: Stamp) -> str:

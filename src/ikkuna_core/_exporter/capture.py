@@ -4,6 +4,7 @@ topic from what earlier steps saw (a tensor changed in place later in a step is 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import itertools
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._bus import FINITENESS
 from ..messages import ModuleInfo, TopicPayloads
 from .hooks import guard, in_backward
 
@@ -29,9 +31,23 @@ class Mode(enum.IntEnum):
     FULL = 0  #: a reference, whose version is checked at the end of the step
     CLONE = -2  #: a copy: the tensor was seen changing in place later in a step
     PROBE = -3  #: first capture: a copy and a reference, to learn which of the two it needs
+    #: only a finiteness check (``Subscriber.finiteness_only``): the tensor is held until the
+    #: next batched reduction (:class:`Reduction`), then only its 0-d result
+    REDUCE = FINITENESS
+    #: reduced at once, with all that waits: the tensor was seen changing in place later
+    REDUCE_NOW = -5
+    REDUCE_PROBE = -6  #: first capture: reduced at once, its version checked at the reduction
 
 
 _SKIP, _FULL, _CLONE, _PROBE = (int(m) for m in (Mode.SKIP, Mode.FULL, Mode.CLONE, Mode.PROBE))
+_REDUCE, _REDUCE_NOW, _REDUCE_PROBE = (
+    int(m) for m in (Mode.REDUCE, Mode.REDUCE_NOW, Mode.REDUCE_PROBE)
+)
+#: A batched reduction is due once the tensors waiting hold 1/_REDUCTION_SHARE of the bytes
+#: the previous step reduced, or _MIN_UNREDUCED_BYTES, whichever is more: about 8
+#: reductions a step (one fused kernel each) for what waits at most 1/8 of those bytes
+_REDUCTION_SHARE = 8
+_MIN_UNREDUCED_BYTES = 1 << 20
 #: One capture mode per watched module (a ``Mode`` or a sample size).
 Plan = tuple[int, ...]
 #: A stashed payload: (module index, call, tensor, version, original). The tensor is a
@@ -77,8 +93,8 @@ def output_field(output: Any, name: str) -> Any:
 class Stash:
     """What the current step stashed in the hooks of its first forward and backward."""
 
-    __slots__ = ("__weakref__", "acts", "calls", "cursor", "inputs", "lgrad_plan", "lgrads",
-                 "network", "pending", "ref")
+    __slots__ = ("__weakref__", "acts", "backward", "calls", "cursor", "inputs", "lgrad_plan",
+                 "lgrads", "network", "pending", "reduction", "ref")
 
     def __init__(self, n_modules: int, lgrad_plan: Plan | None = None) -> None:
         # The layer-gradient hooks hold only this weak reference: an output holding a hook
@@ -98,6 +114,8 @@ class Stash:
         #: no_grad block: the call may begin a checkpointed segment
         self.pending: list[tuple[int, int, bool]] = []
         self.cursor = -1  # the pending call the next recomputed one is expected to be
+        self.reduction = Reduction()
+        self.backward = False  # a layer-gradient hook of this step ran
 
     def recomputed_call(self, index: int, starts: bool) -> int | None:
         """The call of module ``index`` that a recomputation in backward repeats, or None.
@@ -124,6 +142,58 @@ class Stash:
                      if pending[p][0] == index and (pending[p][2] or not starts)), -1)
 
 
+#: A payload waiting for its reduction: (the stash's list its result goes to, topic,
+#: module index, call, tensor, its version in the hook, its value if reduced in the hook).
+Unreduced = tuple[list[Entry], str, int, int, torch.Tensor, int, torch.Tensor | None]
+
+
+class Reduction:
+    """The payloads of a step that only need a finiteness check, waiting to be reduced
+    together (one fused kernel), and the bytes reduced so far in the step."""
+
+    __slots__ = ("bytes", "done", "held", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: list[Unreduced] = []
+        self.held: set[int] = set()  # the ids of the tensors waiting
+        self.bytes = 0  # theirs
+        self.done = 0
+
+    def add(self, entries: list[Entry], topic: str, index: int, call: int,
+            tensor: torch.Tensor, value: torch.Tensor | None) -> None:
+        self.waiting.append((entries, topic, index, call, tensor, tensor._version, value))
+        if id(tensor) not in self.held:  # a module's input is often the previous one's output
+            self.held.add(id(tensor))
+            self.bytes += tensor.numel() * tensor.element_size()
+
+    def run(self, learn: Callable[[str, int, bool], None]) -> None:
+        """Reduce the waiting tensors (each once), append the results to their lists and
+        forget the tensors. One changed in place since its hook no longer holds the module's
+        value: it is left out; ``learn(topic, index, changed)`` is told about it and about
+        each tensor reduced in its hook the first time."""
+        waiting = self.waiting
+        if not waiting:
+            return
+        self.waiting, self.done, self.bytes = [], self.done + self.bytes, 0
+        self.held.clear()
+        position: dict[int, int] = {}
+        todo: list[torch.Tensor] = []
+        for *_, tensor, version, value in waiting:
+            if value is None and tensor._version == version and id(tensor) not in position:
+                position[id(tensor)] = len(todo)
+                todo.append(tensor)
+        with torch.no_grad():
+            values = ops.finiteness(todo)
+        for entries, topic, index, call, tensor, version, value in waiting:
+            changed = tensor._version != version
+            if value is not None or changed:
+                learn(topic, index, changed)
+            if value is None and not changed:
+                value = values[position[id(tensor)]]
+            if value is not None:
+                entries.append((index, call, value, -1, None))
+
+
 class Capture:
     """The forward topics of the watched modules (``activations``, ``layer_gradients``,
     ``inputs``) and the network topics of the step's first forward and loss call."""
@@ -140,6 +210,7 @@ class Capture:
         self._clone: set[tuple[str, int]] = set()  # (topic, module) changed in place before
         self._probed: set[tuple[str, int]] = set()  # (topic, module) known either way
         self._learned_plans: dict[Any, Plan] = {}
+        self._budget = _MIN_UNREDUCED_BYTES  # unreduced bytes that make a reduction due
         #: the plans as the bus gave them, read under torch.compile: a compiled graph copies
         #: whole tensors anyway, and what the capture learns must not recompile it
         self._compiled_plans: Plans = (None, None, None)
@@ -183,8 +254,12 @@ class Capture:
         (self.act_plan, self.lgrad_plan, self.in_plan), self._compiled_plans = plans
 
     def take(self) -> Stash:
-        """The step's stash, forgotten here."""
+        """The step's stash, forgotten here (what waits for its reduction reduced)."""
         stash, self.stash = self.stash, Stash(len(self.modules))
+        reduction = stash.reduction
+        reduction.run(self._learn)
+        if reduction.done:
+            self._budget = max(_MIN_UNREDUCED_BYTES, reduction.done // _REDUCTION_SHARE)
         return stash
 
     def loss(self, args: Sequence[Any], kwargs: dict[str, Any], loss: Any) -> None:
@@ -221,11 +296,11 @@ class Capture:
         call = stash.calls[index]
         stash.calls[index] = call + 1
         if x is not None and inp is not None:
-            stash.inputs.append(_capture(index, call, x, inp[index]))
+            self._stash(stash, stash.inputs, "inputs", index, call, x, inp[index])
         if out is None:
             return
         if act is not None and act[index] != _SKIP:
-            stash.acts.append(_capture(index, call, out, act[index]))
+            self._stash(stash, stash.acts, "activations", index, call, out, act[index])
         if lgrad is not None and lgrad[index] != _SKIP:
             if out.requires_grad and compiling:
                 # a hook that calls an op of its own: traced into the compiled backward
@@ -262,7 +337,52 @@ class Capture:
         if stash is None or stash is not self.stash or stash.lgrad_plan is None:
             return  # the backward of a forward whose step has ended
         with guard(self._report, f"the layer-gradient hook of {self.modules[index].name!r}"):
-            stash.lgrads.append(_capture(index, call, grad, stash.lgrad_plan[index]))
+            if not stash.backward:  # the step's backward begins: the forward is done
+                stash.backward = True
+                stash.reduction.run(self._learn)
+                _at_backward_end(functools.partial(self._backward_done, ref))
+            self._stash(stash, stash.lgrads, "layer_gradients", index, call, grad,
+                        stash.lgrad_plan[index])
+
+    def _backward_done(self, ref: weakref.ref[Stash]) -> None:
+        """The end of the step's backward: what waits for its reduction is reduced."""
+        stash = ref()
+        if stash is not None and stash is self.stash:
+            with guard(self._report, "the reduction at the end of the backward"):
+                stash.reduction.run(self._learn)
+
+    def _stash(self, stash: Stash, entries: list[Entry], topic: str, index: int, call: int,
+               tensor: torch.Tensor, mode: int) -> None:
+        """Stash a payload per its mode. One that only needs a finiteness check waits for
+        the next reduction of the step, due once enough bytes wait, or at once, with all
+        that waits, when it was seen changing in place later in a step (the first time it is
+        reduced on its own, and its version checked at the next reduction)."""
+        if mode > _REDUCE:
+            entries.append(_capture(index, call, tensor, mode))
+            return
+        if (torch.compiler.is_compiling() or type(tensor) not in (torch.Tensor, nn.Parameter)
+                or tensor.layout != torch.strided):
+            # a compiled graph keeps no version counters; a subclass (a DTensor) or a sparse
+            # tensor is the subscriber's to reduce: a copy
+            entries.append(_capture(index, call, tensor, _CLONE))
+            return
+        if not tensor.is_floating_point():
+            return  # always finite
+        reduction = stash.reduction
+        if reduction.bytes >= self._budget:
+            reduction.run(self._learn)
+        value = None
+        if mode == _REDUCE_PROBE:
+            with torch.no_grad():
+                value = ops.finiteness([tensor])[0]
+        reduction.add(entries, topic, index, call, tensor, value)
+        if mode == _REDUCE_NOW:
+            reduction.run(self._learn)
+
+    def _learn(self, topic: str, index: int, changed: bool) -> None:
+        self._probed.add((topic, index))
+        if changed:
+            self._clone.add((topic, index))
 
     def compiled_layer_gradient(self, index: int, call: int, grad: torch.Tensor) -> None:
         """A layer gradient from a compiled backward (the op ``ikkuna::layer_gradient``):
@@ -346,17 +466,22 @@ class Capture:
         key = (topic, plan, len(self._clone), len(self._probed))
         found = self._learned_plans.get(key)
         if found is None:
-            found = tuple(
-                m if m != _FULL
-                else _CLONE if (topic, i) in self._clone
-                else _FULL if (topic, i) in self._probed
-                else _PROBE
-                for i, m in enumerate(plan)
-            )
+            found = tuple(self._learned_mode(topic, i, m) for i, m in enumerate(plan))
             if len(self._learned_plans) > 64:
                 self._learned_plans.clear()
             self._learned_plans[key] = found
         return found
+
+    def _learned_mode(self, topic: str, index: int, mode: int) -> int:
+        """Whole tensors: copied, referenced or probed; finiteness checks: reduced in the
+        hook, batched or probed (from what earlier steps taught about the module's tensor)."""
+        if mode not in (_FULL, _REDUCE):
+            return mode
+        if (topic, index) in self._clone:
+            return _CLONE if mode == _FULL else _REDUCE_NOW
+        if (topic, index) in self._probed:
+            return mode
+        return _PROBE if mode == _FULL else _REDUCE_PROBE
 
 
 def _capture(index: int, call: int, tensor: torch.Tensor, mode: int) -> Entry:
@@ -373,6 +498,14 @@ def _capture(index: int, call: int, tensor: torch.Tensor, mode: int) -> Entry:
     # a copy: the tensor changes in place later in a step, or (compiled) the graph keeps no
     # version counters to tell
     return (index, call, copy, -1, None)
+
+
+def _at_backward_end(callback: Callable[[], None]) -> None:
+    """Call ``callback`` when the running backward ends (as DDP does); where autograd's
+    engine does not take one, the step's end reduces what waits."""
+    engine = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
+    with contextlib.suppress(RuntimeError):
+        engine.queue_callback(callback)
 
 
 def _layer_gradient(number: int, index: int, call: int, grad: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ finite) and reads them only at a step that has a non-finite value."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ class Structure:
         self.learned = False
         self._handles: list[RemovableHandle] = []
         self._calls: dict[str, int] = {}
-        self._outputs: list[tuple[str, int | None, torch.Tensor]] = []
+        self._outputs: list[tuple[str, int | None, weakref.ref[torch.Tensor]]] = []
         self._input: int | None = None
         self._forwards = 0
 
@@ -91,16 +92,18 @@ class Structure:
                 where = _storage(inp)
                 # the latest module before this one whose output shares the input's storage
                 # (an in-place ReLU's output is its input's: the ReLU, not the layer before)
-                for other, storage, _ in reversed(self._outputs):
-                    if where is not None and storage == where:
+                for other, storage, alive in reversed(self._outputs):
+                    # a storage address is compared only while its output lives (a freed
+                    # one may be reused by a later tensor)
+                    if where is not None and storage == where and alive() is not None:
                         self.producer[key] = other
                         break
                 else:
                     if where is not None and where == self._input:
                         self.producer[key] = INPUT
             out = _first_tensor(output)
-            if out is not None:  # kept alive until finish(): no storage is reused meanwhile
-                self._outputs.append((key, _storage(out), out))
+            if out is not None:  # not kept alive: that forward's peak memory stays the same
+                self._outputs.append((key, _storage(out), weakref.ref(out)))
 
         return hook
 

@@ -37,6 +37,8 @@ TOPICS: tuple[str, ...] = tuple(
 _PARAM_GRADIENTS = ("weight_gradients", "bias_gradients")
 _PARAM_VALUES = ("weights", "biases")
 _FORWARD = ("input_data", "inputs", "activations", "network_output", "loss")
+#: The module topics of the forward and backward that the Exporter captures in its hooks.
+_FORWARD_MODULE_TOPICS = ("activations", "inputs", "layer_gradients")
 #: Topics read only at a non-finite step (on the CPU) when one of these is subscribed: the
 #: topics a non-finite value of theirs reaches.
 _COVERS: dict[str, set[str]] = {
@@ -313,6 +315,11 @@ class NonFinite(Subscriber):
         self._host: HostReader[_Step] = HostReader(wait=self.options.action == "raise")
         self._scaler: Any = None  # weakref.ref to an enabled GradScaler, or False: none
         self._learning = False
+
+    def finiteness_only(self, topic: str) -> bool:
+        """The forward topics (most of a step's bytes) as 0-d finiteness checks, reduced in
+        the Exporter's hooks: nothing of them is held until the step ends."""
+        return topic in _FORWARD_MODULE_TOPICS
 
     def output_topic(self, suffix: str | None = None) -> str:
         base = self.options.publish_as or self.name

@@ -1,0 +1,176 @@
+"""Forward topics captured as finiteness checks (``Subscriber.finiteness_only``): the hooks
+reduce each payload to a 0-d value, non-finite iff the tensor has a NaN or inf entry (its
+L2 norm on the CPU), and keep no tensor; each value is checked against the norm of a copy
+an independent hook took of the module's own tensor."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import ikkuna_core as ik
+
+TOPICS = ["activations", "inputs", "layer_gradients"]
+
+
+def _model() -> nn.Sequential:
+    """0 Linear -> 1 in-place ReLU (changes 0's output after its hook) -> 2 Linear."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 32), nn.ReLU(inplace=True), nn.Linear(32, 3))
+
+
+class _Copies:
+    """Copies of every module's output, input and output gradient, by (topic, key, step),
+    taken by hooks of the test's own (before the next module can change them)."""
+
+    def __init__(self, model: nn.Module, step: list[int]) -> None:
+        self.seen: dict[tuple[str, str, int], torch.Tensor] = {}
+        self.step = step
+        for name, module in model.named_children():
+            module.register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            step = self.step[0]
+            self.seen[("activations", name, step)] = output.detach().clone()
+            self.seen[("inputs", name, step)] = args[0].detach().clone()
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                self.seen[("layer_gradients", name, step)] = grad.detach().clone()
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+
+def _train(model: nn.Module, subscribers: list[ik.Subscriber], steps: int,
+           data: list[torch.Tensor] | None = None) -> _Copies:
+    step = [0]
+    exporter = ik.Exporter(model, bus=ik.MessageBus(on_error="raise"))
+    copies = _Copies(model, step)  # after the Exporter's hooks: they run after its own
+    for sub in subscribers:
+        exporter.subscribe(sub)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        step[0] = i
+        x = data[i] if data is not None else torch.randn(8, 6, generator=g)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    exporter.close()
+    return copies
+
+
+def test_finiteness_payloads_are_the_norms_of_the_modules_own_tensors(recorder_cls) -> None:
+    class Finite(recorder_cls):  # type: ignore[misc,valid-type]
+        name = "finite"
+
+        def finiteness_only(self, topic: str) -> bool:
+            return True
+
+    rec = Finite(topics=TOPICS)
+    # the model's output feeds no module: a hook of the test copies its value before the
+    # in-place ReLU (module 1) changes module 0's output; the capture must give the same
+    copies = _train(_model(), [rec], 5)
+    assert rec.seen
+    for (topic, key, step), got in rec.seen.items():
+        assert got is not None and got.dim() == 0 and got.dtype == torch.float32
+        assert key is not None
+        want = torch.linalg.vector_norm(copies.seen[(topic, key, step)].double())
+        assert float(got) == pytest.approx(float(want), rel=1e-5), (topic, key, step)
+    # every step (the first, which learns what changes in place, too), every module
+    assert {(t, s) for t, _, s in rec.seen} == {(t, s) for t in TOPICS for s in range(5)}
+    assert {k for _, k, _ in rec.seen} == {"0", "1", "2"}
+
+
+def test_a_non_finite_entry_gives_a_non_finite_value_and_a_large_one_does_not(
+    recorder_cls,
+) -> None:
+    class Finite(recorder_cls):  # type: ignore[misc,valid-type]
+        name = "finite"
+
+        def finiteness_only(self, topic: str) -> bool:
+            return True
+
+    rec = Finite(topics=["activations"])
+    g = torch.Generator().manual_seed(2)
+    data = [torch.randn(8, 6, generator=g) for _ in range(4)]
+    data[2] = data[2] * 1e15  # large, finite (its squares in float32 too)
+    data[3][3, 1] = math.nan  # the last step: the weights after it are not looked at
+    _train(_model(), [rec], 4, data)
+    assert all(math.isfinite(float(rec.seen[("activations", k, s)]))
+               for k in "012" for s in (0, 1, 2))
+    assert all(math.isnan(float(rec.seen[("activations", k, 3)])) for k in "012")
+
+
+def test_a_subscriber_that_wants_whole_tensors_gets_them_and_the_other_one_too(
+    recorder_cls,
+) -> None:
+    class Finite(recorder_cls):  # type: ignore[misc,valid-type]
+        name = "finite"
+
+        def finiteness_only(self, topic: str) -> bool:
+            return True
+
+    finite, whole = Finite(topics=["activations"]), recorder_cls(topics=["activations"])
+    copies = _train(_model(), [finite, whole], 3)
+    for rec in (finite, whole):
+        for (topic, key, step), got in rec.seen.items():
+            assert got is not None and key is not None
+            assert torch.equal(got, copies.seen[(topic, key, step)])
+
+
+def test_no_tensor_of_the_step_is_held_once_its_backward_ended() -> None:
+    """The hooks hold a payload only until the step's next batched reduction: when the
+    backward has ended, none of the step's activations, inputs or layer gradients is alive
+    (each is a weak reference of the test's own), although the step ends only at
+    ``optimizer.step()``; with whole tensors they are all held until then."""
+
+    class Finite(ik.Subscriber):
+        name = "finite"
+
+        def finiteness_only(self, topic: str) -> bool:
+            return True
+
+        def compute_step(self, step: ik.StepBundle) -> None:
+            pass
+
+    class Whole(Finite):  # the same, asking for whole tensors
+        def finiteness_only(self, topic: str) -> bool:
+            return False
+
+    def alive_bytes(finiteness: bool) -> int:
+        model = _model()
+        refs: list[weakref.ref[torch.Tensor]] = []
+
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            if module is not model[-1]:  # the model's output is the user's
+                refs.append(weakref.ref(output))
+            output.register_hook(lambda grad: refs.append(weakref.ref(grad)))
+
+        exporter = ik.Exporter(model, bus=ik.MessageBus(on_error="raise"))
+        for module in model:
+            module.register_forward_hook(hook)
+        exporter.subscribe((Finite if finiteness else Whole)(topics=TOPICS))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        held = []
+        for _ in range(4):
+            refs.clear()
+            opt.zero_grad()
+            loss = model(torch.randn(64, 6)).square().mean()
+            loss.backward()
+            del loss
+            held.append(sum(t.numel() * t.element_size() for r in refs
+                            if (t := r()) is not None))
+            opt.step()
+        exporter.close()
+        return max(held)
+
+    assert alive_bytes(finiteness=False) > 64 * 32 * 4  # the check can fail
+    assert alive_bytes(finiteness=True) == 0
