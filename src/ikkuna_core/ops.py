@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple, TypeVar
 
@@ -346,12 +347,13 @@ def histograms(
     limits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Histograms:
     """Histograms of the finite entries of every tensor, as one flat computation on their
-    device (no host synchronisation, no padding of rows to the longest). With no ``range``, each histogram's bins span its
-    tensor's finite min..max; with ``range``, values outside are not counted. With
-    ``max_samples``, a larger tensor is summarised by a fixed pseudo-random sample of that many
-    entries (:func:`sample`). Values are binned in their own precision (float32 for float32
-    and lower, float64 for float64): a value within rounding of a bin edge may fall in the
-    neighbouring bin from the one ``numpy.histogram`` (float64) would choose. ``limits``: each
+    device (no host synchronisation, no padding of rows to the longest). With no ``range``,
+    each histogram's bins span its tensor's finite min..max; with ``range``, values outside
+    are not counted. With ``max_samples``, a larger tensor is summarised by a fixed
+    pseudo-random sample of that many entries (:func:`sample`). Values are binned in their
+    own precision (float32 for float32 and lower, float64 for float64): a value within
+    rounding of a bin edge may fall in the neighbouring bin from the one ``numpy.histogram``
+    (float64) would choose. ``limits``: each
     tensor's (smallest, largest) finite value as two float64 vectors, used instead of its own
     (the shards of one tensor agree on them first, :func:`finite_extremes`, so that their
     counts sum to the whole tensor's); ``min``/``max`` then report them."""
@@ -421,13 +423,13 @@ def _binned(
     layout = _layout(lengths, bins, device)
     pieces = [x for row, pad in zip(flat, layout.pads, strict=True)
               for x in (row, pad) if x is not None]
-    data = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-    if data.dtype not in (torch.float32, torch.float64):  # half the traffic of float64
-        data = data.float()
+    data, buckets, as_inf, finite, index = _concatenated(pieces, layout.offsets.dtype)
     chunks = data.reshape(-1, _GRAIN)
     # the non-finite values as -inf: the largest finite value, then (in place) the buckets
-    buckets = torch.nan_to_num(chunks, nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
-    lo_all, hi_all, sums = _row_statistics(chunks, buckets, layout, n)
+    torch.nan_to_num(chunks, nan=-math.inf, posinf=-math.inf, neginf=-math.inf, out=buckets)
+    torch.nan_to_num(chunks, nan=math.inf, posinf=math.inf, neginf=math.inf, out=as_inf)
+    torch.nan_to_num(chunks, nan=0.0, posinf=0.0, neginf=0.0, out=finite)
+    lo_all, hi_all, sums = _row_statistics(buckets, as_inf, finite, layout, n)
     if limits is not None:  # agreed by the shards of each tensor (all may be empty)
         lo_all, hi_all = (x.to(device, torch.float64) for x in limits)
         empty = ~torch.isfinite(lo_all)
@@ -447,7 +449,7 @@ def _binned(
         inside = chunks.clamp(range[0], range[1]) == chunks  # False for NaN and +-inf
         buckets = torch.where(inside, buckets, (chunks - chunks).add_(bins))  # NaN: non-finite
     buckets.nan_to_num_(nan=bins + 1, posinf=bins + 1, neginf=bins + 1)
-    index = buckets.to(layout.offsets.dtype).add_(layout.offsets).view(-1)
+    index = index.copy_(buckets).add_(layout.offsets).view(-1)  # copy_ truncates, as .to
     counts = _bincount(index, n * (bins + 2)).view(n, bins + 2)
     nonfinite = counts[:, bins + 1] - layout.padding
     return Histograms(
@@ -463,14 +465,14 @@ def _binned(
 
 
 def _row_statistics(
-    chunks: torch.Tensor, as_minus_inf: torch.Tensor, layout: _Layout, n: int
+    as_minus_inf: torch.Tensor, as_inf: torch.Tensor, finite: torch.Tensor, layout: _Layout,
+    n: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each row's smallest and largest finite value (float64; 0 and 0 for a row without
     any) and its finite values' sum and sum of squares (``(n, 2)`` float64), from the
     chunks' own, gathered in a small (n, width) matrix: deterministic, and an overflow stays
-    in its row. ``as_minus_inf``: ``chunks`` with the non-finite values as -inf."""
-    as_inf = torch.nan_to_num(chunks, nan=math.inf, posinf=math.inf, neginf=math.inf)
-    finite = torch.nan_to_num(chunks, nan=0.0, posinf=0.0, neginf=0.0)
+    in its row. ``as_minus_inf``, ``as_inf``, ``finite``: the chunks with the non-finite
+    values as -inf, inf and 0."""
     per_chunk = torch.stack([as_minus_inf.amax(1), as_inf.amin(1), finite.sum(1),
                              torch.linalg.vecdot(finite, finite)], dim=1).double()
     per_row = layout.blank.clone().index_copy_(0, layout.positions, per_chunk)
@@ -479,6 +481,46 @@ def _row_statistics(
     empty = hi == -math.inf  # no finite value
     lo = per_row[:, :, 1].amin(1).masked_fill_(empty, 0.0)
     return lo, hi.masked_fill_(empty, 0.0), per_row[:, :, 2:].sum(1)
+
+
+_WORKSPACES: dict[tuple[torch.device, int], tuple[torch.Tensor, ...]] = {}
+
+
+def _concatenated(
+    pieces: list[torch.Tensor], index_dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """The concatenation of ``pieces`` (float32, or float64 for float64 data), and four
+    (chunks, _GRAIN) buffers for :func:`_binned`: three of its precision, one of
+    ``index_dtype``. The buffers (and the concatenation of float32 or float64 pieces) are
+    reused by the next call of this thread with as many entries: on the CPU, five fresh
+    buffers of the rows' size a step cost page faults. Nothing :func:`histograms` returns
+    aliases them."""
+    first = pieces[0]
+    dtype, device = first.dtype, first.device
+    own = len(pieces) > 1 and dtype in (torch.float32, torch.float64) \
+        and all(p.dtype == dtype for p in pieces)
+    data = None
+    if not own:
+        data = torch.cat(pieces) if len(pieces) > 1 else first
+        if data.dtype not in (torch.float32, torch.float64):  # half the traffic of float64
+            data = data.float()
+        dtype = data.dtype
+    numel = sum(p.numel() for p in pieces)
+    key = (device, threading.get_ident())
+    found = _WORKSPACES.get(key)
+    if found is None or found[0].numel() != numel or found[0].dtype != dtype \
+            or found[4].dtype != index_dtype:
+        if len(_WORKSPACES) > 16:
+            _WORKSPACES.clear()
+        shape = (numel // _GRAIN, _GRAIN)
+        found = _WORKSPACES[key] = (
+            torch.empty(numel, dtype=dtype, device=device),
+            *(torch.empty(shape, dtype=dtype, device=device) for _ in range(3)),
+            torch.empty(shape, dtype=index_dtype, device=device),
+        )
+    if data is None:
+        return (torch.cat(pieces, out=found[0]), *found[1:])
+    return (data, *found[1:])
 
 
 def _bincount(index: torch.Tensor, size: int) -> torch.Tensor:

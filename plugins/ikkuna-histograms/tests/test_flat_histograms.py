@@ -126,3 +126,21 @@ def test_a_sample_of_each_large_row() -> None:
         lo, hi = values.min(), values.max()
         assert hists.min[i] == lo and hists.max[i] == hi
         binned_like_numpy(hists.counts[i].numpy(), values, lo, hi, 8, np.float32)
+
+
+def test_a_call_leaves_the_results_of_the_previous_one_alone() -> None:
+    """The flat buffers are reused from call to call: the histograms of one call stay as they
+    were after a second call on other values of the same sizes."""
+    g = torch.Generator().manual_seed(11)
+    first = [torch.randn(300, generator=g), torch.randn(64, generator=g)]
+    second = [torch.randn(300, generator=g) * 5, torch.randn(64, generator=g) - 3]
+    hists = ops.histograms(first, bins=6)
+    kept = [field.clone() for field in hists]
+    again = ops.histograms(second, bins=6)
+    for field, copy in zip(hists, kept, strict=True):
+        assert torch.equal(field, copy)
+    assert not torch.equal(again.edges, hists.edges)
+    for i, t in enumerate(second):
+        values = t.double().numpy()
+        binned_like_numpy(again.counts[i].numpy(), values, values.min(), values.max(), 6,
+                          np.float32)
