@@ -151,7 +151,8 @@ class StepDriver:
             assert self.clock.last_ended is not None
             self._finish_step(self.clock.last_ended)
         if act & Act.OPEN:
-            self.capture.wanted = self.bus.wanted_topics(self.clock.global_step)
+            wanted = self.capture.wanted = self.bus.wanted_topics(self.clock.global_step)
+            self.hooks.sync_step(wanted)
 
     def _finish_step(self, ended: Ended) -> None:
         """Hand the step's payloads to the bus and forget them."""

@@ -136,6 +136,14 @@ class Hooks:
                 handle.remove()
                 del self._grad_handles[i]
 
+    def sync_step(self, topics: frozenset[str]) -> None:
+        """The watched modules' forward hooks only at a step whose ``topics`` need them: at
+        the others (a subscriber every 10th step, a budget's cadences) the modules run on
+        torch's fast path. Not for a compiled model, whose graphs would be specialised on
+        the hooks coming and going."""
+        if not self._relay.compiled:
+            self._toggle("forward", bool(topics & FORWARD_TOPICS), self._forward_hooks)
+
     def _forward_hooks(self) -> list[RemovableHandle]:
         on = self._on.module_forward
         return [m.register_forward_hook(functools.partial(on, i))

@@ -7,21 +7,25 @@ bookkeeping of the model's pre-hook (opening the step, asking what to capture) m
 out of the graph (``torch.compiler.disable``: one graph break at the forward's entry), or
 dynamo would specialise the graph on the step's counters and recompile it every step.
 
-A :class:`Relay` removes that break: the first time the model's hook runs inside a compiled
-wrapper's call, it finds the wrapper on the stack and gives it hooks of its own, which run
-eagerly before and after the compiled call and do the bookkeeping there; the model's hook
-then returns at once while the wrapper's call runs (a flag dynamo guards on: compiled once
-more, then never again). The model called directly, uncompiled, keeps its own hooks.
+A :class:`Relay` removes that break: when dynamo starts compiling inside a compiled
+wrapper's call of the model (its compile-start callback, which runs eagerly, before any
+tracing), the relay finds the wrapper on the stack, does that call's bookkeeping there and
+gives the wrapper hooks of its own, which run eagerly before and after every later compiled
+call; the model's hook returns at once while a wrapper's call runs (a flag dynamo guards
+on), so it traces to nothing. Should the callback not catch it, the model's hook adopts the
+wrapper the same way at the first break. The model called directly keeps its own hooks.
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 __all__ = ["Relay"]
@@ -40,16 +44,26 @@ class Relay:
         self._post: Callable[..., Any] | None = None
         self._wrappers: dict[int, list[RemovableHandle]] = {}
         self._tries = _TRIES
+        self._compiled_model = _is_compiled(model)
+        self._callback = _compile_start_callback(self)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the model is (or is inside) a ``torch.compile`` wrapper, or holds one."""
+        return self._compiled_model or bool(self._wrappers)
 
     def pre_hook(self, hook: Callable[..., Any]) -> Callable[..., Any]:
         """``hook(module, args, kwargs)`` as the model's forward pre-hook (with_kwargs)."""
         self._pre = hook
-        disabled = torch.compiler.disable(self._eager(hook))
+        eager = self._eager(hook)
+        disabled = torch.compiler.disable(eager)
 
         def on_model(module: nn.Module, args: Any, kwargs: Any) -> Any:
             if self.inside:
                 return None
-            return disabled(module, args, kwargs)
+            if torch.compiler.is_compiling():  # traced: keep the bookkeeping out of graphs
+                return disabled(module, args, kwargs)
+            return eager(module, args, kwargs)  # eager: no disabling wrapper to go through
 
         return on_model
 
@@ -61,7 +75,9 @@ class Relay:
         def on_model(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
             if self.inside:
                 return None
-            return disabled(module, args, kwargs, output)
+            if torch.compiler.is_compiling():
+                return disabled(module, args, kwargs, output)
+            return hook(module, args, kwargs, output)
 
         return on_model
 
@@ -70,7 +86,13 @@ class Relay:
         self._post = None
 
     def remove(self) -> None:
-        """Remove the hooks given to compiled wrappers."""
+        """Remove the hooks given to compiled wrappers, and the compile-start callback."""
+        if self._callback is not None:
+            from torch._dynamo.callback import callback_handler
+
+            if self._callback in callback_handler.start_callbacks:  # torch._dynamo.reset()
+                callback_handler.remove_start_callback(self._callback)  # clears them
+            self._callback = None
         for handles in self._wrappers.values():
             for h in handles:
                 h.remove()
@@ -85,9 +107,31 @@ class Relay:
 
         return run
 
-    def _adopt(self) -> None:
+    def compile_started(self) -> None:
+        """Dynamo starts compiling a frame: inside a wrapper's first call of the model, do
+        that call's bookkeeping now (the wrapper's hooks come too late for it) and adopt the
+        wrapper; the flag stays set until the next optimizer step begins."""
+        if self.inside or self._pre is None or not _in_compiled_wrapper():
+            return
+        found = _wrapper_on_stack(self.model, frames=True)
+        if found is None or id(found[0]) in self._wrappers:
+            return
+        wrapper, frame = found
+        self._adopt(wrapper)
+        self._pre(self.model, frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {}))
+        self.inside = True
+        handle: list[RemovableHandle] = []
+
+        def stepping(*_: Any) -> None:  # once: this call's wrapper hooks did not run
+            self.inside = False
+            handle.pop().remove()
+
+        handle.append(register_optimizer_step_pre_hook(stepping))
+
+    def _adopt(self, wrapper: nn.Module | None = None) -> None:
         """Give the compiled wrapper of the model now on the stack hooks of its own."""
-        wrapper = _wrapper_on_stack(self.model)
+        if wrapper is None:  # (not `or`: a wrapper's truth is its model's length)
+            wrapper = _wrapper_on_stack(self.model)
         if wrapper is None:
             self._tries -= 1
             return
@@ -110,22 +154,47 @@ class Relay:
             self._post(self.model, args, kwargs, output)
 
 
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper or holds one (a compiled block)."""
+    frame = sys.modules.get("torch._dynamo.eval_frame")
+    wrapper = getattr(frame, "OptimizedModule", None)
+    return wrapper is not None and any(isinstance(m, wrapper) for m in model.modules())
+
+
 def _in_compiled_wrapper() -> bool:
     """Whether a ``torch.compile`` wrapper's call is running (dynamo's own flag; no import)."""
     frame = sys.modules.get("torch._dynamo.eval_frame")
     return bool(getattr(frame, "_in_optimized_module", False))
 
 
-def _wrapper_on_stack(model: nn.Module) -> nn.Module | None:
-    """The ``OptimizedModule`` whose call of ``model`` is on the stack, if any."""
+def _wrapper_on_stack(model: nn.Module, frames: bool = False) -> Any:
+    """The ``OptimizedModule`` whose call of ``model`` is on the stack, if any (with
+    ``frames``: and the frame of its ``__call__``, whose locals hold the call's arguments)."""
     from torch._dynamo.eval_frame import OptimizedModule
 
     frame: Any = sys._getframe(1)
-    for _ in range(_DEPTH):
+    for _ in range(_DEPTH * 4 if frames else _DEPTH):
         if frame is None:
             return None
         owner = frame.f_locals.get("self")
         if isinstance(owner, OptimizedModule) and owner._orig_mod is model:
-            return owner
+            return (owner, frame) if frames else owner
         frame = frame.f_back
     return None
+
+
+def _compile_start_callback(relay: Relay) -> Callable[[Any], None] | None:
+    """Dynamo's compile-start callback for ``relay`` (held weakly: a model that is no longer
+    watched is not kept alive by it); None where torch has no such callbacks."""
+    try:
+        from torch._dynamo.callback import callback_handler
+    except ImportError:  # pragma: no cover - older torch
+        return None
+    ref = weakref.ref(relay)
+
+    def started(args: Any = None) -> None:
+        found = ref()
+        if found is not None:
+            found.compile_started()
+
+    return callback_handler.register_start_callback(started)
