@@ -289,6 +289,7 @@ class _Layout(NamedTuple):
     offsets: torch.Tensor  # (chunks, 1): each chunk's row's first bucket (int32 on the CPU)
     positions: torch.Tensor  # (chunks,) int64: each chunk's place in an (n, width) matrix
     width: int  # the most chunks of a row
+    entries: int  # of the concatenation, padding included
     blank: torch.Tensor  # (n * width, 4) float64 rows of (-inf, inf, 0, 0): no chunk
     ramp: torch.Tensor  # (bins + 1,) float64: 0, 1, ..., bins
 
@@ -329,6 +330,7 @@ def _layout(lengths: tuple[int, ...], bins: int, device: torch.device) -> _Layou
             offsets=(rows * (bins + 2))[:, None].to(index_dtype).to(device),
             positions=(rows * width + torch.arange(len(rows)) - starts).to(device),
             width=width,
+            entries=sum(padded),
             blank=torch.tensor([-math.inf, math.inf, 0.0, 0.0], dtype=torch.float64)
             .repeat(len(lengths) * width, 1).to(device),
             ramp=torch.arange(bins + 1, dtype=torch.float64).to(device),
@@ -423,7 +425,7 @@ def _binned(
     layout = _layout(lengths, bins, device)
     pieces = [x for row, pad in zip(flat, layout.pads, strict=True)
               for x in (row, pad) if x is not None]
-    data, buckets, as_inf, finite, index = _concatenated(pieces, layout.offsets.dtype)
+    data, buckets, as_inf, finite, index = _concatenated(pieces, layout)
     chunks = data.reshape(-1, _GRAIN)
     # the non-finite values as -inf: the largest finite value, then (in place) the buckets
     torch.nan_to_num(chunks, nan=-math.inf, posinf=-math.inf, neginf=-math.inf, out=buckets)
@@ -486,12 +488,10 @@ def _row_statistics(
 _WORKSPACES: dict[tuple[torch.device, int], tuple[torch.Tensor, ...]] = {}
 
 
-def _concatenated(
-    pieces: list[torch.Tensor], index_dtype: torch.dtype
-) -> tuple[torch.Tensor, ...]:
+def _concatenated(pieces: list[torch.Tensor], layout: _Layout) -> tuple[torch.Tensor, ...]:
     """The concatenation of ``pieces`` (float32, or float64 for float64 data), and four
-    (chunks, _GRAIN) buffers for :func:`_binned`: three of its precision, one of
-    ``index_dtype``. The buffers (and the concatenation of float32 or float64 pieces) are
+    (chunks, _GRAIN) buffers for :func:`_binned`: three of its precision, one of the
+    layout's index type. The buffers (and the concatenation of float32 or float64 pieces) are
     reused by the next call of this thread with as many entries: on the CPU, five fresh
     buffers of the rows' size a step cost page faults. Nothing :func:`histograms` returns
     aliases them."""
@@ -505,7 +505,7 @@ def _concatenated(
         if data.dtype not in (torch.float32, torch.float64):  # half the traffic of float64
             data = data.float()
         dtype = data.dtype
-    numel = sum(p.numel() for p in pieces)
+    numel, index_dtype = layout.entries, layout.offsets.dtype
     key = (device, threading.get_ident())
     found = _WORKSPACES.get(key)
     if found is None or found[0].numel() != numel or found[0].dtype != dtype \
