@@ -13,8 +13,9 @@ synchronisation), one value (or one histogram row) per input tensor, in input or
   shards, and the means and variances of their merge
 - :func:`finite_extremes` — smallest and largest finite values (a histogram's edges, agreed
   across shards before the counts)
-- :func:`histograms` — histograms of many tensors as one segmented computation (per-row
-  min/max, one scatter), large tensors summarised by a fixed pseudo-random sample
+- :func:`histograms` — histograms of many tensors as one flat computation (per-row
+  min/max, one affine map to buckets, one bincount), large tensors summarised by a fixed
+  pseudo-random sample
 - :func:`sample` / :func:`sample_index` — that sample
 - :func:`group_by` — indices of tensors sharing a property (e.g. shape, for batched matmuls)
 - :func:`constant` — a small host-made tensor on a device, made once (no per-step copy)
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple, TypeVar
 
@@ -288,23 +290,74 @@ def sample(tensor: torch.Tensor, k: int) -> torch.Tensor:
     return torch.take(tensor, sample_index(tensor.numel(), k, tensor.device))
 
 
-_LAYOUT_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+#: The rows of :func:`histograms` are padded with NaN (never counted) to a multiple of this
+#: many entries: their concatenation is then a matrix of chunks, each within one row, so
+#: reductions along its rows and a per-chunk broadcast do per-row work without the padding of
+#: every row to the longest one.
+_GRAIN = 64
 
 
-def _layout(lengths: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:
-    """Positions of a concatenation of rows of ``lengths`` in an (n, width) matrix, cached
-    per layout."""
-    key = (lengths, device)
-    positions = _LAYOUT_CACHE.get(key)
-    if positions is None:
-        sizes = torch.tensor(lengths)
-        rows = torch.repeat_interleave(torch.arange(len(lengths)), sizes)
-        starts = torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
-        positions = (rows * width + torch.arange(int(sizes.sum())) - starts).to(device)
-        if len(_LAYOUT_CACHE) > 256:
-            _LAYOUT_CACHE.clear()
-        _LAYOUT_CACHE[key] = positions
-    return positions
+class _Layout(NamedTuple):
+    """Where rows of given lengths lie in the flat concatenation of :func:`_binned`, and the
+    bookkeeping vectors that go with it, made once per lengths, bins and device."""
+
+    pads: tuple[torch.Tensor | None, ...]  # the NaN entries after each row (None: none)
+    padding: torch.Tensor  # (n,) int64: how many
+    numel: torch.Tensor  # (n,) int64: each row's length
+    chunk_rows: torch.Tensor  # (chunks,) int64: the row of each chunk
+    offsets: torch.Tensor  # (chunks, 1): each chunk's row's first bucket (int32 on the CPU)
+    positions: torch.Tensor  # (chunks,) int64: each chunk's place in an (n, width) matrix
+    width: int  # the most chunks of a row
+    entries: int  # of the concatenation, padding included
+    blank: torch.Tensor  # (n * width, 4) float64 rows of (-inf, inf, 0, 0): no chunk
+    ramp: torch.Tensor  # (bins + 1,) float64: 0, 1, ..., bins
+
+
+_LAYOUTS: dict[tuple[tuple[int, ...], int, torch.device], _Layout] = {}
+_PADS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _pad(size: int, device: torch.device) -> torch.Tensor:
+    """``size`` NaNs (float32: concatenated with any row, the row's values keep their
+    precision), made once per size and device."""
+    found = _PADS.get((size, device))
+    if found is None:
+        found = _PADS[(size, device)] = torch.full((size,), math.nan, device=device)
+    return found
+
+
+def _layout(lengths: tuple[int, ...], bins: int, device: torch.device) -> _Layout:
+    """The :class:`_Layout` of rows of ``lengths``; every row, an empty one too, has at least
+    one chunk."""
+    key = (lengths, bins, device)
+    found = _LAYOUTS.get(key)
+    if found is None:
+        padded = [max(-(-k // _GRAIN), 1) * _GRAIN for k in lengths]
+        chunks = torch.tensor([p // _GRAIN for p in padded])
+        rows = torch.repeat_interleave(torch.arange(len(lengths)), chunks)
+        starts = torch.repeat_interleave(chunks.cumsum(0) - chunks, chunks)
+        width = int(chunks.max())
+        # bincount on the CPU (fastest there, with int32); scatter_add_ elsewhere (bincount
+        # reads its input's maximum back to the host on CUDA)
+        index_dtype = torch.int32 if device.type == "cpu" else torch.int64
+        found = _Layout(
+            pads=tuple(_pad(p - k, device) if p > k else None
+                       for p, k in zip(padded, lengths, strict=True)),
+            padding=torch.tensor([p - k for p, k in zip(padded, lengths, strict=True)]).to(device),
+            numel=torch.tensor(lengths, dtype=torch.int64).to(device),
+            chunk_rows=rows.to(device),
+            offsets=(rows * (bins + 2))[:, None].to(index_dtype).to(device),
+            positions=(rows * width + torch.arange(len(rows)) - starts).to(device),
+            width=width,
+            entries=sum(padded),
+            blank=torch.tensor([-math.inf, math.inf, 0.0, 0.0], dtype=torch.float64)
+            .repeat(len(lengths) * width, 1).to(device),
+            ramp=torch.arange(bins + 1, dtype=torch.float64).to(device),
+        )
+        if len(_LAYOUTS) > 256:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = found
+    return found
 
 
 def histograms(
@@ -314,13 +367,14 @@ def histograms(
     max_samples: int | None = None,
     limits: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Histograms:
-    """Histograms of the finite entries of every tensor, as one segmented computation on their
-    device (no host synchronisation). With no ``range``, each histogram's bins span its
-    tensor's finite min..max; with ``range``, values outside are not counted. With
-    ``max_samples``, a larger tensor is summarised by a fixed pseudo-random sample of that many
-    entries (:func:`sample`). Values are binned in their own precision (float32 for float32
-    and lower, float64 for float64): a value within rounding of a bin edge may fall in the
-    neighbouring bin from the one ``numpy.histogram`` (float64) would choose. ``limits``: each
+    """Histograms of the finite entries of every tensor, as one flat computation on their
+    device (no host synchronisation, no padding of rows to the longest). With no ``range``,
+    each histogram's bins span its tensor's finite min..max; with ``range``, values outside
+    are not counted. With ``max_samples``, a larger tensor is summarised by a fixed
+    pseudo-random sample of that many entries (:func:`sample`). Values are binned in their
+    own precision (float32 for float32 and lower, float64 for float64): a value within
+    rounding of a bin edge may fall in the neighbouring bin from the one ``numpy.histogram``
+    (float64) would choose. ``limits``: each
     tensor's (smallest, largest) finite value as two float64 vectors, used instead of its own
     (the shards of one tensor agree on them first, :func:`finite_extremes`, so that their
     counts sum to the whole tensor's); ``min``/``max`` then report them."""
@@ -342,7 +396,7 @@ def histograms(
         for t in tensors
     ]
     lengths = tuple(t.numel() for t in flat)
-    return _histograms_of_rows(_rows(flat, lengths), lengths, bins, range, limits)
+    return _binned(flat, lengths, bins, range, limits)
 
 
 def finite_extremes(
@@ -376,69 +430,125 @@ def _check_histograms(
         raise ValueError("histograms needs at least one tensor")
 
 
-def _rows(flat: list[torch.Tensor], lengths: tuple[int, ...]) -> torch.Tensor:
-    """The 1-d tensors ``flat`` as the rows of one matrix, in float32 (float64 for float64
-    data: half the memory traffic of float64 otherwise); shorter rows padded with NaN,
-    which is never counted."""
-    n, width = len(flat), max(max(lengths), 1)
-    device = flat[0].device
-    data = torch.cat(flat)
-    dtype = torch.float64 if data.dtype == torch.float64 else torch.float32
-    if data.dtype != dtype:
-        data = data.to(dtype)
-    if all(k == width for k in lengths):
-        return data.view(n, width)
-    x = torch.full((n * width,), math.nan, dtype=dtype, device=device)
-    x.index_copy_(0, _layout(lengths, width, device), data)
-    return x.view(n, width)
-
-
-def _histograms_of_rows(
-    x: torch.Tensor, lengths: tuple[int, ...], bins: int,
+def _binned(
+    flat: list[torch.Tensor], lengths: tuple[int, ...], bins: int,
     range: tuple[float, float] | None,  # noqa: A002 - mirrors numpy/torch naming
-    limits: tuple[torch.Tensor, torch.Tensor] | None = None,
+    limits: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> Histograms:
-    """Histograms of each row's finite entries (see :func:`histograms`)."""
-    n, dtype, device = x.shape[0], x.dtype, x.device
-    finite = _finite(x)
-    xf = torch.where(finite, x, 0.0)
-    nfin = torch.count_nonzero(finite, dim=1)
-    lo_all = torch.where(finite, x, math.inf).amin(1).double()
-    hi_all = torch.where(finite, x, -math.inf).amax(1).double()
+    """Histograms of the finite entries of each 1-d tensor of ``flat`` (see
+    :func:`histograms`): all rows in one flat concatenation (each padded with NaN to whole
+    chunks of :data:`_GRAIN`), each entry's bucket ``row * (bins + 2) + bin`` found by one
+    affine map and counted by one ``bincount``. Per row: ``bins`` bins, then one bucket for
+    finite values outside ``range`` and one for non-finite values (padding included)."""
+    n, device = len(flat), flat[0].device
+    layout = _layout(lengths, bins, device)
+    pieces = [x for row, pad in zip(flat, layout.pads, strict=True)
+              for x in (row, pad) if x is not None]
+    data, buckets, as_inf, finite, index = _concatenated(pieces, layout)
+    chunks = data.reshape(-1, _GRAIN)
+    # the non-finite values as -inf: the largest finite value, then (in place) the buckets
+    torch.nan_to_num(chunks, nan=-math.inf, posinf=-math.inf, neginf=-math.inf, out=buckets)
+    torch.nan_to_num(chunks, nan=math.inf, posinf=math.inf, neginf=math.inf, out=as_inf)
+    torch.nan_to_num(chunks, nan=0.0, posinf=0.0, neginf=0.0, out=finite)
+    lo_all, hi_all, sums = _row_statistics(buckets, as_inf, finite, layout, n)
     if limits is not None:  # agreed by the shards of each tensor (all may be empty)
-        lo_all, hi_all = limits[0].to(device, torch.float64), limits[1].to(device, torch.float64)
+        lo_all, hi_all = (x.to(device, torch.float64) for x in limits)
         empty = ~torch.isfinite(lo_all)
-    else:
-        empty = nfin == 0
-    lo_all = torch.where(empty, 0.0, lo_all)
-    hi_all = torch.where(empty, 0.0, hi_all)
+        lo_all, hi_all = lo_all.masked_fill(empty, 0.0), hi_all.masked_fill(empty, 0.0)
     if range is not None:
-        lo = torch.full((n,), float(range[0]), dtype=torch.float64, device=device)
-        hi = torch.full((n,), float(range[1]), dtype=torch.float64, device=device)
-        inside = finite & (xf >= range[0]) & (xf <= range[1])
+        lo = constant([float(range[0])] * n, torch.float64, device)
+        hi = constant([float(range[1])] * n, torch.float64, device)
     else:
         lo = lo_all
         hi = torch.where(hi_all > lo_all, hi_all, lo_all + 1e-12 + lo_all.abs() * 1e-6)
-        inside = finite
-    scale = bins / (hi - lo)
-    idx = ((xf - lo.to(dtype)[:, None]) * scale.to(dtype)[:, None]).to(torch.int64)
-    # values outside the bins (non-finite, padding, out of range) go to an extra last column
-    idx = torch.where(inside, idx.clamp_(0, bins - 1), bins)
-    counts = torch.zeros(n, bins + 1, dtype=torch.int64, device=device)
-    counts.scatter_add_(1, idx, _ones(idx))
-    step = (hi - lo) / bins
-    edges = lo[:, None] + step[:, None] * torch.arange(bins + 1, dtype=torch.float64, device=device)
-    numel = constant(lengths, torch.int64, device)
+    width = hi - lo
+    # a scale beyond the binned precision's range would make 0 * inf = NaN of the minimum
+    scale = (bins / width).clamp_max_(torch.finfo(data.dtype).max)
+    per_chunk = torch.stack([lo, scale], dim=1).to(data.dtype).index_select(0, layout.chunk_rows)
+    buckets.sub_(per_chunk[:, :1]).mul_(per_chunk[:, 1:]).clamp_max_(bins - 1)
+    if range is not None:  # the range's ends compared in the values' precision, as numpy's
+        inside = chunks.clamp(range[0], range[1]) == chunks  # False for NaN and +-inf
+        buckets = torch.where(inside, buckets, (chunks - chunks).add_(bins))  # NaN: non-finite
+    buckets.nan_to_num_(nan=bins + 1, posinf=bins + 1, neginf=bins + 1)
+    index = index.copy_(buckets).add_(layout.offsets).view(-1)  # copy_ truncates, as .to
+    counts = _bincount(index, n * (bins + 2)).view(n, bins + 2)
+    nonfinite = counts[:, bins + 1] - layout.padding
     return Histograms(
         counts=counts[:, :bins],
-        edges=edges,
+        edges=lo[:, None] + (width / bins)[:, None] * layout.ramp,
         min=lo_all,
         max=hi_all,
-        num=nfin,
-        sum=xf.sum(1).double(),
-        sum_squares=torch.linalg.vecdot(xf, xf).double(),
-        nonfinite=numel - nfin,
+        num=layout.numel - nonfinite,
+        sum=sums[:, 0],
+        sum_squares=sums[:, 1],
+        nonfinite=nonfinite,
     )
+
+
+def _row_statistics(
+    as_minus_inf: torch.Tensor, as_inf: torch.Tensor, finite: torch.Tensor, layout: _Layout,
+    n: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's smallest and largest finite value (float64; 0 and 0 for a row without
+    any) and its finite values' sum and sum of squares (``(n, 2)`` float64), from the
+    chunks' own, gathered in a small (n, width) matrix: deterministic, and an overflow stays
+    in its row. ``as_minus_inf``, ``as_inf``, ``finite``: the chunks with the non-finite
+    values as -inf, inf and 0."""
+    per_chunk = torch.stack([as_minus_inf.amax(1), as_inf.amin(1), finite.sum(1),
+                             torch.linalg.vecdot(finite, finite)], dim=1).double()
+    per_row = layout.blank.clone().index_copy_(0, layout.positions, per_chunk)
+    per_row = per_row.view(n, layout.width, 4)
+    hi = per_row[:, :, 0].amax(1)
+    empty = hi == -math.inf  # no finite value
+    lo = per_row[:, :, 1].amin(1).masked_fill_(empty, 0.0)
+    return lo, hi.masked_fill_(empty, 0.0), per_row[:, :, 2:].sum(1)
+
+
+_WORKSPACES: dict[tuple[torch.device, int], tuple[torch.Tensor, ...]] = {}
+
+
+def _concatenated(pieces: list[torch.Tensor], layout: _Layout) -> tuple[torch.Tensor, ...]:
+    """The concatenation of ``pieces`` (float32, or float64 for float64 data), and four
+    (chunks, _GRAIN) buffers for :func:`_binned`: three of its precision, one of the
+    layout's index type. The buffers (and the concatenation of float32 or float64 pieces) are
+    reused by the next call of this thread with as many entries: on the CPU, five fresh
+    buffers of the rows' size a step cost page faults. Nothing :func:`histograms` returns
+    aliases them."""
+    first = pieces[0]
+    dtype, device = first.dtype, first.device
+    own = len(pieces) > 1 and dtype in (torch.float32, torch.float64) \
+        and all(p.dtype == dtype for p in pieces)
+    data = None
+    if not own:
+        data = torch.cat(pieces) if len(pieces) > 1 else first
+        if data.dtype not in (torch.float32, torch.float64):  # half the traffic of float64
+            data = data.float()
+        dtype = data.dtype
+    numel, index_dtype = layout.entries, layout.offsets.dtype
+    key = (device, threading.get_ident())
+    found = _WORKSPACES.get(key)
+    if found is None or found[0].numel() != numel or found[0].dtype != dtype \
+            or found[4].dtype != index_dtype:
+        if len(_WORKSPACES) > 16:
+            _WORKSPACES.clear()
+        shape = (numel // _GRAIN, _GRAIN)
+        found = _WORKSPACES[key] = (
+            torch.empty(numel, dtype=dtype, device=device),
+            *(torch.empty(shape, dtype=dtype, device=device) for _ in range(3)),
+            torch.empty(shape, dtype=index_dtype, device=device),
+        )
+    if data is None:
+        return (torch.cat(pieces, out=found[0]), *found[1:])
+    return (data, *found[1:])
+
+
+def _bincount(index: torch.Tensor, size: int) -> torch.Tensor:
+    """How often each of ``0 .. size - 1`` occurs in ``index`` (int64), without a host
+    synchronisation."""
+    if index.device.type == "cpu":
+        return torch.bincount(index, minlength=size)
+    counts = torch.zeros(size, dtype=torch.int64, device=index.device)
+    return counts.scatter_add_(0, index, _ones(index))
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

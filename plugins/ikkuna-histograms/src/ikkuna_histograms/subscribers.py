@@ -1,7 +1,7 @@
 """The subscribers of the ``histograms`` plugin.
 
 Each subscriber works on a whole step at once: every module's histogram of a topic is one
-segmented computation on the payloads' device (:func:`ikkuna_core.ops.histograms`); only the
+flat computation on the payloads' device (:func:`ikkuna_core.ops.histograms`); only the
 bin counts, the edges and a few statistics ever reach the host, when the backends flush.
 Nothing here synchronises with the host.
 """
@@ -77,7 +77,7 @@ class Histogram(Subscriber):
         return self.options.max_samples or None
 
     def compute_step(self, step: StepBundle) -> None:
-        # every topic's tensors in one segmented computation, then one message per topic
+        # every topic's tensors in one flat computation, then one message per topic
         tensors = [step[topic].tensors() for topic in step.topics]
         flat = [t for group in tensors for t in group]
         sizes = [len(group) for group in tensors]
