@@ -317,7 +317,7 @@ class SpectralNorm(Subscriber):
     """
 
     name = "spectral_norm"
-    ddp_shareable = True  # one result per key (its iterated vectors kept where computed): DDP ranks split the keys
+    ddp_shareable = True  # one result per key (vectors kept where computed): ranks split keys
     Options = SpectralNormOptions
     default_topics: ClassVar[tuple[str, ...]] = ("weights",)
     sharded = "gather"  # the whole matrix: sharded weights are gathered at its steps
