@@ -57,6 +57,25 @@ def _records(backend: MemoryBackend) -> dict[str, Any]:
                       for h in backend.histograms}}
 
 
+def _trained(
+    watched: nn.Module, config: dict[str, Any], batch: Any, steps: int
+) -> tuple[ik.Exporter, MemoryBackend, list[str]]:
+    """``watched`` watched with ``config``, trained ``steps`` steps on ``batch(step)``: its
+    exporter, what an in-memory backend received, and what was warned."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        exporter = ik.watch(watched, config=config)
+        backend = MemoryBackend()
+        exporter.bus.attach_backend(backend)
+        opt = torch.optim.SGD(watched.parameters(), lr=0.1)
+        for step in range(steps):
+            opt.zero_grad()
+            watched(batch(step)).pow(2).mean().backward()
+            opt.step()
+        exporter.close()
+    return exporter, backend, [str(w.message) for w in said]
+
+
 def parameters(rank: int, share: bool) -> dict[str, Any]:
     from ikkuna_histograms import Histogram
     from ikkuna_norms import Norm
@@ -110,20 +129,13 @@ def forward(rank: int, out: Path) -> dict[str, Any]:
     for which, watched in (("merged", model), ("twin", twin)):
         config = {"plugins": ["norms", "histograms"], "log_dir": str(out / f"{which}{rank}"),
                   "ddp_forward": "merge", "on_error": "raise", "subscribers": subscribers}
-        with warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always")
-            exporter = ik.watch(watched, config=config)
-            backend = MemoryBackend()
-            exporter.bus.attach_backend(backend)
-            opt = torch.optim.SGD(watched.parameters(), lr=0.1)
-            for step in range(3):
-                x = (_batch(step, rank) if which == "merged"
-                     else torch.cat([_batch(step, 0), _batch(step, 1)]))
-                opt.zero_grad()
-                watched(x).pow(2).mean().backward()
-                opt.step()
-            exporter.close()
-        results[which] = {**_records(backend), "warnings": [str(w.message) for w in said]}
+
+        def batch(step: int, which: str = which) -> torch.Tensor:
+            return (_batch(step, rank) if which == "merged"
+                    else torch.cat([_batch(step, 0), _batch(step, 1)]))
+
+        _, backend, said = _trained(watched, config, batch, steps=3)
+        results[which] = {**_records(backend), "warnings": said}
     return results
 
 
@@ -162,20 +174,10 @@ def budgeted(rank: int, out: Path) -> dict[str, Any]:
     model = DistributedDataParallel(_net())
     config = {"plugins": ["norms"], "log_dir": str(out / f"budget{rank}"), "budget": 1e-6,
               "subscribers": [{"name": "norm", "topics": ["weights", "weight_gradients"]}]}
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        exporter = ik.watch(model, config=config)
-        backend = MemoryBackend()
-        exporter.bus.attach_backend(backend)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        for step in range(20):
-            opt.zero_grad()
-            model(_batch(step, rank)).pow(2).mean().backward()
-            opt.step()
-        exporter.close()
+    exporter, backend, said = _trained(model, config, lambda step: _batch(step, rank), steps=20)
     steps = sorted({r.step for r in backend.scalars if r.tag.startswith("norm/")})
     return {"steps": steps, "cadences": [s.subsample for s in exporter.bus.subscriptions],
-            "warnings": [str(w.message) for w in said]}
+            "warnings": said}
 
 
 if __name__ == "__main__":
