@@ -137,7 +137,8 @@ class DDPShare:
         self._pieces.extend((index, m) for m in messages)
         return True
 
-    def end(self, keys: Sequence[str | None], put: Callable[[Message], None]) -> None:
+    def end(self, payloads: Mapping[str, TopicPayloads], put: Callable[[Message], None]
+            ) -> None:
         """Exchange the held results (if a subscription shared at this step) and ``put``
         every rank's, merged per subscription and topic, keys in the step's order. A
         subscriber that failed on some rank is disabled on every rank (so all ranks go on
@@ -148,6 +149,7 @@ class DDPShare:
         failed = [i for i in self._taking.values() if not everyone[i].subscriber.enabled]
         self._taking = {}
         pieces, self._pieces = self._pieces, []
+        keys = list(dict.fromkeys(k for p in payloads.values() for k in p.keys))
         topics = sorted(self.bus.topics)  # the derived ones too: the same table on every rank
         merged, failures = self.exchange(pieces, failed, keys, topics)
         for _, message in merged:

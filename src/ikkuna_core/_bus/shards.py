@@ -189,8 +189,7 @@ class Merges:
     def end(self, payloads: dict[str, TopicPayloads], put: Callable[[Any], None]) -> None:
         """The step's delivery ends: under DDP the shared results exchanged and ``put``."""
         if self.ddp is not None:
-            keys = list(dict.fromkeys(k for p in payloads.values() for k in p.keys))
-            self.ddp.end(keys, put)
+            self.ddp.end(payloads, put)
         self.view = None
         self.pending.clear()
 
