@@ -174,3 +174,58 @@ def test_no_tensor_of_the_step_is_held_once_its_backward_ended() -> None:
 
     assert alive_bytes(finiteness=False) > 64 * 32 * 4  # the check can fail
     assert alive_bytes(finiteness=True) == 0
+
+
+def test_a_tensor_is_reduced_once_in_a_step_whatever_topics_and_modules_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A module's input is the previous module's output: with a reduction after every
+    payload (the budget at one byte), each tensor is still read once per step — the bytes
+    the finiteness checks read equal those of the step's distinct tensors, counted by the
+    test's own hooks (the model's input, each module's output, each output gradient)."""
+    from ikkuna_core import ops
+    from ikkuna_core._exporter import capture
+
+    monkeypatch.setattr(capture, "_MIN_UNREDUCED_BYTES", 1)
+    monkeypatch.setattr(capture, "_REDUCTION_SHARE", 10**9)
+    read = [0]
+    finiteness = ops.finiteness
+
+    def counted(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        read[0] += sum(t.numel() * t.element_size() for t in tensors)
+        return finiteness(tensors)
+
+    monkeypatch.setattr(ops, "finiteness", counted)
+
+    class Finite(ik.Subscriber):
+        name = "finite"
+
+        def finiteness_only(self, topic: str) -> bool:
+            return True
+
+        def compute_step(self, step: ik.StepBundle) -> None:
+            self.keys = {t: len(step[t].keys) for t in step.topics}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh())
+    distinct = [0]
+
+    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        distinct[0] += 2 * output.numel() * output.element_size()  # the output, its gradient
+
+    exporter = ik.Exporter(model, bus=ik.MessageBus(on_error="raise"))
+    for module in model:
+        module.register_forward_hook(hook)
+    sub = Finite(topics=TOPICS)
+    exporter.subscribe(sub)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):
+        read[0] = distinct[0] = 0
+        x = torch.randn(8, 6)
+        distinct[0] += x.numel() * x.element_size()
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+        assert read[0] == distinct[0]
+    exporter.close()
+    assert sub.keys == {t: 4 for t in TOPICS}  # every module's payload of each topic

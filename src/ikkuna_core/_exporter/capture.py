@@ -151,20 +151,38 @@ class Reduction:
     """The payloads of a step that only need a finiteness check, waiting to be reduced
     together (one fused kernel), and the bytes reduced so far in the step."""
 
-    __slots__ = ("bytes", "done", "held", "waiting")
+    __slots__ = ("bytes", "done", "held", "known", "waiting")
 
     def __init__(self) -> None:
         self.waiting: list[Unreduced] = []
         self.held: set[int] = set()  # the ids of the tensors waiting
         self.bytes = 0  # theirs
         self.done = 0
+        #: the tensors reduced so far in the step, by id: (a weak reference, the version
+        #: reduced, the value). A module's input is the previous one's output, a container's
+        #: output its last child's: each is read once, not once per topic and module.
+        self.known: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
 
     def add(self, entries: list[Entry], topic: str, index: int, call: int,
             tensor: torch.Tensor, value: torch.Tensor | None) -> None:
-        self.waiting.append((entries, topic, index, call, tensor, tensor._version, value))
+        version = tensor._version
+        if value is None:
+            value = self.known_value(tensor)
+        else:
+            self.known[id(tensor)] = (weakref.ref(tensor), version, value)
+        self.waiting.append((entries, topic, index, call, tensor, version, value))
+        if value is not None:
+            return
         if id(tensor) not in self.held:  # a module's input is often the previous one's output
             self.held.add(id(tensor))
             self.bytes += tensor.numel() * tensor.element_size()
+
+    def known_value(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The tensor's value if it was reduced earlier in the step and is unchanged since."""
+        seen = self.known.get(id(tensor))
+        if seen is not None and seen[1] == tensor._version and seen[0]() is tensor:
+            return seen[2]
+        return None
 
     def run(self, learn: Callable[[str, int, bool], None]) -> None:
         """Reduce the waiting tensors (each once), append the results to their lists and
@@ -184,6 +202,9 @@ class Reduction:
                 todo.append(tensor)
         with torch.no_grad():
             values = ops.finiteness(todo)
+        known = self.known
+        for tensor, value in zip(todo, values, strict=True):
+            known[id(tensor)] = (weakref.ref(tensor), tensor._version, value)
         for entries, topic, index, call, tensor, version, value in waiting:
             changed = tensor._version != version
             if value is not None or changed:
@@ -371,8 +392,8 @@ class Capture:
         reduction = stash.reduction
         if reduction.bytes >= self._budget:
             reduction.run(self._learn)
-        value = None
-        if mode == _REDUCE_PROBE:
+        value = reduction.known_value(tensor)
+        if value is None and mode == _REDUCE_PROBE:
             with torch.no_grad():
                 value = ops.finiteness([tensor])[0]
         reduction.add(entries, topic, index, call, tensor, value)
