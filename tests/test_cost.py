@@ -288,3 +288,56 @@ def test_measure_plan_tables_each_subscribers_cost_ops_and_cadence() -> None:
         ops.norms(grads)
     assert norm.ops >= len(counted)
     exporter.close()
+
+
+def test_the_budget_leaves_subscribers_what_the_exporters_own_cost_leaves(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Exporter takes 1 ms (10 % of the 10 ms step) at the end of every step, a
+    subscriber 2 ms per run: with a budget of 20 % it may take only the 10 % left, so it runs
+    every 4th step (its 2 ms plus the Exporter's 1 ms at its steps, 30 % a run: 7.5 % on
+    average; every 2nd step would be 15 %), and the whole of watching, measured, stays
+    within the budget. Without the Exporter's share counted it ran every 2nd step: 25 %."""
+    bus, backend = _bus(0.2)
+    meter = bus.cost
+    end = meter.end
+
+    def exporter_end() -> None:
+        clock.now += 0.001  # the Exporter's own work ending the step
+        end()
+
+    monkeypatch.setattr(meter, "end", exporter_end)
+    a = bus.register_subscriber(Costly(clock, [0.002]))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        _run(bus, clock, range(400))
+    bus.close()
+    assert bus.subscriptions[0].subsample == 4
+    assert meter.fixed_share(meter.plain_seconds or 0) == pytest.approx(0.10)
+    changes = [str(w.message) for w in said if w.category is CadenceChange]
+    assert changes[-1].endswith("the Exporter's own 10.0% at every step leaves 10.0%")
+    assert a.ran[-3:] == [388, 392, 396]
+    total = float(bus.cost.summary()[-1].split()[1].rstrip("%")) / 100
+    assert total <= 0.2  # watching as a whole, as measured
+    assert [v for _, v in _series(backend, "ikkuna/cadence/costly")] == [2.0, 4.0]
+
+
+def test_a_fixed_cost_above_the_budget_is_said_and_subscribers_keep_a_quarter(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bus, _ = _bus(0.02)
+    meter = bus.cost
+    end = meter.end
+
+    def exporter_end() -> None:
+        clock.now += 0.0003  # 3 % of the step at every step: more than the budget
+        end()
+
+    monkeypatch.setattr(meter, "end", exporter_end)
+    bus.register_subscriber(Costly(clock, [0.00005]))  # 0.5 % a run, 3.5 % with the Exporter's
+    with pytest.warns(RuntimeWarning, match=r"own cost at every step \(its hooks and the end "
+                      r"of each step\) is 3\.0% of the step as measured, which leaves "
+                      r"less than 25% of the budget of 2\.0%"):
+        _run(bus, clock, range(400))
+    bus.close()
+    assert bus.subscriptions[0].subsample == 8  # 3.5 % / 8 < 0.5 %, a quarter of 2 %

@@ -27,7 +27,10 @@ With a budget (``budget = 0.02`` in the ``[ikkuna]`` table) the meter re-decides
 subscriber's cadence every :data:`DECIDE_EVERY` steps with :func:`ikkuna_core.budget.decide`
 from the measured cost per run (its own time plus its part of the Exporter's share of the
 steps it ran at); every change is written as ``ikkuna/cadence/<subscriber>`` and said once,
-as a :class:`CadenceChange` warning. Measuring adds no tensor operation (no aten op).
+as a :class:`CadenceChange` warning. The budget is for watching as a whole: the subscribers
+share what is left of it after the Exporter's own cost at the steps where none ran (ending
+every step; measured, :meth:`CostMeter.fixed_share`), and at least a quarter of it (when the
+fixed cost leaves less, that is said once). Measuring adds no tensor operation (no aten op).
 """
 
 from __future__ import annotations
@@ -92,6 +95,9 @@ PLAIN_STEPS = 64
 QUIET_STEPS = 3
 #: Recent runs of a subscriber whose costs give its cost per run (the median).
 RUNS_KEPT = 5
+#: With a budget, subscribers get what the Exporter's own fixed cost leaves of it, and at
+#: least this share of it.
+MIN_SUBSCRIBER_SHARE = 0.25
 
 
 class CadenceChange(UserWarning):
@@ -141,6 +147,7 @@ class CostMeter:
         self._plain_quiet: deque[float] = deque(maxlen=PLAIN_STEPS)  # nothing ran at them
         self._exporter_window = 0.0
         self._exporter_total = 0.0
+        self._exporter_quiet: deque[float] = deque(maxlen=PLAIN_STEPS)  # at quiet steps
         self._exporter_ops = 0
         self._finished = 0  # steps whose costs are known
         self._window_steps = 0
@@ -303,6 +310,8 @@ class CostMeter:
             acc.loaded.append(seconds + share)
         self._exporter_total += exporter
         self._exporter_window += exporter
+        if not s.subs:
+            self._exporter_quiet.append(exporter)
         self._finished += 1
         self._window_steps += 1
         if self._window_steps >= WINDOW:
@@ -318,6 +327,14 @@ class CostMeter:
         if len(self._plain_quiet) >= QUIET_STEPS:
             return statistics.median(self._plain_quiet)
         return statistics.median(self._plain) if self._plain else None
+
+    def fixed_share(self, plain: float) -> float:
+        """The Exporter's own cost at a step where no subscriber ran (ending the step), a
+        fraction of the plain step: the median of the recent quiet steps; 0 before a few.
+        What watching costs whatever the cadences, so a budget leaves subscribers the rest."""
+        if len(self._exporter_quiet) < QUIET_STEPS or plain <= 0:
+            return 0.0
+        return statistics.median(self._exporter_quiet) / plain
 
     def _publish_window(self) -> None:
         plain, step = self.plain_seconds, self._last_step()
@@ -359,7 +376,13 @@ class CostMeter:
                 costs[sub] = seconds / plain
         floors = {s: s.subscriber.options.subsample for s in subs}
         current = {s: s.subsample for s in subs}
-        chosen = _budget.decide(costs, self.budget, floors, current)
+        fixed = self.fixed_share(plain)
+        left = self.budget - fixed
+        if left < self.budget * MIN_SUBSCRIBER_SHARE:
+            left = self.budget * MIN_SUBSCRIBER_SHARE
+            self.bus.warn_once("budget-fixed-cost", _FIXED_COST.format(
+                fixed=fixed, budget=self.budget, share=MIN_SUBSCRIBER_SHARE))
+        chosen = _budget.decide(costs, left, floors, current)
         changed = [(s, current[s], k) for s, k in chosen.items() if k != current[s]]
         if not changed:
             return
@@ -371,9 +394,10 @@ class CostMeter:
             f"{costs.get(s, 0.0):.1%} of the step per run)"
             for s, old, k in changed
         )
+        own = f"; the Exporter's own {fixed:.1%} at every step leaves {left:.1%}" if fixed else ""
         message = (
             f"ikkuna: budget {self.budget:.1%} of the step: from step {step + 1} on, {parts}; "
-            f"plain step {plain * 1000:.3g} ms as measured"
+            f"plain step {plain * 1000:.3g} ms as measured{own}"
         )
         self.changes.append(message)
         warnings.warn(message, CadenceChange, stacklevel=2)
@@ -382,37 +406,7 @@ class CostMeter:
     def summary(self) -> list[str]:
         """One line per subscriber (and the Exporter): the share of the plain step it took
         on average over the run, its cost per run and how often it ran."""
-        plain = self.plain_seconds
-        if not self._finished or not plain:
-            return []
-        steps = self._finished
-        lines = []
-        for sub, acc in self._accounts.items():
-            if not acc.runs:
-                continue
-            share = acc.total / (steps * plain)
-            per_run = acc.total / acc.runs / plain
-            every = _every(sub.subsample)
-            was = self._initial.get(sub, sub.subsample)
-            if was != sub.subsample:
-                every += f" (the budget's; it started {_every(was)})"
-            lines.append(
-                f"{acc.label} {share:.1%} of the step, {every}; {per_run:.1%} per run, "
-                f"{acc.runs} run{'s' if acc.runs != 1 else ''}"
-            )
-        lines.append(
-            f"{EXPORTER} (payloads, snapshot, transfer, backends) "
-            f"{self._exporter_total / (steps * plain):.1%} of the step"
-        )
-        total = (sum(a.total for a in self._accounts.values()) + self._exporter_total) / (
-            steps * plain
-        )
-        budget = f" (budget {self.budget:.1%})" if self.budget is not None else ""
-        lines.append(
-            f"total {total:.1%} of a plain step of {plain * 1000:.3g} ms{budget}, over "
-            f"{steps} step{'s' if steps != 1 else ''}, as measured on this machine"
-        )
-        return lines
+        return _summary(self)
 
     # ------------------------------------------------------------ op counting (plans)
     def count_ops(self, on: bool) -> None:
@@ -432,6 +426,47 @@ _BUDGET_DISTRIBUTED = (
     "measures its own costs, and subscribers that merge across ranks (FSDP2 shards, DDP's "
     "shared work) must run at the same steps on every rank; the costs are still published"
 )
+_FIXED_COST = (
+    "the Exporter's own cost at every step (its hooks and the end of each step) is "
+    "{fixed:.1%} of the step as measured, which leaves less than {share:.0%} of the budget of "
+    "{budget:.1%}: subscribers get {share:.0%} of it, and watching costs more than the budget. "
+    "A larger budget, or fewer watched modules, would be kept"
+)
+
+
+def _summary(meter: CostMeter) -> list[str]:
+    """:meth:`CostMeter.summary`."""
+    plain = meter.plain_seconds
+    if not meter._finished or not plain:
+        return []
+    steps = meter._finished
+    lines = []
+    for sub, acc in meter._accounts.items():
+        if not acc.runs:
+            continue
+        share = acc.total / (steps * plain)
+        per_run = acc.total / acc.runs / plain
+        every = _every(sub.subsample)
+        was = meter._initial.get(sub, sub.subsample)
+        if was != sub.subsample:
+            every += f" (the budget's; it started {_every(was)})"
+        lines.append(
+            f"{acc.label} {share:.1%} of the step, {every}; {per_run:.1%} per run, "
+            f"{acc.runs} run{'s' if acc.runs != 1 else ''}"
+        )
+    lines.append(
+        f"{EXPORTER} (payloads, snapshot, transfer, backends) "
+        f"{meter._exporter_total / (steps * plain):.1%} of the step"
+    )
+    total = (sum(a.total for a in meter._accounts.values()) + meter._exporter_total) / (
+        steps * plain
+    )
+    budget = f" (budget {meter.budget:.1%})" if meter.budget is not None else ""
+    lines.append(
+        f"total {total:.1%} of a plain step of {plain * 1000:.3g} ms{budget}, over "
+        f"{steps} step{'s' if steps != 1 else ''}, as measured on this machine"
+    )
+    return lines
 
 
 def _distributed(bus: MessageBus) -> bool:
