@@ -229,3 +229,99 @@ def test_a_tensor_is_reduced_once_in_a_step_whatever_topics_and_modules_it_is(
         assert read[0] == distinct[0]
     exporter.close()
     assert sub.keys == {t: 4 for t in TOPICS}  # every module's payload of each topic
+
+
+def test_forward_checks_wait_for_a_cpu_loss_and_are_read_only_when_it_is_not_finite(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A subscriber whose forward checks matter only at a non-finite loss
+    (``finite_loss_clears_forward``): at a step whose loss is finite nothing of the forward
+    is read (the bytes the finiteness checks read are the layer gradients' alone, counted by
+    the test's own hooks) and no forward payload is delivered; at the step whose loss is
+    NaN every module's activation and input is, each non-finite iff the test's copy of it
+    is. A subscriber without the flag gets its checks at every step."""
+    from ikkuna_core import ops
+
+    read = [0]
+    finiteness = ops.finiteness
+
+    def counted(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        read[0] += sum(t.numel() * t.element_size() for t in tensors)
+        return finiteness(tensors)
+
+    monkeypatch.setattr(ops, "finiteness", counted)
+
+    class Finite(ik.Subscriber):
+        name = "finite"
+
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**options)
+            self.seen: dict[int, dict[str, dict[str, float]]] = {}
+
+        def finiteness_only(self, topic: str) -> bool:
+            return True
+
+        def compute_step(self, step: ik.StepBundle) -> None:
+            self.seen[step.global_step] = {
+                t: {k: float(v) for k, v in zip(step[t].keys, step[t].data, strict=True)}
+                for t in step.topics
+            }
+
+    class Gated(Finite):
+        name = "gated"
+        finite_loss_clears_forward = True
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
+    grads = [0]
+
+    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        output.register_hook(lambda g: grads.__setitem__(0, grads[0] + g.numel() * 4))
+
+    for module in model:
+        module.register_forward_hook(hook)
+    step = [0]
+    copies = _Copies(model, step)
+    exporter = ik.Exporter(model, nn.MSELoss(), bus=ik.MessageBus(on_error="raise"))
+    gated = Gated(topics=TOPICS)
+    exporter.subscribe(gated)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    bad = 5  # the last step
+    for i in range(6):
+        step[0] = i
+        x = torch.randn(8, 6, generator=g)
+        if i == bad:
+            x[2, 3] = float("nan")
+        read[0] = grads[0] = 0
+        opt.zero_grad()
+        loss = exporter.loss_fn(model(x), torch.zeros(8, 3))
+        loss.backward()
+        opt.step()
+        if 0 < i < bad:  # step 0 learns that the loss call comes before the backward
+            assert read[0] == grads[0], i  # the layer gradients only
+            assert set(gated.seen[i]) == {"layer_gradients"}, i
+    exporter.close()
+    forward = gated.seen[bad]
+    assert set(forward) == set(TOPICS)
+    for topic in ("activations", "inputs"):
+        assert set(forward[topic]) == {"0", "1", "2"}
+        for key, value in forward[topic].items():
+            copy = copies.seen[(topic, key, bad)]
+            assert math.isfinite(value) == bool(torch.isfinite(copy).all()), (topic, key)
+    assert not math.isfinite(forward["activations"]["0"])
+
+    # without the flag: the checks at every step, as before
+    torch.manual_seed(0)
+    plain_model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
+    exporter = ik.Exporter(plain_model, nn.MSELoss(), bus=ik.MessageBus(on_error="raise"))
+    plain = Finite(topics=TOPICS)
+    exporter.subscribe(plain)
+    exporter.subscribe(Gated(topics=TOPICS))  # one without the flag is enough
+    opt = torch.optim.SGD(plain_model.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        exporter.loss_fn(plain_model(torch.randn(8, 6)), torch.zeros(8, 3)).backward()
+        opt.step()
+    exporter.close()
+    assert all(set(seen) == set(TOPICS) for seen in plain.seen.values())

@@ -86,6 +86,15 @@ class Subscriber:
     #: step was then skipped (GradScaler's overflow, user code that skips a bad step), when
     #: the next training forward shows its gradients were reset without an update.
     sees_skipped_steps: ClassVar[bool] = False
+    #: True: the forward topics this subscriber takes as finiteness checks
+    #: (:meth:`finiteness_only`: ``activations``, ``inputs``) matter only at a step whose
+    #: loss is not finite (a non-finite value that never reaches the loss is no fault of
+    #: the step). Where the step's loss call shows a finite loss on the host at no cost (a
+    #: CPU tensor), the Exporter reads none of those payloads and delivers none of them at
+    #: that step; at a non-finite loss, a loss on an accelerator (reading it would
+    #: synchronise), or a step whose loss is not seen before its backward, it delivers them
+    #: all. Honoured only when every subscriber of the topic says so.
+    finite_loss_clears_forward: ClassVar[bool] = False
     #: How statistics of a sharded parameter (a DTensor: FSDP2's ``fully_shard``, tensor
     #: parallelism) are made. ``"gather"`` (the default, right for any computation): the
     #: subscriber receives full tensors, each all-gathered at the steps it is due.

@@ -5,10 +5,19 @@
 from .consumer import Consumer
 from .policy import ErrorPolicy
 from .results import Results
-from .routing import FINITENESS, Handle, MessageBus, Stamp, Subscription, UnknownTopicError
+from .routing import (
+    FINITENESS,
+    FINITENESS_IF_LOSS,
+    Handle,
+    MessageBus,
+    Stamp,
+    Subscription,
+    UnknownTopicError,
+)
 
 __all__ = [
     "FINITENESS",
+    "FINITENESS_IF_LOSS",
     "Consumer",
     "ErrorPolicy",
     "Handle",

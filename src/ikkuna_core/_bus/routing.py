@@ -29,7 +29,8 @@ from .transfer import Outbox
 if TYPE_CHECKING:
     from ..backends.base import Backend
 
-__all__ = ["FINITENESS", "Handle", "MessageBus", "Stamp", "Subscription", "UnknownTopicError"]
+__all__ = ["FINITENESS", "FINITENESS_IF_LOSS", "Handle", "MessageBus", "Stamp", "Subscription",
+           "UnknownTopicError"]
 
 #: (global_step, epoch, batch_index) of a step.
 Stamp = tuple[int, int, int]
@@ -44,6 +45,11 @@ Plan = tuple[int, ...] | None
 #: The capture mode of a module's topic whose subscribers all want only a finiteness check
 #: of each payload (``Subscriber.finiteness_only``): reduced in the hooks, not kept.
 FINITENESS = -4
+#: A finiteness check of a forward topic (``activations``, ``inputs``) that every subscriber
+#: needs only at a step whose loss is not finite (``Subscriber.finite_loss_clears_forward``):
+#: where the loss is seen finite on the host at no cost (a CPU tensor), nothing is read.
+FINITENESS_IF_LOSS = -7
+_GATED_TOPICS = ("activations", "inputs")
 #: The plans of ``activations``, ``layer_gradients`` and ``inputs``.
 Plans = tuple[Plan, Plan, Plan]
 
@@ -467,20 +473,31 @@ def _parts(
 
 def _plan(active: Sequence[Subscription], modules: Sequence[ModuleInfo], topic: str) -> Plan:
     subs = [s.subscriber for s in active if topic in s.topics]
-    asks = [FINITENESS if s.finiteness_only(topic) else s.sample_size(topic) for s in subs]
+    asks = [_ask(s, topic) for s in subs]
     plan = [_mode([a for s, a in zip(subs, asks, strict=True) if s.wants_module(info)])
             for info in modules] if subs else []
     return tuple(plan) if any(m != -1 for m in plan) else None
 
 
+def _ask(sub: Consumer, topic: str) -> int | None:
+    if not sub.finiteness_only(topic):
+        return sub.sample_size(topic)
+    if topic in _GATED_TOPICS and sub.finite_loss_clears_forward:
+        return FINITENESS_IF_LOSS
+    return FINITENESS
+
+
 def _mode(asks: list[int | None]) -> int:
     """One module's capture mode from what its subscribers ask for: whole tensors if one
-    wants them, or if finiteness checks and samples are both asked for."""
+    wants them, or if finiteness checks and samples are both asked for; a check skipped
+    at a finite loss only if every one of them allows it."""
     if not asks:
         return -1
-    if all(a == FINITENESS for a in asks):
+    if all(a == FINITENESS_IF_LOSS for a in asks):
+        return FINITENESS_IF_LOSS
+    if all(a in (FINITENESS, FINITENESS_IF_LOSS) for a in asks):
         return FINITENESS
-    if None in asks or FINITENESS in asks:
+    if None in asks or FINITENESS in asks or FINITENESS_IF_LOSS in asks:
         return 0
     return max(k for k in asks if k is not None)
 

@@ -8,6 +8,7 @@ import contextlib
 import enum
 import functools
 import itertools
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._bus import FINITENESS
+from .._bus import FINITENESS, FINITENESS_IF_LOSS
 from ..messages import ModuleInfo, TopicPayloads
 from .hooks import guard, in_backward
 
@@ -37,11 +38,15 @@ class Mode(enum.IntEnum):
     #: reduced at once, with all that waits: the tensor was seen changing in place later
     REDUCE_NOW = -5
     REDUCE_PROBE = -6  #: first capture: reduced at once, its version checked at the reduction
+    #: a finiteness check needed only if the step's loss is not finite: on the CPU the
+    #: tensor is held until the loss call (alive then anyway: autograd saved it), and read
+    #: only if the loss is not finite or the backward begins without a loss seen
+    REDUCE_IF_LOSS = FINITENESS_IF_LOSS
 
 
 _SKIP, _FULL, _CLONE, _PROBE = (int(m) for m in (Mode.SKIP, Mode.FULL, Mode.CLONE, Mode.PROBE))
-_REDUCE, _REDUCE_NOW, _REDUCE_PROBE = (
-    int(m) for m in (Mode.REDUCE, Mode.REDUCE_NOW, Mode.REDUCE_PROBE)
+_REDUCE, _REDUCE_NOW, _REDUCE_PROBE, _REDUCE_IF_LOSS = (
+    int(m) for m in (Mode.REDUCE, Mode.REDUCE_NOW, Mode.REDUCE_PROBE, Mode.REDUCE_IF_LOSS)
 )
 #: A batched reduction is due once the tensors waiting hold 1/_REDUCTION_SHARE of the bytes
 #: the previous step reduced, or _MIN_UNREDUCED_BYTES, whichever is more: about 8
@@ -93,8 +98,8 @@ def output_field(output: Any, name: str) -> Any:
 class Stash:
     """What the current step stashed in the hooks of its first forward and backward."""
 
-    __slots__ = ("__weakref__", "acts", "backward", "calls", "cursor", "inputs", "lgrad_plan",
-                 "lgrads", "network", "pending", "reduction", "ref")
+    __slots__ = ("__weakref__", "acts", "backward", "calls", "cursor", "gated", "inputs",
+                 "lgrad_plan", "lgrads", "network", "pending", "reduction", "ref")
 
     def __init__(self, n_modules: int, lgrad_plan: Plan | None = None) -> None:
         # The layer-gradient hooks hold only this weak reference: an output holding a hook
@@ -115,7 +120,28 @@ class Stash:
         self.pending: list[tuple[int, int, bool]] = []
         self.cursor = -1  # the pending call the next recomputed one is expected to be
         self.reduction = Reduction()
+        #: forward payloads checked only if the loss is not finite (``Mode.REDUCE_IF_LOSS``):
+        #: (the list its result goes to, topic, module index, call, tensor, its version)
+        self.gated: list[tuple[list[Entry], str, int, int, torch.Tensor, int]] = []
         self.backward = False  # a layer-gradient hook of this step ran
+
+    def ungate(self) -> None:
+        """The held forward checks join the reduction: the loss was not finite, or the
+        backward begins (or the step ends) without a loss seen."""
+        for entries, topic, index, call, tensor, version in self.gated:
+            self.reduction.add(entries, topic, index, call, tensor, None, version)
+        self.gated.clear()
+
+    def loss_seen(self, loss: Any, learn: Callable[[str, int, bool], None]) -> None:
+        """The step's loss call: the held forward checks are dropped when the loss is finite
+        on the host (nothing of the forward is read at this step), else reduced now."""
+        if not self.gated:
+            return
+        if _finite_on_host(loss):
+            self.gated.clear()
+        else:
+            self.ungate()
+            self.reduction.run(learn)
 
     def recomputed_call(self, index: int, starts: bool) -> int | None:
         """The call of module ``index`` that a recomputation in backward repeats, or None.
@@ -164,10 +190,15 @@ class Reduction:
         self.known: dict[int, tuple[weakref.ref[torch.Tensor], int, torch.Tensor]] = {}
 
     def add(self, entries: list[Entry], topic: str, index: int, call: int,
-            tensor: torch.Tensor, value: torch.Tensor | None) -> None:
-        version = tensor._version
+            tensor: torch.Tensor, value: torch.Tensor | None, version: int | None = None,
+            ) -> None:
+        """Wait for the next run; ``version``: the tensor's in its hook, if not now (one
+        changed since is left out by the run, and learned)."""
+        if version is None:
+            version = tensor._version
         if value is None:
-            value = self.known_value(tensor)
+            if version == tensor._version:
+                value = self.known_value(tensor)
         else:
             self.known[id(tensor)] = (weakref.ref(tensor), version, value)
         self.waiting.append((entries, topic, index, call, tensor, version, value))
@@ -232,6 +263,8 @@ class Capture:
         self._probed: set[tuple[str, int]] = set()  # (topic, module) known either way
         self._learned_plans: dict[Any, Plan] = {}
         self._budget = _MIN_UNREDUCED_BYTES  # unreduced bytes that make a reduction due
+        #: a loss call was seen: forward checks can wait for it (``Mode.REDUCE_IF_LOSS``)
+        self._loss_seen = False
         #: the plans as the bus gave them, read under torch.compile: a compiled graph copies
         #: whole tensors anyway, and what the capture learns must not recompile it
         self._compiled_plans: Plans = (None, None, None)
@@ -277,6 +310,7 @@ class Capture:
     def take(self) -> Stash:
         """The step's stash, forgotten here (what waits for its reduction reduced)."""
         stash, self.stash = self.stash, Stash(len(self.modules))
+        stash.ungate()
         reduction = stash.reduction
         reduction.run(self._learn)
         if reduction.done:
@@ -292,6 +326,8 @@ class Capture:
                              ("loss", loss)):
             if topic in wanted and isinstance(value, torch.Tensor):
                 network[topic] = self._versioned(topic, value)
+        self._loss_seen = True
+        self.stash.loss_seen(loss, self._learn)
 
     # ----------------------------------------------------------------- hooks
     def on_module_forward(self, index: int, module: nn.Module, args: Any, output: Any) -> None:
@@ -360,6 +396,7 @@ class Capture:
         with guard(self._report, f"the layer-gradient hook of {self.modules[index].name!r}"):
             if not stash.backward:  # the step's backward begins: the forward is done
                 stash.backward = True
+                stash.ungate()
                 stash.reduction.run(self._learn)
                 _at_backward_end(functools.partial(self._backward_done, ref))
             self._stash(stash, stash.lgrads, "layer_gradients", index, call, grad,
@@ -389,6 +426,11 @@ class Capture:
             return
         if not tensor.is_floating_point():
             return  # always finite
+        if mode == _REDUCE_IF_LOSS:
+            if self._loss_seen and tensor.device.type == "cpu" and not stash.backward:
+                stash.gated.append((entries, topic, index, call, tensor, tensor._version))
+                return
+            mode = _REDUCE  # the loss is read on the host only where that costs nothing
         reduction = stash.reduction
         if reduction.bytes >= self._budget:
             reduction.run(self._learn)
@@ -496,7 +538,7 @@ class Capture:
     def _learned_mode(self, topic: str, index: int, mode: int) -> int:
         """Whole tensors: copied, referenced or probed; finiteness checks: reduced in the
         hook, batched or probed (from what earlier steps taught about the module's tensor)."""
-        if mode not in (_FULL, _REDUCE):
+        if mode not in (_FULL, _REDUCE, _REDUCE_IF_LOSS):
             return mode
         if (topic, index) in self._clone:
             return _CLONE if mode == _FULL else _REDUCE_NOW
@@ -519,6 +561,16 @@ def _capture(index: int, call: int, tensor: torch.Tensor, mode: int) -> Entry:
     # a copy: the tensor changes in place later in a step, or (compiled) the graph keeps no
     # version counters to tell
     return (index, call, copy, -1, None)
+
+
+def _finite_on_host(loss: Any) -> bool:
+    """Whether ``loss`` is a CPU tensor (read at no cost) whose entries are all finite."""
+    if not isinstance(loss, torch.Tensor) or loss.device.type != "cpu":
+        return False
+    if loss.numel() == 1:
+        return math.isfinite(loss.item())
+    with torch.no_grad():
+        return bool(torch.isfinite(loss).all())
 
 
 def _at_backward_end(callback: Callable[[], None]) -> None:

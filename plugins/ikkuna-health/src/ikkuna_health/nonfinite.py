@@ -144,8 +144,11 @@ def localise(cur: Flags, before: Flags | None, structure: Structure) -> Finding 
     parameters that were already non-finite before this step (``before``: the previous
     step's flags) or nothing is non-finite."""
     acts = cur.values.get("activations", {})
-    order = [k for k in structure.order if k in acts] if structure.learned else []
-    order += [k for k in acts if k is not None and k not in order]
+    # execution order of the keys present: a step whose loss was finite on the CPU has no
+    # forward payloads (the Exporter did not read them), only its layer gradients
+    present = {**acts, **cur.values.get("layer_gradients", {})}
+    order = [k for k in structure.order if k in present] if structure.learned else []
+    order += [k for k in present if k is not None and k not in order]
     position = {k: i for i, k in enumerate(order)}
 
     def producer(key: str) -> str | None:
@@ -302,6 +305,9 @@ class NonFinite(Subscriber):
     default_topics = TOPICS
     output_kind: ClassVar[Literal["module", "network"] | None] = "network"
     sees_skipped_steps = True
+    #: a non-finite activation or input reaches the loss: on the CPU the Exporter reads them
+    #: only at a step whose loss is not finite (nothing of the forward at the others)
+    finite_loss_clears_forward = True
     options: NonFiniteOptions
 
     def __init__(self, **options: object) -> None:
