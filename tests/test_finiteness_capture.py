@@ -25,14 +25,24 @@ def _model() -> nn.Sequential:
 
 
 class _Copies:
-    """Copies of every module's output, input and output gradient, by (topic, key, step),
-    taken by hooks of the test's own (before the next module can change them)."""
+    """Copies of every module's output, input and output gradient, and of each bias
+    gradient (topic ``bias_gradients``), by (topic, key, step), taken by hooks of the
+    test's own (before the next module can change them)."""
 
     def __init__(self, model: nn.Module, step: list[int]) -> None:
         self.seen: dict[tuple[str, str, int], torch.Tensor] = {}
         self.step = step
         for name, module in model.named_children():
             module.register_forward_hook(self._hook(name))
+            if getattr(module, "bias", None) is not None:
+                module.bias.register_post_accumulate_grad_hook(self._bias_hook(name))
+
+    def _bias_hook(self, name: str) -> Any:
+        def hook(bias: torch.Tensor) -> None:
+            assert bias.grad is not None
+            self.seen[("bias_gradients", name, self.step[0])] = bias.grad.detach().clone()
+
+        return hook
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
@@ -76,13 +86,19 @@ def test_finiteness_payloads_are_the_norms_of_the_modules_own_tensors(recorder_c
 
     rec = Finite(topics=TOPICS)
     # the model's output feeds no module: a hook of the test copies its value before the
-    # in-place ReLU (module 1) changes module 0's output; the capture must give the same
+    # in-place ReLU (module 1) changes module 0's output; the capture must give the same.
+    # A Linear's output gradient is told by its bias gradient (their sum over the batch):
+    # the norm of that, where finite
     copies = _train(_model(), [rec], 5)
     assert rec.seen
     for (topic, key, step), got in rec.seen.items():
         assert got is not None and got.dim() == 0 and got.dtype == torch.float32
         assert key is not None
-        want = torch.linalg.vector_norm(copies.seen[(topic, key, step)].double())
+        # (from the second step on: the first reduces each tensor in its hook, learning)
+        told = topic == "layer_gradients" and key in ("0", "2") and step > 0
+        want = torch.linalg.vector_norm(
+            copies.seen[("bias_gradients" if told else topic, key, step)].double()
+        )
         assert float(got) == pytest.approx(float(want), rel=1e-5), (topic, key, step)
     # every step (the first, which learns what changes in place, too), every module
     assert {(t, s) for t, _, s in rec.seen} == {(t, s) for t in TOPICS for s in range(5)}
@@ -210,8 +226,15 @@ def test_a_tensor_is_reduced_once_in_a_step_whatever_topics_and_modules_it_is(
     model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh())
     distinct = [0]
 
+    step = [0]
+
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        distinct[0] += 2 * output.numel() * output.element_size()  # the output, its gradient
+        distinct[0] += output.numel() * output.element_size()
+        # its gradient; a Linear's is told by its bias gradient (read instead), from the
+        # second step on (the first reduces each tensor in its hook, learning)
+        told = isinstance(module, nn.Linear) and step[0] > 0
+        grad = module.bias if told else output
+        distinct[0] += grad.numel() * grad.element_size()
 
     exporter = ik.Exporter(model, bus=ik.MessageBus(on_error="raise"))
     for module in model:
@@ -219,7 +242,8 @@ def test_a_tensor_is_reduced_once_in_a_step_whatever_topics_and_modules_it_is(
     sub = Finite(topics=TOPICS)
     exporter.subscribe(sub)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    for _ in range(3):
+    for i in range(3):
+        step[0] = i
         read[0] = distinct[0] = 0
         x = torch.randn(8, 6)
         distinct[0] += x.numel() * x.element_size()
@@ -276,7 +300,10 @@ def test_forward_checks_wait_for_a_cpu_loss_and_are_read_only_when_it_is_not_fin
     grads = [0]
 
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        output.register_hook(lambda g: grads.__setitem__(0, grads[0] + g.numel() * 4))
+        # a Linear's output gradient is told by its bias gradient, read instead
+        told = module.bias if isinstance(module, nn.Linear) else None
+        output.register_hook(lambda g: grads.__setitem__(
+            0, grads[0] + (g if told is None else told).numel() * 4))
 
     for module in model:
         module.register_forward_hook(hook)
@@ -299,7 +326,7 @@ def test_forward_checks_wait_for_a_cpu_loss_and_are_read_only_when_it_is_not_fin
         loss.backward()
         opt.step()
         if 0 < i < bad:  # step 0 learns that the loss call comes before the backward
-            assert read[0] == grads[0], i  # the layer gradients only
+            assert read[0] == grads[0], i  # the backward's only
             assert set(gated.seen[i]) == {"layer_gradients"}, i
     exporter.close()
     forward = gated.seen[bad]
@@ -325,3 +352,58 @@ def test_forward_checks_wait_for_a_cpu_loss_and_are_read_only_when_it_is_not_fin
         opt.step()
     exporter.close()
     assert all(set(seen) == set(TOPICS) for seen in plain.seen.values())
+
+
+def test_an_output_gradient_told_by_its_bias_is_read_where_that_bias_gradient_is_not(
+    recorder_cls,
+) -> None:
+    """A Linear's output gradient is told by its bias gradient while that is finite; at the
+    step whose loss weights an inf and a -inf into one column of the last Linear's output
+    gradient (its bias gradient: their sum, NaN), the output gradient is read itself: its
+    value is its own norm, inf, not the bias gradient's NaN. Only exact types with a bias
+    that requires grad are told that way."""
+    from ikkuna_core._exporter.implied import summed_bias
+
+    class Finite(recorder_cls):  # type: ignore[misc,valid-type]
+        name = "finite"
+
+        def finiteness_only(self, topic: str) -> bool:
+            return True
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
+    step = [0]
+    rec = Finite(topics=["layer_gradients"])
+    exporter = ik.Exporter(model, bus=ik.MessageBus(on_error="raise"))
+    copies = _Copies(model, step)
+    exporter.subscribe(rec)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for i in range(4):
+        step[0] = i
+        weight = torch.ones(8, 3)
+        if i == 3:
+            weight[5, 1], weight[6, 1] = math.inf, -math.inf
+        opt.zero_grad()
+        (model(torch.randn(8, 6)) * weight).sum().backward()
+        opt.step()
+    exporter.close()
+    assert float(rec.seen[("layer_gradients", "2", 3)]) == math.inf
+    assert math.isnan(float(model[2].bias.grad[1]))
+    for key in ("0", "1"):
+        assert not math.isfinite(float(rec.seen[("layer_gradients", key, 3)])), key
+        assert not bool(torch.isfinite(copies.seen[("layer_gradients", key, 3)]).all())
+    for i in (1, 2):  # finite steps: a Linear's value is its bias gradient's norm
+        for key in ("0", "2"):
+            want = torch.linalg.vector_norm(copies.seen[("bias_gradients", key, i)])
+            assert float(rec.seen[("layer_gradients", key, i)]) == pytest.approx(
+                float(want), rel=1e-6)
+
+    class MyLinear(nn.Linear):
+        pass
+
+    assert summed_bias(nn.Linear(2, 2)) is not None
+    assert summed_bias(nn.BatchNorm2d(3)) is not None
+    assert summed_bias(nn.Linear(2, 2, bias=False)) is None
+    assert summed_bias(nn.Linear(2, 2).requires_grad_(False)) is None
+    assert summed_bias(MyLinear(2, 2)) is None  # a subclass may compute otherwise
+    assert summed_bias(nn.Tanh()) is None

@@ -193,8 +193,10 @@ class Subscriber:
         a module's topic says so, the Exporter keeps no tensor past the step's next batched
         reduction (a fused kernel for all that waits, about 8 a step): each payload becomes a
         0-d float32 that is non-finite iff the tensor has a NaN or inf entry
-        (:func:`ikkuna_core.ops.finiteness`), delivered as the payload; integer payloads
-        (always finite) are left out."""
+        (:func:`ikkuna_core.ops.finiteness` of the tensor or, on the CPU, of what tells its
+        finiteness: a ``Linear``'s, a convolution's or a normalisation layer's output
+        gradient by the module's bias gradient, while that is finite), delivered as the
+        payload; integer payloads (always finite) are left out."""
         return False
 
     def wants_module(self, module: ModuleInfo) -> bool:

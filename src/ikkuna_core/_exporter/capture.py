@@ -20,6 +20,7 @@ from .. import ops
 from .._bus import FINITENESS, FINITENESS_IF_LOSS
 from ..messages import ModuleInfo, TopicPayloads
 from .hooks import guard, in_backward
+from .implied import BiasGradients
 
 __all__ = ["Capture", "Mode", "Stash", "first_tensor", "output_field"]
 
@@ -177,10 +178,17 @@ class Reduction:
     """The payloads of a step that only need a finiteness check, waiting to be reduced
     together (one fused kernel), and the bytes reduced so far in the step."""
 
-    __slots__ = ("bytes", "done", "held", "known", "waiting")
+    __slots__ = ("bytes", "done", "held", "implied", "known", "ready", "unready_bytes",
+                 "waiting")
 
     def __init__(self) -> None:
         self.waiting: list[Unreduced] = []
+        #: output gradients whose module's bias gradient tells their finiteness
+        #: (:mod:`.implied`): (the payload, module index, the bias), read instead once the
+        #: backward has accumulated it (the module index in ``ready``)
+        self.implied: list[tuple[Unreduced, int, torch.Tensor]] = []
+        self.ready: set[int] = set()
+        self.unready_bytes: dict[int, int] = {}  # counted in ``bytes`` once ready
         self.held: set[int] = set()  # the ids of the tensors waiting
         self.bytes = 0  # theirs
         self.done = 0
@@ -191,9 +199,10 @@ class Reduction:
 
     def add(self, entries: list[Entry], topic: str, index: int, call: int,
             tensor: torch.Tensor, value: torch.Tensor | None, version: int | None = None,
-            ) -> None:
+            bias: torch.Tensor | None = None) -> None:
         """Wait for the next run; ``version``: the tensor's in its hook, if not now (one
-        changed since is left out by the run, and learned)."""
+        changed since is left out by the run, and learned); ``bias``: the module's summed
+        bias, whose gradient tells this output gradient's finiteness."""
         if version is None:
             version = tensor._version
         if value is None:
@@ -201,7 +210,13 @@ class Reduction:
                 value = self.known_value(tensor)
         else:
             self.known[id(tensor)] = (weakref.ref(tensor), version, value)
-        self.waiting.append((entries, topic, index, call, tensor, version, value))
+        item = (entries, topic, index, call, tensor, version, value)
+        if value is None and bias is not None:
+            self.implied.append((item, index, bias))
+            nbytes = tensor.numel() * tensor.element_size()
+            self.unready_bytes[index] = self.unready_bytes.get(index, 0) + nbytes
+            return
+        self.waiting.append(item)
         if value is not None:
             return
         if id(tensor) not in self.held:  # a module's input is often the previous one's output
@@ -215,13 +230,30 @@ class Reduction:
             return seen[2]
         return None
 
-    def run(self, learn: Callable[[str, int, bool], None]) -> None:
+    def mark_ready(self, index: int) -> None:
+        """The backward accumulated module ``index``'s summed bias gradient."""
+        self.ready.add(index)
+        self.bytes += self.unready_bytes.pop(index, 0)
+
+    def run(self, learn: Callable[[str, int, bool], None], final: bool = False) -> None:
         """Reduce the waiting tensors (each once), append the results to their lists and
         forget the tensors. One changed in place since its hook no longer holds the module's
         value: it is left out; ``learn(topic, index, changed)`` is told about it and about
-        each tensor reduced in its hook the first time."""
+        each tensor reduced in its hook the first time. An implied output gradient is told
+        by its bias gradient once that is accumulated (``final``: the backward is over,
+        whatever is left is read)."""
         waiting = self.waiting
-        if not waiting:
+        checked: list[tuple[Unreduced, int, torch.Tensor]] = []
+        kept: list[tuple[Unreduced, int, torch.Tensor]] = []
+        for item in self.implied:
+            if item[1] in self.ready and item[2].grad is not None:
+                checked.append(item)
+            elif final:
+                waiting.append(item[0])
+            else:
+                kept.append(item)
+        self.implied = kept
+        if not waiting and not checked:
             return
         self.waiting, self.done, self.bytes = [], self.done + self.bytes, 0
         self.held.clear()
@@ -231,6 +263,11 @@ class Reduction:
             if value is None and tensor._version == version and id(tensor) not in position:
                 position[id(tensor)] = len(todo)
                 todo.append(tensor)
+        for _, _, bias in checked:
+            grad = bias.grad
+            if grad is not None and id(grad) not in position:
+                position[id(grad)] = len(todo)
+                todo.append(grad)
         with torch.no_grad():
             values = ops.finiteness(todo)
         known = self.known
@@ -244,14 +281,40 @@ class Reduction:
                 value = values[position[id(tensor)]]
             if value is not None:
                 entries.append((index, call, value, -1, None))
+        if checked:
+            self._told(checked, values, position, learn)
+
+    def _told(self, checked: list[tuple[Unreduced, int, torch.Tensor]],
+              values: Sequence[torch.Tensor], position: dict[int, int],
+              learn: Callable[[str, int, bool], None]) -> None:
+        """The implied output gradients, by their bias gradient's value (read on the host:
+        no kernel on the CPU); the output gradient itself where that is not finite."""
+        again: list[tuple[list[Entry], int, int, torch.Tensor]] = []
+        for (entries, topic, index, call, tensor, version, _), _, bias in checked:
+            if tensor._version != version:
+                learn(topic, index, True)
+                continue
+            value = values[position[id(bias.grad)]]
+            if math.isfinite(_host_value(value)):
+                entries.append((index, call, value, -1, None))
+                self.known[id(tensor)] = (weakref.ref(tensor), version, value)
+            else:
+                again.append((entries, index, call, tensor))
+        if again:
+            with torch.no_grad():
+                found = ops.finiteness([tensor for *_, tensor in again])
+            for (entries, index, call, _), value in zip(again, found, strict=True):
+                entries.append((index, call, value, -1, None))
 
 
 class Capture:
     """The forward topics of the watched modules (``activations``, ``layer_gradients``,
     ``inputs``) and the network topics of the step's first forward and loss call."""
 
-    def __init__(self, modules: Sequence[ModuleInfo], report: Report) -> None:
+    def __init__(self, modules: Sequence[ModuleInfo], report: Report,
+                 watched: Sequence[nn.Module] = ()) -> None:
         self.modules = list(modules)
+        self.biases = BiasGradients(watched, lambda i: self.stash.reduction.mark_ready(i))
         self._report = report
         self._call_keys: list[list[str]] = [[m.name] for m in self.modules]
         self.act_plan: Plan | None = None  # capture modes in this forward
@@ -312,7 +375,7 @@ class Capture:
         stash, self.stash = self.stash, Stash(len(self.modules))
         stash.ungate()
         reduction = stash.reduction
-        reduction.run(self._learn)
+        reduction.run(self._learn, final=True)
         if reduction.done:
             self._budget = max(_MIN_UNREDUCED_BYTES, reduction.done // _REDUCTION_SHARE)
         return stash
@@ -407,7 +470,7 @@ class Capture:
         stash = ref()
         if stash is not None and stash is self.stash:
             with guard(self._report, "the reduction at the end of the backward"):
-                stash.reduction.run(self._learn)
+                stash.reduction.run(self._learn, final=True)
 
     def _stash(self, stash: Stash, entries: list[Entry], topic: str, index: int, call: int,
                tensor: torch.Tensor, mode: int) -> None:
@@ -438,7 +501,9 @@ class Capture:
         if value is None and mode == _REDUCE_PROBE:
             with torch.no_grad():
                 value = ops.finiteness([tensor])[0]
-        reduction.add(entries, topic, index, call, tensor, value)
+        implied = topic == "layer_gradients" and mode == _REDUCE and tensor.device.type == "cpu"
+        reduction.add(entries, topic, index, call, tensor, value,
+                      bias=self.biases.of(index) if implied else None)
         if mode == _REDUCE_NOW:
             reduction.run(self._learn)
 
@@ -529,22 +594,26 @@ class Capture:
         key = (topic, plan, len(self._clone), len(self._probed))
         found = self._learned_plans.get(key)
         if found is None:
-            found = tuple(self._learned_mode(topic, i, m) for i, m in enumerate(plan))
+            found = tuple(_learned_mode(m, (topic, i) in self._clone, (topic, i) in self._probed)
+                          for i, m in enumerate(plan))
             if len(self._learned_plans) > 64:
                 self._learned_plans.clear()
             self._learned_plans[key] = found
         return found
 
-    def _learned_mode(self, topic: str, index: int, mode: int) -> int:
-        """Whole tensors: copied, referenced or probed; finiteness checks: reduced in the
-        hook, batched or probed (from what earlier steps taught about the module's tensor)."""
-        if mode not in (_FULL, _REDUCE, _REDUCE_IF_LOSS):
-            return mode
-        if (topic, index) in self._clone:
-            return _CLONE if mode == _FULL else _REDUCE_NOW
-        if (topic, index) in self._probed:
-            return mode
-        return _PROBE if mode == _FULL else _REDUCE_PROBE
+
+
+def _learned_mode(mode: int, changes: bool, probed: bool) -> int:
+    """Whole tensors: copied, referenced or probed; finiteness checks: reduced in the hook,
+    batched or probed (from what earlier steps taught about the module's tensor: whether it
+    ``changes`` in place later in a step, or was ``probed`` for that yet)."""
+    if mode not in (_FULL, _REDUCE, _REDUCE_IF_LOSS):
+        return mode
+    if changes:
+        return _CLONE if mode == _FULL else _REDUCE_NOW
+    if probed:
+        return mode
+    return _PROBE if mode == _FULL else _REDUCE_PROBE
 
 
 def _capture(index: int, call: int, tensor: torch.Tensor, mode: int) -> Entry:
@@ -563,12 +632,20 @@ def _capture(index: int, call: int, tensor: torch.Tensor, mode: int) -> Entry:
     return (index, call, copy, -1, None)
 
 
+def _host_value(tensor: torch.Tensor) -> float:
+    """A one-entry CPU tensor's value, read without a kernel (``item()`` dispatches one)."""
+    value: Any = tensor.tolist()
+    while isinstance(value, list):
+        value = value[0]
+    return float(value)
+
+
 def _finite_on_host(loss: Any) -> bool:
     """Whether ``loss`` is a CPU tensor (read at no cost) whose entries are all finite."""
     if not isinstance(loss, torch.Tensor) or loss.device.type != "cpu":
         return False
     if loss.numel() == 1:
-        return math.isfinite(loss.item())
+        return math.isfinite(_host_value(loss))
     with torch.no_grad():
         return bool(torch.isfinite(loss).all())
 

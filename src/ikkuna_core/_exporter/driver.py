@@ -35,7 +35,7 @@ class StepDriver:
         self._model_name = type(model).__name__
         infos = [info for info, _ in watched]
         self.params = Parameters(unwrap_model(model), infos, restricted, clock.forget)
-        self.capture = Capture(infos, self.report)
+        self.capture = Capture(infos, self.report, [module for _, module in watched])
         self.loss = LossWatch(clock, self.capture)
         self._diagnostics = Diagnostics(bus.warn_once)
         self._on_optimizer_grads: Callable[[], None] = self.sync
@@ -72,6 +72,7 @@ class StepDriver:
     def remove(self) -> None:
         """Remove every hook and forget the parameter copies."""
         self.hooks.remove()
+        self.capture.biases.remove()
         self.params.snapshot.clear()
         self.capture.stop()
 

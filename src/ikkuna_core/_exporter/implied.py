@@ -1,0 +1,70 @@
+"""Layer gradients whose finiteness their module's bias gradient already tells.
+
+The bias gradient of a ``Linear``, a convolution or a normalisation layer is the sum of the
+module's output gradient over every dimension but the channel: a NaN or inf entry of the
+output gradient makes it non-finite (NaN and inf survive a sum; ``inf + -inf`` is NaN). So
+where that bias gradient is finite, so is the output gradient, and a finiteness check of the
+output gradient (``layer_gradients`` under ``Subscriber.finiteness_only``) need not read it:
+on the CPU, the output gradient waits, like any tensor waiting for the next batched
+reduction, until its bias gradient has been accumulated; the reduction then reads the bias
+gradient instead (a few hundred entries where the output gradient has millions), and reads
+the output gradient itself only if the bias gradient is not finite (a sum that overflowed
+from finite entries is told apart there). Exact types only: a subclass may compute its
+output (and so its bias gradient) otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["BiasGradients", "summed_bias"]
+
+#: The modules whose bias gradient is the sum of their output gradient over all entries of
+#: each channel.
+SUMMED_BIAS: frozenset[type[nn.Module]] = frozenset({
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+    nn.ConvTranspose3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.GroupNorm,
+})
+
+
+def summed_bias(module: nn.Module) -> nn.Parameter | None:
+    """``module``'s bias if its gradient is the sum of the output gradient (a plain CPU
+    parameter that requires grad; not a DTensor), else None."""
+    bias = getattr(module, "bias", None)
+    if type(module) not in SUMMED_BIAS or type(bias) is not nn.Parameter:
+        return None
+    return bias if bias.requires_grad and bias.device.type == "cpu" else None
+
+
+class BiasGradients:
+    """The watched modules' summed biases, and a post-accumulate-grad hook on each that is
+    used, installed the first time: it says (``on_ready(index)``) that the running
+    backward has accumulated that module's bias gradient."""
+
+    def __init__(self, modules: Sequence[nn.Module], on_ready: Callable[[int], None]) -> None:
+        self._biases = [summed_bias(m) for m in modules]
+        self._on_ready = on_ready
+        self._handles: dict[int, RemovableHandle] = {}
+
+    def of(self, index: int) -> nn.Parameter | None:
+        """The summed bias of module ``index``, its hook installed; None if it has none."""
+        bias = self._biases[index] if index < len(self._biases) else None
+        if bias is not None and index not in self._handles:
+            self._handles[index] = bias.register_post_accumulate_grad_hook(
+                functools.partial(self._accumulated, index)
+            )
+        return bias
+
+    def _accumulated(self, index: int, bias: torch.Tensor) -> None:
+        self._on_ready(index)
+
+    def remove(self) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
