@@ -157,3 +157,39 @@ def test_off_by_default_and_not_loaded_by_import() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_compilations_are_bounded_and_further_calls_run_eagerly(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(_compiled, "MAX_SIGNATURES", 3)  # below dynamo's own limit (8)
+    counters.clear()
+    rows = _rows()
+    with ops.compiled("aot_eager"):  # the bound, not the code: no C++ compiler needed
+        for k in range(5):
+            got = ops.histograms(rows[: k % 4 + 1], bins=k + 1)
+            want = ops.histograms(rows[: k % 4 + 1], bins=k + 1)
+            assert all(torch.equal(a, b) for a, b in
+                       zip(want[:5], got[:5], strict=True)), k  # counts, edges, min, max, num
+    assert counters["stats"]["unique_graphs"] == 3
+
+
+def test_under_a_dispatch_mode_the_eager_path_runs() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    rows = _rows()
+    eager = ops.histograms(rows)
+    with ops.compiled("inductor"), Count():
+        got = ops.histograms(rows)
+    assert torch.ops.aten.bincount.default in seen  # the eager path's own op
+    assert not _compiled._signatures
+    assert all(torch.equal(a, b) for a, b in zip(eager, got, strict=True))
