@@ -167,6 +167,7 @@ IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]
     "health": (["health"], [{"name": "nonfinite"},
                             {"name": "spikes", "warmup": 1, "threshold": 1000.0}], {}),
     "all-budget": (["norms", "histograms", "accuracy"], ALL, {"budget": 0.02}),
+    "all-compiled": (["norms", "histograms", "accuracy"], ALL, {"compile_metrics": True}),
     "quickstart-budget": (["norms", "histograms", "accuracy"], QUICKSTART, {"budget": 0.02}),
 }
 
@@ -207,6 +208,8 @@ VARIANTS: dict[str, str] = {
     "all-budget": "ikkuna: as 'all', with budget = 0.02: Ikkuna chooses the cadences from the "
     "measured costs (the first decisions fall into the first steps)",
     "quickstart-budget": "ikkuna: as 'quickstart', with budget = 0.02",
+    "all-compiled": "ikkuna: as 'all', with compile_metrics = true (histograms as one "
+    "torch.compile-d graph; the first step compiles)",
     "curvature": "ikkuna: hessian_max_eigenvalue (Lanczos to its default tolerance, warm-"
     "started) every 50 steps; the first, cold evaluation falls into the warm-up",
     "health": "ikkuna-health: nonfinite (where a NaN/inf began) + spikes (loss, gradient and "
@@ -229,7 +232,8 @@ VARIANTS: dict[str, str] = {
     "backend (watch_names: wandb.watch's panels), offline run",
 }
 #: Run by default; the others only when named in --variants.
-DEFAULT_VARIANTS = [v for v in VARIANTS if v not in ("curvature", "wandb-watch", "ikkuna-wandb")]
+DEFAULT_VARIANTS = [v for v in VARIANTS
+                    if v not in ("curvature", "wandb-watch", "ikkuna-wandb", "all-compiled")]
 #: A budget's cadences are subsample * 2**j: 64 phases hold every cadence up to 64 steps.
 PERIOD = {"all-sub10": 10, "quickstart": 10, "curvature": 50, "all-budget": 64,
           "quickstart-budget": 64}

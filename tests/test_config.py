@@ -70,8 +70,8 @@ def test_toml_round_trip_and_defaults(tmp_path):
         ("[ikkuna]\nflush_every = 0", r"ikkuna\.flush_every: Input should be greater than or"),
         ("[ikkuna]\nbackend = ['tb']",
          r"ikkuna\.backend: Extra inputs are not permitted \(did you mean 'backends'\?\); "
-         r"valid keys: backend_options, backends, budget, ddp_forward, depth, flush_every, "
-         r"include"),
+         r"valid keys: backend_options, backends, budget, compile_metrics, ddp_forward, depth, "
+         r"flush_every, include"),
         ("[ikkuna]\non_error = 'ignore'", r"ikkuna\.on_error: Input should be 'raise' or 'warn'"),
         ("[ikkuna]\n[[ikkuna.subscribers]]\ntopics = []", r"ikkuna\.subscribers\[0\]\.name"),
         ("[ikkuna]\n[[ikkuna.subscribers]]\nname = 'norm'\ntopics = []",

@@ -14,7 +14,8 @@ subsample = 10
 ```
 
 ``budget = 0.02`` makes Ikkuna choose the subscribers' cadences so that watching takes 2 % of
-the plain step time on average (:mod:`ikkuna_core.cost`).
+the plain step time on average (:mod:`ikkuna_core.cost`). ``compile_metrics = true`` computes
+the step's histograms as one ``torch.compile``-d graph (:func:`ikkuna_core.ops.compiled`).
 
 Every error is a :class:`ConfigError` whose message names the key path
 (``ikkuna.subscribers[0].topics``) and what would be right. Integers and booleans are
@@ -101,6 +102,13 @@ class IkkunaConfig(BaseModel):
         gt=0,
         description="the fraction of the plain step time watching may take on average "
         "(0.02: 2 %); Ikkuna then chooses each subscriber's cadence from its measured cost",
+    )
+    compile_metrics: bool = Field(
+        default=False,
+        strict=True,
+        description="compute the histograms of every step as one graph compiled by "
+        "torch.compile (inductor, static shapes; the first step compiles, seconds): the same "
+        "values, fewer small ops (ikkuna_core.ops.compiled); off by default",
     )
     ranks: Literal["rank0", "all"] = Field(
         default="rank0",

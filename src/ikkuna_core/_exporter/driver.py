@@ -4,12 +4,14 @@ hand each ended step's payloads to the bus in one call."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import ops
 from .._bus import MessageBus
 from ..messages import ModuleInfo, TopicPayloads
 from .capture import Capture, Stash
@@ -33,6 +35,8 @@ class StepDriver:
     ) -> None:
         self.clock, self.bus, self.publish_in_eval = clock, bus, publish_in_eval
         self._model_name = type(model).__name__
+        #: the torch.compile backend of the step's metric path (None: eager; ops.compiled)
+        self.compile_backend: str | None = None
         infos = [info for info, _ in watched]
         self.params = Parameters(unwrap_model(model), infos, restricted, clock.forget)
         self.capture = Capture(infos, self.report, [module for _, module in watched])
@@ -167,7 +171,9 @@ class StepDriver:
         )
         stash = capture.take()
         grads, updates = self.params.take_step()
-        self.bus.deliver(stamp, self._payloads(stamp, wanted, stash, grads, updates))
+        payloads = self._payloads(stamp, wanted, stash, grads, updates)
+        with self._compiled():
+            self.bus.deliver(stamp, payloads)
 
     def _deliver_skipped(self) -> None:
         """Hand an attempt whose optimizer step was skipped to the subscribers that see
@@ -181,7 +187,14 @@ class StepDriver:
                 if params[i].tensor.grad is not grad}
         stamp = self.clock.stamp
         payloads = self._payloads(stamp, self.capture.wanted, stash, kept, {})
-        self.bus.deliver_skipped(stamp, payloads)
+        with self._compiled():
+            self.bus.deliver_skipped(stamp, payloads)
+
+    def _compiled(self) -> contextlib.AbstractContextManager[None]:
+        """The metric path's context: compiled with ``compile_backend`` when set."""
+        if self.compile_backend is None:
+            return contextlib.nullcontext()
+        return ops.compiled(self.compile_backend)
 
     def _payloads(
         self, stamp: Stamp, wanted: frozenset[str], stash: Stash,

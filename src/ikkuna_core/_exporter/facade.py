@@ -237,6 +237,8 @@ class Exporter:
                                                                   "rank"))
         self._driver = StepDriver(model, self._watched, self.include is not None, self.clock,
                                   self.bus, self.publish_in_eval)
+        if getattr(self.config, "compile_metrics", False):
+            self._driver.compile_backend = "inductor"
         self._driver.sync()
 
     def _watch_loss(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
