@@ -19,6 +19,7 @@ from .._bus import FINITENESS
 from ..messages import ModuleInfo, TopicPayloads
 from . import traced
 from .hooks import guard, in_backward
+from .traced import first_tensor
 
 __all__ = ["Capture", "Mode", "Stash", "first_tensor", "output_field"]
 
@@ -59,23 +60,6 @@ Versioned = tuple[torch.Tensor, int]
 Plans = tuple[Plan | None, Plan | None, Plan | None]
 #: Reports an error inside a hook: (where, error).
 Report = Callable[[str, BaseException], None]
-
-def first_tensor(output: Any) -> torch.Tensor | None:
-    """The first tensor of a tensor, a tuple/list or a dict (depth first)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            found = first_tensor(item)
-            if found is not None:
-                return found
-    if isinstance(output, dict):
-        for item in output.values():
-            found = first_tensor(item)
-            if found is not None:
-                return found
-    return None
-
 
 def output_field(output: Any, name: str) -> Any:
     """``output.name`` or ``output[name]`` (Hugging Face ``ModelOutput`` is both)."""
@@ -265,9 +249,11 @@ class Capture:
         self._probed: set[tuple[str, int]] = set()  # (topic, module) known either way
         self._learned_plans: dict[Any, Plan] = {}
         self._budget = _MIN_UNREDUCED_BYTES  # unreduced bytes that make a reduction due
-        #: the plans as the bus gave them, read under torch.compile: a compiled graph copies
-        #: whole tensors anyway, and what the capture learns must not recompile it
+        #: the plans as the bus gave them, read under torch.compile (by the op, eagerly): a
+        #: compiled graph copies whole tensors anyway, and what the capture learns must not
+        #: recompile it; the traced hook reads only which of them are set (``traced_wants``)
         self._compiled_plans: Plans = (None, None, None)
+        self.traced_wants = (False, False, False)
         self.number = traced.register(self)  # how compiled graphs name this capture
 
     # ---------------------------------------------------------------- a step
@@ -280,7 +266,7 @@ class Capture:
         self.act_plan = self._learned_plan("activations", plans[0])
         self.lgrad_plan = self._learned_plan("layer_gradients", plans[1])
         self.in_plan = self._learned_plan("inputs", plans[2])
-        self._compiled_plans = plans
+        self._give(plans)
         self.stash = stash = Stash(len(self.modules), self.lgrad_plan)
         if "input_data" in self.wanted:
             data = first_tensor(args)
@@ -292,7 +278,11 @@ class Capture:
     def stop(self) -> None:
         """Capture nothing more (a later micro-batch, an eval forward, the step's end)."""
         self.act_plan = self.lgrad_plan = self.in_plan = None
-        self._compiled_plans = (None, None, None)
+        self._give((None, None, None))
+
+    def _give(self, plans: Plans) -> None:
+        self._compiled_plans = plans
+        self.traced_wants = (plans[0] is not None, plans[1] is not None, plans[2] is not None)
 
     @property
     def plans(self) -> tuple[Plans, Plans]:
@@ -302,7 +292,8 @@ class Capture:
 
     @plans.setter
     def plans(self, plans: tuple[Plans, Plans]) -> None:
-        (self.act_plan, self.lgrad_plan, self.in_plan), self._compiled_plans = plans
+        (self.act_plan, self.lgrad_plan, self.in_plan), given = plans
+        self._give(given)
 
     def take(self) -> Stash:
         """The step's stash, forgotten here (what waits for its reduction reduced)."""
@@ -356,23 +347,6 @@ class Capture:
             elif not torch.is_grad_enabled():
                 arg = first_tensor(args) if x is None else x
                 stash.pending.append((index, call, arg is not None and arg.requires_grad))
-
-    def on_traced_forward(self, token: torch.Tensor, args: Any, output: Any) -> None:
-        """A watched module's forward hook as torch.compile traces it: the same for every
-        module (no index, plan or call count read here, which dynamo would guard on: see
-        :mod:`.traced`); the op does the bookkeeping eagerly and copies what is wanted."""
-        act, lgrad, inp = self._compiled_plans
-        if act is None and lgrad is None and inp is None:
-            return
-        out = output if isinstance(output, torch.Tensor) else first_tensor(output)
-        x = None if inp is None else first_tensor(args)
-        if out is None and x is None:
-            return
-        call = torch.ops.ikkuna.module_forward(token, self.number, out, x)
-        if lgrad is not None and out is not None and out.requires_grad:
-            # a hook that calls an op of its own: traced into the compiled backward (a
-            # Python side effect in a hook on an intermediate breaks the graph)
-            out.register_hook(traced.layer_gradient_hook(self.number, token, call))
 
     def compiled_forward(self, index: int, output: torch.Tensor | None,
                          inputs: torch.Tensor | None) -> int:

@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import IkkunaError
 from ..topics import FORWARD_TOPICS, GRADIENT_TOPICS
 from .relay import Relay
-from .traced import ModuleHook
+from .traced import ModuleHook, TracedCapture
 
 __all__ = ["LOSS_TOPICS", "Callbacks", "Hooks", "guard", "in_backward"]
 
@@ -61,14 +61,15 @@ def in_backward() -> bool:
 
 
 class Callbacks:
-    """What the hooks call (the Exporter's handlers)."""
+    """What the hooks call (the Exporter's handlers; ``module_traced``: the capture a
+    module's hook hands its tensors to under torch.compile)."""
 
     __slots__ = ("forward_end", "forward_start", "grad_accumulated", "module_forward",
                  "module_traced", "optimizer_post", "optimizer_pre")
 
     def __init__(
         self, *, forward_start: Callable[..., None], forward_end: Callable[..., None],
-        module_forward: Callable[..., None], module_traced: Callable[..., None],
+        module_forward: Callable[..., None], module_traced: TracedCapture,
         grad_accumulated: Callable[[int, Any], None],
         optimizer_pre: Callable[..., None], optimizer_post: Callable[..., None],
     ) -> None:

@@ -23,11 +23,16 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-__all__ = ["ModuleHook", "TracedCapture", "layer_gradient_hook", "register"]
+__all__ = ["ModuleHook", "TracedCapture", "first_tensor", "register"]
 
 
 class TracedCapture(Protocol):
-    """What the ops call in the capture, eagerly."""
+    """What the traced hook reads of the capture (its number, and which of the forward
+    topics ``activations``, ``layer_gradients``, ``inputs`` the running forward captures),
+    and what the ops call in it, eagerly."""
+
+    number: int
+    traced_wants: tuple[bool, bool, bool]
 
     def compiled_forward(self, index: int, output: torch.Tensor | None,
                          inputs: torch.Tensor | None) -> int: ...
@@ -57,32 +62,60 @@ def _find(number: int) -> TracedCapture | None:
 
 class ModuleHook:
     """A watched module's forward hook: ``eager(index, module, args, output)`` when the
-    module runs eagerly, ``traced(token, args, output)`` when dynamo traces it. The traced
-    branch reads only the token (a 0-d tensor holding the index), so every module's hook
-    traces to the same graph."""
+    module runs eagerly; traced by dynamo, it reads only the token (a 0-d tensor holding the
+    index) and what ``capture`` captures, so every module's hook traces to the same graph."""
 
-    __slots__ = ("eager", "index", "token", "traced")
+    __slots__ = ("capture", "eager", "index", "token")
 
-    def __init__(self, index: int, eager: Callable[..., None], traced: Callable[..., None]) -> None:
-        self.index, self.eager, self.traced = index, eager, traced
+    def __init__(self, index: int, eager: Callable[..., None], capture: TracedCapture) -> None:
+        self.index, self.eager, self.capture = index, eager, capture
         self.token = torch.tensor(index)
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():
-            self.traced(self.token, args, output)
+            _traced_forward(self.capture, self.token, args, output)
         else:
             self.eager(self.index, module, args, output)
 
 
-def layer_gradient_hook(number: int, token: torch.Tensor,
-                        call: torch.Tensor) -> Callable[[torch.Tensor], None]:
-    """The layer-gradient hook of a compiled forward: the op, which the compiled backward
-    calls where eager autograd would call the hook."""
-    return functools.partial(_layer_gradient, number, token, call)
+def _traced_forward(capture: TracedCapture, token: torch.Tensor, args: Any, output: Any) -> None:
+    """The hook as dynamo traces it: the module's output and input to the op, which does the
+    bookkeeping eagerly and copies what is wanted."""
+    act, lgrad, inp = capture.traced_wants
+    if not (act or lgrad or inp):
+        return
+    out = output if isinstance(output, torch.Tensor) else first_tensor(output)
+    x = first_tensor(args) if inp else None
+    if out is None and x is None:
+        return
+    call = torch.ops.ikkuna.module_forward(token, capture.number, out, x)
+    if lgrad and out is not None and out.requires_grad:
+        # a hook that calls an op of its own: traced into the compiled backward (a Python
+        # side effect in a hook on an intermediate breaks the graph)
+        out.register_hook(functools.partial(_layer_gradient, capture.number, token, call))
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The first tensor of a tensor, a tuple/list or a dict (depth first)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    if isinstance(output, dict):
+        for item in output.values():
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
 
 
 def _layer_gradient(number: int, token: torch.Tensor, call: torch.Tensor,
                     grad: torch.Tensor) -> None:
+    """The layer-gradient hook of a compiled forward: the op, which the compiled backward
+    calls where eager autograd would call the hook."""
     torch.ops.ikkuna.layer_gradient(grad, number, token, call)
 
 
