@@ -306,3 +306,57 @@ def test_blocks_compiled_one_by_one_share_their_graph_watched_as_unwatched(
     for ident, value in expected.seen.items():
         torch.testing.assert_close(got.seen[ident], value, msg=str(ident))
     torch._dynamo.reset()
+
+
+def test_a_capture_plan_changing_with_the_same_topics_does_not_recompile(recorder_cls) -> None:
+    """A finiteness check of the activations at every step and a recorder of them at every
+    other step: the plan alternates (reduced in the hooks, kept whole) over the same topic.
+    The traced hook reads only which forward topics are captured, so one graph serves every
+    step (a hook reading the plan made dynamo guard on it: two graphs), and the recorder
+    sees the eager values."""
+
+    class Finite(ik.Subscriber):
+        name = "finite"
+
+        def finiteness_only(self, topic: str) -> bool:
+            return True
+
+        def compute(self, bundle: ik.MessageBundle) -> None:
+            pass
+
+    graphs = []
+
+    def backend(gm, inputs):  # type: ignore[no-untyped-def]
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+
+    def run(compiled: bool):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        exporter = ik.Exporter(model, nn.CrossEntropyLoss(), bus=ik.MessageBus(on_error="raise"))
+        exporter.subscribe(Finite(topics=["activations"]))
+        rec = exporter.subscribe(recorder_cls(topics=["activations"], subsample=2)).target
+        call = torch.compile(model, backend=backend) if compiled else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            x, y = torch.randn(4, 8, generator=g), torch.randint(0, 4, (4,), generator=g)
+            opt.zero_grad()
+            exporter.loss_fn(call(x), y).backward()
+            opt.step()
+        exporter.close()
+        return rec
+
+    from torch._dynamo.utils import counters
+
+    expected = run(compiled=False)
+    torch._dynamo.reset()
+    counters.clear()
+    got = run(compiled=True)
+    assert dict(counters["graph_break"]) == {}
+    assert len(graphs) == 1
+    assert {s for _, _, s in got.seen} == {0, 2, 4}
+    assert set(got.seen) == set(expected.seen)
+    for ident, value in expected.seen.items():
+        torch.testing.assert_close(got.seen[ident], value, msg=str(ident))
+    torch._dynamo.reset()
