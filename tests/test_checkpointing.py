@@ -262,14 +262,17 @@ def test_fsdp2_with_checkpointed_blocks_publishes_what_the_plain_run_does(
         _assert_same(checkpointed, plain)
 
 
+@pytest.mark.parametrize("skip_side_effects", [True, False], ids=["skip-flag", "no-flag"])
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_compiled_checkpointed_blocks_compile_into_one_graph(
-    reentrant: bool, recorder_cls: Any
+    reentrant: bool, skip_side_effects: bool, recorder_cls: Any
 ) -> None:
-    """Under torch.compile the checkpoint is one higher-order op whose forward the hooks'
-    Python side effects (the stash) must not be replayed in: with dynamo's
-    ``skip_fwd_side_effects_in_bwd_under_checkpoint`` the model compiles into one graph,
-    with no break, and publishes the eager values of the model without checkpointing."""
+    """Under torch.compile the checkpoint is one higher-order op, recomputed in the compiled
+    backward. The hooks traced into it have no Python side effect (the op
+    ``ikkuna::module_forward`` does the bookkeeping, and its recomputation stashes nothing):
+    with or without dynamo's ``skip_fwd_side_effects_in_bwd_under_checkpoint`` the model
+    compiles into one graph, with no break, and publishes the eager values of the model
+    without checkpointing."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -278,7 +281,8 @@ def test_compiled_checkpointed_blocks_compile_into_one_graph(
     counters.clear()
     torch.manual_seed(0)
     model = Net(reentrant)
-    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+    flag = {"skip_fwd_side_effects_in_bwd_under_checkpoint": skip_side_effects}
+    with torch._dynamo.config.patch(**flag):
         got = _train(torch.compile(model, backend="aot_eager"), recorder_cls, steps=3).seen
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1

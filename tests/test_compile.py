@@ -129,7 +129,8 @@ def test_compiling_the_watched_model_runs_no_break_after_its_first_call(
             opt.zero_grad()
             exporter.loss_fn(call(x), y).backward()
             opt.step()
-        exporter.close()
+        if exporter is not None:
+            exporter.close()
         return rec
 
     graphs = []
@@ -217,3 +218,145 @@ def test_every_data_topic_compiles_into_one_graph_inductor(recorder_cls) -> None
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("inductor on the CPU compiles C++: no C++ compiler here")
     _assert_every_topic_in_one_graph("inductor", recorder_cls, steps=10)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc, self.act = nn.LayerNorm(16), nn.Linear(16, 16), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.fc(self.norm(x)))
+
+
+class _Blocks(nn.Module):
+    """Identical blocks (each checkpointed, outside its compiled forward, with
+    ``checkpointed``) and a head."""
+
+    def __init__(self, n: int, checkpointed: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.checkpointed = checkpointed
+        self.blocks = nn.ModuleList(_Block() for _ in range(n))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = (torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                 if self.checkpointed else block(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpoint-outside"])
+def test_blocks_compiled_one_by_one_share_their_graph_watched_as_unwatched(
+    checkpointed: bool, recorder_cls
+) -> None:
+    """torchtitan's way: each of 6 identical blocks compiled in place. Unwatched they share
+    their graphs (compiled for the first block, and once more for the second, whose input
+    requires grad); watched with every data topic, the hooks traced into them must not make
+    each block's graph its own (dynamo guarding on which module a hook watches): as many
+    graphs over 10 steps as unwatched, no break, and the eager values. With the checkpoint
+    around the compiled block, its recomputation reruns the compiled forward: it publishes
+    nothing (no ``#1`` call) and compiles nothing more."""
+    from torch._dynamo.utils import counters
+
+    def run(watched: bool, compiled: bool):  # type: ignore[no-untyped-def]
+        model = _Blocks(6, checkpointed)
+        if compiled:
+            for block in model.blocks:
+                block.compile(backend=backend)
+        loss_fn, exporter, rec = nn.CrossEntropyLoss(), None, None
+        if watched:
+            exporter = ik.Exporter(model, loss_fn, bus=ik.MessageBus(on_error="raise"))
+            rec = exporter.subscribe(recorder_cls(topics=DATA_TOPICS)).target
+            loss_fn = exporter.loss_fn
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            x, y = torch.randn(4, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        if exporter is not None:
+            exporter.close()
+        return rec
+
+    graphs = []
+
+    def backend(gm, inputs):  # type: ignore[no-untyped-def]
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+
+    def compiled(watched: bool):  # type: ignore[no-untyped-def]
+        torch._dynamo.reset()
+        counters.clear()
+        graphs.clear()
+        rec = run(watched, compiled=True)
+        assert dict(counters["graph_break"]) == {}
+        return rec, (len(graphs), counters["stats"]["unique_graphs"])
+
+    expected = run(watched=True, compiled=False)
+    _, unwatched = compiled(watched=False)
+    got, watched = compiled(watched=True)
+    assert unwatched == (2, 2)  # the blocks share their graphs
+    assert watched == unwatched
+    assert {t for t, _, _ in got.seen} == set(DATA_TOPICS)
+    assert not any("#" in str(key) for _, key, _ in got.seen)
+    assert set(got.seen) == set(expected.seen)
+    for ident, value in expected.seen.items():
+        torch.testing.assert_close(got.seen[ident], value, msg=str(ident))
+    torch._dynamo.reset()
+
+
+def test_a_capture_plan_changing_with_the_same_topics_does_not_recompile(recorder_cls) -> None:
+    """A finiteness check of the activations at every step and a recorder of them at every
+    other step: the plan alternates (reduced in the hooks, kept whole) over the same topic.
+    The traced hook reads only which forward topics are captured, so one graph serves every
+    step (a hook reading the plan made dynamo guard on it: two graphs), and the recorder
+    sees the eager values."""
+
+    class Finite(ik.Subscriber):
+        name = "finite"
+
+        def finiteness_only(self, topic: str) -> bool:
+            return True
+
+        def compute(self, bundle: ik.MessageBundle) -> None:
+            pass
+
+    graphs = []
+
+    def backend(gm, inputs):  # type: ignore[no-untyped-def]
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+
+    def run(compiled: bool):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        exporter = ik.Exporter(model, nn.CrossEntropyLoss(), bus=ik.MessageBus(on_error="raise"))
+        exporter.subscribe(Finite(topics=["activations"]))
+        rec = exporter.subscribe(recorder_cls(topics=["activations"], subsample=2)).target
+        call = torch.compile(model, backend=backend) if compiled else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            x, y = torch.randn(4, 8, generator=g), torch.randint(0, 4, (4,), generator=g)
+            opt.zero_grad()
+            exporter.loss_fn(call(x), y).backward()
+            opt.step()
+        exporter.close()
+        return rec
+
+    from torch._dynamo.utils import counters
+
+    expected = run(compiled=False)
+    torch._dynamo.reset()
+    counters.clear()
+    got = run(compiled=True)
+    assert dict(counters["graph_break"]) == {}
+    assert len(graphs) == 1
+    assert {s for _, _, s in got.seen} == {0, 2, 4}
+    assert set(got.seen) == set(expected.seen)
+    for ident, value in expected.seen.items():
+        torch.testing.assert_close(got.seen[ident], value, msg=str(ident))
+    torch._dynamo.reset()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 import ikkuna_core as ik
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gpt_fsdp.py"
-# the first step compiles, the second once more (the capture's first step differs), the third not
+# the first step compiles; the others must not (the capture's first step differs from theirs)
 STEPS = 3
 BATCH = 8
 LR = 3e-3
@@ -60,6 +61,8 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         pytest.skip("torch.distributed is not available in this build")
     log_dir = tmp_path_factory.mktemp("gpt_fsdp")
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if os.environ.get("PYTHONPATH"):  # the ranks import the ikkuna_core this test imports
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     cmd = [sys.executable, str(EXAMPLE), "--steps", str(STEPS), "--ranks", "2",
            "--backend", "aot_eager", "--batch-size", str(BATCH), "--lr", str(LR),
            "--log-dir", str(log_dir), "--overwrite"]
@@ -185,6 +188,6 @@ def test_the_tags_are_the_plain_models_and_the_compiled_blocks_did_not_recompile
     assert tags == expected
     compiler = two_ranks["summary"]["compiler"]
     assert compiler["graph_breaks"] == {}
-    graphs = compiler["graphs_after_each_step"]
-    assert graphs[0] >= 4  # every block ran compiled (one graph per block, see the example)
-    assert graphs[-1] == graphs[1]  # no graph compiled after the second step
+    # the 4 watched blocks share one graph, as unwatched ones do (see the example), compiled
+    # at the first step, never again
+    assert compiler["graphs_after_each_step"] == [1] * STEPS

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
-import itertools
 import math
 import weakref
 from collections.abc import Callable, Sequence
@@ -19,8 +18,10 @@ from torch import nn
 from .. import ops
 from .._bus import FINITENESS, FINITENESS_IF_LOSS
 from ..messages import ModuleInfo, TopicPayloads
+from . import traced
 from .hooks import guard, in_backward
 from .implied import BiasGradients
+from .traced import first_tensor
 
 __all__ = ["Capture", "Mode", "Stash", "first_tensor", "output_field"]
 
@@ -66,29 +67,6 @@ Plans = tuple[Plan | None, Plan | None, Plan | None]
 #: Reports an error inside a hook: (where, error).
 Report = Callable[[str, BaseException], None]
 
-#: The live captures by their number: a compiled graph names its capture by a number (a
-#: constant of the graph), and the layer-gradient op finds it here.
-_CAPTURES: dict[int, weakref.ref[Capture]] = {}
-_NUMBERS = itertools.count()
-
-
-def first_tensor(output: Any) -> torch.Tensor | None:
-    """The first tensor of a tensor, a tuple/list or a dict (depth first)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            found = first_tensor(item)
-            if found is not None:
-                return found
-    if isinstance(output, dict):
-        for item in output.values():
-            found = first_tensor(item)
-            if found is not None:
-                return found
-    return None
-
-
 def output_field(output: Any, name: str) -> Any:
     """``output.name`` or ``output[name]`` (Hugging Face ``ModelOutput`` is both)."""
     if isinstance(output, dict):
@@ -100,7 +78,8 @@ class Stash:
     """What the current step stashed in the hooks of its first forward and backward."""
 
     __slots__ = ("__weakref__", "acts", "backward", "calls", "cursor", "gated", "inputs",
-                 "lgrad_plan", "lgrads", "network", "pending", "reduction", "ref")
+                 "lgrad_plan", "lgrads", "network", "pending", "reduction", "ref", "traced",
+                 "traced_at")
 
     def __init__(self, n_modules: int, lgrad_plan: Plan | None = None) -> None:
         # The layer-gradient hooks hold only this weak reference: an output holding a hook
@@ -120,6 +99,10 @@ class Stash:
         #: no_grad block: the call may begin a checkpointed segment
         self.pending: list[tuple[int, int, bool]] = []
         self.cursor = -1  # the pending call the next recomputed one is expected to be
+        #: (module, call) of the calls in compiled forwards, and the one a recomputation in
+        #: a compiled backward is expected to repeat next
+        self.traced: list[tuple[int, int]] = []
+        self.traced_at = -1
         self.reduction = Reduction()
         #: forward payloads checked only if the loss is not finite (``Mode.REDUCE_IF_LOSS``):
         #: (the list its result goes to, topic, module index, call, tensor, its version)
@@ -161,6 +144,41 @@ class Stash:
         call = pending[pos][1]
         pending[pos] = (-1, -1, False)
         self.cursor = pos + 1
+        return call
+
+    def traced_call(self, plans: Plans, index: int, output: torch.Tensor | None,
+                    inputs: torch.Tensor | None) -> int:
+        """A watched module's call in a compiled forward: counted, and what ``plans`` (as
+        given) want copied (or sampled), as the compiled graph may reuse the tensors'
+        memory. The call's number, or -1."""
+        act, lgrad, inp = plans
+        if act is None and lgrad is None and inp is None:
+            return -1
+        x = None if inp is None or inp[index] == _SKIP else inputs
+        if output is None and x is None:
+            return -1
+        call = self.calls[index]
+        self.calls[index] = call + 1
+        self.traced.append((index, call))
+        if x is not None and inp is not None:
+            self.inputs.append(_capture(index, call, x, _copied(inp[index])))
+        if output is not None and act is not None and act[index] != _SKIP:
+            self.acts.append(_capture(index, call, output, _copied(act[index])))
+        return call
+
+    def retraced_call(self, index: int) -> int:
+        """The call of module ``index`` that a compiled backward repeats (it recomputes the
+        ops of a checkpointed region, ``ikkuna::module_forward`` too), or -1: the call after
+        the last one matched if it is this module's, else this module's last call not yet
+        matched (the regions are recomputed in the reverse order of the forward)."""
+        calls, pos = self.traced, self.traced_at
+        if not (0 <= pos < len(calls) and calls[pos][0] == index):
+            pos = next((p for p in range(len(calls) - 1, -1, -1) if calls[p][0] == index), -1)
+            if pos < 0:
+                return -1
+        call = calls[pos][1]
+        calls[pos] = (-1, -1)
+        self.traced_at = pos + 1
         return call
 
     def _last(self, index: int, starts: bool) -> int:
@@ -328,13 +346,12 @@ class Capture:
         self._budget = _MIN_UNREDUCED_BYTES  # unreduced bytes that make a reduction due
         #: a loss call was seen: forward checks can wait for it (``Mode.REDUCE_IF_LOSS``)
         self._loss_seen = False
-        #: the plans as the bus gave them, read under torch.compile: a compiled graph copies
-        #: whole tensors anyway, and what the capture learns must not recompile it
+        #: the plans as the bus gave them, read under torch.compile (by the op, eagerly): a
+        #: compiled graph copies whole tensors anyway, and what the capture learns must not
+        #: recompile it; the traced hook reads only which of them are set (``traced_wants``)
         self._compiled_plans: Plans = (None, None, None)
-        self.number = next(_NUMBERS)
-        _CAPTURES[self.number] = weakref.ref(self)
-        weakref.finalize(self, _CAPTURES.pop, self.number, None)
-        _define_layer_gradient_op()
+        self.traced_wants = (False, False, False)
+        self.number = traced.register(self)  # how compiled graphs name this capture
 
     # ---------------------------------------------------------------- a step
     def begin(
@@ -346,7 +363,7 @@ class Capture:
         self.act_plan = self._learned_plan("activations", plans[0])
         self.lgrad_plan = self._learned_plan("layer_gradients", plans[1])
         self.in_plan = self._learned_plan("inputs", plans[2])
-        self._compiled_plans = plans
+        self._give(plans)
         self.stash = stash = Stash(len(self.modules), self.lgrad_plan)
         if "input_data" in self.wanted:
             data = first_tensor(args)
@@ -358,7 +375,11 @@ class Capture:
     def stop(self) -> None:
         """Capture nothing more (a later micro-batch, an eval forward, the step's end)."""
         self.act_plan = self.lgrad_plan = self.in_plan = None
-        self._compiled_plans = (None, None, None)
+        self._give((None, None, None))
+
+    def _give(self, plans: Plans) -> None:
+        self._compiled_plans = plans
+        self.traced_wants = (plans[0] is not None, plans[1] is not None, plans[2] is not None)
 
     @property
     def plans(self) -> tuple[Plans, Plans]:
@@ -368,7 +389,8 @@ class Capture:
 
     @plans.setter
     def plans(self, plans: tuple[Plans, Plans]) -> None:
-        (self.act_plan, self.lgrad_plan, self.in_plan), self._compiled_plans = plans
+        (self.act_plan, self.lgrad_plan, self.in_plan), given = plans
+        self._give(given)
 
     def take(self) -> Stash:
         """The step's stash, forgotten here (what waits for its reduction reduced)."""
@@ -394,17 +416,13 @@ class Capture:
 
     # ----------------------------------------------------------------- hooks
     def on_module_forward(self, index: int, module: nn.Module, args: Any, output: Any) -> None:
-        """A watched module's forward hook. Runs for every watched module in every forward:
-        keep it short (and traceable by torch.compile): read the plan, stash a reference or
-        copy a sample."""
-        compiling = torch.compiler.is_compiling()
-        if compiling:
-            act, lgrad, inp = self._compiled_plans
-        else:
-            act, lgrad, inp = self.act_plan, self.lgrad_plan, self.in_plan
+        """A watched module's forward hook, run eagerly (:meth:`on_traced_forward` is the one
+        torch.compile traces). Runs for every watched module in every forward: keep it short:
+        read the plan, stash a reference or copy a sample."""
+        act, lgrad, inp = self.act_plan, self.lgrad_plan, self.in_plan
         if act is None and lgrad is None and inp is None:
             return
-        if not compiling and in_backward():
+        if in_backward():
             # a forward inside a backward: activation checkpointing's recomputation
             self._on_recomputed(index, args, output)
             return
@@ -422,17 +440,21 @@ class Capture:
         if act is not None and act[index] != _SKIP:
             self._stash(stash, stash.acts, "activations", index, call, out, act[index])
         if lgrad is not None and lgrad[index] != _SKIP:
-            if out.requires_grad and compiling:
-                # a hook that calls an op of its own: traced into the compiled backward
-                # (a Python side effect in a hook on an intermediate breaks the graph)
-                out.register_hook(functools.partial(_layer_gradient, self.number, index, call))
-            elif out.requires_grad:
+            if out.requires_grad:
                 out.register_hook(
                     functools.partial(self._on_layer_gradient, stash.ref, index, call)
                 )
             elif not torch.is_grad_enabled():
                 arg = first_tensor(args) if x is None else x
                 stash.pending.append((index, call, arg is not None and arg.requires_grad))
+
+    def compiled_forward(self, index: int, output: torch.Tensor | None,
+                         inputs: torch.Tensor | None) -> int:
+        """A watched module's call in a compiled forward (the op ``ikkuna::module_forward``,
+        eagerly); :meth:`Stash.traced_call`."""
+        if in_backward():  # a checkpointed region recomputed in a compiled backward
+            return self.stash.retraced_call(index)
+        return self.stash.traced_call(self._compiled_plans, index, output, inputs)
 
     def _on_recomputed(self, index: int, args: Any, output: Any) -> None:
         """A watched module's forward recomputed in backward (activation checkpointing): no
@@ -481,10 +503,8 @@ class Capture:
         if mode > _REDUCE:
             entries.append(_capture(index, call, tensor, mode))
             return
-        if (torch.compiler.is_compiling() or type(tensor) not in (torch.Tensor, nn.Parameter)
-                or tensor.layout != torch.strided):
-            # a compiled graph keeps no version counters; a subclass (a DTensor) or a sparse
-            # tensor is the subscriber's to reduce: a copy
+        if type(tensor) not in (torch.Tensor, nn.Parameter) or tensor.layout != torch.strided:
+            # a subclass (a DTensor) or a sparse tensor is the subscriber's to reduce: a copy
             entries.append(_capture(index, call, tensor, _CLONE))
             return
         if not tensor.is_floating_point():
@@ -622,13 +642,13 @@ def _capture(index: int, call: int, tensor: torch.Tensor, mode: int) -> Entry:
     if mode > 0:
         with torch.no_grad():  # a sample without a graph, and no detach op per capture
             return (index, call, ops.sample(tensor, mode), -1, None)
-    if mode == _FULL and not torch.compiler.is_compiling():
+    if mode == _FULL:
         return (index, call, tensor, tensor._version, None)
     copy = tensor.detach().clone()
-    if mode == _PROBE and not torch.compiler.is_compiling():
+    if mode == _PROBE:
         return (index, call, copy, tensor._version, tensor)
-    # a copy: the tensor changes in place later in a step, or (compiled) the graph keeps no
-    # version counters to tell
+    # a copy: the tensor changes in place later in a step, or (compiled) the graph may reuse
+    # its memory
     return (index, call, copy, -1, None)
 
 
@@ -650,41 +670,14 @@ def _finite_on_host(loss: Any) -> bool:
         return bool(torch.isfinite(loss).all())
 
 
+def _copied(mode: int) -> int:
+    """A capture mode for a compiled graph's tensor: a sample, else a copy."""
+    return mode if mode > 0 else _CLONE
+
+
 def _at_backward_end(callback: Callable[[], None]) -> None:
     """Call ``callback`` when the running backward ends (as DDP does); where autograd's
     engine does not take one, the step's end reduces what waits."""
     engine = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
     with contextlib.suppress(RuntimeError):
         engine.queue_callback(callback)
-
-
-def _layer_gradient(number: int, index: int, call: int, grad: torch.Tensor) -> None:
-    """The layer-gradient hook of a compiled forward: the op, which the compiled backward
-    calls where eager autograd would call the hook."""
-    torch.ops.ikkuna.layer_gradient(grad, number, index, call)
-
-
-_OP_DEFINED = False
-
-
-def _define_layer_gradient_op() -> None:
-    """Define ``ikkuna::layer_gradient(grad, capture, module, call) -> ()`` once: an op with
-    an ordered side effect (so no compiler drops it) that hands ``grad`` to the capture."""
-    global _OP_DEFINED
-    if _OP_DEFINED:
-        return
-    from torch._library.effects import EffectType
-
-    @torch.library.custom_op("ikkuna::layer_gradient", mutates_args=())
-    def layer_gradient(grad: torch.Tensor, number: int, index: int, call: int) -> None:
-        ref = _CAPTURES.get(number)
-        capture = None if ref is None else ref()
-        if capture is not None:
-            capture.compiled_layer_gradient(index, call, grad)
-
-    @layer_gradient.register_fake
-    def _(grad: torch.Tensor, number: int, index: int, call: int) -> None:
-        return None
-
-    layer_gradient.register_effect(EffectType.ORDERED)
-    _OP_DEFINED = True

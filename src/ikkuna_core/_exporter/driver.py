@@ -46,6 +46,7 @@ class StepDriver:
         callbacks = Callbacks(
             forward_start=self._on_forward_start, forward_end=self.loss.on_forward_end,
             module_forward=self.capture.on_module_forward,
+            module_traced=self.capture,
             grad_accumulated=self._on_grad_accumulated,
             optimizer_pre=self._on_optimizer_pre, optimizer_post=self._on_optimizer_post,
         )

@@ -20,6 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import IkkunaError
 from ..topics import FORWARD_TOPICS, GRADIENT_TOPICS
 from .relay import Relay
+from .traced import ModuleHook, TracedCapture
 
 __all__ = ["LOSS_TOPICS", "Callbacks", "Hooks", "guard", "in_backward"]
 
@@ -60,18 +61,21 @@ def in_backward() -> bool:
 
 
 class Callbacks:
-    """What the hooks call (the Exporter's handlers)."""
+    """What the hooks call (the Exporter's handlers; ``module_traced``: the capture a
+    module's hook hands its tensors to under torch.compile)."""
 
     __slots__ = ("forward_end", "forward_start", "grad_accumulated", "module_forward",
-                 "optimizer_post", "optimizer_pre")
+                 "module_traced", "optimizer_post", "optimizer_pre")
 
     def __init__(
         self, *, forward_start: Callable[..., None], forward_end: Callable[..., None],
-        module_forward: Callable[..., None], grad_accumulated: Callable[[int, Any], None],
+        module_forward: Callable[..., None], module_traced: TracedCapture,
+        grad_accumulated: Callable[[int, Any], None],
         optimizer_pre: Callable[..., None], optimizer_post: Callable[..., None],
     ) -> None:
         self.forward_start, self.forward_end = forward_start, forward_end
-        self.module_forward, self.grad_accumulated = module_forward, grad_accumulated
+        self.module_forward, self.module_traced = module_forward, module_traced
+        self.grad_accumulated = grad_accumulated
         self.optimizer_pre, self.optimizer_post = optimizer_pre, optimizer_post
 
 
@@ -79,7 +83,9 @@ class Hooks:
     """The hooks on one model: the model's forward pre-hook and torch's global optimizer
     hooks (always), a forward hook per watched module (forward topics), the model's forward
     hook (loss topics, for models that compute their own loss), a gradient-accumulated hook
-    per parameter (gradient topics, until an optimizer steps), and loss modules' hooks."""
+    per parameter (gradient topics, until an optimizer steps), and loss modules' hooks.
+    A module's forward hook traces under torch.compile to the same graph for every module
+    (:class:`~.traced.ModuleHook`): identical blocks compiled one by one share one graph."""
 
     def __init__(
         self, model: nn.Module, modules: Sequence[nn.Module],
@@ -89,6 +95,8 @@ class Hooks:
         self._modules = list(modules)
         self._params = list(params)  # (kind, tensor) by parameter index
         self._on = callbacks
+        self._module_hooks = [ModuleHook(i, callbacks.module_forward, callbacks.module_traced)
+                              for i in range(len(self._modules))]
         self._handles: dict[str, list[RemovableHandle]] = {
             "always": [], "forward": [], "output": []
         }
@@ -148,9 +156,8 @@ class Hooks:
             self._toggle("forward", bool(topics & FORWARD_TOPICS), self._forward_hooks)
 
     def _forward_hooks(self) -> list[RemovableHandle]:
-        on = self._on.module_forward
-        return [m.register_forward_hook(functools.partial(on, i))
-                for i, m in enumerate(self._modules)]
+        return [m.register_forward_hook(hook)
+                for m, hook in zip(self._modules, self._module_hooks, strict=True)]
 
     def _toggle(
         self, group: str, wanted: bool, make: Callable[[], list[RemovableHandle]]
