@@ -105,6 +105,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def _train(
     net: nn.Module, subscribers: list[Any], width: int, same_batch: bool = False,
+    steps_: int = STEPS, on_error: str = "raise",
 ) -> dict[str, Any]:
     """STEPS steps of SGD; per step the collectives, and (watched) the full weights before and
     after the step and the full gradients, gathered here outside the counted step."""
@@ -115,13 +116,13 @@ def _train(
     backend = MemoryBackend()
     exporter = None
     if subscribers:
-        exporter = ik.Exporter(net, bus=ik.MessageBus(on_error="raise"))
+        exporter = ik.Exporter(net, bus=ik.MessageBus(on_error=on_error))
         exporter.add_backend(backend)
         for s in subscribers:
             exporter.subscribe(s)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     steps: list[dict[str, Any]] = []
-    for step in range(STEPS):
+    for step in range(steps_):
         x, y = _batch(step, 0 if same_batch else rank, width)
         before = {n: _full(p) for n, p in net.named_parameters()}
         counter = Collectives()
@@ -199,14 +200,52 @@ def _scenarios() -> dict[str, Callable[[], dict[str, Any]]]:
     }
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _failing() -> dict[str, Any]:
+    """Merging subscribers that fail on rank 1 only (``on_error = "warn"``): one in its
+    ``compute_step`` at step 1, before its partial; one in its merge callback (publishing) at
+    step 2; beside them a norm and a histogram that must go on, merged, on both ranks."""
+    import warnings
+
+    from ikkuna_histograms.subscribers import Histogram
+    from ikkuna_norms.subscribers import Norm
+
+    rank = dist.get_rank()
+
+    class FailsInCompute(Norm):
+        name = "fails_in_compute"
+
+        def compute_step(self, step: Any) -> None:
+            if rank == 1 and step.global_step == 1:
+                raise RuntimeError("planted failure in compute_step on rank 1")
+            super().compute_step(step)
+
+    class FailsInMerge(Norm):
+        name = "fails_in_merge"
+
+        def publish_scalars(self, step: Any, *args: Any, **kwargs: Any) -> None:
+            if rank == 1 and step.global_step == 2:
+                raise RuntimeError("planted failure in the merge callback on rank 1")
+            super().publish_scalars(step, *args, **kwargs)
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = _train(_fsdp(), [
+            FailsInCompute(topics=["weights"]), Norm(topics=["weight_gradients"]),
+            FailsInMerge(topics=["weight_updates"]),
+            Histogram(topics=["weights"], bins=8, max_samples=0),
+        ], 32, steps_=4, on_error="warn")
+    return {**result, "warnings": [str(w.message) for w in said]}
+
+
+def _worker(rank: int, port: int, out: str, which: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=120),
+        timeout=datetime.timedelta(seconds=120 if which == "all" else 20),
     )
     try:
-        results = {name: run() for name, run in _scenarios().items()}
+        scenarios = _scenarios() if which == "all" else {"failing": _failing}
+        results = {name: run() for name, run in scenarios.items()}
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -214,8 +253,9 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 def main() -> None:
     out, port = sys.argv[1], int(sys.argv[2])
+    which = sys.argv[3] if len(sys.argv) > 3 else "all"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(port, out), nprocs=WORLD)
+    mp.spawn(_worker, args=(port, out, which), nprocs=WORLD)
 
 
 if __name__ == "__main__":
