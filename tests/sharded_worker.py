@@ -1,17 +1,15 @@
 """Sharded training watched without gathering, on two real ``gloo`` processes (127.0.0.1,
-CPU), started by tests/test_distributed_sharded.py as ``python tests/sharded_worker.py
-OUT_DIR``: ``torch.multiprocessing.spawn`` starts the two ranks. Each rank runs the scenarios
-below, counts the collectives each training step issues (a ``TorchDispatchMode`` over the
-dispatcher's ``c10d``/``_c10d_functional`` ops) with and without watching, records what was
-published (an in-memory backend) and the references computed here, independently, from the
-full tensors (``full_tensor()`` gathered by the test itself, outside the counted steps), and
+CPU), started by tests/test_distributed_sharded.py as ``python tests/sharded_worker.py RANK
+PORT OUT_DIR all|failing`` (tests/_spawn.py). Each rank runs the scenarios below, counts the
+collectives each training step issues (a ``TorchDispatchMode`` over the dispatcher's
+``c10d``/``_c10d_functional`` ops) with and without watching, records what was published
+(an in-memory backend) and the references computed here, independently, from the full
+tensors (``full_tensor()`` gathered by the test itself, outside the counted steps), and
 saves it all to ``OUT_DIR/rank<r>.pt``.
 """
 
 from __future__ import annotations
 
-import datetime
-import os
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -20,11 +18,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _spawn import WORLD, process_group
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-WORLD = 2
 STEPS = 3
 _NAMESPACES = ("c10d", "_c10d_functional")
 _NOT_COLLECTIVES = ("wait_tensor", "_wrap_tensor_autograd", "barrier")
@@ -237,25 +234,13 @@ def _failing() -> dict[str, Any]:
     return {**result, "warnings": [str(w.message) for w in said]}
 
 
-def _worker(rank: int, port: int, out: str, which: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=120 if which == "all" else 20),
-    )
-    try:
+def main() -> None:
+    rank, port, out, which = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+    # a collective one rank never issues fails the other after 20 s (the failing scenario)
+    with process_group(rank, port, timeout=120 if which == "all" else 20):
         scenarios = _scenarios() if which == "all" else {"failing": _failing}
         results = {name: run() for name, run in scenarios.items()}
-        torch.save(results, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def main() -> None:
-    out, port = sys.argv[1], int(sys.argv[2])
-    which = sys.argv[3] if len(sys.argv) > 3 else "all"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(port, out, which), nprocs=WORLD)
+        torch.save(results, out / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,6 @@ counted steps (``full_tensor()``) and computed here with plain torch.
 from __future__ import annotations
 
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,30 +24,12 @@ BLOCKS = ("0", "2", "4", "6")  # the FSDP2 model's Linear modules
 KIB = 1024
 
 
-def _spawned(out: Path, which: str, timeout: float) -> list[dict[str, Any]]:
-    """The worker's scenarios ``which`` on two spawned ranks; per rank, per scenario (a rank
-    left waiting fails the test after ``timeout`` seconds)."""
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
-    try:
-        proc = subprocess.run([sys.executable, str(WORKER), str(out), str(port), which],
-                              env=env, capture_output=True, text=True, timeout=timeout,
-                              check=False)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"the ranks hung ({timeout} s): {str(exc.stderr)[-2000:]}")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-
-
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """Every scenario on two spawned ranks, once for the module; per rank, per scenario."""
-    return _spawned(tmp_path_factory.mktemp("sharded"), "all", timeout=300)
+def ranks(
+    tmp_path_factory: pytest.TempPathFactory, run_ranks: Any
+) -> list[dict[str, Any]]:
+    """Every scenario on two ranks, once for the module; per rank, per scenario."""
+    return run_ranks(WORKER, tmp_path_factory.mktemp("sharded"), "all", timeout=300)
 
 
 def _added(watched: dict[str, Any], plain: dict[str, Any]) -> list[tuple[dict[str, int], int]]:
@@ -207,11 +185,11 @@ def test_tensor_parallel_norms_and_histograms_merge_colwise_and_rowwise_shards(r
                 assert (got.min, got.max, got.num) == (float(w.min()), float(w.max()), w.numel())
 
 
-def test_a_merging_subscriber_failing_on_one_rank_is_disabled_on_both(tmp_path):
+def test_a_merging_subscriber_failing_on_one_rank_is_disabled_on_both(tmp_path, run_ranks):
     """A merging subscriber raising on rank 1 only (in compute_step before its partial, or
     in its merge callback) is disabled on both ranks, said on each; training and the other
     merging subscribers go on, their merged values those of the full tensors."""
-    ranks = _spawned(tmp_path, "failing", timeout=90)
+    ranks = run_ranks(WORKER, tmp_path, "failing", timeout=90)  # a hang fails it
     zero, one = ranks[0]["failing"], ranks[1]["failing"]
     for planted in ("in compute_step", "in the merge callback"):
         assert any(f"planted failure {planted} on rank 1" in w for w in one["warnings"])
