@@ -32,6 +32,14 @@ def ranks(
     return run_ranks(WORKER, tmp_path_factory.mktemp("sharded"), "all", timeout=300)
 
 
+@pytest.fixture(scope="module")
+def failing(
+    tmp_path_factory: pytest.TempPathFactory, run_ranks: Any
+) -> list[dict[str, Any]]:
+    """The worker's scenarios of subscribers failing on rank 1 only (a hang fails it)."""
+    return run_ranks(WORKER, tmp_path_factory.mktemp("failing"), "failing", timeout=90)
+
+
 def _added(watched: dict[str, Any], plain: dict[str, Any]) -> list[tuple[dict[str, int], int]]:
     """Per step: the collectives watching added (by name) and their bytes."""
     out = []
@@ -185,12 +193,11 @@ def test_tensor_parallel_norms_and_histograms_merge_colwise_and_rowwise_shards(r
                 assert (got.min, got.max, got.num) == (float(w.min()), float(w.max()), w.numel())
 
 
-def test_a_merging_subscriber_failing_on_one_rank_is_disabled_on_both(tmp_path, run_ranks):
+def test_a_merging_subscriber_failing_on_one_rank_is_disabled_on_both(failing):
     """A merging subscriber raising on rank 1 only (in compute_step before its partial, or
     in its merge callback) is disabled on both ranks, said on each; training and the other
     merging subscribers go on, their merged values those of the full tensors."""
-    ranks = run_ranks(WORKER, tmp_path, "failing", timeout=90)  # a hang fails it
-    zero, one = ranks[0]["failing"], ranks[1]["failing"]
+    zero, one = failing[0]["failing"], failing[1]["failing"]
     for planted in ("in compute_step", "in the merge callback"):
         assert any(f"planted failure {planted} on rank 1" in w for w in one["warnings"])
         assert not any("planted failure" in w for w in zero["warnings"])
@@ -215,6 +222,33 @@ def test_a_merging_subscriber_failing_on_one_rank_is_disabled_on_both(tmp_path, 
                 assert got.num == w.numel()
     assert {k: v for k, v in zero["scalars"].items() if k[1] < 2 or "fails" not in k[0]} == \
         one["scalars"]
+
+
+def test_a_merge_callback_failing_on_one_rank_with_nothing_else_to_merge_there(failing):
+    """Rank 1 fails in a merge callback and has nothing else to merge in the step: in the
+    last round (told in the next step's round, where rank 0 merges that subscriber again) and
+    in a histogram's edges (rank 0 merges its counts: rank 1 knows the step's rounds from
+    the step before and takes part)."""
+    zero, one = failing[0]["failing_late"], failing[1]["failing_late"]
+    for planted in ("in the last merge callback", "in the edges' merge callback"):
+        assert any(f"planted failure {planted} on rank 1" in w for w in one["warnings"])
+    for name in ("fails_in_final", "fails_in_edges"):
+        assert any(f"{name!r} failed on another rank and is disabled" in w
+                   for w in zero["warnings"]), zero["warnings"]
+    for result in (zero, one):
+        scalars, hists = result["scalars"], result["histograms"]
+        assert {s for (t, s) in scalars if t.startswith("fails_in_final/")} == (
+            {0, 1} if result is zero else {0})
+        assert {s for (t, s) in hists if t.startswith("fails_in_edges/")} == {0, 1, 2, 3}
+        for step, ref in enumerate(result["steps"]):
+            for key in BLOCKS:
+                assert scalars[(f"norm/weight_gradients/{key}", step)] == pytest.approx(
+                    _norm(ref["grads"][f"{key}.weight"]), rel=1e-5), (key, step)
+                if step < 4:
+                    w = ref["after"][f"{key}.weight"]
+                    got = hists[(f"fails_in_edges/weights/{key}", step)]
+                    assert got.counts.tolist() == \
+                        ik.ops.histograms([w], bins=8).counts[0].tolist()
 
 
 def test_merge_shards_outside_sharded_training_is_the_plain_computation():

@@ -204,12 +204,17 @@ class Merges:
             index = {id(s): i for i, s in enumerate(everyone)}
             # a failure not yet told stands in for the partials its subscriber, due, merges
             # on the other ranks (where it is still enabled, so among their active ones)
-            due = {i for i in self.failed if step % everyone[i].subsample == 0}
+            due = {i for i in self.failed
+                   if i < len(everyone) and step % everyone[i].subsample == 0}
             for i in due:
                 self.failed[i] = self._stands_in(everyone[i])
             self._subs = tuple(sorted(
                 {index[id(s)] for s in active if merges(s.subscriber)} | due))
         return dict(payloads if self.view is None else self.view.local)
+
+    def _index(self, sub: Any) -> int | None:
+        """``sub``'s registration index (the same on every rank)."""
+        return next((i for i, s in enumerate(self._everyone) if s is sub), None)
 
     def _stands_in(self, sub: Any) -> bool:
         view = self.view
@@ -220,8 +225,9 @@ class Merges:
         forgotten and, if it merges, its failure told to the other ranks in the next round
         (of this step if it would have merged in it)."""
         self.drop(sub.subscriber)
-        if merges(sub.subscriber) and sub in self._everyone:
-            self.failed[list(self._everyone).index(sub)] = self._stands_in(sub)
+        index = self._index(sub) if merges(sub.subscriber) else None
+        if index is not None:
+            self.failed[index] = self._stands_in(sub)
 
     def end(self, payloads: dict[str, TopicPayloads], put: Callable[[Any], None]) -> None:
         """The step's delivery ends: under DDP the shared results exchanged and ``put``."""
@@ -314,9 +320,9 @@ class Merges:
                         entry.then(entry.merged)
             except Exception as exc:  # noqa: BLE001 - the bus's error policy decides
                 self.drop(sub.subscriber)
-                if sub in self._everyone:  # told in the next round; this step's if known
-                    more = self._rounds.get(self._subs, 0) > self._round
-                    self.failed[list(self._everyone).index(sub)] = more
+                index = self._index(sub)
+                if index is not None:  # told in the next round: this step's if it has one
+                    self.failed[index] = self._rounds.get(self._subs, 0) > self._round
                 finish(sub, exc)
                 continue
             if self.waiting(sub.subscriber):
@@ -329,7 +335,8 @@ class Merges:
         stands in for one held on the other ranks, registered before it)."""
         owners = [h.subscriber for h in held]
         if any(self.failed.values()):
-            at = list(self._everyone).index(before)
+            at = self._index(before)
+            at = len(self._everyone) if at is None else at
             owners += [self._everyone[i].subscriber for i, live in self.failed.items()
                        if live and i < at]
         return any(t in before.topics for o in owners for t in o.output_topics())
