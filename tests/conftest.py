@@ -3,9 +3,11 @@ project's own plugins, by name."""
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -107,3 +109,14 @@ def _hook_state(model: nn.Module, *others: nn.Module) -> dict[str, int]:
 def hook_state() -> Callable[..., dict[str, int]]:
     """``hook_state(model, loss_fn)``: hook counts to compare before and after."""
     return _hook_state
+
+
+@pytest.fixture(scope="session")
+def run_ranks() -> Callable[..., list[Any]]:
+    """tests/_spawn.py's ``run_ranks``: a worker script on two real gloo ranks (the workers
+    import that module as a script's neighbour; the tests, imported by path, get it here)."""
+    spec = importlib.util.spec_from_file_location("_spawn", Path(__file__).with_name("_spawn.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run_ranks  # type: ignore[no-any-return]

@@ -13,14 +13,13 @@
 from __future__ import annotations
 
 import copy
-import datetime
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from _spawn import process_group
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -182,13 +181,8 @@ def budgeted(rank: int, out: Path) -> dict[str, Any]:
 
 if __name__ == "__main__":
     rank, port, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2, timeout=datetime.timedelta(seconds=60))
-    try:
+    with process_group(rank, port):
         torch.save({"shared": parameters(rank, True), "alone": parameters(rank, False),
                     "forward": forward(rank, out), "failing": failing(rank),
                     "budgeted": budgeted(rank, out)},
                    out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()

@@ -8,7 +8,6 @@ the test compares them. Everything on the CPU.
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -16,9 +15,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from _spawn import WORLD, process_group
 from torch import nn
 
-WORLD = 2
 CPU = torch.device("cpu")
 
 
@@ -147,19 +146,8 @@ def fsdp(rank: int) -> dict[str, Any]:
     return {"steps": steps, "seen": recorder.seen, "norms": norms}
 
 
-def _run(rank: int, port: int, out: Path) -> None:
-    torch.set_num_threads(1)
-    os.environ["IKKUNA_PLUGINS"] = "norms"
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        result = {"ddp": ddp(rank, out), "fsdp": fsdp(rank)}
-        torch.save(result, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    _run(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
+    rank, port, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    os.environ["IKKUNA_PLUGINS"] = "norms"
+    with process_group(rank, port):
+        torch.save({"ddp": ddp(rank, out), "fsdp": fsdp(rank)}, out / f"rank{rank}.pt")

@@ -1,17 +1,15 @@
 """Sharded training watched without gathering, on two real ``gloo`` processes (127.0.0.1,
-CPU), started by tests/test_distributed_sharded.py as ``python tests/sharded_worker.py
-OUT_DIR``: ``torch.multiprocessing.spawn`` starts the two ranks. Each rank runs the scenarios
-below, counts the collectives each training step issues (a ``TorchDispatchMode`` over the
-dispatcher's ``c10d``/``_c10d_functional`` ops) with and without watching, records what was
-published (an in-memory backend) and the references computed here, independently, from the
-full tensors (``full_tensor()`` gathered by the test itself, outside the counted steps), and
+CPU), started by tests/test_distributed_sharded.py as ``python tests/sharded_worker.py RANK
+PORT OUT_DIR all|failing`` (tests/_spawn.py). Each rank runs the scenarios below, counts the
+collectives each training step issues (a ``TorchDispatchMode`` over the dispatcher's
+``c10d``/``_c10d_functional`` ops) with and without watching, records what was published
+(an in-memory backend) and the references computed here, independently, from the full
+tensors (``full_tensor()`` gathered by the test itself, outside the counted steps), and
 saves it all to ``OUT_DIR/rank<r>.pt``.
 """
 
 from __future__ import annotations
 
-import datetime
-import os
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -20,11 +18,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _spawn import WORLD, process_group
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-WORLD = 2
 STEPS = 3
 _NAMESPACES = ("c10d", "_c10d_functional")
 _NOT_COLLECTIVES = ("wait_tensor", "_wrap_tensor_autograd", "barrier")
@@ -105,6 +102,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def _train(
     net: nn.Module, subscribers: list[Any], width: int, same_batch: bool = False,
+    steps_: int = STEPS, on_error: str = "raise",
 ) -> dict[str, Any]:
     """STEPS steps of SGD; per step the collectives, and (watched) the full weights before and
     after the step and the full gradients, gathered here outside the counted step."""
@@ -115,13 +113,13 @@ def _train(
     backend = MemoryBackend()
     exporter = None
     if subscribers:
-        exporter = ik.Exporter(net, bus=ik.MessageBus(on_error="raise"))
+        exporter = ik.Exporter(net, bus=ik.MessageBus(on_error=on_error))
         exporter.add_backend(backend)
         for s in subscribers:
             exporter.subscribe(s)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     steps: list[dict[str, Any]] = []
-    for step in range(STEPS):
+    for step in range(steps_):
         x, y = _batch(step, 0 if same_batch else rank, width)
         before = {n: _full(p) for n, p in net.named_parameters()}
         counter = Collectives()
@@ -199,23 +197,88 @@ def _scenarios() -> dict[str, Callable[[], dict[str, Any]]]:
     }
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    try:
-        results = {name: run() for name, run in _scenarios().items()}
-        torch.save(results, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _failing() -> dict[str, Any]:
+    """Merging subscribers that fail on rank 1 only (``on_error = "warn"``): one in its
+    ``compute_step`` at step 1, before its partial; one in its merge callback (publishing) at
+    step 2; beside them a norm and a histogram that must go on, merged, on both ranks."""
+    import warnings
+
+    from ikkuna_histograms.subscribers import Histogram
+    from ikkuna_norms.subscribers import Norm
+
+    rank = dist.get_rank()
+
+    class FailsInCompute(Norm):
+        name = "fails_in_compute"
+
+        def compute_step(self, step: Any) -> None:
+            if rank == 1 and step.global_step == 1:
+                raise RuntimeError("planted failure in compute_step on rank 1")
+            super().compute_step(step)
+
+    class FailsInMerge(Norm):
+        name = "fails_in_merge"
+
+        def publish_scalars(self, step: Any, *args: Any, **kwargs: Any) -> None:
+            if rank == 1 and step.global_step == 2:
+                raise RuntimeError("planted failure in the merge callback on rank 1")
+            super().publish_scalars(step, *args, **kwargs)
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = _train(_fsdp(), [
+            FailsInCompute(topics=["weights"]), Norm(topics=["weight_gradients"]),
+            FailsInMerge(topics=["weight_updates"]),
+            Histogram(topics=["weights"], bins=8, max_samples=0),
+        ], 32, steps_=4, on_error="warn")
+    return {**result, "warnings": [str(w.message) for w in said]}
+
+
+def _failing_late() -> dict[str, Any]:
+    """Merge callbacks failing on rank 1 only where rank 1 has nothing else to merge: the
+    last one of a step (step 1: told in the next step's round) and one after which rank 0
+    merges again (step 4, a histogram's edges: the step's rounds known from step 3)."""
+    import warnings
+
+    from ikkuna_histograms.subscribers import Histogram
+    from ikkuna_norms.subscribers import Norm
+
+    rank = dist.get_rank()
+
+    class FailsInFinal(Norm):
+        name = "fails_in_final"
+
+        def publish_scalars(self, step: Any, *args: Any, **kwargs: Any) -> None:
+            if rank == 1 and step.global_step == 1:
+                raise RuntimeError("planted failure in the last merge callback on rank 1")
+            super().publish_scalars(step, *args, **kwargs)
+
+    class FailsInEdges(Histogram):
+        name = "fails_in_edges"
+
+        def merge_shards(self, step: Any, partial: Any, then: Any, **kwargs: Any) -> None:
+            if kwargs.get("op") == "max" and rank == 1 and step.global_step == 4:
+                def then(merged: Any) -> None:
+                    raise RuntimeError("planted failure in the edges' merge callback on rank 1")
+            super().merge_shards(step, partial, then, **kwargs)
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = _train(_fsdp(), [
+            Norm(topics=["weight_gradients"]), FailsInFinal(topics=["weights"]),
+            FailsInEdges(topics=["weights"], bins=8, max_samples=0),
+        ], 32, steps_=5, on_error="warn")
+    return {**result, "warnings": [str(w.message) for w in said]}
 
 
 def main() -> None:
-    out, port = sys.argv[1], int(sys.argv[2])
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(port, out), nprocs=WORLD)
+    rank, port, out, which = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+    # a collective one rank never issues fails the other after 20 s (the failing scenario)
+    with process_group(rank, port, timeout=120 if which == "all" else 20):
+        scenarios = _scenarios() if which == "all" else {"failing": _failing,
+                                                          "failing_late": _failing_late}
+        results = {name: run() for name, run in scenarios.items()}
+        torch.save(results, out / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":

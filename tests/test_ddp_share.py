@@ -9,43 +9,19 @@ subscriber failing on one rank is disabled on both, and training goes on."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 WORKER = Path(__file__).with_name("ddp_share_worker.py")
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    out = tmp_path_factory.mktemp("ddp_share")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), port, str(out)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=240)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for r, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {r}:\n" + "\n".join(logs)[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def ranks(
+    tmp_path_factory: pytest.TempPathFactory, run_ranks: Any
+) -> list[dict[str, Any]]:
+    return run_ranks(WORKER, tmp_path_factory.mktemp("ddp_share"))
 
 
 def test_each_rank_does_about_half_the_metric_work(ranks):

@@ -12,9 +12,6 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,38 +22,14 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 KEYS = {"0", "2", "4"}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+def ranks(
+    tmp_path_factory: pytest.TempPathFactory, run_ranks: Any
+) -> tuple[Path, list[dict[str, Any]]]:
     """Run the two processes once for every test of this module; (out dir, per-rank
     results)."""
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available in this build")
     out = tmp_path_factory.mktemp("distributed")
-    port = str(_free_port())
-    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(rank), port, str(out)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in range(2)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=240)[0])
-    finally:
-        for proc in procs:  # a rank that failed leaves the other waiting: bounded
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank}:\n" + "\n".join(logs)[-4000:]
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return out, run_ranks(WORKER, out)
 
 
 def _scalars(log_dir: Path) -> dict[tuple[str, int], float]:

@@ -11,9 +11,6 @@ counted steps (``full_tensor()``) and computed here with plain torch.
 from __future__ import annotations
 
 import math
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +25,19 @@ KIB = 1024
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """Every scenario on two spawned ranks, once for the module; per rank, per scenario."""
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    out = tmp_path_factory.mktemp("sharded")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(WORKER), str(out), str(port)], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def ranks(
+    tmp_path_factory: pytest.TempPathFactory, run_ranks: Any
+) -> list[dict[str, Any]]:
+    """Every scenario on two ranks, once for the module; per rank, per scenario."""
+    return run_ranks(WORKER, tmp_path_factory.mktemp("sharded"), "all", timeout=300)
+
+
+@pytest.fixture(scope="module")
+def failing(
+    tmp_path_factory: pytest.TempPathFactory, run_ranks: Any
+) -> list[dict[str, Any]]:
+    """The worker's scenarios of subscribers failing on rank 1 only (a hang fails it)."""
+    return run_ranks(WORKER, tmp_path_factory.mktemp("failing"), "failing", timeout=90)
 
 
 def _added(watched: dict[str, Any], plain: dict[str, Any]) -> list[tuple[dict[str, int], int]]:
@@ -194,6 +191,64 @@ def test_tensor_parallel_norms_and_histograms_merge_colwise_and_rowwise_shards(r
                 want = ik.ops.histograms([w], bins=8)
                 assert got.counts.tolist() == want.counts[0].tolist()
                 assert (got.min, got.max, got.num) == (float(w.min()), float(w.max()), w.numel())
+
+
+def test_a_merging_subscriber_failing_on_one_rank_is_disabled_on_both(failing):
+    """A merging subscriber raising on rank 1 only (in compute_step before its partial, or
+    in its merge callback) is disabled on both ranks, said on each; training and the other
+    merging subscribers go on, their merged values those of the full tensors."""
+    zero, one = failing[0]["failing"], failing[1]["failing"]
+    for planted in ("in compute_step", "in the merge callback"):
+        assert any(f"planted failure {planted} on rank 1" in w for w in one["warnings"])
+        assert not any("planted failure" in w for w in zero["warnings"])
+    for name in ("fails_in_compute", "fails_in_merge"):
+        assert any(f"{name!r} failed on another rank and is disabled" in w
+                   for w in zero["warnings"]), zero["warnings"]
+    for result in (zero, one):
+        scalars, hists = result["scalars"], result["histograms"]
+        assert {s for (t, s) in scalars if t.startswith("fails_in_compute/")} == {0}
+        # rank 0 merged and published step 2 before rank 1's failure in it was told
+        assert {s for (t, s) in scalars if t.startswith("fails_in_merge/")} == (
+            {0, 1, 2} if result is zero else {0, 1})
+        for step, ref in enumerate(result["steps"]):
+            if step in (0, 3):  # no failure: a round per kind, as without one (two rounds)
+                assert ref["calls"].get("c10d.allreduce_") == 3, (step, ref["calls"])
+            for key in BLOCKS:
+                grad, w = ref["grads"][f"{key}.weight"], ref["after"][f"{key}.weight"]
+                assert scalars[(f"norm/weight_gradients/{key}", step)] == pytest.approx(
+                    _norm(grad), rel=1e-5), (key, step)
+                got = hists[(f"histogram/weights/{key}", step)]
+                assert got.counts.tolist() == ik.ops.histograms([w], bins=8).counts[0].tolist()
+                assert got.num == w.numel()
+    assert {k: v for k, v in zero["scalars"].items() if k[1] < 2 or "fails" not in k[0]} == \
+        one["scalars"]
+
+
+def test_a_merge_callback_failing_on_one_rank_with_nothing_else_to_merge_there(failing):
+    """Rank 1 fails in a merge callback and has nothing else to merge in the step: in the
+    last round (told in the next step's round, where rank 0 merges that subscriber again) and
+    in a histogram's edges (rank 0 merges its counts: rank 1 knows the step's rounds from
+    the step before and takes part)."""
+    zero, one = failing[0]["failing_late"], failing[1]["failing_late"]
+    for planted in ("in the last merge callback", "in the edges' merge callback"):
+        assert any(f"planted failure {planted} on rank 1" in w for w in one["warnings"])
+    for name in ("fails_in_final", "fails_in_edges"):
+        assert any(f"{name!r} failed on another rank and is disabled" in w
+                   for w in zero["warnings"]), zero["warnings"]
+    for result in (zero, one):
+        scalars, hists = result["scalars"], result["histograms"]
+        assert {s for (t, s) in scalars if t.startswith("fails_in_final/")} == (
+            {0, 1} if result is zero else {0})
+        assert {s for (t, s) in hists if t.startswith("fails_in_edges/")} == {0, 1, 2, 3}
+        for step, ref in enumerate(result["steps"]):
+            for key in BLOCKS:
+                assert scalars[(f"norm/weight_gradients/{key}", step)] == pytest.approx(
+                    _norm(ref["grads"][f"{key}.weight"]), rel=1e-5), (key, step)
+                if step < 4:
+                    w = ref["after"][f"{key}.weight"]
+                    got = hists[(f"fails_in_edges/weights/{key}", step)]
+                    assert got.counts.tolist() == \
+                        ik.ops.histograms([w], bins=8).counts[0].tolist()
 
 
 def test_merge_shards_outside_sharded_training_is_the_plain_computation():

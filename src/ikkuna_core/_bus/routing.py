@@ -23,7 +23,7 @@ from ..topics import TopicSpec, builtin_topics
 from .consumer import Consumer
 from .policy import ErrorPolicy
 from .results import Results, payloads_of, values_message
-from .shards import Merges
+from .shards import FailedOnAnotherRank, Merges
 from .transfer import Outbox
 
 if TYPE_CHECKING:
@@ -323,7 +323,7 @@ class MessageBus(_OldNames):
         active: Sequence[Subscription], skipped: bool = False,
     ) -> None:
         merges = self.merges
-        available = merges.begin(payloads, active)  # DTensors, DDP: see .shards, .ddp
+        available = merges.begin(payloads, active, stamp[0], self.subscriptions)  # .shards, .ddp
         held: dict[Subscription, object] = {}  # subscribers waiting for a merge of shards
 
         def finish(sub: Subscription, exc: Exception | None) -> None:
@@ -352,7 +352,7 @@ class MessageBus(_OldNames):
             except Exception as exc:  # noqa: BLE001 - the error policy decides
                 self.cost.stopped(sub, token)
                 self.results.close(stamp)
-                merges.drop(sub.subscriber)
+                merges.fail(sub)  # told to the other ranks where it merges shards
                 self._subscriber_failed(sub, exc, stamp, list(parts))
                 continue
             self.cost.stopped(sub, token)
@@ -443,6 +443,13 @@ def _finished(
     if exc is None:
         return _published(bus, sub, stamp, payloads, available)
     bus.results.close(stamp)
+    if isinstance(exc, FailedOnAnotherRank):
+        if sub.subscriber.enabled:
+            sub.subscriber.enabled = False
+            bus.warn_once(f"merge-failed:{id(sub)}", (
+                f"ikkuna: subscriber {sub.subscriber.name!r} failed on another rank and is "
+                "disabled on this one too (its shards' ranks merge its statistics together)"))
+        return None
     if isinstance(exc, IkkunaError):
         raise exc
     bus._subscriber_failed(sub, exc, stamp, list(sub.topics))

@@ -8,7 +8,9 @@ all topics) travels in one all-reduce per kind of reduction (sums; maxima, minim
 maxima) and round (a histogram agrees on its edges first). A subscriber whose ``sharded`` is
 ``"gather"`` (the default: correct whatever it computes) receives full tensors, all-gathered
 once per topic at the steps such a subscriber is due. Every rank runs the same subscribers at
-the same steps, so the collectives come in the same order on every rank.
+the same steps, so the collectives come in the same order on every rank; a merging
+subscriber that fails on some rank is disabled on every rank, agreed in the step's next
+round (see :mod:`.agreed`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from typing import Any, Literal
 import torch
 
 from ..messages import TopicPayloads
-from ..ops import constant
+from .agreed import Layout, merge_round
 from .ddp import DDPShare
 
-__all__ = ["Merges", "ShardedStep", "is_dtensor", "local_view", "merges"]
+__all__ = ["FailedOnAnotherRank", "Merges", "ShardedStep", "is_dtensor", "local_view", "merges"]
 
 #: How partial statistics of shards combine.
 Reduction = Literal["sum", "max", "min"]
@@ -153,6 +155,10 @@ class _Pending:
     merged: torch.Tensor | None = None
 
 
+class FailedOnAnotherRank(Exception):
+    """A merging subscriber failed on another rank: it is disabled here too."""
+
+
 def merges(subscriber: Any) -> bool:
     """Whether ``subscriber`` merges statistics of local shards (``sharded = "merge"``)."""
     return getattr(subscriber, "sharded", "gather") == "merge"
@@ -167,9 +173,18 @@ class Merges:
         self.pending: list[_Pending] = []
         #: under DDP: the parameter topics' work shared between the ranks (see :mod:`.ddp`)
         self.ddp: DDPShare | None = None
+        #: merging subscriptions (registration index) that failed here, not yet told to the
+        #: other ranks -> whether one stands in for partials the others merge in this step
+        self.failed: dict[int, bool] = {}
+        self._everyone: Sequence[Any] = ()
+        self._subs: tuple[int, ...] = ()  # the step's merging subscriptions, the same everywhere
+        self._round = 0
+        self._layouts: dict[tuple[tuple[int, ...], int], Layout] = {}
+        self._rounds: dict[tuple[int, ...], int] = {}  # rounds a step of those subscriptions had
 
     def begin(
-        self, payloads: dict[str, TopicPayloads], active: Sequence[Any] = ()
+        self, payloads: dict[str, TopicPayloads], active: Sequence[Any] = (), step: int = 0,
+        everyone: Sequence[Any] = (),
     ) -> dict[str, TopicPayloads]:
         """A step's delivery to ``active`` begins: the payloads subscribers choose from,
         DTensors seen as this rank's local tensors (no DTensor exists before torch's module
@@ -184,12 +199,44 @@ class Merges:
             batch = self.ddp.forward_shards(payloads) if self.view is None else {}
             if batch:
                 self.view = ShardedStep(payloads, dict(payloads), batch, self.ddp.group)
+        self._everyone, self._round, self._subs = everyone, 0, ()
+        if self.view is not None:
+            index = {id(s): i for i, s in enumerate(everyone)}
+            # a failure not yet told stands in for the partials its subscriber, due, merges
+            # on the other ranks (where it is still enabled, so among their active ones)
+            due = {i for i in self.failed
+                   if i < len(everyone) and step % everyone[i].subsample == 0}
+            for i in due:
+                self.failed[i] = self._stands_in(everyone[i])
+            self._subs = tuple(sorted(
+                {index[id(s)] for s in active if merges(s.subscriber)} | due))
         return dict(payloads if self.view is None else self.view.local)
+
+    def _index(self, sub: Any) -> int | None:
+        """``sub``'s registration index (the same on every rank)."""
+        return next((i for i, s in enumerate(self._everyone) if s is sub), None)
+
+    def _stands_in(self, sub: Any) -> bool:
+        view = self.view
+        return view is not None and any(t in view.sharded for t in sub.topics)
+
+    def fail(self, sub: Any) -> None:
+        """The subscription ``sub`` failed here (in its ``compute_step``): its partials are
+        forgotten and, if it merges, its failure told to the other ranks in the next round
+        (of this step if it would have merged in it)."""
+        self.drop(sub.subscriber)
+        index = self._index(sub) if merges(sub.subscriber) else None
+        if index is not None:
+            self.failed[index] = self._stands_in(sub)
 
     def end(self, payloads: dict[str, TopicPayloads], put: Callable[[Any], None]) -> None:
         """The step's delivery ends: under DDP the shared results exchanged and ``put``."""
         if self.ddp is not None:
             self.ddp.end(payloads, put)
+        if self._round:
+            self._rounds[self._subs] = self._round
+        for i in self.failed:  # told in a later step's round
+            self.failed[i] = False
         self.view = None
         self.pending.clear()
 
@@ -235,29 +282,64 @@ class Merges:
         """Merge the ``held`` subscriptions' partials across the shards' ranks (one all-reduce
         per reduction and round), hand each its merged values with its results reopened
         (``results.resume``), then ``finish(sub, None)`` once nothing of it waits any more,
-        or ``finish(sub, exc)`` when it failed. With ``before`` (a subscription about to
-        run), only if it reads what one of them publishes."""
-        if before is not None and not any(
-                t in before.topics for h in held for t in h.subscriber.output_topics()):
+        or ``finish(sub, exc)`` when it failed (:class:`FailedOnAnotherRank`: on another
+        rank). With ``before`` (a subscription about to run), only if it reads what one of
+        them publishes."""
+        if before is not None and not self._reads(before, held):
             return
-        while self.pending:
+        while self.pending or any(self.failed.values()):
             assert self.view is not None
-            entries = self.reduce(self.view.group)
-            for sub in [s for s in list(held) if any(e.owner is s.subscriber for e in entries)]:
-                results.resume(held.pop(sub))
-                try:
-                    for entry in entries:
-                        if entry.owner is sub.subscriber:
-                            assert entry.merged is not None
-                            entry.then(entry.merged)
-                except Exception as exc:  # noqa: BLE001 - the bus's error policy decides
-                    self.drop(sub.subscriber)
-                    finish(sub, exc)
-                    continue
-                if self.waiting(sub.subscriber):
-                    held[sub] = results.hold()
-                else:
-                    finish(sub, None)
+            taken, self.pending = self.pending, []
+            key = (self._subs, self._round)
+            self._round += 1
+            told, layout = merge_round(taken, self.view.group, list(self.failed),
+                                       len(self._everyone), self._layouts.get(key))
+            if told:  # a subscriber failed on some rank: the round again without it
+                self.failed.clear()
+                gone = [self._everyone[i] for i in told]
+                self.pending = [p for p in taken if not any(p.owner is g.subscriber for g in gone)]
+                for sub in gone:
+                    if sub in held:
+                        results.resume(held.pop(sub))
+                    finish(sub, FailedOnAnotherRank())
+                continue
+            if layout is not None:
+                self._layouts[key] = layout
+            self._merged(taken, held, results, finish)
+
+    def _merged(
+        self, entries: list[_Pending], held: dict[Any, object], results: Any,
+        finish: Callable[[Any, Exception | None], None],
+    ) -> None:
+        for sub in [s for s in list(held) if any(e.owner is s.subscriber for e in entries)]:
+            results.resume(held.pop(sub))
+            try:
+                for entry in entries:
+                    if entry.owner is sub.subscriber:
+                        assert entry.merged is not None
+                        entry.then(entry.merged)
+            except Exception as exc:  # noqa: BLE001 - the bus's error policy decides
+                self.drop(sub.subscriber)
+                index = self._index(sub)
+                if index is not None:  # told in the next round: this step's if it has one
+                    self.failed[index] = self._rounds.get(self._subs, 0) > self._round
+                finish(sub, exc)
+                continue
+            if self.waiting(sub.subscriber):
+                held[sub] = results.hold()
+            else:
+                finish(sub, None)
+
+    def _reads(self, before: Any, held: dict[Any, object]) -> bool:
+        """Whether ``before`` reads what a held subscription publishes (or a failure that
+        stands in for one held on the other ranks, registered before it)."""
+        owners = [h.subscriber for h in held]
+        if any(self.failed.values()):
+            at = self._index(before)
+            at = len(self._everyone) if at is None else at
+            owners += [self._everyone[i].subscriber for i, live in self.failed.items()
+                       if live and i < at]
+        return any(t in before.topics for o in owners for t in o.output_topics())
 
     def add(
         self, owner: Any, partial: torch.Tensor, rows: list[int], op: str,
@@ -274,33 +356,3 @@ class Merges:
     def drop(self, owner: Any) -> None:
         """Forget ``owner``'s partials (it failed)."""
         self.pending = [p for p in self.pending if p.owner is not owner]
-
-    def reduce(self, group: Any) -> list[_Pending]:
-        """All-reduce every pending partial's shard rows over ``group``: one all-reduce for
-        the sums, one for the maxima and (negated) minima; returns the entries, merged."""
-        import torch.distributed as dist
-
-        taken, self.pending = self.pending, []
-        for ops, reduce_op in ((("sum",), dist.ReduceOp.SUM), (("max", "min"), dist.ReduceOp.MAX)):
-            entries = [p for p in taken if p.op in ops]
-            if not entries:
-                continue
-            parts = []
-            for p in entries:
-                rows = p.partial if len(p.rows) == p.partial.shape[0] else p.partial[
-                    constant(p.rows, torch.long, p.partial.device)]
-                rows = rows.reshape(-1).double()
-                parts.append(-rows if p.op == "min" else rows)
-            buffer = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
-            dist.all_reduce(buffer, op=reduce_op, group=group)
-            for p, part in zip(entries, buffer.split([t.numel() for t in parts]), strict=True):
-                if p.op == "min":
-                    part = -part
-                if len(p.rows) == p.partial.shape[0]:
-                    p.merged = part.view(p.partial.shape).to(p.partial.dtype)
-                else:
-                    merged = p.partial.clone()
-                    index = constant(p.rows, torch.long, merged.device)
-                    merged[index] = part.view(len(p.rows), *p.partial.shape[1:]).to(merged.dtype)
-                    p.merged = merged
-        return taken
