@@ -717,7 +717,7 @@ BAD_CONFIGS = {
     "unknown_key": (
         '[ikkuna]\ncolour = "red"\n',
         r"ikkuna\.colour: Extra inputs are not permitted; valid keys: backend_options, backends, "
-        r"budget, ddp_forward, depth",
+        r"budget, compile_metrics, ddp_forward, depth",
     ),
     "bad_option": (
         '[ikkuna]\n[[ikkuna.subscribers]]\nname = "norm"\np = "two"\n',
