@@ -271,12 +271,49 @@ def _failing_late() -> dict[str, Any]:
     return {**result, "warnings": [str(w.message) for w in said]}
 
 
+def _failing_first() -> dict[str, Any]:
+    """Merge callbacks failing on rank 1 only at the very first step (the rounds of these
+    subscriptions not known yet): the last one of the step, and a histogram's edges, after
+    which only rank 0 merges again (its counts)."""
+    import warnings
+
+    from ikkuna_histograms.subscribers import Histogram
+    from ikkuna_norms.subscribers import Norm
+
+    rank = dist.get_rank()
+
+    class FailsInFinal(Norm):
+        name = "fails_in_final"
+
+        def publish_scalars(self, step: Any, *args: Any, **kwargs: Any) -> None:
+            if rank == 1 and step.global_step == 0:
+                raise RuntimeError("planted failure in the last merge callback on rank 1")
+            super().publish_scalars(step, *args, **kwargs)
+
+    class FailsInEdges(Histogram):
+        name = "fails_in_edges"
+
+        def merge_shards(self, step: Any, partial: Any, then: Any, **kwargs: Any) -> None:
+            if kwargs.get("op") == "max" and rank == 1 and step.global_step == 0:
+                def then(merged: Any) -> None:
+                    raise RuntimeError("planted failure in the edges' merge callback on rank 1")
+            super().merge_shards(step, partial, then, **kwargs)
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = _train(_fsdp(), [
+            Norm(topics=["weight_gradients"]), FailsInFinal(topics=["weights"]),
+            FailsInEdges(topics=["weights"], bins=8, max_samples=0),
+        ], 32, steps_=3, on_error="warn")
+    return {**result, "warnings": [str(w.message) for w in said]}
+
+
 def main() -> None:
     rank, port, out, which = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
     # a collective one rank never issues fails the other after 20 s (the failing scenario)
     with process_group(rank, port, timeout=120 if which == "all" else 20):
-        scenarios = _scenarios() if which == "all" else {"failing": _failing,
-                                                          "failing_late": _failing_late}
+        scenarios = _scenarios() if which == "all" else {
+            "failing": _failing, "failing_late": _failing_late, "failing_first": _failing_first}
         results = {name: run() for name, run in scenarios.items()}
         torch.save(results, out / f"rank{rank}.pt")
 

@@ -11,7 +11,10 @@ collective's size cannot be the rank's own: it is agreed from the same round of 
 step of the same subscriptions (``layout``: which kind comes first, how many values it had;
 at the first such step, sums first and room for :data:`FIRST_CAPACITY` values, a second
 collective only where more came). In the steady state a round issues one collective per
-kind present, as without the header."""
+kind present, as without the header. At that first step no rank knows whether the others
+merge again after a round (a callback may submit more), so each settle of the step ends with
+a closing round of no values that every rank takes part in (:meth:`.shards.Merges.settle`):
+it tells a failure the other ranks would otherwise wait on."""
 
 from __future__ import annotations
 

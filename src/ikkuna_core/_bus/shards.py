@@ -233,7 +233,7 @@ class Merges:
         """The step's delivery ends: under DDP the shared results exchanged and ``put``."""
         if self.ddp is not None:
             self.ddp.end(payloads, put)
-        if self._round:
+        if self.view is not None and self._subs:
             self._rounds[self._subs] = self._round
         for i in self.failed:  # told in a later step's round
             self.failed[i] = False
@@ -285,16 +285,28 @@ class Merges:
         or ``finish(sub, exc)`` when it failed (:class:`FailedOnAnotherRank`: on another
         rank). With ``before`` (a subscription about to run), only if it reads what one of
         them publishes."""
-        if before is not None and not self._reads(before, held):
+        # the first step of these subscriptions: their rounds are not known yet, so a rank
+        # cannot tell whether the others merge again; each settle ends with a closing round
+        # every rank takes part in (which tells a failure the others would wait on)
+        probe = self.view is not None and bool(self._subs) and self._subs not in self._rounds
+        if before is not None and not (self._feeds(before) if probe
+                                       else self._reads(before, held)):
             return
-        while self.pending or any(self.failed.values()):
+        while True:
+            closing = not (self.pending or any(self.failed.values()))
+            if closing and not probe:
+                break
             assert self.view is not None
             taken, self.pending = self.pending, []
             key = (self._subs, self._round)
-            self._round += 1
+            if not closing:
+                self._round += 1
             told, layout = merge_round(taken, self.view.group, list(self.failed),
                                        len(self._everyone), self._layouts.get(key))
+            if closing and not told:
+                break
             if told:  # a subscriber failed on some rank: the round again without it
+                self._round -= not closing  # (counted once it is done)
                 self.failed.clear()
                 gone = [self._everyone[i] for i in told]
                 self.pending = [p for p in taken if not any(p.owner is g.subscriber for g in gone)]
@@ -322,13 +334,22 @@ class Merges:
                 self.drop(sub.subscriber)
                 index = self._index(sub)
                 if index is not None:  # told in the next round: this step's if it has one
-                    self.failed[index] = self._rounds.get(self._subs, 0) > self._round
+                    rounds = self._rounds.get(self._subs)
+                    self.failed[index] = rounds is None or rounds > self._round
                 finish(sub, exc)
                 continue
             if self.waiting(sub.subscriber):
                 held[sub] = results.hold()
             else:
                 finish(sub, None)
+
+    def _feeds(self, before: Any) -> bool:
+        """Whether ``before`` reads what a merging subscription of the step registered
+        before it publishes (the same on every rank, whatever failed where)."""
+        at = self._index(before)
+        at = len(self._everyone) if at is None else at
+        return any(t in before.topics for i in self._subs if i < at
+                   for t in self._everyone[i].subscriber.output_topics())
 
     def _reads(self, before: Any, held: dict[Any, object]) -> bool:
         """Whether ``before`` reads what a held subscription publishes (or a failure that
