@@ -234,10 +234,10 @@ def _failing() -> dict[str, Any]:
     return {**result, "warnings": [str(w.message) for w in said]}
 
 
-def _failing_late() -> dict[str, Any]:
+def _failing_merges(final_at: int, edges_at: int, steps: int) -> dict[str, Any]:
     """Merge callbacks failing on rank 1 only where rank 1 has nothing else to merge: the
-    last one of a step (step 1: told in the next step's round) and one after which rank 0
-    merges again (step 4, a histogram's edges: the step's rounds known from step 3)."""
+    last one of step ``final_at`` and a histogram's edges at step ``edges_at``, after which
+    rank 0 merges again (its counts)."""
     import warnings
 
     from ikkuna_histograms.subscribers import Histogram
@@ -249,7 +249,7 @@ def _failing_late() -> dict[str, Any]:
         name = "fails_in_final"
 
         def publish_scalars(self, step: Any, *args: Any, **kwargs: Any) -> None:
-            if rank == 1 and step.global_step == 1:
+            if rank == 1 and step.global_step == final_at:
                 raise RuntimeError("planted failure in the last merge callback on rank 1")
             super().publish_scalars(step, *args, **kwargs)
 
@@ -257,7 +257,7 @@ def _failing_late() -> dict[str, Any]:
         name = "fails_in_edges"
 
         def merge_shards(self, step: Any, partial: Any, then: Any, **kwargs: Any) -> None:
-            if kwargs.get("op") == "max" and rank == 1 and step.global_step == 4:
+            if kwargs.get("op") == "max" and rank == 1 and step.global_step == edges_at:
                 def then(merged: Any) -> None:
                     raise RuntimeError("planted failure in the edges' merge callback on rank 1")
             super().merge_shards(step, partial, then, **kwargs)
@@ -267,45 +267,20 @@ def _failing_late() -> dict[str, Any]:
         result = _train(_fsdp(), [
             Norm(topics=["weight_gradients"]), FailsInFinal(topics=["weights"]),
             FailsInEdges(topics=["weights"], bins=8, max_samples=0),
-        ], 32, steps_=5, on_error="warn")
+        ], 32, steps_=steps, on_error="warn")
     return {**result, "warnings": [str(w.message) for w in said]}
+
+
+def _failing_late() -> dict[str, Any]:
+    """Step 1's last callback (told in the next step's round) and step 4's edges (the
+    step's rounds known from step 3)."""
+    return _failing_merges(final_at=1, edges_at=4, steps=5)
 
 
 def _failing_first() -> dict[str, Any]:
-    """Merge callbacks failing on rank 1 only at the very first step (the rounds of these
-    subscriptions not known yet): the last one of the step, and a histogram's edges, after
-    which only rank 0 merges again (its counts)."""
-    import warnings
-
-    from ikkuna_histograms.subscribers import Histogram
-    from ikkuna_norms.subscribers import Norm
-
-    rank = dist.get_rank()
-
-    class FailsInFinal(Norm):
-        name = "fails_in_final"
-
-        def publish_scalars(self, step: Any, *args: Any, **kwargs: Any) -> None:
-            if rank == 1 and step.global_step == 0:
-                raise RuntimeError("planted failure in the last merge callback on rank 1")
-            super().publish_scalars(step, *args, **kwargs)
-
-    class FailsInEdges(Histogram):
-        name = "fails_in_edges"
-
-        def merge_shards(self, step: Any, partial: Any, then: Any, **kwargs: Any) -> None:
-            if kwargs.get("op") == "max" and rank == 1 and step.global_step == 0:
-                def then(merged: Any) -> None:
-                    raise RuntimeError("planted failure in the edges' merge callback on rank 1")
-            super().merge_shards(step, partial, then, **kwargs)
-
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        result = _train(_fsdp(), [
-            Norm(topics=["weight_gradients"]), FailsInFinal(topics=["weights"]),
-            FailsInEdges(topics=["weights"], bins=8, max_samples=0),
-        ], 32, steps_=3, on_error="warn")
-    return {**result, "warnings": [str(w.message) for w in said]}
+    """Both at the very first step, where the rounds of these subscriptions are not known
+    yet."""
+    return _failing_merges(final_at=0, edges_at=0, steps=3)
 
 
 def main() -> None:
