@@ -235,17 +235,22 @@ def test_a_merging_subscriber_failing_on_one_rank_is_disabled_on_both(failing):
         one["scalars"]
 
 
+def _assert_both_disabled(zero: dict[str, Any], one: dict[str, Any]) -> None:
+    """Rank 1 said both planted failures; rank 0 said it disabled both subscribers."""
+    for planted in ("in the last merge callback", "in the edges' merge callback"):
+        assert any(f"planted failure {planted} on rank 1" in w for w in one["warnings"])
+    for name in ("fails_in_final", "fails_in_edges"):
+        assert any(f"{name!r} failed on another rank and is disabled" in w
+                   for w in zero["warnings"]), zero["warnings"]
+
+
 def test_a_merge_callback_failing_on_one_rank_with_nothing_else_to_merge_there(failing):
     """Rank 1 fails in a merge callback and has nothing else to merge in the step: in the
     last round (told in the next step's round, where rank 0 merges that subscriber again) and
     in a histogram's edges (rank 0 merges its counts: rank 1 knows the step's rounds from
     the step before and takes part)."""
     zero, one = failing[0]["failing_late"], failing[1]["failing_late"]
-    for planted in ("in the last merge callback", "in the edges' merge callback"):
-        assert any(f"planted failure {planted} on rank 1" in w for w in one["warnings"])
-    for name in ("fails_in_final", "fails_in_edges"):
-        assert any(f"{name!r} failed on another rank and is disabled" in w
-                   for w in zero["warnings"]), zero["warnings"]
+    _assert_both_disabled(zero, one)
     for result in (zero, one):
         scalars, hists = result["scalars"], result["histograms"]
         assert {s for (t, s) in scalars if t.startswith("fails_in_final/")} == (
@@ -268,11 +273,7 @@ def test_a_merge_callback_failing_on_one_rank_at_the_first_step(failing):
     its counts after them), is told in the closing round every rank takes part in at such a
     step. Both subscribers are disabled on both ranks; the norms go on, exact."""
     zero, one = failing[0]["failing_first"], failing[1]["failing_first"]
-    for planted in ("in the last merge callback", "in the edges' merge callback"):
-        assert any(f"planted failure {planted} on rank 1" in w for w in one["warnings"])
-    for name in ("fails_in_final", "fails_in_edges"):
-        assert any(f"{name!r} failed on another rank and is disabled" in w
-                   for w in zero["warnings"]), zero["warnings"]
+    _assert_both_disabled(zero, one)
     for result in (zero, one):
         scalars, hists = result["scalars"], result["histograms"]
         assert {s for (t, s) in scalars if t.startswith("fails_in_final/")} == (
