@@ -283,12 +283,41 @@ def _failing_first() -> dict[str, Any]:
     return _failing_merges(final_at=0, edges_at=0, steps=3)
 
 
+def _failing_reader() -> dict[str, Any]:
+    """A subscriber that reads a merging one's results (``norm/weights``, not itself
+    merging) fails on rank 1 only at step 0 and is disabled there alone. Step 1 is the
+    first of the merging subscriptions without the mean (due every 2nd step): rank 0 settles
+    before the reader, which rank 1 no longer runs; both must take part in as many rounds."""
+    import warnings
+
+    import ikkuna_core as ik
+    from ikkuna_norms.subscribers import Mean, Norm
+
+    rank = dist.get_rank()
+
+    class FailsReading(ik.Subscriber):
+        name = "fails_reading"
+
+        def compute_step(self, step: Any) -> None:
+            if rank == 1 and step.global_step == 0:
+                raise RuntimeError("planted failure in a reader on rank 1")
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = _train(_fsdp(), [
+            Norm(topics=["weights"]), Mean(topics=["weights"], subsample=2),
+            FailsReading(topics=["norm/weights"]),
+        ], 32, steps_=4, on_error="warn")
+    return {**result, "warnings": [str(w.message) for w in said]}
+
+
 def main() -> None:
     rank, port, out, which = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
     # a collective one rank never issues fails the other after 20 s (the failing scenario)
     with process_group(rank, port, timeout=120 if which == "all" else 20):
         scenarios = _scenarios() if which == "all" else {
-            "failing": _failing, "failing_late": _failing_late, "failing_first": _failing_first}
+            "failing": _failing, "failing_late": _failing_late, "failing_first": _failing_first,
+            "failing_reader": _failing_reader}
         results = {name: run() for name, run in scenarios.items()}
         torch.save(results, out / f"rank{rank}.pt")
 

@@ -325,3 +325,24 @@ def test_merge_shards_names_a_partial_of_the_wrong_shape():
     with pytest.raises(ik.SubscriberError, match=r"one row per payload of \['weights'\] \(2\)"):
         train_steps(model, [Wrong(topics=["weights"])], steps=1, inputs=torch.randn(8, 4),
                     targets=torch.randint(0, 2, (8,)))
+
+
+def test_a_reader_of_merged_results_disabled_on_one_rank_only(failing):
+    """A subscriber reading a merging one's results fails on rank 1 at step 0 (disabled
+    there only: it does not merge). At step 1, the first of a new set of merging
+    subscriptions, rank 0 settles before it and rank 1 does not run it: the ranks still take
+    part in the same rounds (on the old code rank 0 waited for rank 1), and the norms and
+    means are those of the full weights at every step."""
+    zero, one = failing[0]["failing_reader"], failing[1]["failing_reader"]
+    assert any("planted failure in a reader on rank 1" in w for w in one["warnings"])
+    assert not any("planted failure" in w for w in zero["warnings"])
+    for result in (zero, one):
+        scalars = result["scalars"]
+        for step, ref in enumerate(result["steps"]):
+            for key in BLOCKS:
+                w = ref["after"][f"{key}.weight"]
+                assert scalars[(f"norm/weights/{key}", step)] == pytest.approx(
+                    _norm(w), rel=1e-5), (key, step)
+                if step % 2 == 0:
+                    assert scalars[(f"mean/weights/{key}", step)] == pytest.approx(
+                        float(w.double().mean()), rel=1e-5, abs=1e-7), (key, step)

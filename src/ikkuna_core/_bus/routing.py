@@ -329,10 +329,11 @@ class MessageBus(_OldNames):
         def finish(sub: Subscription, exc: Exception | None) -> None:
             _finished(self, sub, exc, stamp, payloads, available)
 
-        for sub in active:
-            if not sub.subscriber.enabled:
-                continue
+        running = {id(s) for s in active}
+        for sub in merges.settle_points(active, self.subscriptions, stamp[0]):
             merges.settle(held, self.results, finish, before=sub)  # if it reads their results
+            if id(sub) not in running or not sub.subscriber.enabled:
+                continue
             parts = _parts(sub, merges.source(sub, available), stamp, self.policy)
             if not parts:
                 continue
@@ -343,7 +344,8 @@ class MessageBus(_OldNames):
             self.results.open(sub.subscriber)
             token = self.cost.started()
             try:
-                sub.subscriber.compute_step(bundle)
+                with merges.measured(sub):
+                    sub.subscriber.compute_step(bundle)
             except IkkunaError:
                 # a subscriber raising an IkkunaError itself stops the run on purpose
                 # (ikkuna-health's action = "raise"): it goes through, whatever on_error

@@ -15,6 +15,7 @@ round (see :mod:`.agreed`).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import torch
 from ..messages import TopicPayloads
 from .agreed import Layout, merge_round
 from .ddp import DDPShare
+
+_NOTHING = contextlib.nullcontext()
 
 __all__ = ["FailedOnAnotherRank", "Merges", "ShardedStep", "is_dtensor", "local_view", "merges"]
 
@@ -253,6 +256,11 @@ class Merges:
         return {**available, **{t: view.full(t) for t in topics
                                 if t in view.sharded and t in available}}
 
+    def measured(self, sub: Any) -> contextlib.AbstractContextManager[object]:
+        """Around ``sub``'s ``compute_step``: under DDP, its work measured where that places
+        it (:meth:`.ddp.DDPShare.measured`)."""
+        return _NOTHING if self.ddp is None else self.ddp.measured(sub)
+
     def hold(self, sub: Any, messages: list[Any]) -> bool:
         """Whether ``sub``'s results wait for the DDP exchange (:meth:`end` puts them)."""
         return self.ddp is not None and self.ddp.hold(sub, messages)
@@ -274,6 +282,17 @@ class Merges:
             then(partial)
             return
         self.add(owner, partial, index, op, then)
+
+    def settle_points(self, active: Sequence[Any], everyone: Sequence[Any], step: int
+                      ) -> Sequence[Any]:
+        """The subscriptions a step's delivery settles before (:meth:`settle` with
+        ``before``): those due, ``active``; at the first step of a set of merging
+        subscriptions, where each settle ends with a closing round, every subscription due
+        by its cadence, disabled here or not (a subscriber that does not merge may have
+        failed on one rank only), so that every rank settles as often."""
+        if self.view is None or not self._subs or self._subs in self._rounds:
+            return active
+        return tuple(s for s in everyone if step % s.subsample == 0)
 
     def settle(
         self, held: dict[Any, object], results: Any,
