@@ -2,7 +2,8 @@
 
 - with ``norm`` and ``histogram`` on parameter topics, once sharing the work (the default
   under DDP) and once with sharing off (what one rank does alone): the aten ops and the
-  elements they read inside the subscribers' ``compute_step``, the exchange's collectives,
+  elements they read inside the subscribers' ``compute_step`` at each step, the exchange's
+  collectives,
   the published scalars and histograms, and the norms of ``p``/``p.grad`` computed here;
 - with ``ddp_forward = "merge"`` and ``norm``/``mean``/``histogram`` on activations, beside
   a plain twin model trained on the global batch (both ranks' batches, concatenated);
@@ -29,15 +30,20 @@ from ikkuna_core.testing import MemoryBackend
 
 
 class _Count(TorchDispatchMode):
+    """Per step: the aten ops run and the input elements they read (the work, as ops batch
+    over keys)."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.ops = 0
-        self.elements = 0  # input elements the ops read: the work, as ops batch over keys
+        self.step = 0
+        self.ops: dict[int, int] = {}
+        self.elements: dict[int, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.ops += 1
+        self.ops[self.step] = self.ops.get(self.step, 0) + 1
         flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
-        self.elements += sum(a.numel() for a in flat if isinstance(a, torch.Tensor))
+        read = sum(a.numel() for a in flat if isinstance(a, torch.Tensor))
+        self.elements[self.step] = self.elements.get(self.step, 0) + read
         return func(*args, **(kwargs or {}))
 
 
@@ -75,10 +81,32 @@ def _trained(
     return exporter, backend, [str(w.message) for w in said]
 
 
-def parameters(rank: int, share: bool) -> dict[str, Any]:
+def _one_each() -> list[Any]:
+    """Two subscriptions of unequal size: norms on two topics, a histogram on one."""
     from ikkuna_histograms import Histogram
     from ikkuna_norms import Norm
 
+    return [Norm(topics=["weights", "weight_gradients"]), Histogram(topics=["weight_gradients"])]
+
+
+def _per_topic() -> list[Any]:
+    """Four subscriptions of equal size: a norm and a histogram per topic."""
+    from ikkuna_histograms import Histogram
+    from ikkuna_norms import Norm
+
+    return [cls(topics=[topic]) for cls in (Norm, Histogram)
+            for topic in ("weights", "weight_gradients")]
+
+
+def _spectral() -> list[Any]:
+    """One subscription, split by keys after its first step (a rank's share of the keys
+    goes on from the vectors iterated at that step)."""
+    from ikkuna_norms import SpectralNorm
+
+    return [SpectralNorm(topics=["weights"], block=1, iterations=1, warmup_iterations=4)]
+
+
+def parameters(rank: int, share: bool, subscribers: Any = _one_each) -> dict[str, Any]:
     net = _net()
     model = DistributedDataParallel(net)
     exporter = ik.Exporter(bus=ik.MessageBus(on_error="raise"))
@@ -86,11 +114,11 @@ def parameters(rank: int, share: bool) -> dict[str, Any]:
     if not share:
         exporter.bus.merges.ddp = None
     counter = _Count()
-    for sub in (Norm(topics=["weights", "weight_gradients"]),
-                Histogram(topics=["weight_gradients"])):
+    for sub in subscribers():
         compute = sub.compute_step
 
         def counted(bundle: Any, compute: Any = compute) -> None:
+            counter.step = bundle.global_step
             with counter:
                 compute(bundle)
 
@@ -100,7 +128,7 @@ def parameters(rank: int, share: bool) -> dict[str, Any]:
     exporter.bus.attach_backend(backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     refs = {}
-    for step in range(2):
+    for step in range(3):
         opt.zero_grad()
         model(_batch(step, rank)).pow(2).mean().backward()
         for i, layer in enumerate(net):
@@ -110,7 +138,10 @@ def parameters(rank: int, share: bool) -> dict[str, Any]:
             refs[(f"norm/weights/{i}", step)] = float(layer.weight.detach().norm())
     exporter.close()
     share_ = exporter.bus.merges.ddp
-    return {"ops": counter.ops, "elements": counter.elements, "refs": refs,
+    # step 0: every rank computes and counts every sharing subscription; then its share (step
+    # 1 is a histogram's first call on its share of the keys: new buffers, more ops)
+    return {"ops": counter.ops.get(2, 0), "elements": counter.elements.get(2, 0),
+            "first": (counter.ops.get(0, 0), counter.elements.get(0, 0)), "refs": refs,
             "collectives": share_.collectives if share_ is not None else 0,
             **_records(backend)}
 
@@ -145,7 +176,7 @@ def failing(rank: int) -> dict[str, Any]:
         name = "fails_on_rank1"
 
         def compute_step(self, step: Any) -> None:
-            if rank == 1 and step.global_step == 1:
+            if rank == 1 and step.global_step == 0:  # both ranks compute it at its first
                 raise RuntimeError("planted failure on rank 1")
             super().compute_step(step)
 
@@ -183,6 +214,10 @@ if __name__ == "__main__":
     rank, port, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     with process_group(rank, port):
         torch.save({"shared": parameters(rank, True), "alone": parameters(rank, False),
+                    "per_topic": {"shared": parameters(rank, True, _per_topic),
+                                  "alone": parameters(rank, False, _per_topic)},
+                    "spectral": {"shared": parameters(rank, True, _spectral),
+                                 "alone": parameters(rank, False, _spectral)},
                     "forward": forward(rank, out), "failing": failing(rank),
                     "budgeted": budgeted(rank, out)},
                    out / f"rank{rank}.pt")

@@ -1,11 +1,23 @@
 """DDP: share the parameter topics' metric work between the ranks.
 
 Under DistributedDataParallel the parameters, their (all-reduced) gradients and their updates
-are identical on every rank, so each rank computes a subscriber's results for its share of
-the keys only (a deterministic partition balanced by numel) and one ``all_gather`` per step
-(all results packed into one float64 tensor) hands every rank every result: what is
-published is what one rank computing everything publishes (float64 holds each float32,
-int64 count and float64 value exactly).
+are identical on every rank, so each rank computes only its share of the sharing
+subscriptions' results, and one ``all_gather`` per step (all results packed into one float64
+tensor) hands every rank every result: what is published is what one rank computing
+everything publishes (float64 holds each float32, int64 count and float64 value exactly).
+
+The share, the same on every rank: at a subscription's first step every rank computes it
+whole (its results are then every rank's, nothing is exchanged) and counts its work (aten
+ops, and the elements they read, :data:`_ELEMENTS_PER_OP` to an op: deterministic, unlike a
+clock on a busy machine); the step's exchange carries the counts, and each subscription is
+placed (:meth:`DDPShare._place`, from the most any rank counted): computed whole by one
+rank, largest first to the least loaded rank, where that keeps the rank within
+``WHOLE_SLACK`` of an even split of the work placed; its keys split between the ranks
+(balanced by numel) only where it does not fit. A subscriber batches over keys (one foreach
+op for all of them), so splitting its keys halves the elements it reads but not its ops;
+placing it whole halves both when several subscriptions share. A subscription keeps its place for the run, and every rank has seen all
+of its keys once: a subscriber's state per key (the spectral norm's power-iteration vectors)
+is on each rank that computes that key later.
 
 The forward topics differ per rank (each its own batch). By default their statistics are
 each rank's own (said once); with ``ddp_forward = "merge"`` each rank's payloads are seen as
@@ -14,15 +26,19 @@ norms, moments, histograms) publish statistics of the global batch, as under FSD
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ..messages import HistogramsMessage, ScalarsMessage, TopicPayloads
 from .results import tags
 
-__all__ = ["FORWARD_TOPICS", "PARAMETER_TOPICS", "DDPShare", "partition"]
+__all__ = ["FORWARD_TOPICS", "PARAMETER_TOPICS", "WHOLE_SLACK", "DDPShare", "partition"]
 
 #: Topics identical on every DDP rank.
 PARAMETER_TOPICS = frozenset({
@@ -42,10 +58,23 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
 Message = ScalarsMessage | HistogramsMessage
 
 
-def partition(numels: Sequence[int], world: int) -> list[int]:
+#: A rank may take up to this many times its even share of the shared work so that a
+#: subscription is computed whole (one call, on one rank) instead of split (one on each).
+WHOLE_SLACK = 1.25
+#: The elements read that count as much work as one aten op, per device type (a
+#: subscription's measured work is its ops plus its elements in these units): on the CPU an
+#: op's dispatch costs about as much as reading a few thousand elements, on a GPU the host's
+#: launch as reading about a million.
+_ELEMENTS_PER_OP = {"cpu": 4096.0, "cuda": float(1 << 20)}
+#: Floats a rank's part of the exchange holds before any result is packed: room for a
+#: step's header (failures, times), so that the first exchanges need no resize.
+_HEAD = 256
+
+
+def partition(numels: Sequence[int], world: int, load: list[int] | None = None) -> list[int]:
     """The rank of each item: largest first to the least loaded rank (ties: lower index),
-    the same on every rank."""
-    load = [0] * world
+    the same on every rank; ``load``: each rank's load before (updated in place)."""
+    load = [0] * world if load is None else load
     owner = [0] * len(numels)
     for i in sorted(range(len(numels)), key=lambda i: (-numels[i], i)):
         r = min(range(world), key=lambda r: (load[r], r))
@@ -66,9 +95,18 @@ class DDPShare:
     def __init__(self, rank: int, world: int, group: Any, bus: Any) -> None:
         self.rank, self.world, self.group, self.bus = rank, world, group, bus
         self.forward: Literal["rank", "merge"] = "rank"
-        self._owners: dict[tuple[tuple[str | None, ...], ...], dict[str | None, int]] = {}
-        self._capacity = 0  # floats per rank in the packed tensor, agreed by all ranks
+        #: the rank computing each placed subscription whole, by registration index
+        self._whole: dict[int, int] = {}
+        #: the subscriptions split by keys: each key's rank, per set of keys
+        self._split: dict[int, dict[tuple[tuple[str | None, ...], ...],
+                                    dict[str | None, int]]] = {}
+        self._load = [0.0] * world  # work a step placed on each rank
+        self._capacity = _HEAD  # floats per rank in the packed tensor, agreed by all ranks
         self._taking: dict[int, int] = {}  # id of a sharing subscription -> its index
+        self._measuring: set[int] = set()  # indices computed whole on every rank, measured
+        self._work: dict[int, float] = {}
+        self._full = 0  # floats their results would take in the exchange
+        self._per_op = _ELEMENTS_PER_OP["cpu"]
         self._pieces: list[tuple[int, Message]] = []
         self._device: torch.device | None = None
         self.collectives = 0
@@ -77,8 +115,8 @@ class DDPShare:
         """A step's delivery to ``active`` begins: the subscriptions that share their work
         at it, named by registration index (the same on every rank, whose subscribers stay
         enabled alike: see :meth:`end`; a budget keeps the configured cadences in a
-        distributed run)."""
-        self._pieces = []
+        distributed run); those not placed yet are measured at it."""
+        self._pieces, self._work, self._full = [], {}, 0
         everyone = self.bus.subscriptions
         consumed = frozenset(t for s in everyone for t in s.topics)
         index = {id(s): i for i, s in enumerate(everyone)}
@@ -86,6 +124,8 @@ class DDPShare:
             id(s): index[id(s)] for s in active
             if _shareable(s.topics, s.subscriber, consumed)
             and any(len(payloads[t]) for t in s.topics if t in payloads)}
+        self._measuring = {i for i in self._taking.values()
+                           if i not in self._whole and i not in self._split}
         if self.forward == "rank" and any(t in FORWARD_TOPICS and t != "loss"
                                           for s in active for t in s.topics):
             self.bus.warn_once("ddp-forward", _FORWARD_RANK)
@@ -103,36 +143,47 @@ class DDPShare:
         return id(sub) in self._taking
 
     def select(self, sub: Any, available: dict[str, TopicPayloads]) -> dict[str, TopicPayloads]:
-        """What ``sub`` chooses from: this rank's share of its topics' keys (a key is one
-        rank's in all the topics, so a synchronized subscriber keeps its sets whole)."""
-        parts = {t: available[t] for t in sub.topics if t in available}
-        owner = self._owner(parts)
-        out = dict(available)
-        for topic, p in parts.items():
-            out[topic] = p.select([i for i, k in enumerate(p.keys) if owner[k] == self.rank])
+        """What ``sub`` chooses from: all of its topics' keys if this rank computes it
+        whole (or every rank does: measured), none if another rank does, else this rank's
+        share of the keys (a key is one rank's in all the topics, so a synchronized
+        subscriber keeps its sets whole)."""
+        parts = _parts(sub, available)
+        for p in parts.values():
             if self._device is None and p.data and p.data[0] is not None:
                 self._device = _collective_device(self.group, p.data[0].device)
+                self._per_op = _ELEMENTS_PER_OP.get(p.data[0].device.type, self._per_op)
+        index = self._taking[id(sub)]
+        whole = self._whole.get(index)
+        if index in self._measuring or whole == self.rank:
+            return available
+        owner = {} if whole is not None else self._owner(index, parts)
+        out = dict(available)
+        for topic, p in parts.items():
+            out[topic] = p.select([i for i, k in enumerate(p.keys)
+                                   if owner.get(k, -1) == self.rank])
         return out
 
-    def _owner(self, parts: dict[str, TopicPayloads]) -> dict[str | None, int]:
-        """The rank of each key: balanced by the elements of its payloads in ``parts``, the
-        same on every rank (cached per set of keys)."""
+    def _owner(self, index: int, parts: dict[str, TopicPayloads]) -> dict[str | None, int]:
+        """The rank of each key of the split subscription ``index``: balanced by the
+        elements of its payloads in ``parts``, the same on every rank (cached per set of
+        keys; placed with the rest at its first: :meth:`_place`)."""
+        known = self._split.setdefault(index, {})
         ident = tuple(tuple(p.keys) for p in parts.values())
-        found = self._owners.get(ident)
+        found = known.get(ident)
         if found is None:
-            numels: dict[str | None, int] = {}
-            for p in parts.values():
-                for k, d in zip(p.keys, p.data, strict=True):
-                    numels[k] = numels.get(k, 0) + (0 if d is None else d.numel())
-            keys = list(numels)
-            ranks = partition([numels[k] for k in keys], self.world)
-            found = self._owners[ident] = dict(zip(keys, ranks, strict=True))
+            numels = _numels(parts)
+            ranks = partition(list(numels.values()), self.world)
+            found = known[ident] = dict(zip(numels, ranks, strict=True))
         return found
 
     def hold(self, sub: Any, messages: list[Message]) -> bool:
-        """Keep ``sub``'s results for the exchange (True) if it shares its work."""
+        """Keep ``sub``'s results for the exchange (True) if it shares its work; those of a
+        subscription measured at this step are every rank's already (False)."""
         index = self._taking.get(id(sub))
         if index is None:
+            return False
+        if index in self._measuring:
+            self._full += sum(_packed_size(m) for m in messages)
             return False
         self._pieces.extend((index, m) for m in messages)
         return True
@@ -142,47 +193,88 @@ class DDPShare:
         """Exchange the held results (if a subscription shared at this step) and ``put``
         every rank's, merged per subscription and topic, keys in the step's order. A
         subscriber that failed on some rank is disabled on every rank (so all ranks go on
-        taking part in the same exchanges)."""
+        taking part in the same exchanges). Those measured at this step are then placed."""
         if not self._taking:
             return
         everyone = self.bus.subscriptions
         failed = [i for i in self._taking.values() if not everyone[i].subscriber.enabled]
+        measured = {i: self._work.get(i, 0.0) for i in sorted(self._measuring)}
         self._taking = {}
         pieces, self._pieces = self._pieces, []
         keys = list(dict.fromkeys(k for p in payloads.values() for k in p.keys))
         topics = sorted(self.bus.topics)  # the derived ones too: the same table on every rank
-        merged, failures = self.exchange(pieces, failed, keys, topics)
-        for _, message in merged:
+        step = self.exchange(pieces, failed, measured, self._full, keys, topics)
+        for _, message in step.merged:
             put(message)
-        for i in sorted(failures):
+        for i in sorted(step.failures):
             sub = everyone[i].subscriber
             if sub.enabled:
                 sub.enabled = False
                 self.bus.warn_once(f"ddp-failed:{i}", (
                     f"ikkuna: subscriber {sub.name!r} failed on another rank and is disabled "
                     "on this one too (its DDP ranks share its work)"))
+        if step.work:
+            self._place(step.work, payloads)
+            self._capacity = max(self._capacity, _HEAD + step.full)
+
+    def measured(self, sub: Any) -> contextlib.AbstractContextManager[object]:
+        """Around ``sub``'s ``compute_step``: at its first sharing step, its work counted
+        (aten ops, and the elements they read in units of :data:`_ELEMENTS_PER_OP`:
+        deterministic, so the same on every rank whatever else the machine does)."""
+        index = self._taking.get(id(sub))
+        if index is None or index not in self._measuring:
+            return contextlib.nullcontext()
+        return _Work(lambda ops, elements: self._work.__setitem__(
+            index, ops + elements / self._per_op))
+
+    def _place(self, work: Mapping[int, float], payloads: Mapping[str, TopicPayloads]
+               ) -> None:
+        """Place the subscriptions measured at this step (``work``: each one's, the most
+        any rank measured; the same on every rank): whole, on the least loaded rank, where
+        that keeps the rank within ``WHOLE_SLACK`` of an even split of all the work placed
+        (largest first); the others split by keys."""
+        fair = (sum(self._load) + sum(work.values())) / self.world
+        for i in sorted(work, key=lambda i: (-work[i], i)):
+            rank = min(range(self.world), key=lambda r: (self._load[r], r))
+            if self._load[rank] + work[i] <= WHOLE_SLACK * fair:
+                self._whole[i] = rank
+                self._load[rank] += work[i]
+            else:
+                self._owner(i, _parts(self.bus.subscriptions[i], payloads))
+                for r in range(self.world):
+                    self._load[r] += work[i] / self.world
 
     def exchange(
         self, pieces: list[tuple[int, Message]], failed: Sequence[int],
-        keys: Sequence[str | None], topics: Sequence[str],
-    ) -> tuple[list[tuple[int, Message]], set[int]]:
+        measured: Mapping[int, float], full: int, keys: Sequence[str | None],
+        topics: Sequence[str],
+    ) -> Exchanged:
         """Every rank's ``(subscription index, message)`` pieces of the step, merged per
-        subscription and topic in key order, and the indices of the subscriptions that
-        failed on some rank; ``keys``/``topics`` index the step's names."""
+        subscription and topic in key order; the indices of the subscriptions that failed
+        on some rank; the most work any rank measured for each measured one, and the most
+        floats their results would take. ``keys``/``topics`` index the step's names."""
         key_ix = {k: i for i, k in enumerate(keys)}
         topic_ix = {t: i for i, t in enumerate(topics)}
-        head = torch.tensor([0, len(failed), *failed], dtype=torch.float64)
-        local = torch.cat([head] + [_pack(s, m, key_ix, topic_ix) for s, m in pieces])
+        head: list[float] = [0, len(failed), *failed, len(measured), full]
+        head += [v for i, t in measured.items() for v in (i, t)]
+        local = torch.cat([torch.tensor(head, dtype=torch.float64)]
+                          + [_pack(s, m, key_ix, topic_ix) for s, m in pieces])
         merged: dict[tuple[int, int], list[Message]] = {}
-        failures: set[int] = set()
+        out = Exchanged()
         for row in self._gather(local):
             values = row[1:1 + int(row[0].item())]
             nfailed = int(values[0].item())
-            failures.update(int(v) for v in values[1:1 + nfailed].tolist())
-            for sub, msg in _unpack(values[1 + nfailed:], keys, topics):
+            out.failures.update(int(v) for v in values[1:1 + nfailed].tolist())
+            at = 1 + nfailed
+            nmeasured, most = (int(v) for v in values[at:at + 2].tolist())
+            out.full = max(out.full, most)
+            times = values[at + 2:at + 2 + 2 * nmeasured].tolist()
+            for i, t in zip(times[::2], times[1::2], strict=True):
+                out.work[int(i)] = max(out.work.get(int(i), 0.0), t)
+            for sub, msg in _unpack(values[at + 2 + 2 * nmeasured:], keys, topics):
                 merged.setdefault((sub, topic_ix[msg.topic]), []).append(msg)
-        out = [(sub, _merge(msgs, key_ix)) for (sub, _), msgs in sorted(merged.items())]
-        return out, failures
+        out.merged = [(sub, _merge(msgs, key_ix)) for (sub, _), msgs in sorted(merged.items())]
+        return out
 
     def _gather(self, local: torch.Tensor) -> list[torch.Tensor]:
         """All ranks' packed results: one all-gather of a buffer of the agreed capacity (a
@@ -208,6 +300,49 @@ class DDPShare:
         raise RuntimeError("ikkuna: the ranks' DDP results disagree in size")
 
 
+@dataclass
+class Exchanged:
+    """What a step's exchange brought (:meth:`DDPShare.exchange`)."""
+
+    merged: list[tuple[int, Message]] = field(default_factory=list)
+    failures: set[int] = field(default_factory=set)
+    work: dict[int, float] = field(default_factory=dict)
+    full: int = 0
+
+
+class _Work(TorchDispatchMode):
+    """Counts the aten ops run inside it and the elements of their tensor arguments, and
+    hands both to ``done`` on the way out."""
+
+    def __init__(self, done: Callable[[int, int], None]) -> None:
+        super().__init__()
+        self.ops = self.elements = 0
+        self._done = done
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops += 1
+        self.elements += sum(a.numel() for a in tree_leaves((args, kwargs or {}))
+                             if isinstance(a, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self._done(self.ops, self.elements)
+
+
+def _parts(sub: Any, available: Mapping[str, TopicPayloads]) -> dict[str, TopicPayloads]:
+    return {t: available[t] for t in sub.topics if t in available}
+
+
+def _numels(parts: Mapping[str, TopicPayloads]) -> dict[str | None, int]:
+    """The elements of each key's payloads in ``parts``, keys in their order."""
+    numels: dict[str | None, int] = {}
+    for p in parts.values():
+        for k, d in zip(p.keys, p.data, strict=True):
+            numels[k] = numels.get(k, 0) + (0 if d is None else d.numel())
+    return numels
+
+
 def _shareable(topics: Sequence[str], subscriber: Any, consumed: frozenset[str]) -> bool:
     """A subscriber that says each result is one per key, computed from that key's payloads
     alone (``ddp_shareable = True``), of parameter topics only (identical on every DDP
@@ -223,6 +358,15 @@ def _collective_device(group: Any, device: torch.device) -> torch.device:
     import torch.distributed as dist
 
     return device if "nccl" in str(dist.get_backend(group)) else torch.device("cpu")
+
+
+def _packed_size(m: Message) -> int:
+    """The floats :func:`_pack` makes of ``m``."""
+    n = len(m.keys)
+    if isinstance(m, HistogramsMessage):
+        bins = m.counts.shape[1]
+        return 8 + len(_HIST_FIELDS) + n + n * bins + n * (bins + 1) + 6 * n
+    return 8 + 1 + n + m.data.numel()
 
 
 def _pack(sub: int, m: Message, key_ix: dict[str | None, int], topic_ix: dict[str, int]

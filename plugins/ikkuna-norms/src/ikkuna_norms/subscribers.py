@@ -325,7 +325,11 @@ class SpectralNorm(Subscriber):
 
     def __init__(self, **options: object) -> None:
         super().__init__(**options)
-        self._blocks: dict[tuple[str, tuple[str | None, ...]], torch.Tensor] = {}
+        #: the iterated vectors of each (topic, module): the batch they were iterated in
+        #: and their row, so a key goes on from its own vectors whichever keys it is batched
+        #: with next (a DDP rank computing a share of the keys after all of them, see
+        #: ikkuna_core._bus.ddp); the same batch again is used as it is
+        self._blocks: dict[tuple[str, str | None], tuple[torch.Tensor, int]] = {}
 
     def compute_step(self, step: StepBundle) -> None:
         for topic in step.topics:
@@ -362,11 +366,16 @@ class SpectralNorm(Subscriber):
         if not m.is_floating_point() or m.element_size() < 4:
             m = m.float()
         k = min(self.options.block, m.shape[1], m.shape[2])
-        state = (topic, tuple(keys))
-        u = self._blocks.get(state)
+        kept = [self._blocks.get((topic, key)) for key in keys]
         iterations = self.options.iterations
-        if u is None or u.shape != (m.shape[0], m.shape[1], k) or u.device != m.device \
-                or u.dtype != m.dtype:
+        warm = all(v is not None and v[0].shape[1:] == (m.shape[1], k)
+                   and v[0].device == m.device and v[0].dtype == m.dtype for v in kept)
+        if warm:
+            batch = kept[0][0]  # type: ignore[index]
+            same = len(batch) == len(kept) and all(
+                v[0] is batch and v[1] == i for i, v in enumerate(kept))  # type: ignore[index]
+            u = batch if same else torch.stack([v[0][v[1]] for v in kept])  # type: ignore[index]
+        else:
             generator = torch.Generator(device=m.device).manual_seed(self.options.seed)
             start = torch.randn(m.shape[1], k, generator=generator, device=m.device, dtype=m.dtype)
             u = torch.linalg.qr(start).Q.expand(m.shape[0], -1, -1)
@@ -375,7 +384,8 @@ class SpectralNorm(Subscriber):
         for _ in range(iterations):
             v = torch.linalg.qr(mt @ u).Q
             u, r = torch.linalg.qr(m @ v)
-        self._blocks[state] = u
+        for i, key in enumerate(keys):
+            self._blocks[(topic, key)] = (u, i)
         return r
 
     def reset(self) -> None:
