@@ -328,7 +328,6 @@ class MessageBus(_OldNames):
 
         def finish(sub: Subscription, exc: Exception | None) -> None:
             _finished(self, sub, exc, stamp, payloads, available)
-
         running = {id(s) for s in active}
         for sub in merges.settle_points(active, self.subscriptions, stamp[0]):
             merges.settle(held, self.results, finish, before=sub)  # if it reads their results
