@@ -15,9 +15,10 @@ rank, largest first to the least loaded rank, where that keeps the rank within
 ``WHOLE_SLACK`` of an even split of the work placed; its keys split between the ranks
 (balanced by numel) only where it does not fit. A subscriber batches over keys (one foreach
 op for all of them), so splitting its keys halves the elements it reads but not its ops;
-placing it whole halves both when several subscriptions share. A subscription keeps its place for the run, and every rank has seen all
-of its keys once: a subscriber's state per key (the spectral norm's power-iteration vectors)
-is on each rank that computes that key later.
+placing it whole halves both when several subscriptions share. A subscription keeps its
+place for the run, and every rank has seen all of its keys once: a subscriber's state per
+key (the spectral norm's power-iteration vectors) is on each rank that computes that key
+later.
 
 The forward topics differ per rank (each its own batch). By default their statistics are
 each rank's own (said once); with ``ddp_forward = "merge"`` each rank's payloads are seen as
