@@ -407,3 +407,51 @@ def test_an_output_gradient_told_by_its_bias_is_read_where_that_bias_gradient_is
     assert summed_bias(nn.Linear(2, 2).requires_grad_(False)) is None
     assert summed_bias(MyLinear(2, 2)) is None  # a subclass may compute otherwise
     assert summed_bias(nn.Tanh()) is None
+
+
+def test_a_convolution_without_bias_has_its_output_gradient_told_by_its_weight_gradient(
+    recorder_cls,
+) -> None:
+    """A bias-free convolution (as before a BatchNorm) whose weight gradient is at most half
+    the size of its output gradient: while that weight gradient is finite its value tells
+    the output gradient's (its norm is published for it); at the step whose loss puts an
+    inf into one output-gradient entry (an inf times the inputs, NaN or inf, in every entry
+    of the weight gradient it meets), the output gradient itself is read: inf. A weight
+    larger than that and a transposed convolution are not used."""
+    from ikkuna_core._exporter.implied import BiasGradients, telling_weight
+
+    class Finite(recorder_cls):  # type: ignore[misc,valid-type]
+        name = "finite"
+
+        def finiteness_only(self, topic: str) -> bool:
+            return True
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False))
+    weights: dict[int, torch.Tensor] = {}
+    step = [0]
+    model[0].weight.register_post_accumulate_grad_hook(
+        lambda w: weights.__setitem__(step[0], w.grad.detach().clone()))
+    rec = Finite(topics=["layer_gradients"])
+    exporter = ik.Exporter(model, bus=ik.MessageBus(on_error="raise"))
+    exporter.subscribe(rec)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for i in range(4):
+        step[0] = i
+        scale = torch.ones(2, 4, 8, 8)
+        if i == 3:
+            scale[1, 2, 5, 5] = math.inf
+        opt.zero_grad()
+        (model(torch.randn(2, 3, 8, 8)) * scale).sum().backward()
+        opt.step()
+    exporter.close()
+    assert 2 * model[0].weight.numel() <= 2 * 4 * 8 * 8
+    assert not bool(torch.isfinite(weights[3]).all())
+    assert float(rec.seen[("layer_gradients", "0", 3)]) == math.inf
+    for i in (1, 2):  # finite steps: the weight gradient's norm stands for the output's
+        assert float(rec.seen[("layer_gradients", "0", i)]) == pytest.approx(
+            float(torch.linalg.vector_norm(weights[i])), rel=1e-6)
+    tellers = BiasGradients([nn.Conv2d(64, 64, 3, bias=False)], lambda i: None)
+    assert tellers.of(0, 64 * 64 * 9) is None  # its weight would be read as much
+    assert telling_weight(nn.ConvTranspose2d(3, 4, 2, stride=3, bias=False)) is None
+    assert telling_weight(nn.Linear(4, 4, bias=False)) is not None

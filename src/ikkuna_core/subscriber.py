@@ -195,7 +195,9 @@ class Subscriber:
         0-d float32 that is non-finite iff the tensor has a NaN or inf entry
         (:func:`ikkuna_core.ops.finiteness` of the tensor or, on the CPU, of what tells its
         finiteness: a ``Linear``'s, a convolution's or a normalisation layer's output
-        gradient by the module's bias gradient, while that is finite), delivered as the
+        gradient by the module's bias gradient, or a bias-free ``Linear``'s or convolution's
+        by its weight gradient where that is at most half as large, while that is finite:
+        :mod:`ikkuna_core._exporter.implied`), delivered as the
         payload; integer payloads (always finite) are left out."""
         return False
 

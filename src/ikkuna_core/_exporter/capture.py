@@ -523,7 +523,7 @@ class Capture:
                 value = ops.finiteness([tensor])[0]
         implied = topic == "layer_gradients" and mode == _REDUCE and tensor.device.type == "cpu"
         reduction.add(entries, topic, index, call, tensor, value,
-                      bias=self.biases.of(index) if implied else None)
+                      bias=self.biases.of(index, tensor.numel()) if implied else None)
         if mode == _REDUCE_NOW:
             reduction.run(self._learn)
 

@@ -1,4 +1,4 @@
-"""Layer gradients whose finiteness their module's bias gradient already tells.
+"""Layer gradients whose finiteness their module's bias or weight gradient already tells.
 
 The bias gradient of a ``Linear``, a convolution or a normalisation layer is the sum of the
 module's output gradient over every dimension but the channel: a NaN or inf entry of the
@@ -11,6 +11,15 @@ gradient instead (a few hundred entries where the output gradient has millions),
 the output gradient itself only if the bias gradient is not finite (a sum that overflowed
 from finite entries is told apart there). Exact types only: a subclass may compute its
 output (and so its bias gradient) otherwise.
+
+Without such a bias (a convolution before a normalisation layer has none), the weight
+gradient of a ``Linear`` or a convolution tells it as well: each of its entries is a sum of
+products of output-gradient entries with input entries, and every output-gradient entry is
+in some of them (each output position's window holds an input entry), so a NaN or inf there
+makes it non-finite (``NaN * x`` is NaN, ``inf * 0`` NaN, ``inf * x`` inf). It is read instead
+where it is at most half the size of the output gradient (early convolutions: a few
+thousand entries where the output gradient has millions). A transposed convolution's is
+not: with a stride above its kernel, some output positions are in no product.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["BiasGradients", "summed_bias"]
+__all__ = ["BiasGradients", "summed_bias", "telling_weight"]
 
 #: The modules whose bias gradient is the sum of their output gradient over all entries of
 #: each channel.
@@ -42,19 +51,41 @@ def summed_bias(module: nn.Module) -> nn.Parameter | None:
     return bias if bias.requires_grad and bias.device.type == "cpu" else None
 
 
+#: The modules whose weight gradient has every output-gradient entry in its products.
+PRODUCT_WEIGHT: frozenset[type[nn.Module]] = frozenset({
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+})
+
+
+def telling_weight(module: nn.Module) -> nn.Parameter | None:
+    """``module``'s weight if its gradient tells the output gradient's finiteness (a plain
+    CPU parameter that requires grad; not a DTensor), else None."""
+    weight = getattr(module, "weight", None)
+    if type(module) not in PRODUCT_WEIGHT or type(weight) is not nn.Parameter:
+        return None
+    return weight if weight.requires_grad and weight.device.type == "cpu" else None
+
+
 class BiasGradients:
-    """The watched modules' summed biases, and a post-accumulate-grad hook on each that is
-    used, installed the first time: it says (``on_ready(index)``) that the running
-    backward has accumulated that module's bias gradient."""
+    """The watched modules' parameters whose gradient tells their output gradient's
+    finiteness (a summed bias, else a product weight), and a post-accumulate-grad hook on
+    each that is used, installed the first time: it says (``on_ready(index)``) that the
+    running backward has accumulated that module's gradient."""
 
     def __init__(self, modules: Sequence[nn.Module], on_ready: Callable[[int], None]) -> None:
         self._biases = [summed_bias(m) for m in modules]
+        self._weights = [telling_weight(m) for m in modules]
         self._on_ready = on_ready
         self._handles: dict[int, RemovableHandle] = {}
 
-    def of(self, index: int) -> nn.Parameter | None:
-        """The summed bias of module ``index``, its hook installed; None if it has none."""
+    def of(self, index: int, numel: int) -> nn.Parameter | None:
+        """The parameter of module ``index`` whose gradient tells the finiteness of its
+        output gradient of ``numel`` entries, its hook installed: the summed bias, else the
+        weight if at most half that size; None if neither."""
         bias = self._biases[index] if index < len(self._biases) else None
+        if bias is None and index < len(self._weights):
+            weight = self._weights[index]
+            bias = weight if weight is not None and 2 * weight.numel() <= numel else None
         if bias is not None and index not in self._handles:
             self._handles[index] = bias.register_post_accumulate_grad_hook(
                 functools.partial(self._accumulated, index)
