@@ -68,14 +68,14 @@ WHOLE_SLACK = 1.25
 #: launch as reading about a million.
 _ELEMENTS_PER_OP = {"cpu": 4096.0, "cuda": float(1 << 20)}
 #: Floats a rank's part of the exchange holds before any result is packed: room for a
-#: step's header (failures, times), so that the first exchanges need no resize.
+#: step's header (failures, work counted), so that the first exchanges need no resize.
 _HEAD = 256
 
 
-def partition(numels: Sequence[int], world: int, load: list[int] | None = None) -> list[int]:
+def partition(numels: Sequence[int], world: int) -> list[int]:
     """The rank of each item: largest first to the least loaded rank (ties: lower index),
-    the same on every rank; ``load``: each rank's load before (updated in place)."""
-    load = [0] * world if load is None else load
+    the same on every rank."""
+    load = [0] * world
     owner = [0] * len(numels)
     for i in sorted(range(len(numels)), key=lambda i: (-numels[i], i)):
         r = min(range(world), key=lambda r: (load[r], r))
@@ -257,7 +257,7 @@ class DDPShare:
         key_ix = {k: i for i, k in enumerate(keys)}
         topic_ix = {t: i for i, t in enumerate(topics)}
         head: list[float] = [0, len(failed), *failed, len(measured), full]
-        head += [v for i, t in measured.items() for v in (i, t)]
+        head += [v for i, w in measured.items() for v in (i, w)]
         local = torch.cat([torch.tensor(head, dtype=torch.float64)]
                           + [_pack(s, m, key_ix, topic_ix) for s, m in pieces])
         merged: dict[tuple[int, int], list[Message]] = {}
@@ -269,9 +269,9 @@ class DDPShare:
             at = 1 + nfailed
             nmeasured, most = (int(v) for v in values[at:at + 2].tolist())
             out.full = max(out.full, most)
-            times = values[at + 2:at + 2 + 2 * nmeasured].tolist()
-            for i, t in zip(times[::2], times[1::2], strict=True):
-                out.work[int(i)] = max(out.work.get(int(i), 0.0), t)
+            counted = values[at + 2:at + 2 + 2 * nmeasured].tolist()
+            for i, w in zip(counted[::2], counted[1::2], strict=True):
+                out.work[int(i)] = max(out.work.get(int(i), 0.0), w)
             for sub, msg in _unpack(values[at + 2 + 2 * nmeasured:], keys, topics):
                 merged.setdefault((sub, topic_ix[msg.topic]), []).append(msg)
         out.merged = [(sub, _merge(msgs, key_ix)) for (sub, _), msgs in sorted(merged.items())]

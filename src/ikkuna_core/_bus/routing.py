@@ -179,12 +179,10 @@ class MessageBus(_OldNames):
         return spec
 
     def check_topic(self, name: str) -> TopicSpec:
-        try:
-            return self._topics[name]
-        except KeyError:
-            raise UnknownTopicError(
-                f"unknown topic {name!r}; known topics: {', '.join(sorted(self._topics))}"
-            ) from None
+        if name not in self._topics:
+            known = ", ".join(sorted(self._topics))
+            raise UnknownTopicError(f"unknown topic {name!r}; known topics: {known}")
+        return self._topics[name]
 
     # ----------------------------------------------------------- subscribers
     @property
@@ -226,9 +224,8 @@ class MessageBus(_OldNames):
         """Remove ``subscriber`` and the topics it ``added`` that no one else publishes."""
         self.subscriptions = [s for s in self.subscriptions if s.subscriber is not subscriber]
         published = {t for s in self.subscriptions for t in s.subscriber.output_topics()}
-        for topic in added:
-            if topic not in published:
-                self._topics.pop(topic, None)
+        for topic in set(added) - published:
+            self._topics.pop(topic, None)
         self._changed()
 
     def add_listener(self, callback: Callable[[], None]) -> None:
@@ -343,8 +340,11 @@ class MessageBus(_OldNames):
             self.results.open(sub.subscriber)
             token = self.cost.started()
             try:
-                with merges.measured(sub):
+                if merges.ddp is None:
                     sub.subscriber.compute_step(bundle)
+                else:  # under DDP its work is counted at its first step (its placement)
+                    with merges.measured(sub):
+                        sub.subscriber.compute_step(bundle)
             except IkkunaError:
                 # a subscriber raising an IkkunaError itself stops the run on purpose
                 # (ikkuna-health's action = "raise"): it goes through, whatever on_error

@@ -27,8 +27,6 @@ from ..messages import TopicPayloads
 from .agreed import Layout, merge_round
 from .ddp import DDPShare
 
-_NOTHING = contextlib.nullcontext()
-
 __all__ = ["FailedOnAnotherRank", "Merges", "ShardedStep", "is_dtensor", "local_view", "merges"]
 
 #: How partial statistics of shards combine.
@@ -257,9 +255,9 @@ class Merges:
                                 if t in view.sharded and t in available}}
 
     def measured(self, sub: Any) -> contextlib.AbstractContextManager[object]:
-        """Around ``sub``'s ``compute_step``: under DDP, its work measured where that places
+        """Around ``sub``'s ``compute_step`` under DDP: its work counted where that places
         it (:meth:`.ddp.DDPShare.measured`)."""
-        return _NOTHING if self.ddp is None else self.ddp.measured(sub)
+        return contextlib.nullcontext() if self.ddp is None else self.ddp.measured(sub)
 
     def hold(self, sub: Any, messages: list[Any]) -> bool:
         """Whether ``sub``'s results wait for the DDP exchange (:meth:`end` puts them)."""
