@@ -9,6 +9,8 @@ CPU times: what watching adds to one step, in microseconds, within a few percent
 
     python benchmarks/fixed_cost.py                       # MLP, the budget variants
     python benchmarks/fixed_cost.py --variants exporter,all,all-budget --blocks 40
+    python benchmarks/fixed_cost.py --problem resnet18 --batch-size 32 --warmup 100 \
+        --blocks 10 --steps 4                             # overhead.py's other problems
 
 The variants are those of ``overhead.py`` (the same subscribers and configuration keys).
 Writes a JSON file with every block's time (``--out``).
@@ -67,14 +69,21 @@ def python_calls(model: nn.Module, opt: Any, fn: Any, x: Any, y: Any, n: int) ->
     return count / n
 
 
-def measure(variant: str, *, blocks: int, steps: int, warmup: int, batch: int) -> dict[str, Any]:
-    """Plain and watched block times (CPU seconds per step) of one variant."""
+def measure(variant: str, *, blocks: int, steps: int, warmup: int, batch: int,
+            problem: str = "mlp") -> dict[str, Any]:
+    """Plain and watched block times (CPU seconds per step) of one variant on ``problem``
+    (the MLP, or another of overhead.py's problems on random inputs)."""
     import ikkuna_core as ik
 
     torch.manual_seed(0)
-    plain_model = mlp()
+    shape: tuple[int, ...] = (1, 28, 28)
+    if problem == "mlp":
+        plain_model = mlp()
+    else:
+        spec = overhead.PROBLEMS[problem]
+        plain_model, shape = overhead.make_model(spec, torch.device("cpu")), spec.input_shape
     watched_model = copy.deepcopy(plain_model)
-    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01)
     watched_opt = torch.optim.SGD(watched_model.parameters(), lr=0.01)
     loss_fn = nn.CrossEntropyLoss()
@@ -107,8 +116,9 @@ def measure(variant: str, *, blocks: int, steps: int, warmup: int, batch: int) -
         summary = exporter.bus.cost.summary()
         exporter.close()
     p, w = statistics.median(plain), statistics.median(watched)
-    return {"variant": variant, "plain_ms": p * 1e3, "watched_ms": w * 1e3, "ratio": w / p,
-            "added_us": (w - p) * 1e6, "python_calls_added": calls_watched - calls,
+    return {"variant": variant, "problem": problem, "plain_ms": p * 1e3,
+            "watched_ms": w * 1e3, "ratio": w / p, "added_us": (w - p) * 1e6,
+            "python_calls_added": calls_watched - calls,
             "cadences": cadences, "cost_summary": summary,
             "plain_blocks": plain, "watched_blocks": watched}
 
@@ -116,6 +126,7 @@ def measure(variant: str, *, blocks: int, steps: int, warmup: int, batch: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--problem", default="mlp", choices=["mlp", "3c3d", "resnet18"])
     parser.add_argument("--blocks", type=int, default=30, help="blocks of each (default 30)")
     parser.add_argument("--steps", type=int, default=40, help="steps per block (default 40)")
     parser.add_argument("--warmup", type=int, default=300,
@@ -130,7 +141,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for variant in args.variants.split(","):
         row = measure(variant, blocks=args.blocks, steps=args.steps, warmup=args.warmup,
-                      batch=args.batch_size)
+                      batch=args.batch_size, problem=args.problem)
         rows.append(row)
         print(f"| {variant} | {row['plain_ms']:.3f} | {row['watched_ms']:.3f} | "
               f"{row['ratio']:.3f} | {row['added_us']:+.0f} us | "

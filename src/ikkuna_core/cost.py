@@ -8,8 +8,10 @@ the step's work has completed (polled with ``Event.query()``, never waited for, 
 synchronisation is added), the larger of the two counting — and the Exporter's
 own share: collecting the step's payloads, the parameter snapshot of update topics, building
 the result messages, the host transfer and the backends (everything at the end of the step
-that is not a subscriber's). The forward hooks' own time is not timed (it would cost more
-than it measures); it counts towards the plain step.
+that is not a subscriber's) and what the watched modules' hooks do beyond keeping a
+reference (a sample, a copy, a finiteness reduction: timed around it, in the step it
+belongs to). The hooks' own calls are not timed (timing them would cost more than they
+do); they count towards the plain step.
 
 The plain step time is estimated at every step as the time between two ends of step minus
 what was measured in between, and taken as the median of the recent steps at which nothing

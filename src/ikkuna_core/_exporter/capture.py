@@ -333,6 +333,9 @@ class Capture:
                  watched: Sequence[nn.Module] = ()) -> None:
         self.modules = list(modules)
         self.biases = BiasGradients(watched, lambda i: self.stash.reduction.mark_ready(i))
+        #: the bus's cost meter (:class:`ikkuna_core.cost.CostMeter`): what the hooks do
+        #: beyond keeping a reference is Ikkuna's own time in the step
+        self.meter: Any = None
         self._report = report
         self._call_keys: list[list[str]] = [[m.name] for m in self.modules]
         self.act_plan: Plan | None = None  # capture modes in this forward
@@ -482,7 +485,7 @@ class Capture:
             if not stash.backward:  # the step's backward begins: the forward is done
                 stash.backward = True
                 stash.ungate()
-                stash.reduction.run(self._learn)
+                self._reduce(stash)
                 _at_backward_end(functools.partial(self._backward_done, ref))
             self._stash(stash, stash.lgrads, "layer_gradients", index, call, grad,
                         stash.lgrad_plan[index])
@@ -492,14 +495,43 @@ class Capture:
         stash = ref()
         if stash is not None and stash is self.stash:
             with guard(self._report, "the reduction at the end of the backward"):
-                stash.reduction.run(self._learn, final=True)
+                self._reduce(stash, final=True)
 
     def _stash(self, stash: Stash, entries: list[Entry], topic: str, index: int, call: int,
                tensor: torch.Tensor, mode: int) -> None:
-        """Stash a payload per its mode. One that only needs a finiteness check waits for
-        the next reduction of the step, due once enough bytes wait, or at once, with all
-        that waits, when it was seen changing in place later in a step (the first time it is
-        reduced on its own, and its version checked at the next reduction)."""
+        """Stash a payload per its mode: a reference at once; anything that runs kernels (a
+        sample, a copy, a reduction) on the cost meter's clock, Ikkuna's own time in the
+        step (:meth:`ikkuna_core.cost.CostMeter.own`)."""
+        if mode == _FULL:
+            entries.append((index, call, tensor, tensor._version, None))
+            return
+        meter = self.meter
+        if meter is None:
+            self._work(stash, entries, topic, index, call, tensor, mode)
+            return
+        started = meter.clock()
+        try:
+            self._work(stash, entries, topic, index, call, tensor, mode)
+        finally:
+            meter.own(meter.clock() - started)
+
+    def _reduce(self, stash: Stash, final: bool = False) -> None:
+        """Run the stash's reduction (on the cost meter's clock)."""
+        meter = self.meter
+        started = 0.0 if meter is None else meter.clock()
+        try:
+            stash.reduction.run(self._learn, final)
+        finally:
+            if meter is not None:
+                meter.own(meter.clock() - started)
+
+    def _work(self, stash: Stash, entries: list[Entry], topic: str, index: int, call: int,
+              tensor: torch.Tensor, mode: int) -> None:
+        """Stash a payload that is not a plain reference. One that only needs a finiteness
+        check waits for the next reduction of the step, due once enough bytes wait, or at
+        once, with all that waits, when it was seen changing in place later in a step (the
+        first time it is reduced on its own, and its version checked at the next
+        reduction)."""
         if mode > _REDUCE:
             entries.append(_capture(index, call, tensor, mode))
             return

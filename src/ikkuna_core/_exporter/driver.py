@@ -40,6 +40,7 @@ class StepDriver:
         infos = [info for info, _ in watched]
         self.params = Parameters(unwrap_model(model), infos, restricted, clock.forget)
         self.capture = Capture(infos, self.report, [module for _, module in watched])
+        self.capture.meter = bus.cost
         self.loss = LossWatch(clock, self.capture)
         self._diagnostics = Diagnostics(bus.warn_once)
         self._on_optimizer_grads: Callable[[], None] = self.sync
