@@ -325,7 +325,107 @@ class Reduction:
                 entries.append((index, call, value, -1, None))
 
 
-class Capture:
+class _Payloads:
+    """The end of a step, for :class:`Capture`: the forward topics of its stash as payloads,
+    and what their versions taught (which modules' tensors change in place later)."""
+
+    modules: list[ModuleInfo]
+    _call_keys: list[list[str]]
+    _probed: set[tuple[str, int]]
+    _clone: set[tuple[str, int]]
+    _learned_plans: dict[Any, Plan]
+
+    def payloads(self, stash: Stash, wanted: frozenset[str]) -> dict[str, TopicPayloads]:
+        """The forward and network topics of a step's stash (``wanted`` at that step)."""
+        out: dict[str, TopicPayloads] = {}
+        for topic, entries in (("activations", stash.acts), ("layer_gradients", stash.lgrads),
+                               ("inputs", stash.inputs)):
+            if entries and topic in wanted:
+                out[topic] = self._forward_payloads(topic, entries)
+        for topic, entry in stash.network.items():
+            data = self.valid(entry, topic, -1)
+            if data is not None:
+                out[topic] = TopicPayloads(topic=topic, keys=[None], modules=[None], data=[data])
+        return out
+
+    def valid(self, entry: Versioned, topic: str, index: int) -> torch.Tensor | None:
+        """The stashed tensor, or None (and a copy from the next step on) when something
+        changed it in place after it was stashed (an in-place ReLU after a module, a +=)."""
+        tensor, version = entry
+        if version < 0 or tensor._version == version:
+            return tensor
+        self._clone.add((topic, index))
+        return None
+
+    def _learned(self, topic: str, entry: Entry) -> torch.Tensor | None:
+        """The payload of a stash entry; a first capture teaches whether the module's tensor
+        is changed in place later in a step (then it is copied from now on)."""
+        index, _, tensor, version, original = entry
+        if original is None:
+            return self.valid((tensor, version), topic, index)
+        self._probed.add((topic, index))
+        if original._version != version:
+            self._clone.add((topic, index))
+        return tensor
+
+    def _forward_payloads(self, topic: str, entries: list[Entry]) -> TopicPayloads:
+        keys: list[str | None] = []
+        modules: list[ModuleInfo | None] = []
+        data: list[torch.Tensor | None] = []
+        for entry in sorted(entries, key=lambda e: (e[0], e[1])):
+            index, call = entry[0], entry[1]
+            valid = self._learned(topic, entry)
+            if valid is None:
+                continue
+            keys.append(self._call_key(index, call))
+            modules.append(self.modules[index])
+            data.append(valid)
+        return TopicPayloads(topic=topic, keys=keys, modules=modules, data=data)
+
+    def _call_key(self, index: int, call: int) -> str:
+        """``name`` for a module's first call in a forward, ``name#1`` for its second..."""
+        keys = self._call_keys[index]
+        while len(keys) <= call:
+            keys.append(f"{keys[0]}#{len(keys)}")
+        return keys[call]
+
+    def _versioned(self, topic: str, tensor: torch.Tensor) -> Versioned:
+        if (topic, -1) in self._clone:
+            return (tensor.detach().clone(), -1)
+        return (tensor, tensor._version)
+
+    def _learned_plan(self, topic: str, plan: Plan | None) -> Plan | None:
+        """The capture plan with what earlier steps taught: whole tensors that something
+        changes in place later in a step are copied, the others referenced; a module not seen
+        yet is probed (copied and referenced once)."""
+        if plan is None:
+            return None
+        key = (topic, plan, len(self._clone), len(self._probed))
+        found = self._learned_plans.get(key)
+        if found is None:
+            found = tuple(_learned_mode(m, (topic, i) in self._clone, (topic, i) in self._probed)
+                          for i, m in enumerate(plan))
+            if len(self._learned_plans) > 64:
+                self._learned_plans.clear()
+            self._learned_plans[key] = found
+        return found
+
+
+
+def _learned_mode(mode: int, changes: bool, probed: bool) -> int:
+    """Whole tensors: copied, referenced or probed; finiteness checks: reduced in the hook,
+    batched or probed (from what earlier steps taught about the module's tensor: whether it
+    ``changes`` in place later in a step, or was ``probed`` for that yet)."""
+    if mode not in (_FULL, _REDUCE, _REDUCE_IF_LOSS):
+        return mode
+    if changes:
+        return _CLONE if mode == _FULL else _REDUCE_NOW
+    if probed:
+        return mode
+    return _PROBE if mode == _FULL else _REDUCE_PROBE
+
+
+class Capture(_Payloads):
     """The forward topics of the watched modules (``activations``, ``layer_gradients``,
     ``inputs``) and the network topics of the step's first forward and loss call."""
 
@@ -576,97 +676,6 @@ class Capture:
             data = grad.detach()
             copy = ops.sample(data, mode) if mode > 0 else data.clone()
             stash.lgrads.append((index, call, copy, -1, None))
-
-    # -------------------------------------------------------- end of a step
-    def payloads(self, stash: Stash, wanted: frozenset[str]) -> dict[str, TopicPayloads]:
-        """The forward and network topics of a step's stash (``wanted`` at that step)."""
-        out: dict[str, TopicPayloads] = {}
-        for topic, entries in (("activations", stash.acts), ("layer_gradients", stash.lgrads),
-                               ("inputs", stash.inputs)):
-            if entries and topic in wanted:
-                out[topic] = self._forward_payloads(topic, entries)
-        for topic, entry in stash.network.items():
-            data = self.valid(entry, topic, -1)
-            if data is not None:
-                out[topic] = TopicPayloads(topic=topic, keys=[None], modules=[None], data=[data])
-        return out
-
-    def valid(self, entry: Versioned, topic: str, index: int) -> torch.Tensor | None:
-        """The stashed tensor, or None (and a copy from the next step on) when something
-        changed it in place after it was stashed (an in-place ReLU after a module, a +=)."""
-        tensor, version = entry
-        if version < 0 or tensor._version == version:
-            return tensor
-        self._clone.add((topic, index))
-        return None
-
-    def _learned(self, topic: str, entry: Entry) -> torch.Tensor | None:
-        """The payload of a stash entry; a first capture teaches whether the module's tensor
-        is changed in place later in a step (then it is copied from now on)."""
-        index, _, tensor, version, original = entry
-        if original is None:
-            return self.valid((tensor, version), topic, index)
-        self._probed.add((topic, index))
-        if original._version != version:
-            self._clone.add((topic, index))
-        return tensor
-
-    def _forward_payloads(self, topic: str, entries: list[Entry]) -> TopicPayloads:
-        keys: list[str | None] = []
-        modules: list[ModuleInfo | None] = []
-        data: list[torch.Tensor | None] = []
-        for entry in sorted(entries, key=lambda e: (e[0], e[1])):
-            index, call = entry[0], entry[1]
-            valid = self._learned(topic, entry)
-            if valid is None:
-                continue
-            keys.append(self._call_key(index, call))
-            modules.append(self.modules[index])
-            data.append(valid)
-        return TopicPayloads(topic=topic, keys=keys, modules=modules, data=data)
-
-    def _call_key(self, index: int, call: int) -> str:
-        """``name`` for a module's first call in a forward, ``name#1`` for its second..."""
-        keys = self._call_keys[index]
-        while len(keys) <= call:
-            keys.append(f"{keys[0]}#{len(keys)}")
-        return keys[call]
-
-    def _versioned(self, topic: str, tensor: torch.Tensor) -> Versioned:
-        if (topic, -1) in self._clone:
-            return (tensor.detach().clone(), -1)
-        return (tensor, tensor._version)
-
-    def _learned_plan(self, topic: str, plan: Plan | None) -> Plan | None:
-        """The capture plan with what earlier steps taught: whole tensors that something
-        changes in place later in a step are copied, the others referenced; a module not seen
-        yet is probed (copied and referenced once)."""
-        if plan is None:
-            return None
-        key = (topic, plan, len(self._clone), len(self._probed))
-        found = self._learned_plans.get(key)
-        if found is None:
-            found = tuple(_learned_mode(m, (topic, i) in self._clone, (topic, i) in self._probed)
-                          for i, m in enumerate(plan))
-            if len(self._learned_plans) > 64:
-                self._learned_plans.clear()
-            self._learned_plans[key] = found
-        return found
-
-
-
-def _learned_mode(mode: int, changes: bool, probed: bool) -> int:
-    """Whole tensors: copied, referenced or probed; finiteness checks: reduced in the hook,
-    batched or probed (from what earlier steps taught about the module's tensor: whether it
-    ``changes`` in place later in a step, or was ``probed`` for that yet)."""
-    if mode not in (_FULL, _REDUCE, _REDUCE_IF_LOSS):
-        return mode
-    if changes:
-        return _CLONE if mode == _FULL else _REDUCE_NOW
-    if probed:
-        return mode
-    return _PROBE if mode == _FULL else _REDUCE_PROBE
-
 
 def _capture(index: int, call: int, tensor: torch.Tensor, mode: int) -> Entry:
     """A stash entry: a sample (a copy), a copy of a tensor seen changing in place before, a
