@@ -455,3 +455,58 @@ def test_a_convolution_without_bias_has_its_output_gradient_told_by_its_weight_g
     assert tellers.of(0, 64 * 64 * 9) is None  # its weight would be read as much
     assert telling_weight(nn.ConvTranspose2d(3, 4, 2, stride=3, bias=False)) is None
     assert telling_weight(nn.Linear(4, 4, bias=False)) is not None
+
+
+def test_output_gradients_waiting_for_a_late_telling_gradient_are_bounded(recorder_cls) -> None:
+    """A Linear called 40 times in a step (an RNN's cell; a tied weight is alike): its bias
+    gradient is accumulated once, at the end of the backward. The output gradients told by
+    it are held until then, but no more of them than the bytes that make a reduction due
+    (1 MiB here): the others are read themselves, in the batched reductions. Before, all 40
+    (2.5 MiB) stayed alive to the end of the backward."""
+    import weakref
+
+    class Finite(recorder_cls):  # type: ignore[misc,valid-type]
+        name = "finite"
+
+        def finiteness_only(self, topic: str) -> bool:
+            return True
+
+    torch.manual_seed(0)
+    cell = nn.Linear(64, 64)
+    grads: list[weakref.ref[torch.Tensor]] = []
+    alive: list[int] = []
+    cell.bias.register_post_accumulate_grad_hook(
+        lambda b: alive.append(sum(r() is not None for r in grads)))
+
+    def keep(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        out.register_hook(lambda g: grads.append(weakref.ref(g)))
+
+    cell.register_forward_hook(keep)
+
+    class Unrolled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = cell
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            for _ in range(40):
+                h = torch.tanh(self.cell(h))
+            return h
+
+    model = Unrolled()
+    rec = Finite(topics=["layer_gradients"])
+    exporter = ik.Exporter(model, bus=ik.MessageBus(on_error="raise"))
+    exporter.subscribe(rec)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):  # the first step learns how each payload is captured
+        grads.clear()
+        opt.zero_grad()
+        model(torch.randn(256, 64)).sum().backward()
+        opt.step()
+    exporter.close()
+    assert len(grads) == 40
+    # at most 1 MiB (16 of 64 KiB) waiting for the bias, and at most 1 MiB for the next
+    # batched reduction: the rest already read
+    assert all(n <= 2 * 16 for n in alive[1:]), alive
+    assert all(math.isfinite(float(v)) for (topic, _, _), v in rec.seen.items()
+               if topic == "layer_gradients")

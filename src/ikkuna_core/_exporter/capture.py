@@ -248,6 +248,10 @@ class Reduction:
             return seen[2]
         return None
 
+    def unready(self) -> int:
+        """Bytes of the output gradients waiting for their module's telling gradient."""
+        return sum(self.unready_bytes.values())
+
     def mark_ready(self, index: int) -> None:
         """The backward accumulated module ``index``'s summed bias gradient."""
         self.ready.add(index)
@@ -653,7 +657,12 @@ class Capture(_Payloads):
         if value is None and mode == _REDUCE_PROBE:
             with torch.no_grad():
                 value = ops.finiteness([tensor])[0]
-        implied = topic == "layer_gradients" and mode == _REDUCE and tensor.device.type == "cpu"
+        # told by a parameter's gradient once that is accumulated, so held until then: one,
+        # or no more bytes of them than of those waiting (a module called many times, a tied
+        # weight: accumulated at the end of the backward)
+        implied = (topic == "layer_gradients" and mode == _REDUCE and tensor.device.type == "cpu"
+                   and (not reduction.unready_bytes
+                        or reduction.unready() + _nbytes(tensor) <= self._budget))
         reduction.add(entries, topic, index, call, tensor, value,
                       bias=self.biases.of(index, tensor.numel()) if implied else None)
         if mode == _REDUCE_NOW:
@@ -691,6 +700,10 @@ def _capture(index: int, call: int, tensor: torch.Tensor, mode: int) -> Entry:
     # a copy: the tensor changes in place later in a step, or (compiled) the graph may reuse
     # its memory
     return (index, call, copy, -1, None)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _host_value(tensor: torch.Tensor) -> float:
