@@ -589,7 +589,7 @@ class Capture(_Payloads):
             if not stash.backward:  # the step's backward begins: the forward is done
                 stash.backward = True
                 stash.ungate()
-                self._reduce(stash)
+                self._timed(stash.reduction.run, self._learn)
                 _at_backward_end(functools.partial(self._backward_done, ref))
             self._stash(stash, stash.lgrads, "layer_gradients", index, call, grad,
                         stash.lgrad_plan[index])
@@ -599,49 +599,24 @@ class Capture(_Payloads):
         stash = ref()
         if stash is not None and stash is self.stash:
             with guard(self._report, "the reduction at the end of the backward"):
-                self._reduce(stash, final=True)
+                self._timed(stash.reduction.run, self._learn, True)
 
     def _stash(self, stash: Stash, entries: list[Entry], topic: str, index: int, call: int,
                tensor: torch.Tensor, mode: int) -> None:
-        """Stash a payload per its mode: a reference at once; anything that runs kernels (a
-        sample, a copy, a reduction) on the cost meter's clock, Ikkuna's own time in the
-        step (:meth:`ikkuna_core.cost.CostMeter.own`)."""
+        """Stash a payload per its mode. One that only needs a finiteness check waits for
+        the next reduction of the step, due once enough bytes wait, or at once, with all
+        that waits, when it was seen changing in place later in a step (the first time it is
+        reduced on its own, and its version checked at the next reduction). What runs
+        kernels (a sample, a copy, a reduction) is timed (:meth:`_timed`)."""
         if mode == _FULL:
             entries.append((index, call, tensor, tensor._version, None))
             return
-        meter = self.meter
-        if meter is None:
-            self._work(stash, entries, topic, index, call, tensor, mode)
-            return
-        started = meter.clock()
-        try:
-            self._work(stash, entries, topic, index, call, tensor, mode)
-        finally:
-            meter.own(meter.clock() - started)
-
-    def _reduce(self, stash: Stash, final: bool = False) -> None:
-        """Run the stash's reduction (on the cost meter's clock)."""
-        meter = self.meter
-        started = 0.0 if meter is None else meter.clock()
-        try:
-            stash.reduction.run(self._learn, final)
-        finally:
-            if meter is not None:
-                meter.own(meter.clock() - started)
-
-    def _work(self, stash: Stash, entries: list[Entry], topic: str, index: int, call: int,
-              tensor: torch.Tensor, mode: int) -> None:
-        """Stash a payload that is not a plain reference. One that only needs a finiteness
-        check waits for the next reduction of the step, due once enough bytes wait, or at
-        once, with all that waits, when it was seen changing in place later in a step (the
-        first time it is reduced on its own, and its version checked at the next
-        reduction)."""
         if mode > _REDUCE:
-            entries.append(_capture(index, call, tensor, mode))
+            entries.append(self._timed(_capture, index, call, tensor, mode))
             return
         if type(tensor) not in (torch.Tensor, nn.Parameter) or tensor.layout != torch.strided:
             # a subclass (a DTensor) or a sparse tensor is the subscriber's to reduce: a copy
-            entries.append(_capture(index, call, tensor, _CLONE))
+            entries.append(self._timed(_capture, index, call, tensor, _CLONE))
             return
         if not tensor.is_floating_point():
             return  # always finite
@@ -652,7 +627,7 @@ class Capture(_Payloads):
             mode = _REDUCE  # the loss is read on the host only where that costs nothing
         reduction = stash.reduction
         if reduction.bytes >= self._budget:
-            reduction.run(self._learn)
+            self._timed(reduction.run, self._learn)
         value = reduction.known_value(tensor)
         if value is None and mode == _REDUCE_PROBE:
             with torch.no_grad():
@@ -666,7 +641,20 @@ class Capture(_Payloads):
         reduction.add(entries, topic, index, call, tensor, value,
                       bias=self.biases.of(index, tensor.numel()) if implied else None)
         if mode == _REDUCE_NOW:
-            reduction.run(self._learn)
+            self._timed(reduction.run, self._learn)
+
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, kernels of a hook (a sample, a copy, a reduction), on the cost
+        meter's clock: Ikkuna's own time in the step
+        (:meth:`ikkuna_core.cost.CostMeter.own`)."""
+        meter = self.meter
+        if meter is None:
+            return fn(*args)
+        started = meter.clock()
+        try:
+            return fn(*args)
+        finally:
+            meter.own(meter.clock() - started)
 
     def _learn(self, topic: str, index: int, changed: bool) -> None:
         self._probed.add((topic, index))
