@@ -3,8 +3,8 @@
 - with ``norm`` and ``histogram`` on parameter topics, once sharing the work (the default
   under DDP) and once with sharing off (what one rank does alone): the aten ops and the
   elements they read inside the subscribers' ``compute_step`` at each step, the exchange's
-  collectives,
-  the published scalars and histograms, and the norms of ``p``/``p.grad`` computed here;
+  collectives, the published scalars and histograms, and the norms of ``p``/``p.grad``
+  computed here (for three sets of subscribers: unequal, equal, a spectral norm alone);
 - with ``ddp_forward = "merge"`` and ``norm``/``mean``/``histogram`` on activations, beside
   a plain twin model trained on the global batch (both ranks' batches, concatenated);
 - with a shareable subscriber that fails on rank 1 only (``on_error = "warn"``): the run

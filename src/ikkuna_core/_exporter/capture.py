@@ -415,7 +415,6 @@ class _Payloads:
         return found
 
 
-
 def _learned_mode(mode: int, changes: bool, probed: bool) -> int:
     """Whole tensors: copied, referenced or probed; finiteness checks: reduced in the hook,
     batched or probed (from what earlier steps taught about the module's tensor: whether it
