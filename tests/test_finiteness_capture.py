@@ -18,6 +18,19 @@ import ikkuna_core as ik
 TOPICS = ["activations", "inputs", "layer_gradients"]
 
 
+@pytest.fixture
+def finite_cls(recorder_cls: Any) -> Any:
+    """The tests' recorder (tests/conftest.py) asking for finiteness checks only."""
+
+    class Finite(recorder_cls):  # type: ignore[misc,valid-type]
+        name = "finite"
+
+        def finiteness_only(self, topic: str) -> bool:
+            return True
+
+    return Finite
+
+
 def _model() -> nn.Sequential:
     """0 Linear -> 1 in-place ReLU (changes 0's output after its hook) -> 2 Linear."""
     torch.manual_seed(0)
@@ -77,14 +90,8 @@ def _train(model: nn.Module, subscribers: list[ik.Subscriber], steps: int,
     return copies
 
 
-def test_finiteness_payloads_are_the_norms_of_the_modules_own_tensors(recorder_cls) -> None:
-    class Finite(recorder_cls):  # type: ignore[misc,valid-type]
-        name = "finite"
-
-        def finiteness_only(self, topic: str) -> bool:
-            return True
-
-    rec = Finite(topics=TOPICS)
+def test_finiteness_payloads_are_the_norms_of_the_modules_own_tensors(finite_cls) -> None:
+    rec = finite_cls(topics=TOPICS)
     # the model's output feeds no module: a hook of the test copies its value before the
     # in-place ReLU (module 1) changes module 0's output; the capture must give the same.
     # A Linear's output gradient is told by its bias gradient (their sum over the batch):
@@ -106,15 +113,9 @@ def test_finiteness_payloads_are_the_norms_of_the_modules_own_tensors(recorder_c
 
 
 def test_a_non_finite_entry_gives_a_non_finite_value_and_a_large_one_does_not(
-    recorder_cls,
+    finite_cls,
 ) -> None:
-    class Finite(recorder_cls):  # type: ignore[misc,valid-type]
-        name = "finite"
-
-        def finiteness_only(self, topic: str) -> bool:
-            return True
-
-    rec = Finite(topics=["activations"])
+    rec = finite_cls(topics=["activations"])
     g = torch.Generator().manual_seed(2)
     data = [torch.randn(8, 6, generator=g) for _ in range(4)]
     data[2] = data[2] * 1e15  # large, finite (its squares in float32 too)
@@ -126,15 +127,9 @@ def test_a_non_finite_entry_gives_a_non_finite_value_and_a_large_one_does_not(
 
 
 def test_a_subscriber_that_wants_whole_tensors_gets_them_and_the_other_one_too(
-    recorder_cls,
+    recorder_cls, finite_cls,
 ) -> None:
-    class Finite(recorder_cls):  # type: ignore[misc,valid-type]
-        name = "finite"
-
-        def finiteness_only(self, topic: str) -> bool:
-            return True
-
-    finite, whole = Finite(topics=["activations"]), recorder_cls(topics=["activations"])
+    finite, whole = finite_cls(topics=["activations"]), recorder_cls(topics=["activations"])
     copies = _train(_model(), [finite, whole], 3)
     for rec in (finite, whole):
         for (topic, key, step), got in rec.seen.items():
@@ -355,7 +350,7 @@ def test_forward_checks_wait_for_a_cpu_loss_and_are_read_only_when_it_is_not_fin
 
 
 def test_an_output_gradient_told_by_its_bias_is_read_where_that_bias_gradient_is_not(
-    recorder_cls,
+    finite_cls,
 ) -> None:
     """A Linear's output gradient is told by its bias gradient while that is finite; at the
     step whose loss weights an inf and a -inf into one column of the last Linear's output
@@ -364,16 +359,10 @@ def test_an_output_gradient_told_by_its_bias_is_read_where_that_bias_gradient_is
     that requires grad are told that way."""
     from ikkuna_core._exporter.implied import summed_bias
 
-    class Finite(recorder_cls):  # type: ignore[misc,valid-type]
-        name = "finite"
-
-        def finiteness_only(self, topic: str) -> bool:
-            return True
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
     step = [0]
-    rec = Finite(topics=["layer_gradients"])
+    rec = finite_cls(topics=["layer_gradients"])
     exporter = ik.Exporter(model, bus=ik.MessageBus(on_error="raise"))
     copies = _Copies(model, step)
     exporter.subscribe(rec)
@@ -410,7 +399,7 @@ def test_an_output_gradient_told_by_its_bias_is_read_where_that_bias_gradient_is
 
 
 def test_a_convolution_without_bias_has_its_output_gradient_told_by_its_weight_gradient(
-    recorder_cls,
+    finite_cls,
 ) -> None:
     """A bias-free convolution (as before a BatchNorm) whose weight gradient is at most half
     the size of its output gradient: while that weight gradient is finite its value tells
@@ -420,19 +409,13 @@ def test_a_convolution_without_bias_has_its_output_gradient_told_by_its_weight_g
     larger than that and a transposed convolution are not used."""
     from ikkuna_core._exporter.implied import BiasGradients, telling_weight
 
-    class Finite(recorder_cls):  # type: ignore[misc,valid-type]
-        name = "finite"
-
-        def finiteness_only(self, topic: str) -> bool:
-            return True
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False))
     weights: dict[int, torch.Tensor] = {}
     step = [0]
     model[0].weight.register_post_accumulate_grad_hook(
         lambda w: weights.__setitem__(step[0], w.grad.detach().clone()))
-    rec = Finite(topics=["layer_gradients"])
+    rec = finite_cls(topics=["layer_gradients"])
     exporter = ik.Exporter(model, bus=ik.MessageBus(on_error="raise"))
     exporter.subscribe(rec)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -457,20 +440,12 @@ def test_a_convolution_without_bias_has_its_output_gradient_told_by_its_weight_g
     assert telling_weight(nn.Linear(4, 4, bias=False)) is not None
 
 
-def test_output_gradients_waiting_for_a_late_telling_gradient_are_bounded(recorder_cls) -> None:
+def test_output_gradients_waiting_for_a_late_telling_gradient_are_bounded(finite_cls) -> None:
     """A Linear called 40 times in a step (an RNN's cell; a tied weight is alike): its bias
     gradient is accumulated once, at the end of the backward. The output gradients told by
     it are held until then, but no more of them than the bytes that make a reduction due
     (1 MiB here): the others are read themselves, in the batched reductions. Before, all 40
     (2.5 MiB) stayed alive to the end of the backward."""
-    import weakref
-
-    class Finite(recorder_cls):  # type: ignore[misc,valid-type]
-        name = "finite"
-
-        def finiteness_only(self, topic: str) -> bool:
-            return True
-
     torch.manual_seed(0)
     cell = nn.Linear(64, 64)
     grads: list[weakref.ref[torch.Tensor]] = []
@@ -494,7 +469,7 @@ def test_output_gradients_waiting_for_a_late_telling_gradient_are_bounded(record
             return h
 
     model = Unrolled()
-    rec = Finite(topics=["layer_gradients"])
+    rec = finite_cls(topics=["layer_gradients"])
     exporter = ik.Exporter(model, bus=ik.MessageBus(on_error="raise"))
     exporter.subscribe(rec)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
