@@ -343,7 +343,7 @@ class MessageBus(_OldNames):
                 if merges.ddp is None:
                     sub.subscriber.compute_step(bundle)
                 else:  # under DDP its work is counted at its first step (its placement)
-                    with merges.measured(sub):
+                    with merges.ddp.measured(sub):
                         sub.subscriber.compute_step(bundle)
             except IkkunaError:
                 # a subscriber raising an IkkunaError itself stops the run on purpose

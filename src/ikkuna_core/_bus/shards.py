@@ -15,7 +15,6 @@ round (see :mod:`.agreed`).
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -253,11 +252,6 @@ class Merges:
             return available
         return {**available, **{t: view.full(t) for t in topics
                                 if t in view.sharded and t in available}}
-
-    def measured(self, sub: Any) -> contextlib.AbstractContextManager[object]:
-        """Around ``sub``'s ``compute_step`` under DDP: its work counted where that places
-        it (:meth:`.ddp.DDPShare.measured`)."""
-        return contextlib.nullcontext() if self.ddp is None else self.ddp.measured(sub)
 
     def hold(self, sub: Any, messages: list[Any]) -> bool:
         """Whether ``sub``'s results wait for the DDP exchange (:meth:`end` puts them)."""
