@@ -407,7 +407,7 @@ def test_a_convolution_without_bias_has_its_output_gradient_told_by_its_weight_g
     inf into one output-gradient entry (an inf times the inputs, NaN or inf, in every entry
     of the weight gradient it meets), the output gradient itself is read: inf. A weight
     larger than that and a transposed convolution are not used."""
-    from ikkuna_core._exporter.implied import BiasGradients, telling_weight
+    from ikkuna_core._exporter.implied import TellingGradients, telling_weight
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False))
@@ -434,7 +434,7 @@ def test_a_convolution_without_bias_has_its_output_gradient_told_by_its_weight_g
     for i in (1, 2):  # finite steps: the weight gradient's norm stands for the output's
         assert float(rec.seen[("layer_gradients", "0", i)]) == pytest.approx(
             float(torch.linalg.vector_norm(weights[i])), rel=1e-6)
-    tellers = BiasGradients([nn.Conv2d(64, 64, 3, bias=False)], lambda i: None)
+    tellers = TellingGradients([nn.Conv2d(64, 64, 3, bias=False)], lambda i: None)
     assert tellers.of(0, 64 * 64 * 9) is None  # its weight would be read as much
     assert telling_weight(nn.ConvTranspose2d(3, 4, 2, stride=3, bias=False)) is None
     assert telling_weight(nn.Linear(4, 4, bias=False)) is not None

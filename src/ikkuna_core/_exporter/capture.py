@@ -20,7 +20,7 @@ from .._bus import FINITENESS, FINITENESS_IF_LOSS
 from ..messages import ModuleInfo, TopicPayloads
 from . import traced
 from .hooks import guard, in_backward
-from .implied import BiasGradients
+from .implied import TellingGradients
 from .traced import first_tensor
 
 __all__ = ["Capture", "Mode", "Stash", "first_tensor", "output_field"]
@@ -201,9 +201,9 @@ class Reduction:
 
     def __init__(self) -> None:
         self.waiting: list[Unreduced] = []
-        #: output gradients whose module's bias gradient tells their finiteness
-        #: (:mod:`.implied`): (the payload, module index, the bias), read instead once the
-        #: backward has accumulated it (the module index in ``ready``)
+        #: output gradients whose module's bias or weight gradient tells their finiteness
+        #: (:mod:`.implied`): (the payload, module index, that parameter), read instead once
+        #: the backward has accumulated it (the module index in ``ready``)
         self.implied: list[tuple[Unreduced, int, torch.Tensor]] = []
         self.ready: set[int] = set()
         self.unready_bytes: dict[int, int] = {}  # counted in ``bytes`` once ready
@@ -217,10 +217,10 @@ class Reduction:
 
     def add(self, entries: list[Entry], topic: str, index: int, call: int,
             tensor: torch.Tensor, value: torch.Tensor | None, version: int | None = None,
-            bias: torch.Tensor | None = None) -> None:
+            teller: torch.Tensor | None = None) -> None:
         """Wait for the next run; ``version``: the tensor's in its hook, if not now (one
-        changed since is left out by the run, and learned); ``bias``: the module's summed
-        bias, whose gradient tells this output gradient's finiteness."""
+        changed since is left out by the run, and learned); ``teller``: the module's parameter
+        whose gradient tells this output gradient's finiteness (a summed bias, a weight)."""
         if version is None:
             version = tensor._version
         if value is None:
@@ -229,8 +229,8 @@ class Reduction:
         else:
             self.known[id(tensor)] = (weakref.ref(tensor), version, value)
         item = (entries, topic, index, call, tensor, version, value)
-        if value is None and bias is not None:
-            self.implied.append((item, index, bias))
+        if value is None and teller is not None:
+            self.implied.append((item, index, teller))
             nbytes = tensor.numel() * tensor.element_size()
             self.unready_bytes[index] = self.unready_bytes.get(index, 0) + nbytes
             return
@@ -253,7 +253,7 @@ class Reduction:
         return sum(self.unready_bytes.values())
 
     def mark_ready(self, index: int) -> None:
-        """The backward accumulated module ``index``'s summed bias gradient."""
+        """The backward accumulated module ``index``'s telling gradient."""
         self.ready.add(index)
         self.bytes += self.unready_bytes.pop(index, 0)
 
@@ -262,8 +262,8 @@ class Reduction:
         forget the tensors. One changed in place since its hook no longer holds the module's
         value: it is left out; ``learn(topic, index, changed)`` is told about it and about
         each tensor reduced in its hook the first time. An implied output gradient is told
-        by its bias gradient once that is accumulated (``final``: the backward is over,
-        whatever is left is read)."""
+        by its bias or weight gradient once that is accumulated (``final``: the backward is
+        over, whatever is left is read)."""
         waiting = self.waiting
         checked: list[tuple[Unreduced, int, torch.Tensor]] = []
         kept: list[tuple[Unreduced, int, torch.Tensor]] = []
@@ -285,8 +285,8 @@ class Reduction:
             if value is None and tensor._version == version and id(tensor) not in position:
                 position[id(tensor)] = len(todo)
                 todo.append(tensor)
-        for _, _, bias in checked:
-            grad = bias.grad
+        for _, _, teller in checked:
+            grad = teller.grad
             if grad is not None and id(grad) not in position:
                 position[id(grad)] = len(todo)
                 todo.append(grad)
@@ -309,14 +309,14 @@ class Reduction:
     def _told(self, checked: list[tuple[Unreduced, int, torch.Tensor]],
               values: Sequence[torch.Tensor], position: dict[int, int],
               learn: Callable[[str, int, bool], None]) -> None:
-        """The implied output gradients, by their bias gradient's value (read on the host:
+        """The implied output gradients, by their teller's gradient's value (read on the host:
         no kernel on the CPU); the output gradient itself where that is not finite."""
         again: list[tuple[list[Entry], int, int, torch.Tensor]] = []
-        for (entries, topic, index, call, tensor, version, _), _, bias in checked:
+        for (entries, topic, index, call, tensor, version, _), _, teller in checked:
             if tensor._version != version:
                 learn(topic, index, True)
                 continue
-            value = values[position[id(bias.grad)]]
+            value = values[position[id(teller.grad)]]
             if math.isfinite(_host_value(value)):
                 entries.append((index, call, value, -1, None))
                 self.known[id(tensor)] = (weakref.ref(tensor), version, value)
@@ -435,7 +435,7 @@ class Capture(_Payloads):
     def __init__(self, modules: Sequence[ModuleInfo], report: Report,
                  watched: Sequence[nn.Module] = ()) -> None:
         self.modules = list(modules)
-        self.biases = BiasGradients(watched, lambda i: self.stash.reduction.mark_ready(i))
+        self.tellers = TellingGradients(watched, lambda i: self.stash.reduction.mark_ready(i))
         #: the bus's cost meter (:class:`ikkuna_core.cost.CostMeter`): what the hooks do
         #: beyond keeping a reference is Ikkuna's own time in the step
         self.meter: Any = None
@@ -607,11 +607,9 @@ class Capture(_Payloads):
         that waits, when it was seen changing in place later in a step (the first time it is
         reduced on its own, and its version checked at the next reduction). What runs
         kernels (a sample, a copy, a reduction) is timed (:meth:`_timed`)."""
-        if mode == _FULL:
-            entries.append((index, call, tensor, tensor._version, None))
-            return
-        if mode > _REDUCE:
-            entries.append(self._timed(_capture, index, call, tensor, mode))
+        if mode > _REDUCE:  # a reference (no kernel, not timed), a sample or a copy
+            entries.append(_capture(index, call, tensor, mode) if mode == _FULL
+                           else self._timed(_capture, index, call, tensor, mode))
             return
         if type(tensor) not in (torch.Tensor, nn.Parameter) or tensor.layout != torch.strided:
             # a subclass (a DTensor) or a sparse tensor is the subscriber's to reduce: a copy
@@ -638,7 +636,7 @@ class Capture(_Payloads):
                    and (not reduction.unready_bytes
                         or reduction.unready() + _nbytes(tensor) <= self._budget))
         reduction.add(entries, topic, index, call, tensor, value,
-                      bias=self.biases.of(index, tensor.numel()) if implied else None)
+                      teller=self.tellers.of(index, tensor.numel()) if implied else None)
         if mode == _REDUCE_NOW:
             self._timed(reduction.run, self._learn)
 

@@ -78,7 +78,7 @@ class StepDriver:
     def remove(self) -> None:
         """Remove every hook and forget the parameter copies."""
         self.hooks.remove()
-        self.capture.biases.remove()
+        self.capture.tellers.remove()
         self.params.snapshot.clear()
         self.capture.stop()
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["BiasGradients", "summed_bias", "telling_weight"]
+__all__ = ["TellingGradients", "summed_bias", "telling_weight"]
 
 #: The modules whose bias gradient is the sum of their output gradient over all entries of
 #: each channel.
@@ -66,7 +66,7 @@ def telling_weight(module: nn.Module) -> nn.Parameter | None:
     return weight if weight.requires_grad and weight.device.type == "cpu" else None
 
 
-class BiasGradients:
+class TellingGradients:
     """The watched modules' parameters whose gradient tells their output gradient's
     finiteness (a summed bias, else a product weight), and a post-accumulate-grad hook on
     each that is used, installed the first time: it says (``on_ready(index)``) that the
@@ -82,17 +82,17 @@ class BiasGradients:
         """The parameter of module ``index`` whose gradient tells the finiteness of its
         output gradient of ``numel`` entries, its hook installed: the summed bias, else the
         weight if at most half that size; None if neither."""
-        bias = self._biases[index] if index < len(self._biases) else None
-        if bias is None and index < len(self._weights):
+        teller = self._biases[index] if index < len(self._biases) else None
+        if teller is None and index < len(self._weights):
             weight = self._weights[index]
-            bias = weight if weight is not None and 2 * weight.numel() <= numel else None
-        if bias is not None and index not in self._handles:
-            self._handles[index] = bias.register_post_accumulate_grad_hook(
+            teller = weight if weight is not None and 2 * weight.numel() <= numel else None
+        if teller is not None and index not in self._handles:
+            self._handles[index] = teller.register_post_accumulate_grad_hook(
                 functools.partial(self._accumulated, index)
             )
-        return bias
+        return teller
 
-    def _accumulated(self, index: int, bias: torch.Tensor) -> None:
+    def _accumulated(self, index: int, teller: torch.Tensor) -> None:
         self._on_ready(index)
 
     def remove(self) -> None:
