@@ -197,12 +197,21 @@ def _scenarios() -> dict[str, Callable[[], dict[str, Any]]]:
     }
 
 
+def _warned(subscribers: list[Any], steps: int) -> dict[str, Any]:
+    """The FSDP2 model trained ``steps`` steps with ``subscribers`` and ``on_error = "warn"``:
+    what ``_train`` returns, and what was warned."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = _train(_fsdp(), subscribers, 32, steps_=steps, on_error="warn")
+    return {**result, "warnings": [str(w.message) for w in said]}
+
+
 def _failing() -> dict[str, Any]:
     """Merging subscribers that fail on rank 1 only (``on_error = "warn"``): one in its
     ``compute_step`` at step 1, before its partial; one in its merge callback (publishing) at
     step 2; beside them a norm and a histogram that must go on, merged, on both ranks."""
-    import warnings
-
     from ikkuna_histograms.subscribers import Histogram
     from ikkuna_norms.subscribers import Norm
 
@@ -224,22 +233,17 @@ def _failing() -> dict[str, Any]:
                 raise RuntimeError("planted failure in the merge callback on rank 1")
             super().publish_scalars(step, *args, **kwargs)
 
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        result = _train(_fsdp(), [
-            FailsInCompute(topics=["weights"]), Norm(topics=["weight_gradients"]),
-            FailsInMerge(topics=["weight_updates"]),
-            Histogram(topics=["weights"], bins=8, max_samples=0),
-        ], 32, steps_=4, on_error="warn")
-    return {**result, "warnings": [str(w.message) for w in said]}
+    return _warned([
+        FailsInCompute(topics=["weights"]), Norm(topics=["weight_gradients"]),
+        FailsInMerge(topics=["weight_updates"]),
+        Histogram(topics=["weights"], bins=8, max_samples=0),
+    ], steps=4)
 
 
 def _failing_merges(final_at: int, edges_at: int, steps: int) -> dict[str, Any]:
     """Merge callbacks failing on rank 1 only where rank 1 has nothing else to merge: the
     last one of step ``final_at`` and a histogram's edges at step ``edges_at``, after which
     rank 0 merges again (its counts)."""
-    import warnings
-
     from ikkuna_histograms.subscribers import Histogram
     from ikkuna_norms.subscribers import Norm
 
@@ -262,13 +266,10 @@ def _failing_merges(final_at: int, edges_at: int, steps: int) -> dict[str, Any]:
                     raise RuntimeError("planted failure in the edges' merge callback on rank 1")
             super().merge_shards(step, partial, then, **kwargs)
 
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        result = _train(_fsdp(), [
-            Norm(topics=["weight_gradients"]), FailsInFinal(topics=["weights"]),
-            FailsInEdges(topics=["weights"], bins=8, max_samples=0),
-        ], 32, steps_=steps, on_error="warn")
-    return {**result, "warnings": [str(w.message) for w in said]}
+    return _warned([
+        Norm(topics=["weight_gradients"]), FailsInFinal(topics=["weights"]),
+        FailsInEdges(topics=["weights"], bins=8, max_samples=0),
+    ], steps=steps)
 
 
 def _failing_late() -> dict[str, Any]:
@@ -288,8 +289,6 @@ def _failing_reader() -> dict[str, Any]:
     merging) fails on rank 1 only at step 0 and is disabled there alone. Step 1 is the
     first of the merging subscriptions without the mean (due every 2nd step): rank 0 settles
     before the reader, which rank 1 no longer runs; both must take part in as many rounds."""
-    import warnings
-
     import ikkuna_core as ik
     from ikkuna_norms.subscribers import Mean, Norm
 
@@ -302,13 +301,10 @@ def _failing_reader() -> dict[str, Any]:
             if rank == 1 and step.global_step == 0:
                 raise RuntimeError("planted failure in a reader on rank 1")
 
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        result = _train(_fsdp(), [
-            Norm(topics=["weights"]), Mean(topics=["weights"], subsample=2),
-            FailsReading(topics=["norm/weights"]),
-        ], 32, steps_=4, on_error="warn")
-    return {**result, "warnings": [str(w.message) for w in said]}
+    return _warned([
+        Norm(topics=["weights"]), Mean(topics=["weights"], subsample=2),
+        FailsReading(topics=["norm/weights"]),
+    ], steps=4)
 
 
 def main() -> None:
