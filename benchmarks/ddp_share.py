@@ -43,9 +43,14 @@ VARIANTS = ("plain", "alone", "shared")
 
 
 class _Count(TorchDispatchMode):
+    """The aten ops run inside it and the elements of their tensor arguments (counted here,
+    independently of the Exporter's own count that places the work); ``on``: whether the
+    subscribers count at all."""
+
     def __init__(self) -> None:
         super().__init__()
         self.ops = self.elements = 0
+        self.on = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         self.ops += 1
@@ -79,13 +84,12 @@ def _trainer(variant: str) -> tuple[Any, Any, _Count | None]:
     if variant == "alone":
         exporter.bus.merges.ddp = None
     counter = _Count()
-    counter.on = False  # type: ignore[attr-defined]
     for topic in ("weights", "weight_gradients"):
         for sub in (Norm(topics=[topic]), Histogram(topics=[topic], bins=64, max_samples=0)):
             compute = sub.compute_step
 
             def counted(bundle: Any, compute: Any = compute) -> None:
-                if counter.on:  # type: ignore[attr-defined]
+                if counter.on:
                     with counter:
                         compute(bundle)
                 else:
@@ -119,9 +123,9 @@ def _worker(rank: int, port: int, rounds: int, steps: int, warmup: int, out: str
         counts = {}
         for v, (model, opt, counter) in trainers.items():
             if counter is not None:
-                counter.on = True  # type: ignore[attr-defined]
+                counter.on = True
                 _step(model, opt, x, y)
-                counter.on = False  # type: ignore[attr-defined]
+                counter.on = False
                 counts[v] = {"ops": counter.ops, "elements": counter.elements}
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for r in range(rounds):
