@@ -156,6 +156,49 @@ def test_step_level_subscribers_get_every_module_at_once():
     assert [b.key for b in collect.bundles] == ["a", "b"]
 
 
+def test_subscribers_of_one_step_share_the_norms_of_the_same_payloads(monkeypatch):
+    """Two subscribers reading the norms of the same payloads in one step: one reduction
+    of them (the elements ``_foreach_norm`` reads, counted), each value the norm computed
+    here; a p of its own, another step: reduced again. Outside a step nothing is shared."""
+    reads: list[int] = []
+    foreach_norm = torch._foreach_norm
+
+    def counted(tensors, *args, **kwargs):
+        reads.append(sum(t.numel() for t in tensors))
+        return foreach_norm(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_norm", counted)
+
+    class Norms(StepNorms):
+        def __init__(self, p: float = 2.0, **options):
+            super().__init__(**options)
+            self.p, self.values = p, []
+
+        def compute_step(self, step):
+            self.values.append(ik.ops.norms(step["weights"].tensors(), p=self.p).tolist())
+
+    bus = ik.MessageBus(on_error="raise")
+    first = bus.register_subscriber(Norms(topics=["weights"]))
+    second = bus.register_subscriber(Norms(topics=["weights"], publish_as="again"))
+    third = bus.register_subscriber(Norms(p=1.0, topics=["weights"], publish_as="l1"))
+    g = torch.Generator().manual_seed(0)
+    w = {"a": torch.randn(30, generator=g), "b": torch.randn(4, 5, generator=g)}
+    step(bus, 0, weights=w)
+    assert reads == [50, 50]  # the L2 norms once, the L1 norms once
+    want = [float(torch.linalg.vector_norm(t.double())) for t in w.values()]
+    assert first.values[0] == pytest.approx(want, rel=1e-6)
+    assert second.values[0] == first.values[0]
+    assert third.values[0] == pytest.approx([float(t.abs().sum()) for t in w.values()],
+                                            rel=1e-6)
+    w["a"].mul_(2.0)  # changed between steps: the next step reduces it again
+    step(bus, 1, weights=w)
+    assert reads == [50, 50, 50, 50]
+    assert second.values[1][0] == pytest.approx(2 * want[0], rel=1e-6)
+    ik.ops.norms(list(w.values()))
+    ik.ops.norms(list(w.values()))
+    assert reads[4:] == [50, 50]
+
+
 def test_publishing_outside_a_step_is_an_error():
     bus = ik.MessageBus()
     sub = bus.register_subscriber(Double(topics=["weights"]))

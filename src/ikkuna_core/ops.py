@@ -4,6 +4,8 @@ step with these; every result stays a tensor on the payloads' device (no host
 synchronisation), one value (or one histogram row) per input tensor, in input order.
 
 - :func:`norms` — p-norms through ``torch._foreach_norm``
+- :func:`shared_norms` — within it, :func:`norms` reduces each tensor once per ``p`` (the
+  subscribers of one step share their payloads' norms)
 - :func:`finiteness` — per tensor a 0-d value that is non-finite iff the tensor has a
   non-finite entry (what the capture keeps of a payload that is only checked for NaN/inf)
 - :func:`zero_fractions` — fraction of exact zeros (``_foreach_norm`` with p = 0)
@@ -62,6 +64,27 @@ _Key = TypeVar("_Key", bound=Hashable)
 _COMPILE_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "ikkuna_compile_backend", default=None
 )
+
+
+#: Within :func:`shared_norms`: (id of a tensor, p) -> (the tensor, kept so that its id is
+#: not reused, and its 0-d norm).
+_SHARED_NORMS: contextvars.ContextVar[
+    dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] | None
+] = contextvars.ContextVar("ikkuna_shared_norms", default=None)
+
+
+@contextlib.contextmanager
+def shared_norms() -> Iterator[None]:
+    """Within this context :func:`norms` reduces each tensor object once per ``p`` and
+    hands the same value to every later call that asks for it: two subscribers of a step
+    reading the norms of the same gradients cost one pass over them. Only for tensors that
+    do not change inside it: the bus enters it around the subscribers of each step, whose
+    payloads they must not change in place."""
+    token = _SHARED_NORMS.set({})
+    try:
+        yield
+    finally:
+        _SHARED_NORMS.reset(token)
 
 
 @contextlib.contextmanager
@@ -137,11 +160,33 @@ def norms(tensors: Sequence[torch.Tensor], p: float = 2.0) -> torch.Tensor:
     vector; low-precision tensors are reduced in float32."""
     if not tensors:
         return torch.empty(0)
+    shared = _SHARED_NORMS.get()
+    if shared is not None and not torch.compiler.is_compiling():
+        return _shared_norms(tensors, p, shared)
 
     def fn(ts: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(torch._foreach_norm(_floating(ts), p, dtype=torch.float32))
 
     return _per_device(tensors, fn)
+
+
+def _shared_norms(
+    tensors: Sequence[torch.Tensor], p: float,
+    shared: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """:func:`norms` within :func:`shared_norms`: the tensors not reduced yet in one
+    ``_foreach_norm`` per device, then every value from ``shared``."""
+    todo = {id(t): t for t in tensors if (id(t), p) not in shared}
+    if todo:
+        fresh = list(todo.values())
+        for idx in _device_groups(fresh):
+            group = [fresh[i] for i in idx]
+            values = torch._foreach_norm(_floating(group), p, dtype=torch.float32)
+            for t, value in zip(group, values, strict=True):
+                shared[(id(t), p)] = (t, value)
+    found = [shared[(id(t), p)][1] for t in tensors]
+    device = tensors[0].device
+    return torch.stack([v if v.device == device else v.to(device) for v in found])
 
 
 def finiteness(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import torch
 
+from .. import ops
 from ..cost import CostMeter
 from ..errors import IkkunaError
 from ..messages import ModuleInfo, StepBundle, TopicPayloads
@@ -291,7 +292,7 @@ class MessageBus(_OldNames):
         self.cost.begin(step)
         active = self.active(step)
         if active:
-            with torch.no_grad():
+            with torch.no_grad(), ops.shared_norms():
                 self._run(stamp, payloads, active)
         if (step + 1) % self.flush_every == 0:
             self.flush(wait=False)
@@ -304,7 +305,7 @@ class MessageBus(_OldNames):
         with the next flush."""
         due = tuple(s for s in self.active(stamp[0]) if s.subscriber.sees_skipped_steps)
         if due:
-            with torch.no_grad():
+            with torch.no_grad(), ops.shared_norms():
                 self._run(stamp, payloads, due, skipped=True)
 
     def deliver_event(self, stamp: Stamp, topic: str) -> None:
@@ -312,7 +313,7 @@ class MessageBus(_OldNames):
         of that topic due at ``stamp``'s step."""
         due = tuple(s for s in self.active(stamp[0]) if topic in s.topics)
         if due:
-            with torch.no_grad():
+            with torch.no_grad(), ops.shared_norms():
                 self._run(stamp, {topic: TopicPayloads.event(topic)}, due)
 
     def _run(
