@@ -93,19 +93,22 @@ def _train(model: nn.Module, subscribers: list[ik.Subscriber], steps: int,
 def test_finiteness_payloads_are_the_norms_of_the_modules_own_tensors(finite_cls) -> None:
     rec = finite_cls(topics=TOPICS)
     # the model's output feeds no module: a hook of the test copies its value before the
-    # in-place ReLU (module 1) changes module 0's output; the capture must give the same.
-    # A Linear's output gradient is told by its bias gradient (their sum over the batch):
-    # the norm of that, where finite
+    # in-place ReLU (module 1) changes module 0's output. The first step reduces each
+    # tensor in its hook (learning what changes in place): the norm of that copy. From the
+    # second on, module 0's output is checked as the ReLU left it (non-finite only where it
+    # was: the ReLU's output), and a Linear's output gradient is told by its bias gradient
+    # (their sum over the batch), the ReLU's by the bias gradient of the Linear before it
     copies = _train(_model(), [rec], 5)
     assert rec.seen
+    told = {("layer_gradients", "0"): ("bias_gradients", "0"),
+            ("layer_gradients", "1"): ("bias_gradients", "0"),
+            ("layer_gradients", "2"): ("bias_gradients", "2"),
+            ("activations", "0"): ("activations", "1")}
     for (topic, key, step), got in rec.seen.items():
         assert got is not None and got.dim() == 0 and got.dtype == torch.float32
         assert key is not None
-        # (from the second step on: the first reduces each tensor in its hook, learning)
-        told = topic == "layer_gradients" and key in ("0", "2") and step > 0
-        want = torch.linalg.vector_norm(
-            copies.seen[("bias_gradients" if told else topic, key, step)].double()
-        )
+        source = told.get((topic, key), (topic, key)) if step > 0 else (topic, key)
+        want = torch.linalg.vector_norm(copies.seen[(*source, step)].double())
         assert float(got) == pytest.approx(float(want), rel=1e-5), (topic, key, step)
     # every step (the first, which learns what changes in place, too), every module
     assert {(t, s) for t, _, s in rec.seen} == {(t, s) for t in TOPICS for s in range(5)}
@@ -295,7 +298,11 @@ def test_forward_checks_wait_for_a_cpu_loss_and_are_read_only_when_it_is_not_fin
     grads = [0]
 
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        # a Linear's output gradient is told by its bias gradient, read instead
+        # a Linear's output gradient is told by its bias gradient, read instead; so is the
+        # Tanh's after it (its input gradient is part of that Linear's output gradient): the
+        # same bias, read once
+        if isinstance(module, nn.Tanh):
+            return
         told = module.bias if isinstance(module, nn.Linear) else None
         output.register_hook(lambda g: grads.__setitem__(
             0, grads[0] + (g if told is None else told).numel() * 4))
@@ -485,3 +492,73 @@ def test_output_gradients_waiting_for_a_late_telling_gradient_are_bounded(finite
     assert all(n <= 2 * 16 for n in alive[1:]), alive
     assert all(math.isfinite(float(v)) for (topic, _, _), v in rec.seen.items()
                if topic == "layer_gradients")
+
+
+def test_an_in_place_relu_after_a_batchnorm_leaves_both_unread_at_a_finite_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Conv (no bias) -> BatchNorm -> in-place ReLU -> Flatten -> Linear, checked for
+    finiteness by a subscriber whose forward checks matter only at a non-finite loss. At a
+    finite step the checks read only the telling parameter gradients (the convolution's
+    weight, the BatchNorm's bias, which the ReLU and the Flatten after it borrow, the
+    Linear's bias): not the BatchNorm's output, which the ReLU changes in place, nor the
+    ReLU's and the Flatten's output gradients. At the step whose input holds a NaN, every
+    module's activation is delivered non-finite, as the test's copies are."""
+    from ikkuna_core import ops
+
+    read = [0]
+    finiteness = ops.finiteness
+
+    def counted(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        read[0] += sum(t.numel() * t.element_size() for t in tensors)
+        return finiteness(tensors)
+
+    monkeypatch.setattr(ops, "finiteness", counted)
+
+    class Gated(ik.Subscriber):
+        name = "gated"
+        finite_loss_clears_forward = True
+
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**options)
+            self.seen: dict[int, dict[str, dict[str, float]]] = {}
+
+        def finiteness_only(self, topic: str) -> bool:
+            return True
+
+        def compute_step(self, step: ik.StepBundle) -> None:
+            self.seen[step.global_step] = {
+                t: {k: float(v) for k, v in zip(step[t].keys, step[t].data, strict=True)}
+                for t in step.topics
+            }
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                          nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8 * 8 * 8, 3))
+    step = [0]
+    copies = _Copies(model, step)
+    exporter = ik.Exporter(model, nn.MSELoss(), bus=ik.MessageBus(on_error="raise"))
+    gated = Gated(topics=["activations", "layer_gradients"])
+    exporter.subscribe(gated)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    tellers = (model[0].weight.numel() + model[1].bias.numel() + model[4].bias.numel()) * 4
+    bad = 4
+    for i in range(bad + 1):
+        step[0] = i
+        x = torch.randn(4, 3, 8, 8, generator=g)
+        if i == bad:
+            x[1, 2, 3, 4] = float("nan")
+        read[0] = 0
+        opt.zero_grad()
+        exporter.loss_fn(model(x), torch.zeros(4, 3)).backward()
+        opt.step()
+        if 1 < i < bad:  # steps 0 and 1 learn (the loss call; what changes in place)
+            assert read[0] == tellers, i
+            assert set(gated.seen[i]) == {"layer_gradients"}, i
+    exporter.close()
+    forward = gated.seen[bad]["activations"]
+    assert set(forward) == {"0", "1", "2", "3", "4"}
+    for key, value in forward.items():
+        assert not math.isfinite(value), key
+        assert not bool(torch.isfinite(copies.seen[("activations", key, bad)]).all()), key

@@ -20,7 +20,7 @@ from .._bus import FINITENESS, FINITENESS_IF_LOSS
 from ..messages import ModuleInfo, TopicPayloads
 from . import traced
 from .hooks import guard, in_backward
-from .implied import TellingGradients
+from .implied import TellingGradients, finite_in_place, passing
 from .traced import first_tensor
 
 __all__ = ["Capture", "Mode", "Stash", "first_tensor", "output_field"]
@@ -77,9 +77,9 @@ def output_field(output: Any, name: str) -> Any:
 class Stash:
     """What the current step stashed in the hooks of its first forward and backward."""
 
-    __slots__ = ("__weakref__", "acts", "backward", "calls", "cursor", "gated", "inputs",
-                 "lgrad_plan", "lgrads", "network", "pending", "reduction", "ref", "traced",
-                 "traced_at")
+    __slots__ = ("__weakref__", "acts", "backward", "borrowed", "calls", "cursor", "gated",
+                 "inputs", "lgrad_plan", "lgrads", "network", "pending", "reduction", "ref",
+                 "traced", "traced_at")
 
     def __init__(self, n_modules: int, lgrad_plan: Plan | None = None) -> None:
         # The layer-gradient hooks hold only this weak reference: an output holding a hook
@@ -108,6 +108,9 @@ class Stash:
         #: (the list its result goes to, topic, module index, call, tensor, its version)
         self.gated: list[tuple[list[Entry], str, int, int, torch.Tensor, int]] = []
         self.backward = False  # a layer-gradient hook of this step ran
+        #: (module, call) of a passing module's call -> the module whose output it took,
+        #: whose teller tells its output gradient (:mod:`.implied`)
+        self.borrowed: dict[tuple[int, int], int] = {}
 
     def ungate(self) -> None:
         """The held forward checks join the reduction: the loss was not finite, or the
@@ -115,6 +118,19 @@ class Stash:
         for entries, topic, index, call, tensor, version in self.gated:
             self.reduction.add(entries, topic, index, call, tensor, None, version)
         self.gated.clear()
+
+    def changed_finitely(self, tensor: torch.Tensor) -> None:
+        """``tensor``, a held forward payload, was just changed in place by an activation
+        that makes no non-finite value of finite ones: its finiteness check is of the
+        changed tensor (non-finite only where the old one was), not a change to learn."""
+        version = tensor._version
+        gated, waiting = self.gated, self.reduction.waiting
+        for i in range(len(gated) - 1, max(len(gated) - 5, -1), -1):
+            if gated[i][4] is tensor:
+                gated[i] = (*gated[i][:5], version)
+        for i in range(len(waiting) - 1, max(len(waiting) - 5, -1), -1):
+            if waiting[i][4] is tensor:
+                waiting[i] = (*waiting[i][:5], version, waiting[i][6])
 
     def loss_seen(self, loss: Any, learn: Callable[[str, int, bool], None]) -> None:
         """The step's loss call: the held forward checks are dropped when the loss is finite
@@ -217,10 +233,11 @@ class Reduction:
 
     def add(self, entries: list[Entry], topic: str, index: int, call: int,
             tensor: torch.Tensor, value: torch.Tensor | None, version: int | None = None,
-            teller: torch.Tensor | None = None) -> None:
+            teller: tuple[int, torch.Tensor] | None = None) -> None:
         """Wait for the next run; ``version``: the tensor's in its hook, if not now (one
-        changed since is left out by the run, and learned); ``teller``: the module's parameter
-        whose gradient tells this output gradient's finiteness (a summed bias, a weight)."""
+        changed since is left out by the run, and learned); ``teller``: (module index, its
+        parameter) whose gradient tells this output gradient's finiteness (a summed bias, a
+        weight; the module's own, or its producer's for a passing module)."""
         if version is None:
             version = tensor._version
         if value is None:
@@ -230,9 +247,10 @@ class Reduction:
             self.known[id(tensor)] = (weakref.ref(tensor), version, value)
         item = (entries, topic, index, call, tensor, version, value)
         if value is None and teller is not None:
-            self.implied.append((item, index, teller))
+            owner, param = teller
+            self.implied.append((item, owner, param))
             nbytes = tensor.numel() * tensor.element_size()
-            self.unready_bytes[index] = self.unready_bytes.get(index, 0) + nbytes
+            self.unready_bytes[owner] = self.unready_bytes.get(owner, 0) + nbytes
             return
         self.waiting.append(item)
         if value is not None:
@@ -436,6 +454,10 @@ class Capture(_Payloads):
                  watched: Sequence[nn.Module] = ()) -> None:
         self.modules = list(modules)
         self.tellers = TellingGradients(watched, lambda i: self.stash.reduction.mark_ready(i))
+        self._passing = [passing(m) for m in watched]
+        self._in_place = [finite_in_place(m) for m in watched]
+        #: the latest watched module's output in the running forward, its module and call
+        self._last: tuple[torch.Tensor, int, int] | None = None
         #: the bus's cost meter (:class:`ikkuna_core.cost.CostMeter`): what the hooks do
         #: beyond keeping a reference is Ikkuna's own time in the step
         self.meter: Any = None
@@ -481,6 +503,7 @@ class Capture(_Payloads):
     def stop(self) -> None:
         """Capture nothing more (a later micro-batch, an eval forward, the step's end)."""
         self.act_plan = self.lgrad_plan = self.in_plan = None
+        self._last = None
         self._give((None, None, None))
 
     def _give(self, plans: Plans) -> None:
@@ -543,6 +566,9 @@ class Capture(_Payloads):
             self._stash(stash, stash.inputs, "inputs", index, call, x, inp[index])
         if out is None:
             return
+        last, self._last = self._last, (out, index, call)
+        if last is not None and index < len(self._passing) and self._passing[index]:
+            self._took(stash, index, call, last, first_tensor(args) if x is None else x, out)
         if act is not None and act[index] != _SKIP:
             self._stash(stash, stash.acts, "activations", index, call, out, act[index])
         if lgrad is not None and lgrad[index] != _SKIP:
@@ -553,6 +579,19 @@ class Capture(_Payloads):
             elif not torch.is_grad_enabled():
                 arg = first_tensor(args) if x is None else x
                 stash.pending.append((index, call, arg is not None and arg.requires_grad))
+
+    def _took(self, stash: Stash, index: int, call: int, last: tuple[torch.Tensor, int, int],
+              arg: torch.Tensor | None, out: torch.Tensor) -> None:
+        """A passing module's call took the previous watched module's output: its output
+        gradient borrows that module's teller (or the one that module borrowed), and an
+        in-place change of that output by a finite activation keeps the output's held
+        finiteness check (:mod:`.implied`)."""
+        produced, producer, producer_call = last
+        if arg is not produced:
+            return
+        stash.borrowed[(index, call)] = stash.borrowed.get((producer, producer_call), producer)
+        if out is produced and self._in_place[index]:
+            stash.changed_finitely(out)
 
     def compiled_forward(self, index: int, output: torch.Tensor | None,
                          inputs: torch.Tensor | None) -> int:
@@ -635,8 +674,12 @@ class Capture(_Payloads):
         implied = (topic == "layer_gradients" and mode == _REDUCE and tensor.device.type == "cpu"
                    and (not reduction.unready_bytes
                         or reduction.unready() + _nbytes(tensor) <= self._budget))
-        reduction.add(entries, topic, index, call, tensor, value,
-                      teller=self.tellers.of(index, tensor.numel()) if implied else None)
+        teller = None
+        if implied:
+            owner = stash.borrowed.get((index, call), index)
+            param = self.tellers.of(owner, tensor.numel())
+            teller = None if param is None else (owner, param)
+        reduction.add(entries, topic, index, call, tensor, value, teller=teller)
         if mode == _REDUCE_NOW:
             self._timed(reduction.run, self._learn)
 

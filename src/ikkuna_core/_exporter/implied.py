@@ -20,6 +20,18 @@ makes it non-finite (``NaN * x`` is NaN, ``inf * 0`` NaN, ``inf * x`` inf). It i
 where it is at most half the size of the output gradient (early convolutions: a few
 thousand entries where the output gradient has millions). A transposed convolution's is
 not: with a stride above its kernel, some output positions are in no product.
+
+An elementwise activation, a dropout or a pooling layer (:data:`PASSING`) that takes the
+previous watched module's output borrows that module's teller: the activation's input
+gradient is part of the previous module's output gradient, and a non-finite entry of its
+output gradient reaches its input gradient (a product keeps NaN, ``inf * 0`` is NaN), except
+where a ReLU-like backward puts a zero instead (a NaN there reaches no other gradient: it
+is not reported). Forward, an in-place activation that makes no non-finite value of finite
+ones (:data:`FINITE_IN_PLACE`) changes the previous module's output only in ways its
+finiteness check may ignore: the changed tensor is non-finite only where the module's
+output was, so that output stays held and is checked only if the loss is not finite,
+instead of being read in its hook at every step (a value the ReLU turned from -inf to 0
+reaches nothing: it is not reported).
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["TellingGradients", "summed_bias", "telling_weight"]
+__all__ = ["TellingGradients", "finite_in_place", "passing", "summed_bias", "telling_weight"]
 
 #: The modules whose bias gradient is the sum of their output gradient over all entries of
 #: each channel.
@@ -66,6 +78,37 @@ def telling_weight(module: nn.Module) -> nn.Parameter | None:
     return weight if weight.requires_grad and weight.device.type == "cpu" else None
 
 
+#: Activations that may change their input in place and make no non-finite value of finite
+#: ones (LeakyReLU and RReLU only with slopes of at most 1: no overflow).
+FINITE_IN_PLACE: frozenset[type[nn.Module]] = frozenset({
+    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SiLU,
+    nn.Hardsigmoid, nn.Hardswish, nn.Mish, nn.Threshold,
+})
+#: Modules whose backward passes every non-finite entry of their output gradient on to
+#: their input gradient (or puts a zero there): they may borrow their producer's teller.
+PASSING: frozenset[type[nn.Module]] = FINITE_IN_PLACE | frozenset({
+    nn.GELU, nn.Sigmoid, nn.Tanh, nn.Softsign, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
+    nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Flatten, nn.Identity,
+})
+
+
+def finite_in_place(module: nn.Module) -> bool:
+    """Whether ``module`` is an activation of :data:`FINITE_IN_PLACE` (exact type)."""
+    if type(module) not in FINITE_IN_PLACE:
+        return False
+    slopes = [getattr(module, name, 0.0) for name in ("negative_slope", "upper", "lower")]
+    return all(isinstance(v, (int, float)) and abs(v) <= 1 for v in slopes)
+
+
+def passing(module: nn.Module) -> bool:
+    """Whether ``module`` may borrow its producer's teller (:data:`PASSING`, exact type)."""
+    return type(module) in PASSING and (type(module) not in FINITE_IN_PLACE
+                                        or finite_in_place(module))
+
+
 class TellingGradients:
     """The watched modules' parameters whose gradient tells their output gradient's
     finiteness (a summed bias, else a product weight), and a post-accumulate-grad hook on
@@ -79,9 +122,10 @@ class TellingGradients:
         self._handles: dict[int, RemovableHandle] = {}
 
     def of(self, index: int, numel: int) -> nn.Parameter | None:
-        """The parameter of module ``index`` whose gradient tells the finiteness of its
-        output gradient of ``numel`` entries, its hook installed: the summed bias, else the
-        weight if at most half that size; None if neither."""
+        """The parameter of module ``index`` whose gradient tells the finiteness of an
+        output gradient of ``numel`` entries (its own, or a passing module's that borrows
+        it), its hook installed: the summed bias, else the weight if at most half that size;
+        None if neither."""
         teller = self._biases[index] if index < len(self._biases) else None
         if teller is None and index < len(self._weights):
             weight = self._weights[index]
