@@ -285,7 +285,13 @@ def test_subsampled_steps_publish_and_copy_nothing(recorder_cls, monkeypatch):
                                  original(stamp, payloads))[1],
     )
     copies = []
-    monkeypatch.setattr(torch, "_foreach_copy_", lambda *a: copies.append(exporter.global_step))
+    negated = torch._foreach_neg  # the snapshot: a negated copy of every weight
+
+    def counted(tensors):
+        copies.append(exporter.global_step)
+        return negated(tensors)
+
+    monkeypatch.setattr(torch, "_foreach_neg", counted)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, _ = data()
     for _ in range(7):

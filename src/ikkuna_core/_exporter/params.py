@@ -154,8 +154,9 @@ class Parameters:
             self.grads[index] = (tensor.grad, tensor.grad._version)
 
     def take_snapshot(self, indices: list[int], wanted: frozenset[str]) -> None:
-        """Copy the parameters whose update topic is wanted into buffers reused every
-        step; :meth:`take_updates` turns them into the updates."""
+        """Copy the parameters whose update topic is wanted, negated (one pass each);
+        :meth:`take_updates` turns the copies into the updates. The previous step's copies
+        are let go first, so that the allocator can hand their memory to the new ones."""
         if wanted.isdisjoint(_UPDATES):
             return
         chosen = [i for i in indices if UPDATE_TOPICS[self.params[i].kind] in wanted]
@@ -166,19 +167,15 @@ class Parameters:
         # tensors, so the foreach ops apply and no rank holds more than its shard
         sources: list[torch.Tensor] = [
             _local(params[i].tensor) if self.sharded else params[i].tensor for i in chosen]
-        bufs = []
-        for i, t in zip(chosen, sources, strict=True):
-            buf = self.snapshot.get(i)
-            if buf is None or (buf.shape, buf.device, buf.dtype) != (t.shape, t.device, t.dtype):
-                buf = self.snapshot[i] = torch.empty_like(t, requires_grad=False)
-            bufs.append(buf)
+        for i in chosen:
+            self.snapshot.pop(i, None)
         with torch.no_grad():
-            torch._foreach_copy_(bufs, sources)
-        for i, buf in zip(chosen, bufs, strict=True):
-            self.updates[i] = buf
+            negated = torch._foreach_neg(sources)
+        for i, buf in zip(chosen, negated, strict=True):
+            self.snapshot[i] = self.updates[i] = buf
 
     def take_updates(self, indices: list[int]) -> None:
-        """buf <- after - before, in place: each snapshot becomes its update."""
+        """-before + after, in place (one pass each): each snapshot becomes its update."""
         chosen = [i for i in indices if i in self.updates]
         if not chosen:
             return
@@ -187,8 +184,7 @@ class Parameters:
             after: list[torch.Tensor] = [
                 _local(self.params[i].tensor) if self.sharded else self.params[i].tensor
                 for i in chosen]
-            torch._foreach_sub_(bufs, after)
-            torch._foreach_neg_(bufs)
+            torch._foreach_add_(bufs, after)
 
     def gradients_reset(self) -> bool:
         """Whether a gradient read in the open step was reset (``zero_grad``) or changed
