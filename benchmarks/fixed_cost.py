@@ -11,6 +11,8 @@ CPU times: what watching adds to one step, in microseconds, within a few percent
     python benchmarks/fixed_cost.py --variants exporter,all,all-budget --blocks 40
     python benchmarks/fixed_cost.py --problem resnet18 --batch-size 32 --warmup 100 \
         --blocks 10 --steps 4                             # overhead.py's other problems
+    python benchmarks/fixed_cost.py --problem resnet18 --batch-size 32 --variants health \
+        --threads 2 --clock wall --warmup 10 --blocks 60 --steps 1   # one step at a time
 
 The variants are those of ``overhead.py`` (the same subscribers and configuration keys).
 Writes a JSON file with every block's time (``--out``).
@@ -70,9 +72,10 @@ def python_calls(model: nn.Module, opt: Any, fn: Any, x: Any, y: Any, n: int) ->
 
 
 def measure(variant: str, *, blocks: int, steps: int, warmup: int, batch: int,
-            problem: str = "mlp") -> dict[str, Any]:
-    """Plain and watched block times (CPU seconds per step) of one variant on ``problem``
-    (the MLP, or another of overhead.py's problems on random inputs)."""
+            problem: str = "mlp", clock: str = "cpu") -> dict[str, Any]:
+    """Plain and watched block times (seconds per step: of CPU, or of the wall clock) of one
+    variant on ``problem`` (the MLP, or another of overhead.py's problems on random
+    inputs)."""
     import ikkuna_core as ik
 
     torch.manual_seed(0)
@@ -96,13 +99,15 @@ def measure(variant: str, *, blocks: int, steps: int, warmup: int, batch: int,
         exporter = ik.watch(watched_model, loss_fn, config, context=context)
         watched_loss = exporter.loss_fn
 
+        timer = time.process_time if clock == "cpu" else time.perf_counter
+
         def block(model: nn.Module, opt: torch.optim.Optimizer, fn: Any, n: int) -> float:
-            start = time.process_time()
+            start = timer()
             for _ in range(n):
                 opt.zero_grad()
                 fn(model(x), y).backward()
                 opt.step()
-            return (time.process_time() - start) / n
+            return (timer() - start) / n
 
         block(plain_model, plain_opt, loss_fn, warmup)
         block(watched_model, watched_opt, watched_loss, warmup)
@@ -116,7 +121,7 @@ def measure(variant: str, *, blocks: int, steps: int, warmup: int, batch: int,
         summary = exporter.bus.cost.summary()
         exporter.close()
     p, w = statistics.median(plain), statistics.median(watched)
-    return {"variant": variant, "problem": problem, "plain_ms": p * 1e3,
+    return {"variant": variant, "problem": problem, "clock": clock, "plain_ms": p * 1e3,
             "watched_ms": w * 1e3, "ratio": w / p, "added_us": (w - p) * 1e6,
             "python_calls_added": calls_watched - calls,
             "cadences": cadences, "cost_summary": summary,
@@ -133,6 +138,9 @@ def main() -> None:
                         help="untimed steps first: the budget settles (default 300)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", default="cpu", choices=["cpu", "wall"],
+                        help="the process's CPU time (default; with several threads it "
+                        "counts their spinning too) or the wall clock")
     parser.add_argument("--out", default=None, help="JSON file to write")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -141,7 +149,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for variant in args.variants.split(","):
         row = measure(variant, blocks=args.blocks, steps=args.steps, warmup=args.warmup,
-                      batch=args.batch_size, problem=args.problem)
+                      batch=args.batch_size, problem=args.problem, clock=args.clock)
         rows.append(row)
         print(f"| {variant} | {row['plain_ms']:.3f} | {row['watched_ms']:.3f} | "
               f"{row['ratio']:.3f} | {row['added_us']:+.0f} us | "

@@ -346,19 +346,27 @@ def _import_cockpit() -> Any:
 
 
 class _OpCounter:
-    """Counts the aten operators dispatched while it is active (a ``TorchDispatchMode``)."""
+    """Counts the aten operators dispatched while it is active (a ``TorchDispatchMode``),
+    and the bytes of the tensors the ones that are not views take as arguments (what they
+    read: a deterministic measure of memory traffic)."""
 
     def __init__(self) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
 
         counter = self
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
                 counter.count += 1
+                if not func.is_view:
+                    counter.bytes += sum(t.numel() * t.element_size()
+                                         for t in tree_leaves((args, kwargs))
+                                         if isinstance(t, torch.Tensor))
                 return func(*args, **(kwargs or {}))
 
         self.count = 0
+        self.bytes = 0
         self._mode = Mode()
 
     def __enter__(self) -> _OpCounter:
@@ -455,6 +463,7 @@ class Runner:
         self.device = device
         self.log_dir = log_dir
         self.histogram_max_samples = histogram_max_samples
+        self.bytes_read = 0  # by the ops of the step count_ops counted
         self.batches = make_batches(problem, device)
         self.model = make_model(problem, device)
         self.loss_fn: nn.Module = nn.CrossEntropyLoss()
@@ -662,9 +671,10 @@ class Runner:
 
     def count_ops(self) -> int:
         """aten operators one training step dispatches (forward, backward, the variant's own
-        work); not timed."""
+        work); not timed. The bytes they read: ``self.bytes_read``."""
         with _OpCounter() as counter:
             self.step()
+        self.bytes_read = counter.bytes
         return counter.count
 
     def run(self, n: int) -> dict[str, list[Any]]:
@@ -1407,12 +1417,14 @@ def count_ops(
     if batch_size is not None:
         spec = dataclasses.replace(spec, batch_size=batch_size)
     counts: dict[str, int] = {}
+    read: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="ikkuna-ops-") as tmp:
         for variant in ("plain", *variants):
             runner = Runner(spec, variant, torch.device(device), Path(tmp) / variant)
             try:
                 runner.run(warmup)
                 counts[variant] = runner.count_ops()
+                read[variant] = runner.bytes_read
             finally:
                 runner.close()
     plain = counts["plain"]
@@ -1420,7 +1432,9 @@ def count_ops(
         "problem": spec.describe(),
         "device": device,
         "plain": plain,
+        "plain_mb_read": read["plain"] / 1e6,
         "added": {v: counts[v] - plain for v in variants},
+        "mb_read_added": {v: (read[v] - read["plain"]) / 1e6 for v in variants},
         "targets": {v: OP_TARGETS[v] for v in variants if v in OP_TARGETS},
     }
 
@@ -1428,15 +1442,16 @@ def count_ops(
 def ops_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"aten ops per step, {result['problem']} on {result['device']}: plain training "
-        f"dispatches {result['plain']}",
+        f"dispatches {result['plain']}, reading {result['plain_mb_read']:.1f} MB",
         "",
-        "| variant | ops added | target | verdict |",
-        "|---|---:|---:|---|",
+        "| variant | ops added | target | verdict | MB read added |",
+        "|---|---:|---:|---|---:|",
     ]
     for variant, added in result["added"].items():
         target = result["targets"].get(variant)
         verdict = "-" if target is None else "met" if added <= target else "missed"
-        lines.append(f"| {variant} | {added} | {'-' if target is None else target} | {verdict} |")
+        lines.append(f"| {variant} | {added} | {'-' if target is None else target} | {verdict} "
+                     f"| {result['mb_read_added'][variant]:+.1f} |")
     return "\n".join(lines)
 
 
