@@ -562,3 +562,44 @@ def test_an_in_place_relu_after_a_batchnorm_leaves_both_unread_at_a_finite_step(
     for key, value in forward.items():
         assert not math.isfinite(value), key
         assert not bool(torch.isfinite(copies.seen[("activations", key, bad)]).all()), key
+
+
+def test_an_activation_borrows_no_teller_from_an_output_changed_before_it(finite_cls) -> None:
+    """Between a Linear and the ReLU that takes its output, the parent's forward changes
+    that output in place (``mul_``): the ReLU's output gradient is then not told by the
+    Linear's bias gradient but read itself (its value its own norm), while without the
+    change it is told by it."""
+
+    class Parent(nn.Module):
+        def __init__(self, change: bool) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin, self.act, self.out = nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3)
+            self.change = change
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            if self.change:
+                h.mul_(2.0)
+            return self.out(self.act(h))
+
+    for change in (True, False):
+        model = Parent(change)
+        step = [0]
+        rec = finite_cls(topics=["layer_gradients"])
+        exporter = ik.Exporter(model, bus=ik.MessageBus(on_error="raise"))
+        copies = _Copies(model, step)
+        exporter.subscribe(rec)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        g = torch.Generator().manual_seed(1)
+        for i in range(3):
+            step[0] = i
+            opt.zero_grad()
+            model(torch.randn(8, 6, generator=g)).square().mean().backward()
+            opt.step()
+        exporter.close()
+        source = ("layer_gradients", "act") if change else ("bias_gradients", "lin")
+        for i in (1, 2):
+            want = torch.linalg.vector_norm(copies.seen[(*source, i)].double())
+            got = float(rec.seen[("layer_gradients", "act", i)])
+            assert got == pytest.approx(float(want), rel=1e-5), (change, i)

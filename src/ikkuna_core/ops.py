@@ -32,6 +32,7 @@ import contextvars
 import itertools
 import math
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import NamedTuple, TypeVar
 
@@ -66,10 +67,10 @@ _COMPILE_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
-#: Within :func:`shared_norms`: (id of a tensor, p) -> (the tensor, kept so that its id is
-#: not reused, and its 0-d norm).
+#: Within :func:`shared_norms`: (id of a tensor, p) -> (a weak reference to the tensor, so
+#: that a later tensor with a freed one's id is told apart, and its 0-d norm).
 _SHARED_NORMS: contextvars.ContextVar[
-    dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] | None
+    dict[tuple[int, float], tuple[weakref.ref[torch.Tensor], torch.Tensor]] | None
 ] = contextvars.ContextVar("ikkuna_shared_norms", default=None)
 
 
@@ -172,18 +173,23 @@ def norms(tensors: Sequence[torch.Tensor], p: float = 2.0) -> torch.Tensor:
 
 def _shared_norms(
     tensors: Sequence[torch.Tensor], p: float,
-    shared: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]],
+    shared: dict[tuple[int, float], tuple[weakref.ref[torch.Tensor], torch.Tensor]],
 ) -> torch.Tensor:
     """:func:`norms` within :func:`shared_norms`: the tensors not reduced yet in one
     ``_foreach_norm`` per device, then every value from ``shared``."""
-    todo = {id(t): t for t in tensors if (id(t), p) not in shared}
+
+    def known(t: torch.Tensor) -> bool:
+        entry = shared.get((id(t), p))
+        return entry is not None and entry[0]() is t
+
+    todo = {id(t): t for t in tensors if not known(t)}
     if todo:
         fresh = list(todo.values())
         for idx in _device_groups(fresh):
             group = [fresh[i] for i in idx]
             values = torch._foreach_norm(_floating(group), p, dtype=torch.float32)
             for t, value in zip(group, values, strict=True):
-                shared[(id(t), p)] = (t, value)
+                shared[(id(t), p)] = (weakref.ref(t), value)
     found = [shared[(id(t), p)][1] for t in tensors]
     device = tensors[0].device
     return torch.stack([v if v.device == device else v.to(device) for v in found])

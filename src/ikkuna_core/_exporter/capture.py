@@ -456,8 +456,9 @@ class Capture(_Payloads):
         self.tellers = TellingGradients(watched, lambda i: self.stash.reduction.mark_ready(i))
         self._passing = [passing(m) for m in watched]
         self._in_place = [finite_in_place(m) for m in watched]
-        #: the latest watched module's output in the running forward, its module and call
-        self._last: tuple[torch.Tensor, int, int] | None = None
+        #: the latest watched module's output in the running forward, its module, call and
+        #: version then
+        self._last: tuple[torch.Tensor, int, int, int] | None = None
         #: the bus's cost meter (:class:`ikkuna_core.cost.CostMeter`): what the hooks do
         #: beyond keeping a reference is Ikkuna's own time in the step
         self.meter: Any = None
@@ -566,7 +567,7 @@ class Capture(_Payloads):
             self._stash(stash, stash.inputs, "inputs", index, call, x, inp[index])
         if out is None:
             return
-        last, self._last = self._last, (out, index, call)
+        last, self._last = self._last, (out, index, call, out._version)
         if last is not None and index < len(self._passing) and self._passing[index]:
             self._took(stash, index, call, last, first_tensor(args) if x is None else x, out)
         if act is not None and act[index] != _SKIP:
@@ -580,14 +581,16 @@ class Capture(_Payloads):
                 arg = first_tensor(args) if x is None else x
                 stash.pending.append((index, call, arg is not None and arg.requires_grad))
 
-    def _took(self, stash: Stash, index: int, call: int, last: tuple[torch.Tensor, int, int],
-              arg: torch.Tensor | None, out: torch.Tensor) -> None:
-        """A passing module's call took the previous watched module's output: its output
-        gradient borrows that module's teller (or the one that module borrowed), and an
-        in-place change of that output by a finite activation keeps the output's held
-        finiteness check (:mod:`.implied`)."""
-        produced, producer, producer_call = last
-        if arg is not produced:
+    def _took(self, stash: Stash, index: int, call: int,
+              last: tuple[torch.Tensor, int, int, int], arg: torch.Tensor | None,
+              out: torch.Tensor) -> None:
+        """A passing module's call took the previous watched module's output, unchanged
+        since (but for this call's own in-place change): its output gradient borrows that
+        module's teller (or the one that module borrowed), and an in-place change of that
+        output by a finite activation keeps the output's held finiteness check
+        (:mod:`.implied`)."""
+        produced, producer, producer_call, version = last
+        if arg is not produced or arg._version != version + (out is arg):
             return
         stash.borrowed[(index, call)] = stash.borrowed.get((producer, producer_call), producer)
         if out is produced and self._in_place[index]:
