@@ -247,6 +247,55 @@ def test_spectral_norm_keeps_its_vectors_between_steps() -> None:
     assert not sub._blocks
 
 
+def test_spectral_norm_dispatches_one_op_per_batched_product() -> None:
+    """Two matrices of one shape and one of another, after the warm-up: each power
+    iteration of a shape group is two ``bmm`` and two QRs (no ``expand`` or reshaping views,
+    which ``@`` on batches dispatches around its ``bmm``), and the values match numpy's
+    SVD."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    mats = [torch.randn(8, 24), torch.randn(8, 24), torch.randn(16, 5)]
+    bus = MessageBus(on_error="raise")
+    backend = bus.add_backend(MemoryBackend())
+    sub = SpectralNorm()
+    bus.register_subscriber(sub)
+    payloads = {"weights": _weights_payloads(mats)}
+    bus.deliver((0, 0, 0), payloads)  # the warm-up
+    with Count() as count:
+        bus.deliver((1, 0, 1), payloads)
+    bus.flush()
+    from ikkuna_norms.subscribers import _SQUARINGS
+
+    iterations, groups, block_sizes = sub.options.iterations, 2, 2  # blocks of 8 and of 5
+    assert count.ops.count("aten.linalg_qr.default") == 2 * iterations * groups
+    # the power iterations' products, then per block size G = R^T R and its squarings
+    assert count.ops.count("aten.bmm.default") == (
+        2 * iterations * groups + block_sizes * (1 + _SQUARINGS))
+    assert "aten.expand.default" not in count.ops
+    assert "aten._unsafe_view.default" not in count.ops
+    for i, m in enumerate(mats):
+        want = np.linalg.norm(m.numpy(), ord=2)
+        assert backend.scalar(f"spectral_norm/weights/m{i}", 1) == pytest.approx(want, rel=1e-3)
+
+
+def _weights_payloads(mats: list[torch.Tensor]) -> object:
+    from ikkuna_core import ModuleInfo, TopicPayloads
+
+    keys = [f"m{i}" for i in range(len(mats))]
+    return TopicPayloads(topic="weights", keys=keys,
+                         modules=[ModuleInfo(name=k, type="Linear") for k in keys], data=mats)
+
+
 def test_spectral_norm_skips_vectors() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.BatchNorm1d(10))

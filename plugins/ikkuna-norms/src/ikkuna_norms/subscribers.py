@@ -289,11 +289,11 @@ def _top_singular_value(r: torch.Tensor) -> torch.Tensor:
     an SVD (which would synchronise a CUDA device): the weighted Rayleigh quotient
     ``trace(G P) / trace(P)`` with ``G = r^T r`` and ``P`` = G to a high power, obtained by
     repeated normalised squaring."""
-    g = r.transpose(1, 2) @ r
+    g = torch.bmm(r.transpose(1, 2), r)  # bmm, not @: one op (matmul adds expand and views)
     p = g
     tiny = torch.finfo(p.dtype).tiny
     for _ in range(_SQUARINGS):
-        p = p @ p
+        p = torch.bmm(p, p)
         p = p / torch.linalg.matrix_norm(p).clamp_min(tiny)[:, None, None]
     top = (g * p).sum((1, 2)) / torch.diagonal(p, dim1=1, dim2=2).sum(1).clamp_min(tiny)
     return top.clamp_min(0).sqrt()
@@ -362,7 +362,7 @@ class SpectralNorm(Subscriber):
         """Block power iteration on same-shaped matrices at once (batched matmuls and QRs),
         continuing from the vectors kept for these keys; returns the R factors (b, k, k) whose
         top singular values estimate the matrices'."""
-        m = torch.stack(mats)
+        m = torch.stack(mats) if len(mats) > 1 else mats[0].unsqueeze(0)  # one: no copy
         if not m.is_floating_point() or m.element_size() < 4:
             m = m.float()
         k = min(self.options.block, m.shape[1], m.shape[2])
@@ -381,9 +381,9 @@ class SpectralNorm(Subscriber):
             u = torch.linalg.qr(start).Q.expand(m.shape[0], -1, -1)
             iterations = max(iterations, self.options.warmup_iterations)
         mt = m.transpose(1, 2)
-        for _ in range(iterations):
-            v = torch.linalg.qr(mt @ u).Q
-            u, r = torch.linalg.qr(m @ v)
+        for _ in range(iterations):  # bmm, not @: one op each (matmul adds expand and views)
+            v = torch.linalg.qr(torch.bmm(mt, u)).Q
+            u, r = torch.linalg.qr(torch.bmm(m, v))
         for i, key in enumerate(keys):
             self._blocks[(topic, key)] = (u, i)
         return r
