@@ -36,6 +36,24 @@ def test_forward_nan_is_named_at_the_module_that_produced_it_not_those_after() -
     assert exporter.global_step == 6
 
 
+@pytest.mark.parametrize("where", ["forward", "input_grad"])
+def test_in_place_relus_leave_the_origin_where_it_was(where: str) -> None:
+    """With in-place ReLUs after the Linear and after the planted layer (the forward checks
+    of their outputs wait, re-stamped, for the loss; the ReLUs' output gradients borrow the
+    layers' tellers), a NaN planted in the forward or in a backward input gradient is still
+    named at the planted layer, at its step."""
+    torch.manual_seed(0)
+    planted = Planted(16, 16, where, at=3)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(inplace=True), planted,
+                          nn.ReLU(inplace=True), nn.Linear(16, 3))
+    sub = NonFinite()
+    with caught():
+        train(model, [sub], 6, skip_bad=where == "forward")
+    topic = "activations" if where == "forward" else "layer_gradients"
+    direction = "forward" if where == "forward" else "backward"
+    assert _only_finding(sub) == (3, direction, topic, "2")
+
+
 def test_inf_in_a_later_module_and_the_execution_order_is_learned() -> None:
     # defined in one order, called in another: the origin is the first in execution order
     class Swapped(nn.Module):
