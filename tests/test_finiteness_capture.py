@@ -31,6 +31,49 @@ def finite_cls(recorder_cls: Any) -> Any:
     return Finite
 
 
+@pytest.fixture
+def read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``read[0]``: the bytes the finiteness checks have read (the tensors given to
+    ``ops.finiteness``), counted from now on; a test sets it back to 0 at will."""
+    from ikkuna_core import ops
+
+    count = [0]
+    finiteness = ops.finiteness
+
+    def counted(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        count[0] += sum(t.numel() * t.element_size() for t in tensors)
+        return finiteness(tensors)
+
+    monkeypatch.setattr(ops, "finiteness", counted)
+    return count
+
+
+class _Seen(ik.Subscriber):
+    """Records every step's finiteness values: ``seen[step][topic][key]``."""
+
+    name = "finite"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.seen: dict[int, dict[str, dict[str, float]]] = {}
+
+    def finiteness_only(self, topic: str) -> bool:
+        return True
+
+    def compute_step(self, step: ik.StepBundle) -> None:
+        self.seen[step.global_step] = {
+            t: {k: float(v) for k, v in zip(step[t].keys, step[t].data, strict=True)}
+            for t in step.topics
+        }
+
+
+class _Gated(_Seen):
+    """:class:`_Seen`, whose forward checks matter only at a non-finite loss."""
+
+    name = "gated"
+    finite_loss_clears_forward = True
+
+
 def _model() -> nn.Sequential:
     """0 Linear -> 1 in-place ReLU (changes 0's output after its hook) -> 2 Linear."""
     torch.manual_seed(0)
@@ -69,6 +112,17 @@ class _Copies:
             output.register_hook(grad_hook)
 
         return hook
+
+
+def _watched(model: nn.Module, sub: ik.Subscriber) -> tuple[
+        ik.Exporter, _Copies, list[int], torch.optim.Optimizer]:
+    """``model`` watched by ``sub`` (errors raised), the test's copies (by the step in the
+    list it returns) and an SGD optimizer."""
+    step = [0]
+    exporter = ik.Exporter(model, bus=ik.MessageBus(on_error="raise"))
+    copies = _Copies(model, step)  # after the Exporter's hooks: they run after its own
+    exporter.subscribe(sub)
+    return exporter, copies, step, torch.optim.SGD(model.parameters(), lr=0.01)
 
 
 def _train(model: nn.Module, subscribers: list[ik.Subscriber], steps: int,
@@ -191,25 +245,16 @@ def test_no_tensor_of_the_step_is_held_once_its_backward_ended() -> None:
 
 
 def test_a_tensor_is_reduced_once_in_a_step_whatever_topics_and_modules_it_is(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, read: list[int],
 ) -> None:
     """A module's input is the previous module's output: with a reduction after every
     payload (the budget at one byte), each tensor is still read once per step — the bytes
     the finiteness checks read equal those of the step's distinct tensors, counted by the
     test's own hooks (the model's input, each module's output, each output gradient)."""
-    from ikkuna_core import ops
     from ikkuna_core._exporter import capture
 
     monkeypatch.setattr(capture, "_MIN_UNREDUCED_BYTES", 1)
     monkeypatch.setattr(capture, "_REDUCTION_SHARE", 10**9)
-    read = [0]
-    finiteness = ops.finiteness
-
-    def counted(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        read[0] += sum(t.numel() * t.element_size() for t in tensors)
-        return finiteness(tensors)
-
-    monkeypatch.setattr(ops, "finiteness", counted)
 
     class Finite(ik.Subscriber):
         name = "finite"
@@ -254,7 +299,7 @@ def test_a_tensor_is_reduced_once_in_a_step_whatever_topics_and_modules_it_is(
 
 
 def test_forward_checks_wait_for_a_cpu_loss_and_are_read_only_when_it_is_not_finite(
-    monkeypatch: pytest.MonkeyPatch,
+    read: list[int],
 ) -> None:
     """A subscriber whose forward checks matter only at a non-finite loss
     (``finite_loss_clears_forward``): at a step whose loss is finite nothing of the forward
@@ -262,37 +307,6 @@ def test_forward_checks_wait_for_a_cpu_loss_and_are_read_only_when_it_is_not_fin
     the test's own hooks) and no forward payload is delivered; at the step whose loss is
     NaN every module's activation and input is, each non-finite iff the test's copy of it
     is. A subscriber without the flag gets its checks at every step."""
-    from ikkuna_core import ops
-
-    read = [0]
-    finiteness = ops.finiteness
-
-    def counted(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        read[0] += sum(t.numel() * t.element_size() for t in tensors)
-        return finiteness(tensors)
-
-    monkeypatch.setattr(ops, "finiteness", counted)
-
-    class Finite(ik.Subscriber):
-        name = "finite"
-
-        def __init__(self, **options: Any) -> None:
-            super().__init__(**options)
-            self.seen: dict[int, dict[str, dict[str, float]]] = {}
-
-        def finiteness_only(self, topic: str) -> bool:
-            return True
-
-        def compute_step(self, step: ik.StepBundle) -> None:
-            self.seen[step.global_step] = {
-                t: {k: float(v) for k, v in zip(step[t].keys, step[t].data, strict=True)}
-                for t in step.topics
-            }
-
-    class Gated(Finite):
-        name = "gated"
-        finite_loss_clears_forward = True
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
     grads = [0]
@@ -312,7 +326,7 @@ def test_forward_checks_wait_for_a_cpu_loss_and_are_read_only_when_it_is_not_fin
     step = [0]
     copies = _Copies(model, step)
     exporter = ik.Exporter(model, nn.MSELoss(), bus=ik.MessageBus(on_error="raise"))
-    gated = Gated(topics=TOPICS)
+    gated = _Gated(topics=TOPICS)
     exporter.subscribe(gated)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(1)
@@ -344,9 +358,9 @@ def test_forward_checks_wait_for_a_cpu_loss_and_are_read_only_when_it_is_not_fin
     torch.manual_seed(0)
     plain_model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
     exporter = ik.Exporter(plain_model, nn.MSELoss(), bus=ik.MessageBus(on_error="raise"))
-    plain = Finite(topics=TOPICS)
+    plain = _Seen(topics=TOPICS)
     exporter.subscribe(plain)
-    exporter.subscribe(Gated(topics=TOPICS))  # one without the flag is enough
+    exporter.subscribe(_Gated(topics=TOPICS))  # one without the flag is enough
     opt = torch.optim.SGD(plain_model.parameters(), lr=0.01)
     for _ in range(3):
         opt.zero_grad()
@@ -368,12 +382,8 @@ def test_an_output_gradient_told_by_its_bias_is_read_where_that_bias_gradient_is
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
-    step = [0]
     rec = finite_cls(topics=["layer_gradients"])
-    exporter = ik.Exporter(model, bus=ik.MessageBus(on_error="raise"))
-    copies = _Copies(model, step)
-    exporter.subscribe(rec)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    exporter, copies, step, opt = _watched(model, rec)
     for i in range(4):
         step[0] = i
         weight = torch.ones(8, 3)
@@ -495,7 +505,7 @@ def test_output_gradients_waiting_for_a_late_telling_gradient_are_bounded(finite
 
 
 def test_an_in_place_relu_after_a_batchnorm_leaves_both_unread_at_a_finite_step(
-    monkeypatch: pytest.MonkeyPatch,
+    read: list[int],
 ) -> None:
     """Conv (no bias) -> BatchNorm -> in-place ReLU -> Flatten -> Linear, checked for
     finiteness by a subscriber whose forward checks matter only at a non-finite loss. At a
@@ -504,33 +514,6 @@ def test_an_in_place_relu_after_a_batchnorm_leaves_both_unread_at_a_finite_step(
     Linear's bias): not the BatchNorm's output, which the ReLU changes in place, nor the
     ReLU's and the Flatten's output gradients. At the step whose input holds a NaN, every
     module's activation is delivered non-finite, as the test's copies are."""
-    from ikkuna_core import ops
-
-    read = [0]
-    finiteness = ops.finiteness
-
-    def counted(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        read[0] += sum(t.numel() * t.element_size() for t in tensors)
-        return finiteness(tensors)
-
-    monkeypatch.setattr(ops, "finiteness", counted)
-
-    class Gated(ik.Subscriber):
-        name = "gated"
-        finite_loss_clears_forward = True
-
-        def __init__(self, **options: Any) -> None:
-            super().__init__(**options)
-            self.seen: dict[int, dict[str, dict[str, float]]] = {}
-
-        def finiteness_only(self, topic: str) -> bool:
-            return True
-
-        def compute_step(self, step: ik.StepBundle) -> None:
-            self.seen[step.global_step] = {
-                t: {k: float(v) for k, v in zip(step[t].keys, step[t].data, strict=True)}
-                for t in step.topics
-            }
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
@@ -538,7 +521,7 @@ def test_an_in_place_relu_after_a_batchnorm_leaves_both_unread_at_a_finite_step(
     step = [0]
     copies = _Copies(model, step)
     exporter = ik.Exporter(model, nn.MSELoss(), bus=ik.MessageBus(on_error="raise"))
-    gated = Gated(topics=["activations", "layer_gradients"])
+    gated = _Gated(topics=["activations", "layer_gradients"])
     exporter.subscribe(gated)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(1)
@@ -585,12 +568,8 @@ def test_an_activation_borrows_no_teller_from_an_output_changed_before_it(finite
 
     for change in (True, False):
         model = Parent(change)
-        step = [0]
         rec = finite_cls(topics=["layer_gradients"])
-        exporter = ik.Exporter(model, bus=ik.MessageBus(on_error="raise"))
-        copies = _Copies(model, step)
-        exporter.subscribe(rec)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        exporter, copies, step, opt = _watched(model, rec)
         g = torch.Generator().manual_seed(1)
         for i in range(3):
             step[0] = i
