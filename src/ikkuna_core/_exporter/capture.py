@@ -249,15 +249,14 @@ class Reduction:
         if value is None and teller is not None:
             owner, param = teller
             self.implied.append((item, owner, param))
-            nbytes = tensor.numel() * tensor.element_size()
-            self.unready_bytes[owner] = self.unready_bytes.get(owner, 0) + nbytes
+            self.unready_bytes[owner] = self.unready_bytes.get(owner, 0) + _nbytes(tensor)
             return
         self.waiting.append(item)
         if value is not None:
             return
         if id(tensor) not in self.held:  # a module's input is often the previous one's output
             self.held.add(id(tensor))
-            self.bytes += tensor.numel() * tensor.element_size()
+            self.bytes += _nbytes(tensor)
 
     def known_value(self, tensor: torch.Tensor) -> torch.Tensor | None:
         """The tensor's value if it was reduced earlier in the step and is unchanged since."""

@@ -54,13 +54,20 @@ SUMMED_BIAS: frozenset[type[nn.Module]] = frozenset({
 })
 
 
+def _cpu_parameter(module: nn.Module, name: str, types: frozenset[type[nn.Module]]
+                   ) -> nn.Parameter | None:
+    """``module.<name>`` if ``module`` is exactly one of ``types`` and it is a plain CPU
+    parameter that requires grad (not a DTensor), else None."""
+    param = getattr(module, name, None)
+    if type(module) not in types or type(param) is not nn.Parameter:
+        return None
+    return param if param.requires_grad and param.device.type == "cpu" else None
+
+
 def summed_bias(module: nn.Module) -> nn.Parameter | None:
     """``module``'s bias if its gradient is the sum of the output gradient (a plain CPU
     parameter that requires grad; not a DTensor), else None."""
-    bias = getattr(module, "bias", None)
-    if type(module) not in SUMMED_BIAS or type(bias) is not nn.Parameter:
-        return None
-    return bias if bias.requires_grad and bias.device.type == "cpu" else None
+    return _cpu_parameter(module, "bias", SUMMED_BIAS)
 
 
 #: The modules whose weight gradient has every output-gradient entry in its products.
@@ -72,10 +79,7 @@ PRODUCT_WEIGHT: frozenset[type[nn.Module]] = frozenset({
 def telling_weight(module: nn.Module) -> nn.Parameter | None:
     """``module``'s weight if its gradient tells the output gradient's finiteness (a plain
     CPU parameter that requires grad; not a DTensor), else None."""
-    weight = getattr(module, "weight", None)
-    if type(module) not in PRODUCT_WEIGHT or type(weight) is not nn.Parameter:
-        return None
-    return weight if weight.requires_grad and weight.device.type == "cpu" else None
+    return _cpu_parameter(module, "weight", PRODUCT_WEIGHT)
 
 
 #: Activations that may change their input in place and make no non-finite value of finite
