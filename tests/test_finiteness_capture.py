@@ -582,3 +582,98 @@ def test_an_activation_borrows_no_teller_from_an_output_changed_before_it(finite
             want = torch.linalg.vector_norm(copies.seen[(*source, i)].double())
             got = float(rec.seen[("layer_gradients", "act", i)])
             assert got == pytest.approx(float(want), rel=1e-5), (change, i)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_an_activation_after_a_residual_sum_borrows_the_teller_of_its_term(
+    finite_cls, in_place: bool,
+) -> None:
+    """``act(lin(x) + x)``: the sum's gradient is the gradient of its term ``lin(x)``, so
+    the ReLU's output gradient is told by the Linear's bias gradient (its value that
+    gradient's norm) at finite steps, the ReLU in place or not, and read itself where the
+    term was changed in place before the sum. At the step whose loss puts an inf into the
+    last Linear's output gradient, the ReLU's output gradient is non-finite, and so is its
+    value."""
+
+    class Residual(nn.Module):
+        def __init__(self, change: bool) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin, self.act = nn.Linear(6, 6), nn.ReLU(inplace=in_place)
+            self.out = nn.Linear(6, 3)
+            self.change = change
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            if self.change:
+                h.mul_(2.0)
+            return self.out(self.act(h + x))
+
+    for change in (False, True):
+        model = Residual(change)
+        rec = finite_cls(topics=["layer_gradients"])
+        exporter, copies, step, opt = _watched(model, rec)
+        g = torch.Generator().manual_seed(1)
+        for i in range(4):
+            step[0] = i
+            weight = torch.ones(8, 3)
+            if i == 3:
+                weight[5, 1] = math.inf
+            opt.zero_grad()
+            (model(torch.randn(8, 6, generator=g)) * weight).sum().backward()
+            opt.step()
+        exporter.close()
+        source = ("layer_gradients", "act") if change else ("bias_gradients", "lin")
+        for i in (1, 2):
+            want = torch.linalg.vector_norm(copies.seen[(*source, i)].double())
+            got = float(rec.seen[("layer_gradients", "act", i)])
+            assert got == pytest.approx(float(want), rel=1e-5), (change, i)
+        if not change:  # told, not read: it differs from the ReLU's own
+            own = torch.linalg.vector_norm(copies.seen[("layer_gradients", "act", 2)])
+            assert float(rec.seen[("layer_gradients", "act", 2)]) != pytest.approx(float(own))
+        assert not bool(torch.isfinite(copies.seen[("layer_gradients", "act", 3)]).all())
+        assert not math.isfinite(float(rec.seen[("layer_gradients", "act", 3)])), change
+
+
+def test_an_identity_shortcut_borrows_the_teller_of_the_output_it_passes_on(
+    finite_cls,
+) -> None:
+    """A ResNet block's ``Identity`` shortcut returns the block's input, the output of a
+    ReLU five watched modules before it, which borrows the Linear's bias before that: the
+    shortcut's output gradient (the input's whole gradient) is told by that bias gradient
+    at finite steps, and is non-finite where the test's copy of it is."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin0, self.act0 = nn.Linear(6, 6), nn.ReLU()
+            self.a, self.b, self.c, self.d = (nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6),
+                                              nn.Tanh())
+            self.short, self.act, self.out = nn.Identity(), nn.ReLU(), nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.act0(self.lin0(x))
+            return self.out(self.act(self.d(self.c(self.b(self.a(h)))) + self.short(h)))
+
+    model = Block()
+    rec = finite_cls(topics=["layer_gradients"])
+    exporter, copies, step, opt = _watched(model, rec)
+    g = torch.Generator().manual_seed(1)
+    for i in range(4):
+        step[0] = i
+        weight = torch.ones(8, 3)
+        if i == 3:
+            weight[5, 1] = math.inf
+        opt.zero_grad()
+        (model(torch.randn(8, 6, generator=g)) * weight).sum().backward()
+        opt.step()
+    exporter.close()
+    for i in (1, 2):
+        want = torch.linalg.vector_norm(copies.seen[("bias_gradients", "lin0", i)].double())
+        own = torch.linalg.vector_norm(copies.seen[("layer_gradients", "short", i)])
+        got = float(rec.seen[("layer_gradients", "short", i)])
+        assert got == pytest.approx(float(want), rel=1e-5), i
+        assert got != pytest.approx(float(own)), i
+    assert not bool(torch.isfinite(copies.seen[("layer_gradients", "short", 3)]).all())
+    assert not math.isfinite(float(rec.seen[("layer_gradients", "short", 3)]))

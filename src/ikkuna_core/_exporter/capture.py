@@ -20,7 +20,7 @@ from .._bus import FINITENESS, FINITENESS_IF_LOSS
 from ..messages import ModuleInfo, TopicPayloads
 from . import traced
 from .hooks import guard, in_backward
-from .implied import TellingGradients, finite_in_place, passing
+from .implied import RecentOutputs, TellingGradients, finite_in_place, passing
 from .traced import first_tensor
 
 __all__ = ["Capture", "Mode", "Stash", "first_tensor", "output_field"]
@@ -118,6 +118,11 @@ class Stash:
         for entries, topic, index, call, tensor, version in self.gated:
             self.reduction.add(entries, topic, index, call, tensor, None, version)
         self.gated.clear()
+
+    def borrow(self, index: int, call: int, producer: int, producer_call: int) -> None:
+        """Module ``index``'s call borrows the teller of ``producer``'s call (or the one
+        that call borrowed)."""
+        self.borrowed[(index, call)] = self.borrowed.get((producer, producer_call), producer)
 
     def changed_finitely(self, tensor: torch.Tensor) -> None:
         """``tensor``, a held forward payload, was just changed in place by an activation
@@ -458,6 +463,9 @@ class Capture(_Payloads):
         #: the latest watched module's output in the running forward, its module, call and
         #: version then
         self._last: tuple[torch.Tensor, int, int, int] | None = None
+        #: the latest watched modules' outputs in the running forward, while layer gradients
+        #: are captured
+        self._recent = RecentOutputs()
         #: the bus's cost meter (:class:`ikkuna_core.cost.CostMeter`): what the hooks do
         #: beyond keeping a reference is Ikkuna's own time in the step
         self.meter: Any = None
@@ -504,6 +512,7 @@ class Capture(_Payloads):
         """Capture nothing more (a later micro-batch, an eval forward, the step's end)."""
         self.act_plan = self.lgrad_plan = self.in_plan = None
         self._last = None
+        self._recent.clear()
         self._give((None, None, None))
 
     def _give(self, plans: Plans) -> None:
@@ -567,8 +576,15 @@ class Capture(_Payloads):
         if out is None:
             return
         last, self._last = self._last, (out, index, call, out._version)
-        if last is not None and index < len(self._passing) and self._passing[index]:
-            self._took(stash, index, call, last, first_tensor(args) if x is None else x, out)
+        if index < len(self._passing) and self._passing[index]:
+            arg = first_tensor(args) if x is None else x
+            if arg is not None and (last is None
+                                    or not self._took(stash, index, call, last, arg, out)):
+                found = self._recent.producer_of(arg, out)
+                if found is not None:
+                    stash.borrow(index, call, *found)
+        if lgrad is not None and out.grad_fn is not None:
+            self._recent.add(out, index, call)
         if act is not None and act[index] != _SKIP:
             self._stash(stash, stash.acts, "activations", index, call, out, act[index])
         if lgrad is not None and lgrad[index] != _SKIP:
@@ -581,19 +597,20 @@ class Capture(_Payloads):
                 stash.pending.append((index, call, arg is not None and arg.requires_grad))
 
     def _took(self, stash: Stash, index: int, call: int,
-              last: tuple[torch.Tensor, int, int, int], arg: torch.Tensor | None,
-              out: torch.Tensor) -> None:
+              last: tuple[torch.Tensor, int, int, int], arg: torch.Tensor,
+              out: torch.Tensor) -> bool:
         """A passing module's call took the previous watched module's output, unchanged
         since (but for this call's own in-place change): its output gradient borrows that
         module's teller (or the one that module borrowed), and an in-place change of that
         output by a finite activation keeps the output's held finiteness check
-        (:mod:`.implied`)."""
+        (:mod:`.implied`). Whether it did."""
         produced, producer, producer_call, version = last
         if arg is not produced or arg._version != version + (out is arg):
-            return
-        stash.borrowed[(index, call)] = stash.borrowed.get((producer, producer_call), producer)
+            return False
+        stash.borrow(index, call, producer, producer_call)
         if out is produced and self._in_place[index]:
             stash.changed_finitely(out)
+        return True
 
     def compiled_forward(self, index: int, output: torch.Tensor | None,
                          inputs: torch.Tensor | None) -> int:

@@ -26,8 +26,13 @@ previous watched module's output borrows that module's teller: the activation's 
 gradient is part of the previous module's output gradient, and a non-finite entry of its
 output gradient reaches its input gradient (a product keeps NaN, ``inf * 0`` is NaN), except
 where a ReLU-like backward puts a zero instead (a NaN there reaches no other gradient: it
-is not reported). Forward, an in-place activation that makes no non-finite value of finite
-ones (:data:`FINITE_IN_PLACE`) changes the previous module's output only in ways its
+is not reported). So does one that takes an output of one of the latest watched modules
+unchanged (a ResNet block's ``Identity`` shortcut, whose output is the block's input), or a
+sum one of whose terms is such an output (a residual connection, ``relu(bn2(h) + x)``): an
+addition's backward hands its output gradient to each term as it is (scaled by ``alpha``,
+summed over broadcast dimensions: a non-finite entry stays one), read from the autograd
+graph (:class:`RecentOutputs`). Forward, an in-place activation that makes no non-finite
+value of finite ones (:data:`FINITE_IN_PLACE`) changes the previous module's output only in ways its
 finiteness check may ignore: the changed tensor is non-finite only where the module's
 output was, so that output stays held and is checked only if the loss is not finite,
 instead of being read in its hook at every step (a value the ReLU turned from -inf to 0
@@ -38,12 +43,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["TellingGradients", "finite_in_place", "passing", "summed_bias", "telling_weight"]
+__all__ = ["RecentOutputs", "TellingGradients", "finite_in_place", "passing", "summed_bias",
+           "telling_weight"]
 
 #: The modules whose bias gradient is the sum of their output gradient over all entries of
 #: each channel.
@@ -111,6 +118,56 @@ def passing(module: nn.Module) -> bool:
     """Whether ``module`` may borrow its producer's teller (:data:`PASSING`, exact type)."""
     return type(module) in PASSING and (type(module) not in FINITE_IN_PLACE
                                         or finite_in_place(module))
+
+
+class RecentOutputs:
+    """The latest watched outputs of the running forward, by the autograd node that made
+    each: what a passing module takes may be one of them, unchanged (an ``Identity``
+    shortcut takes a block's input, the output of the module six before it), or a sum
+    ``a + b`` (a residual connection) one of whose terms is one. The sum's gradient is its
+    terms' gradient, so the passing module's output gradient borrows that output's
+    module's teller."""
+
+    #: how many are looked at
+    SIZE = 8
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        #: (the output's id, its version then, the node that made it, its output number,
+        #: module, call)
+        self._entries: list[tuple[int, int, Any, int, int, int]] = []
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def add(self, out: torch.Tensor, index: int, call: int) -> None:
+        entries = self._entries
+        entries.append((id(out), out._version, out.grad_fn, out.output_nr, index, call))
+        if len(entries) > self.SIZE:
+            del entries[0]
+
+    def producer_of(self, arg: torch.Tensor, out: torch.Tensor) -> tuple[int, int] | None:
+        """(module, call) whose output ``arg``, the input of a passing module's call that
+        returned ``out``, is (unchanged), or is a term of (``arg`` made by an
+        ``AddBackward0``, before the call's own in-place op); None if neither."""
+        node = arg.grad_fn
+        if node is None:
+            return None
+        entries = self._entries
+        ident, version = id(arg), arg._version
+        for made_id, made_version, made, _, producer, producer_call in reversed(entries):
+            if made_id == ident and made_version == version and made is node:
+                return producer, producer_call
+        if out is arg:  # in place: the call's own op made ``arg`` last
+            node = node.next_functions[0][0] if node.next_functions else None
+        if node is None or node.name() != "AddBackward0":
+            return None
+        for term, number in node.next_functions:
+            for _, _, made, made_number, producer, producer_call in reversed(entries):
+                if made is term and made_number == number:
+                    return producer, producer_call
+        return None
 
 
 class TellingGradients:
