@@ -155,9 +155,11 @@ class RecentOutputs:
         if node is None:
             return None
         entries = self._entries
-        ident, version = id(arg), arg._version
-        for made_id, made_version, made, _, producer, producer_call in reversed(entries):
-            if made_id == ident and made_version == version and made is node:
+        ident, version, number = id(arg), arg._version, arg.output_nr
+        for made_id, made_version, made, made_number, producer, producer_call in reversed(
+                entries):
+            if (made_id == ident and made is node and made_version == version
+                    and made_number == number):
                 return producer, producer_call
         if out is arg:  # in place: the call's own op made ``arg`` last
             node = node.next_functions[0][0] if node.next_functions else None
