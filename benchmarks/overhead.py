@@ -166,6 +166,13 @@ IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]
     # threshold keeps the reports of a fresh model's first steps out of the measurement
     "health": (["health"], [{"name": "nonfinite"},
                             {"name": "spikes", "warmup": 1, "threshold": 1000.0}], {}),
+    # the part of 'health' that no module hook does: what a step would cost if the forward
+    # and backward were checked only by replaying a step found non-finite
+    "health-params": (["health"], [
+        {"name": "nonfinite", "topics": ["input_data", "network_output", "loss",
+                                         "weight_gradients", "bias_gradients", "weights",
+                                         "biases"]},
+        {"name": "spikes", "warmup": 1, "threshold": 1000.0}], {}),
     "all-budget": (["norms", "histograms", "accuracy"], ALL, {"budget": 0.02}),
     "all-compiled": (["norms", "histograms", "accuracy"], ALL, {"compile_metrics": True}),
     "quickstart-budget": (["norms", "histograms", "accuracy"], QUICKSTART, {"budget": 0.02}),
@@ -214,6 +221,8 @@ VARIANTS: dict[str, str] = {
     "started) every 50 steps; the first, cold evaluation falls into the warm-up",
     "health": "ikkuna-health: nonfinite (where a NaN/inf began) + spikes (loss, gradient and "
     "update norms), every step",
+    "health-params": "ikkuna-health: as 'health', with nonfinite on the network and parameter "
+    "topics only (no module hook): the floor of a step localised only when replayed",
     "detect-anomaly": "plain training under torch.autograd.set_detect_anomaly(True): the "
     "reference for finding where a NaN began",
     "tb-norms": "hand-written SummaryWriter: add_scalar of grad/weight/update norms per weight",
@@ -233,7 +242,8 @@ VARIANTS: dict[str, str] = {
 }
 #: Run by default; the others only when named in --variants.
 DEFAULT_VARIANTS = [v for v in VARIANTS
-                    if v not in ("curvature", "wandb-watch", "ikkuna-wandb", "all-compiled")]
+                    if v not in ("curvature", "wandb-watch", "ikkuna-wandb", "all-compiled",
+                                 "health-params")]
 #: A budget's cadences are subsample * 2**j: 64 phases hold every cadence up to 64 steps.
 PERIOD = {"all-sub10": 10, "quickstart": 10, "curvature": 50, "all-budget": 64,
           "quickstart-budget": 64}
