@@ -584,6 +584,24 @@ def test_an_activation_borrows_no_teller_from_an_output_changed_before_it(finite
             assert got == pytest.approx(float(want), rel=1e-5), (change, i)
 
 
+def _inf_at_step_3(model: nn.Module, finite_cls: Any) -> tuple[Any, _Copies]:
+    """Four steps of ``model`` (6 inputs, 3 outputs) watched by a ``finite_cls`` recorder
+    of the layer gradients; the loss of step 3 puts an inf into the output gradient."""
+    rec = finite_cls(topics=["layer_gradients"])
+    exporter, copies, step, opt = _watched(model, rec)
+    g = torch.Generator().manual_seed(1)
+    for i in range(4):
+        step[0] = i
+        weight = torch.ones(8, 3)
+        if i == 3:
+            weight[5, 1] = math.inf
+        opt.zero_grad()
+        (model(torch.randn(8, 6, generator=g)) * weight).sum().backward()
+        opt.step()
+    exporter.close()
+    return rec, copies
+
+
 @pytest.mark.parametrize("in_place", [False, True])
 def test_an_activation_after_a_residual_sum_borrows_the_teller_of_its_term(
     finite_cls, in_place: bool,
@@ -611,18 +629,7 @@ def test_an_activation_after_a_residual_sum_borrows_the_teller_of_its_term(
 
     for change in (False, True):
         model = Residual(change)
-        rec = finite_cls(topics=["layer_gradients"])
-        exporter, copies, step, opt = _watched(model, rec)
-        g = torch.Generator().manual_seed(1)
-        for i in range(4):
-            step[0] = i
-            weight = torch.ones(8, 3)
-            if i == 3:
-                weight[5, 1] = math.inf
-            opt.zero_grad()
-            (model(torch.randn(8, 6, generator=g)) * weight).sum().backward()
-            opt.step()
-        exporter.close()
+        rec, copies = _inf_at_step_3(model, finite_cls)
         source = ("layer_gradients", "act") if change else ("bias_gradients", "lin")
         for i in (1, 2):
             want = torch.linalg.vector_norm(copies.seen[(*source, i)].double())
@@ -657,18 +664,7 @@ def test_an_identity_shortcut_borrows_the_teller_of_the_output_it_passes_on(
             return self.out(self.act(self.d(self.c(self.b(self.a(h)))) + self.short(h)))
 
     model = Block()
-    rec = finite_cls(topics=["layer_gradients"])
-    exporter, copies, step, opt = _watched(model, rec)
-    g = torch.Generator().manual_seed(1)
-    for i in range(4):
-        step[0] = i
-        weight = torch.ones(8, 3)
-        if i == 3:
-            weight[5, 1] = math.inf
-        opt.zero_grad()
-        (model(torch.randn(8, 6, generator=g)) * weight).sum().backward()
-        opt.step()
-    exporter.close()
+    rec, copies = _inf_at_step_3(model, finite_cls)
     for i in (1, 2):
         want = torch.linalg.vector_norm(copies.seen[("bias_gradients", "lin0", i)].double())
         own = torch.linalg.vector_norm(copies.seen[("layer_gradients", "short", i)])
