@@ -673,3 +673,32 @@ def test_an_identity_shortcut_borrows_the_teller_of_the_output_it_passes_on(
         assert got != pytest.approx(float(own)), i
     assert not bool(torch.isfinite(copies.seen[("layer_gradients", "short", 3)]).all())
     assert not math.isfinite(float(rec.seen[("layer_gradients", "short", 3)]))
+
+
+def test_a_shortcut_borrows_nothing_through_an_in_place_change_made_before_it(
+    finite_cls,
+) -> None:
+    """``h = lin(x) + x; h.copy_(other(x))``, then an ``Identity`` takes ``h``: its output
+    gradient flows to ``other`` only (``copy_`` hands the old value none), so it is not
+    told by ``lin``'s bias gradient (zero) but read itself: its own norm at finite steps,
+    non-finite at the step whose loss puts an inf into it."""
+
+    class Copied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin, self.other = nn.Linear(6, 6), nn.Linear(6, 6)
+            self.short, self.out = nn.Identity(), nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x) + x
+            h.copy_(self.other(x))
+            return self.out(self.short(h))
+
+    rec, copies = _inf_at_step_3(Copied(), finite_cls)
+    assert float(copies.seen[("bias_gradients", "lin", 2)].abs().sum()) == 0.0
+    for i in (1, 2):
+        own = torch.linalg.vector_norm(copies.seen[("layer_gradients", "short", i)].double())
+        got = float(rec.seen[("layer_gradients", "short", i)])
+        assert got == pytest.approx(float(own), rel=1e-5), i
+    assert not math.isfinite(float(rec.seen[("layer_gradients", "short", 3)]))

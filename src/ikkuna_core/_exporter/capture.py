@@ -580,7 +580,7 @@ class Capture(_Payloads):
             arg = first_tensor(args) if x is None else x
             if arg is not None and (last is None
                                     or not self._took(stash, index, call, last, arg, out)):
-                found = self._recent.producer_of(arg, out)
+                found = self._recent.producer_of(arg, out, self._in_place[index])
                 if found is not None:
                     stash.borrow(index, call, *found)
         if lgrad is not None and out.grad_fn is not None:
@@ -600,12 +600,13 @@ class Capture(_Payloads):
               last: tuple[torch.Tensor, int, int, int], arg: torch.Tensor,
               out: torch.Tensor) -> bool:
         """A passing module's call took the previous watched module's output, unchanged
-        since (but for this call's own in-place change): its output gradient borrows that
+        since (but for an in-place activation's own change): its output gradient borrows that
         module's teller (or the one that module borrowed), and an in-place change of that
         output by a finite activation keeps the output's held finiteness check
         (:mod:`.implied`). Whether it did."""
         produced, producer, producer_call, version = last
-        if arg is not produced or arg._version != version + (out is arg):
+        own = out is arg and self._in_place[index]  # an in-place activation's own change
+        if arg is not produced or arg._version != version + own:
             return False
         stash.borrow(index, call, producer, producer_call)
         if out is produced and self._in_place[index]:

@@ -32,11 +32,11 @@ sum one of whose terms is such an output (a residual connection, ``relu(bn2(h) +
 addition's backward hands its output gradient to each term as it is (scaled by ``alpha``,
 summed over broadcast dimensions: a non-finite entry stays one), read from the autograd
 graph (:class:`RecentOutputs`). Forward, an in-place activation that makes no non-finite
-value of finite ones (:data:`FINITE_IN_PLACE`) changes the previous module's output only in ways its
-finiteness check may ignore: the changed tensor is non-finite only where the module's
-output was, so that output stays held and is checked only if the loss is not finite,
-instead of being read in its hook at every step (a value the ReLU turned from -inf to 0
-reaches nothing: it is not reported).
+value of finite ones (:data:`FINITE_IN_PLACE`) changes the previous module's output only in
+ways its finiteness check may ignore: the changed tensor is non-finite only where the
+module's output was, so that output stays held and is checked only if the loss is not
+finite, instead of being read in its hook at every step (a value the ReLU turned from -inf
+to 0 reaches nothing: it is not reported).
 """
 
 from __future__ import annotations
@@ -147,10 +147,14 @@ class RecentOutputs:
         if len(entries) > self.SIZE:
             del entries[0]
 
-    def producer_of(self, arg: torch.Tensor, out: torch.Tensor) -> tuple[int, int] | None:
+    def producer_of(self, arg: torch.Tensor, out: torch.Tensor, in_place: bool
+                    ) -> tuple[int, int] | None:
         """(module, call) whose output ``arg``, the input of a passing module's call that
         returned ``out``, is (unchanged), or is a term of (``arg`` made by an
-        ``AddBackward0``, before the call's own in-place op); None if neither."""
+        ``AddBackward0``; for a module that changes its input in place, ``in_place``, the
+        node before the call's own op); None if neither. What something else changed in
+        place in between (a ``copy_`` whose backward hands the old value no gradient) is
+        not looked through."""
         node = arg.grad_fn
         if node is None:
             return None
@@ -161,7 +165,9 @@ class RecentOutputs:
             if (made_id == ident and made is node and made_version == version
                     and made_number == number):
                 return producer, producer_call
-        if out is arg:  # in place: the call's own op made ``arg`` last
+        if out is arg:  # the call's own op made ``arg`` last, or another one did
+            if not in_place:
+                return None
             node = node.next_functions[0][0] if node.next_functions else None
         if node is None or node.name() != "AddBackward0":
             return None
