@@ -578,8 +578,10 @@ class Capture(_Payloads):
         last, self._last = self._last, (out, index, call, out._version)
         if index < len(self._passing) and self._passing[index]:
             arg = first_tensor(args) if x is None else x
-            if arg is not None and (last is None
-                                    or not self._took(stash, index, call, last, arg, out)):
+            took = (arg is not None and last is not None
+                    and self._took(stash, index, call, last, arg, out))
+            # the latest outputs are kept (and looked through) only for layer gradients
+            if not took and arg is not None and lgrad is not None:
                 found = self._recent.producer_of(arg, out, self._in_place[index])
                 if found is not None:
                     stash.borrow(index, call, *found)
@@ -609,7 +611,7 @@ class Capture(_Payloads):
         if arg is not produced or arg._version != version + own:
             return False
         stash.borrow(index, call, producer, producer_call)
-        if out is produced and self._in_place[index]:
+        if own:
             stash.changed_finitely(out)
         return True
 
