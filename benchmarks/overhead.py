@@ -147,6 +147,11 @@ WANDB_WATCH = {
 WANDB_OPTIONS = {"mode": "offline", "project": "ikkuna-bench", "watch_names": True}
 
 #: Ikkuna variants: (plugins to enable, subscriber entries, other keys of the configuration).
+#: ``spikes`` in the health variants: its warm-up (20 steps by default) shortened so that the
+#: steps counted and timed are its steady state, the spike check read by the host every
+#: step; its threshold keeps the reports of a fresh model's first steps out of the
+#: measurement
+SPIKES = {"name": "spikes", "warmup": 1, "threshold": 1000.0}
 IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]]] = {
     "exporter": ([], [], {}),
     "norms": (["norms"], [NORMS], {}),
@@ -161,18 +166,13 @@ IKKUNA_VARIANTS: dict[str, tuple[list[str], list[dict[str, Any]], dict[str, Any]
         [WANDB_WATCH, LOSS],
         {"backends": ["wandb"], "backend_options": {"wandb": WANDB_OPTIONS}},
     ),
-    # spikes' warm-up (20 steps by default) is shortened so that the steps counted and
-    # timed are its steady state, the spike check read by the host every step; its
-    # threshold keeps the reports of a fresh model's first steps out of the measurement
-    "health": (["health"], [{"name": "nonfinite"},
-                            {"name": "spikes", "warmup": 1, "threshold": 1000.0}], {}),
+    "health": (["health"], [{"name": "nonfinite"}, SPIKES], {}),
     # the part of 'health' that no module hook does: what a step would cost if the forward
     # and backward were checked only by replaying a step found non-finite
     "health-params": (["health"], [
         {"name": "nonfinite", "topics": ["input_data", "network_output", "loss",
                                          "weight_gradients", "bias_gradients", "weights",
-                                         "biases"]},
-        {"name": "spikes", "warmup": 1, "threshold": 1000.0}], {}),
+                                         "biases"]}, SPIKES], {}),
     "all-budget": (["norms", "histograms", "accuracy"], ALL, {"budget": 0.02}),
     "all-compiled": (["norms", "histograms", "accuracy"], ALL, {"compile_metrics": True}),
     "quickstart-budget": (["norms", "histograms", "accuracy"], QUICKSTART, {"budget": 0.02}),
